@@ -1,0 +1,45 @@
+"""Command line: `python -m hdkdlib info NAME [--num-classes N] [--json] [--convention msdnet|macs]`."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import cost, models
+
+
+def info(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hdkdlib info",
+                                     description="Exits, cumulative MFLOPs and parameters of a built-in network.")
+    parser.add_argument("name", help="one of: " + ", ".join(models.names()))
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classes of the heads (default: 1000 for ImageNet networks, 100 otherwise)")
+    parser.add_argument("--convention", choices=cost.CONVENTIONS, default="msdnet")
+    parser.add_argument("--json", action="store_true", help="print a JSON list of {exit, mflops, params}")
+    args = parser.parse_args(argv)
+    if args.name not in models.names():
+        parser.error(f"unknown model {args.name!r}; valid names: {', '.join(models.names())}")
+    num_classes = args.num_classes or (1000 if "imagenet" in args.name or "resnet" in args.name else 100)
+    model = models.build(args.name, num_classes)
+    rows = [{"exit": r["exit"], "mflops": round(r["flops"] / 1e6, 4), "params": r["params"]}
+            for r in cost.per_exit(model, model.input_shape, convention=args.convention)]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    print(f"{args.name}  ({num_classes} classes, input {list(model.input_shape)}, convention {args.convention})")
+    print(f"{'exit':>4} {'MFLOPs':>10} {'params (M)':>11}")
+    for r in rows:
+        print(f"{r['exit']:>4} {r['mflops']:>10.2f} {r['params'] / 1e6:>11.3f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in ("info",):
+        print(__doc__.strip(), file=sys.stderr)
+        return 2
+    return info(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""Per-exit cost: cumulative FLOPs and parameters of everything needed to produce each exit.
+
+Two conventions:
+  "msdnet"  the rules of MSDNet's reference op counter, so our numbers are comparable with the
+            literature: conv multiply-adds, one op per ReLU output element, pooling = output
+            elements x kernel area, Linear = weights + bias; BatchNorm costs nothing.
+  "macs"    multiply-accumulates of convolutions and matrix products, from torch.utils.flop_counter
+            (which reports 2 FLOPs per MAC, halved here).
+Both run the model exit by exit, so exit k includes all earlier heads, as the reference does.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+CONVENTIONS = ("msdnet", "macs")
+
+
+def _msdnet_ops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> float:
+    """Ops for one sample (batch of 1) under the reference counter's rules."""
+    if isinstance(module, nn.Conv2d):
+        kh, kw = module.kernel_size
+        return module.in_channels * module.out_channels * kh * kw * out.shape[2] * out.shape[3] / module.groups
+    if isinstance(module, (nn.ReLU, nn.ReLU6)):
+        return out.numel() / out.shape[0]
+    if isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
+        k = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
+        return out.shape[1] * out.shape[2] * out.shape[3] * k * k
+    if isinstance(module, nn.AdaptiveAvgPool2d):
+        return inp.numel() / inp.shape[0]  # every input element is added once
+    if isinstance(module, nn.Linear):
+        return module.weight.numel() + (module.bias.numel() if module.bias is not None else 0)
+    return 0.0
+
+
+def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str = "msdnet") -> List[Dict]:
+    """[{'exit': k, 'flops': cumulative FLOPs, 'params': cumulative parameters}] for k = 1..K.
+
+    input_shape is one sample's shape, e.g. (3, 32, 32). Parameters count each module that
+    has run by that exit once (so exit k includes earlier heads but no later stage).
+    """
+    if convention not in CONVENTIONS:
+        raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    ops = [0.0]
+    seen_params: set = set()
+    params = [0]
+
+    def hook(module, args, out):
+        if convention == "msdnet":
+            ops[0] += _msdnet_ops(module, args[0], out)
+        for p in module.parameters(recurse=False):
+            if id(p) not in seen_params:
+                seen_params.add(id(p))
+                params[0] += p.numel()
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    model.eval()
+    rows = []
+    try:
+        x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            for k, _ in enumerate(model.exits(x), start=1):
+                flops = ops[0] if convention == "msdnet" else counter.get_total_flops() / 2
+                rows.append({"exit": k, "flops": float(flops), "params": int(params[0])})
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    return rows
+
+
+def exit_flops(model: nn.Module, input_shape: Sequence[int], convention: str = "msdnet") -> List[float]:
+    """The K cumulative per-exit FLOPs alone (what the budgeted evaluation needs)."""
+    return [row["flops"] for row in per_exit(model, input_shape, convention)]

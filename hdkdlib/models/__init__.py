@@ -1,0 +1,49 @@
+"""Multi-exit models: `build(name, num_classes, **options)` and `names()`.
+
+Every model is a `MultiExitNet`: `model(x)` returns the list of K logits and
+`model.exits(x)` yields them one by one, computing only what the next exit needs.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+from torch import nn
+
+from .backbone import BackboneExits, resnet_exits
+from .base import MultiExitNet, scale_grad
+from .msdnet import CONFIGS as MSDNET_CONFIGS, MSDNet
+from .toy import ToyMLP
+
+
+def _msdnet(name: str) -> Callable[..., MSDNet]:
+    def make(num_classes: int, **options) -> MSDNet:
+        return MSDNet(num_classes, **{**MSDNET_CONFIGS[name], **options})
+    make.__doc__ = f"{name}: MSDNet {MSDNET_CONFIGS[name]}"
+    return make
+
+
+_REGISTRY: Dict[str, Callable[..., MultiExitNet]] = {
+    **{name: _msdnet(name) for name in MSDNET_CONFIGS},
+    "resnet18_exits": lambda num_classes, **o: resnet_exits("resnet18", num_classes, **o),
+    "resnet50_exits": lambda num_classes, **o: resnet_exits("resnet50", num_classes, **o),
+    "toy_mlp": lambda num_classes, **o: ToyMLP(num_classes, **o),
+}
+
+
+def names() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def build(name: str, num_classes: int, **options) -> MultiExitNet:
+    """Build a registered multi-exit model; options override the configuration's values."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(names())}")
+    if not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    try:
+        return _REGISTRY[name](num_classes, **options)
+    except TypeError as e:  # an option the constructor does not know
+        raise TypeError(f"model {name!r}: {e}") from e
+
+
+__all__ = ["build", "names", "MultiExitNet", "MSDNet", "BackboneExits", "ToyMLP", "resnet_exits", "scale_grad"]

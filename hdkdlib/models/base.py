@@ -1,0 +1,87 @@
+"""The multi-exit interface every model in hdkdlib follows.
+
+A multi-exit network is a chain of *stages* and one *head* per stage:
+
+    state_0 = x
+    state_k = stages[k](state_{k-1})          k = 1..K
+    logits_k = heads[k](state_k[head_index])
+
+`model(x)` returns the K logits; `model.exits(x)` yields them one at a time and runs
+stage k+1 only when the caller asks for the next exit, so stopping early really
+skips the rest of the network. The state is a list of tensors (MSDNet: one tensor
+per scale; backbone exits: the exit feature plus whatever later stages still need).
+"""
+from __future__ import annotations
+
+from typing import Iterator, List
+
+import torch
+from torch import nn
+
+
+class _ScaleGrad(torch.autograd.Function):
+    """Identity on the forward pass, gradient multiplied by `scale` on the backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float):
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.scale, None
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return _ScaleGrad.apply(x, scale)
+
+
+class MultiExitNet(nn.Module):
+    """Stages + heads. Subclasses only build the two ModuleLists.
+
+    gradient_equilibrium: IMTA's rule (Li et al. 2019). The feature entering head k
+    (0-based, K exits) has its gradient scaled by 1/(K-k) where the head and the rest of
+    the network meet, and the path continuing to later stages by (K-k-1), so every exit
+    contributes a comparable share of the gradient reaching the shared layers.
+    """
+
+    head_index: int = -1
+    input_shape: tuple = ()  # one sample's shape, set by each network (used for cost accounting)
+
+    def __init__(self, stages: nn.ModuleList, heads: nn.ModuleList, *, gradient_equilibrium: bool = False):
+        super().__init__()
+        if len(stages) != len(heads):
+            raise ValueError(f"{len(stages)} stages but {len(heads)} heads: a multi-exit net needs one head per stage")
+        self.stages = stages
+        self.heads = heads
+        self.gradient_equilibrium = gradient_equilibrium
+
+    @property
+    def num_exits(self) -> int:
+        return len(self.heads)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        """Overridden by networks that accept only some input sizes."""
+
+    def _exit(self, k: int, state):
+        state = self.stages[k](state)
+        if not self.gradient_equilibrium:
+            return state, self.heads[k](state[self.head_index])
+        K = self.num_exits
+        state = list(state)
+        i = self.head_index % len(state)
+        state[i] = scale_grad(state[i], 1.0 / (K - k))
+        logits = self.heads[k](state[i])
+        state[i] = scale_grad(state[i], float(K - k - 1))
+        return state, logits
+
+    def exits(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
+        """Yield the logits of exit 1, 2, ... computing each stage only when asked for."""
+        self.check_input(x)
+        state = x
+        for k in range(self.num_exits):
+            state, logits = self._exit(k, state)
+            yield logits
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        return list(self.exits(x))

@@ -1,0 +1,207 @@
+"""MSDNet (Huang et al., ICLR 2018), rebuilt layer for layer after the reference configuration.
+
+The network keeps feature maps at S scales (S = len(gr_factor)). Each layer adds `growth *
+gr_factor[s]` channels at scale s, computed from the same scale (a "normal" 3x3 conv) and,
+for s > 0, from the finer scale s-1 (a strided "down" 3x3 conv); the new maps are
+concatenated to the old ones (dense connectivity). With pruning 'max', the finest scales are
+dropped as the network deepens, and a 1x1 "transition" halves the channels each time.
+Every block ends in a classifier on the coarsest scale. Shapes, channel counts and the
+per-exit cost match the reference code (see tests/test_models.py and METHOD.md section 5).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+from .base import MultiExitNet
+
+
+def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+def bottleneck_conv(c_in: int, c_out: int, stride: int, bottleneck: bool, bn_width: int) -> nn.Sequential:
+    """[1x1 bottleneck to min(c_in, bn_width*c_out)] then a 3x3 conv (stride 1 'normal', 2 'down')."""
+    layers: list = []
+    c_inner = c_in
+    if bottleneck:
+        c_inner = min(c_in, bn_width * c_out)
+        layers += list(conv_bn_relu(c_in, c_inner, kernel=1, padding=0))
+    layers += list(conv_bn_relu(c_inner, c_out, kernel=3, stride=stride, padding=1))
+    return nn.Sequential(*layers)
+
+
+class ScaleUnit(nn.Module):
+    """New maps at one scale: from the same scale, and (unless it is the finest one kept) from the finer one."""
+
+    def __init__(self, c_same: int, c_out: int, bottleneck: bool, bn_same: int, c_finer: int = 0, bn_finer: int = 1):
+        super().__init__()
+        self.from_finer = bottleneck_conv(c_finer, c_out // 2, 2, bottleneck, bn_finer) if c_finer else None
+        self.from_same = bottleneck_conv(c_same, c_out // 2 if c_finer else c_out, 1, bottleneck, bn_same)
+
+    def forward(self, finer, same):
+        if self.from_finer is None:
+            return torch.cat([same, self.from_same(same)], dim=1)
+        return torch.cat([same, self.from_finer(finer), self.from_same(same)], dim=1)
+
+
+class FirstLayer(nn.Module):
+    """The stem: the input image to S scales (CIFAR: 3x3 conv; ImageNet: 7x7/2 conv + 3x3/2 max-pool)."""
+
+    def __init__(self, c_out: int, gr_factor: Sequence[int], imagenet: bool):
+        super().__init__()
+        c0 = c_out * gr_factor[0]
+        if imagenet:
+            stem = nn.Sequential(nn.Conv2d(3, c0, 7, 2, 3), nn.BatchNorm2d(c0), nn.ReLU(inplace=True),
+                                 nn.MaxPool2d(3, 2, 1))
+        else:
+            stem = conv_bn_relu(3, c0)
+        layers = [stem]
+        for s in range(1, len(gr_factor)):
+            layers.append(conv_bn_relu(c_out * gr_factor[s - 1], c_out * gr_factor[s], stride=2))
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x) -> List[torch.Tensor]:
+        out = []
+        for layer in self.layers:
+            x = layer(x)
+            out.append(x)
+        return out
+
+
+class MSDLayer(nn.Module):
+    """One multi-scale dense layer taking `in_scales` scales to `out_scales` (the finest ones are pruned)."""
+
+    def __init__(self, c_in: int, growth: int, n_scales: int, in_scales: int, out_scales: int,
+                 gr_factor: Sequence[int], bn_factor: Sequence[int], bottleneck: bool):
+        super().__init__()
+        self.discard = in_scales - out_scales  # 0 or 1 in the reference configurations
+        offset = n_scales - out_scales
+        units = []
+        for s in range(offset, n_scales):
+            has_finer = s > offset or self.discard > 0
+            units.append(ScaleUnit(
+                c_same=c_in * gr_factor[s], c_out=growth * gr_factor[s], bottleneck=bottleneck,
+                bn_same=bn_factor[s],
+                c_finer=c_in * gr_factor[s - 1] if has_finer else 0,
+                bn_finer=bn_factor[s - 1] if has_finer else 1))
+        self.units = nn.ModuleList(units)
+
+    def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
+        # xs holds the in_scales current maps, finest first; output i sits at xs[i + discard].
+        out = []
+        for i, unit in enumerate(self.units):
+            j = i + self.discard
+            out.append(unit(xs[j - 1] if j > 0 else None, xs[j]))
+        return out
+
+
+class Transition(nn.Module):
+    """1x1 conv-BN-ReLU at every kept scale, compressing the channels (pruning 'max')."""
+
+    def __init__(self, c_in: int, c_out: int, out_scales: int, offset: int, gr_factor: Sequence[int]):
+        super().__init__()
+        self.convs = nn.ModuleList(conv_bn_relu(c_in * gr_factor[offset + i], c_out * gr_factor[offset + i],
+                                                kernel=1, padding=0) for i in range(out_scales))
+
+    def forward(self, xs):
+        return [conv(x) for conv, x in zip(self.convs, xs)]
+
+
+class Classifier(nn.Module):
+    """Head on the coarsest scale: two strided conv-BN-ReLU, 2x2 average pooling, Linear."""
+
+    def __init__(self, c_in: int, c_mid: int, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(conv_bn_relu(c_in, c_mid, stride=2), conv_bn_relu(c_mid, c_mid, stride=2),
+                                      nn.AvgPool2d(2))
+        self.linear = nn.Linear(c_mid, num_classes)
+
+    def forward(self, x):
+        return self.linear(self.features(x).flatten(1))
+
+
+def block_steps(n_blocks: int, step_mode: str, step: int, base: int) -> List[int]:
+    """Layers per block: `base` first, then `step` each ('even') or step*i + 1 ('lin_grow')."""
+    if step_mode not in ("even", "lin_grow"):
+        raise ValueError(f"step_mode must be 'even' or 'lin_grow', got {step_mode!r}")
+    return [base] + [step if step_mode == "even" else step * i + 1 for i in range(1, n_blocks)]
+
+
+def scales_at(layer: int, n_layers: int, n_scales: int, prune: str):
+    """(in_scales, out_scales) of the `layer`-th layer (1-based), as in the reference code."""
+    if prune == "max":
+        interval = math.ceil(n_layers / n_scales)
+        return (n_scales - math.floor(max(0, layer - 2) / interval),
+                n_scales - math.floor((layer - 1) / interval))
+    if prune == "min":
+        return min(n_scales, n_layers - layer + 2), min(n_scales, n_layers - layer + 1)
+    raise ValueError(f"prune must be 'max' or 'min', got {prune!r}")
+
+
+class MSDNet(MultiExitNet):
+    def __init__(self, num_classes: int, *, n_blocks: int, step_mode: str, step: int, base: int,
+                 channels: int, growth: int, gr_factor: Sequence[int], bn_factor: Sequence[int],
+                 imagenet: bool = False, bottleneck: bool = True, prune: str = "max", reduction: float = 0.5,
+                 input_size: int | None = None, gradient_equilibrium: bool = False):
+        if len(gr_factor) != len(bn_factor):
+            raise ValueError(f"gr_factor {list(gr_factor)} and bn_factor {list(bn_factor)} must have one entry per scale")
+        n_scales = len(gr_factor)
+        steps = block_steps(n_blocks, step_mode, step, base)
+        n_layers = sum(steps)
+        stages, heads = [], []
+        c, layer = channels, 0
+        for b in range(n_blocks):
+            mods: list = [FirstLayer(channels, gr_factor, imagenet)] if b == 0 else []
+            for _ in range(steps[b]):
+                layer += 1
+                s_in, s_out = scales_at(layer, n_layers, n_scales, prune)
+                mods.append(MSDLayer(c, growth, n_scales, s_in, s_out, gr_factor, bn_factor, bottleneck))
+                c += growth
+                compress = (prune == "max" and s_in > s_out) or (
+                    prune == "min" and layer in (math.floor(n_layers / 3), math.floor(2 * n_layers / 3)))
+                if reduction > 0 and compress:
+                    c_new = math.floor(reduction * c)
+                    mods.append(Transition(c, c_new, s_out, n_scales - s_out, gr_factor))
+                    c = c_new
+            stages.append(nn.Sequential(*mods))
+            c_last = c * gr_factor[-1]
+            heads.append(Classifier(c_last, c_last if imagenet else 128, num_classes))
+        super().__init__(nn.ModuleList(stages), nn.ModuleList(heads), gradient_equilibrium=gradient_equilibrium)
+        self.steps = steps
+        self.input_size = input_size or (224 if imagenet else 32)
+        self.input_shape = (3, self.input_size, self.input_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """METHOD.md section 5: conv N(0, sqrt(2 / (k*k*out))), BN 1/0, Linear bias 0 (weights: PyTorch default)."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
+                nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    def check_input(self, x):
+        s = self.input_size
+        if x.dim() != 4 or x.shape[1] != 3 or x.shape[-2] != s or x.shape[-1] != s:
+            raise ValueError(f"this MSDNet takes images shaped [N, 3, {s}, {s}], got {list(x.shape)}: "
+                             f"resize or crop the input to {s}x{s} (or build it with input_size=...)")
+
+
+CONFIGS = {
+    "msdnet_cifar_anytime": dict(n_blocks=7, step_mode="even", step=2, base=4, channels=16, growth=6,
+                                 gr_factor=(1, 2, 4), bn_factor=(1, 2, 4)),
+    "msdnet_cifar_budget": dict(n_blocks=5, step_mode="lin_grow", step=1, base=1, channels=16, growth=6,
+                                gr_factor=(1, 2, 4), bn_factor=(1, 2, 4)),
+    **{f"msdnet_imagenet_step{s}": dict(n_blocks=5, step_mode="even", step=s, base=s, channels=32, growth=16,
+                                        gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4), imagenet=True)
+       for s in (4, 6, 7)},
+}

@@ -1,0 +1,341 @@
+"""Training objectives for multi-exit networks, behind one registry: `build(name, num_exits, **options)`.
+
+Every objective is a weighted sum of per-term losses,
+
+    loss = scale * sum_t w_t * l_t(logits, targets),
+
+where the terms are per-exit cross-entropies `ce{i}` and distillation terms `kd{i}<-{j}`
+(student exit i learns from teacher exit j; the teacher is always detached). The weights are
+fixed buffers (ce, dbt, imta_kd, dkd) or a positive map of free parameters (hmsdnet, hdbt, hdkd),
+so that `objective.parameters()` are exactly the weights the bilevel step learns. Linearity in
+w is what makes the bilevel hypergradient cheap (see hdkdlib.bilevel).
+
+  name      terms                                   weights
+  ce        CE_i                                    1 (MSDNet)
+  dbt       CE_i, soft-CE(last -> i) at annealed T  (1-C), C; whole loss x 2*5/K (Phuong & Lampert)
+  imta_kd   CE_i, KL(last -> i) at T                (1-g) and g for i < K, CE_K weight 1 (IMTA)
+  dkd       CE_i, KL(j -> i) for every i < j        1 ("NaiveDKD")
+  hmsdnet   CE_i                                    learned
+  hdbt      dbt's terms                             learned
+  hdkd      CE_i, KL(j -> i) for every i < j        learned (HDKD)
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+WEIGHT_MAPS = ("softmax", "softplus")
+INITS = ("dbt", "ds", "uniform", "random")
+
+
+def _is_tracing() -> bool:
+    """Checks that need the host (NaN, label range) are skipped while compiling or capturing."""
+    compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
+    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    return compiling or capturing
+
+
+def check_logits(logits: Sequence[torch.Tensor], targets: torch.Tensor, num_exits: int) -> None:
+    if len(logits) != num_exits:
+        raise ValueError(f"the objective was built for {num_exits} exits but got {len(logits)} logits: "
+                         f"build it with num_exits={len(logits)} (model.num_exits)")
+    n = targets.shape[0]
+    if n == 0:
+        raise ValueError("empty batch: the objective needs at least one sample")
+    if any(z.shape[0] != n for z in logits):
+        raise ValueError(f"logits batch sizes {[z.shape[0] for z in logits]} differ from the {n} targets")
+    if not _is_tracing():
+        c = logits[0].shape[1]
+        lo, hi = int(targets.min()), int(targets.max())
+        if lo < 0 or hi >= c:
+            raise ValueError(f"targets must lie in [0, {c - 1}] for {c}-class logits; got values in [{lo}, {hi}]")
+
+
+class Objective(nn.Module):
+    """Weighted sum of named loss terms. Subclasses define `term_names` and `term_losses`."""
+
+    def __init__(self, num_exits: int, term_names: List[str], scale: float = 1.0):
+        super().__init__()
+        if num_exits < 1:
+            raise ValueError(f"num_exits must be >= 1, got {num_exits}")
+        self.num_exits = num_exits
+        self.term_names = term_names
+        self.scale = scale
+        self.check_inputs = True  # the trainer's captured step turns this off and checks losses itself
+
+    # --- terms --------------------------------------------------------------------------------
+    def term_losses(self, logits: Sequence[torch.Tensor], targets: torch.Tensor,
+                    teacher_logits: Optional[Sequence[torch.Tensor]] = None) -> torch.Tensor:
+        """Vector of the per-term losses (same order as term_names).
+
+        teacher_logits, when given, replace the teachers of the KD terms (the bilevel finite-difference
+        passes keep the teachers computed at the unperturbed parameters)."""
+        raise NotImplementedError
+
+    def weights(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, logits: Sequence[torch.Tensor], targets: torch.Tensor, *, return_terms: bool = False,
+                teacher_logits: Optional[Sequence[torch.Tensor]] = None):
+        if self.check_inputs:
+            check_logits(logits, targets, self.num_exits)
+        terms = self.term_losses(logits, targets, teacher_logits)
+        loss = self.scale * (self.weights() * terms).sum()
+        if self.check_inputs and not _is_tracing() and not torch.isfinite(loss):
+            bad = [n for n, t in zip(self.term_names, terms.detach().tolist()) if not math.isfinite(t)]
+            raise FloatingPointError(f"non-finite loss ({loss.item()}); non-finite terms: {bad or 'none (weights?)'}; "
+                                     "lower the learning rate or check the inputs")
+        return (loss, terms) if return_terms else loss
+
+    def named_weights(self) -> Dict[str, float]:
+        return dict(zip(self.term_names, (self.scale * self.weights().detach()).tolist()))
+
+    def after_step(self, logits: Sequence[torch.Tensor]) -> None:
+        """Called once per real training step (DBT anneals its temperature here)."""
+
+
+# --- term helpers ---------------------------------------------------------------------------------
+def ce_terms(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
+    return torch.stack([F.cross_entropy(z, targets) for z in logits])
+
+
+def dense_pairs(num_exits: int) -> List[Tuple[int, int]]:
+    """(student, teacher) 0-based pairs with teacher deeper than student, student-major order."""
+    return [(i, j) for i in range(num_exits) for j in range(i + 1, num_exits)]
+
+
+def kd_kl(student: torch.Tensor, teacher: torch.Tensor, T: float | torch.Tensor) -> torch.Tensor:
+    """T^2 * KL(softmax(teacher/T) || softmax(student/T)), 'batchmean' (summed over classes, mean over samples)."""
+    log_p = F.log_softmax(teacher.detach() / T, dim=1)
+    log_q = F.log_softmax(student / T, dim=1)
+    return T * T * (log_p.exp() * (log_p - log_q)).sum(1).mean()
+
+
+def kd_soft_ce(student: torch.Tensor, teacher: torch.Tensor, T: float | torch.Tensor) -> torch.Tensor:
+    """T^2 * cross-entropy between softmax(teacher/T) and softmax(student/T) (DBT's form: KL + teacher entropy)."""
+    p = F.softmax(teacher.detach() / T, dim=1)
+    return -T * T * (p * F.log_softmax(student / T, dim=1)).sum(1).mean()
+
+
+def dense_kd_terms(logits: Sequence[torch.Tensor], T: float, teacher_logits=None) -> torch.Tensor:
+    """All K(K-1)/2 dense KD terms at once, ordered as dense_pairs(K)."""
+    K = len(logits)
+    teachers = logits if teacher_logits is None else teacher_logits
+    log_q = F.log_softmax(torch.stack(list(logits)) / T, dim=2)               # students [K, N, C]
+    log_p = F.log_softmax(torch.stack([t.detach() for t in teachers]) / T, dim=2)
+    p = log_p.exp()
+    n = log_q.shape[1]
+    neg_entropy = (p * log_p).sum(2).mean(1)                                   # [K] teachers
+    cross = torch.einsum("jnc,inc->ij", p, log_q) / n                          # [student i, teacher j]
+    si, tj = zip(*dense_pairs(K))
+    si, tj = torch.tensor(si, device=log_q.device), torch.tensor(tj, device=log_q.device)
+    return T * T * (neg_entropy[tj] - cross[si, tj])
+
+
+# --- weights ---------------------------------------------------------------------------------------
+class FixedWeights(Objective):
+    def __init__(self, num_exits, term_names, weights: Sequence[float], scale: float = 1.0):
+        super().__init__(num_exits, term_names, scale)
+        self.register_buffer("_w", torch.tensor(list(weights), dtype=torch.float32))
+
+    def weights(self):
+        return self._w
+
+
+class LearnedWeights(Objective):
+    """w = total * softmax(gamma) (default: the weights redistribute a fixed total, which the
+    initialisation sets) or w = softplus(gamma). Both keep every weight positive and let it approach 0."""
+
+    def __init__(self, num_exits, term_names, init_weights: Sequence[float], *, weight_map: str = "softmax",
+                 min_init_weight: float = 1e-3, scale: float = 1.0):
+        super().__init__(num_exits, term_names, scale)
+        if weight_map not in WEIGHT_MAPS:
+            raise ValueError(f"unknown weight_map {weight_map!r}; valid: {', '.join(WEIGHT_MAPS)}")
+        w0 = torch.tensor(list(init_weights), dtype=torch.float64).clamp_min(min_init_weight)
+        self.weight_map = weight_map
+        self.register_buffer("total", w0.sum().float())
+        gamma = w0.log() if weight_map == "softmax" else torch.log(torch.expm1(w0))
+        self.gamma = nn.Parameter(gamma.float())
+
+    def weights(self):
+        if self.weight_map == "softmax":
+            return self.total * torch.softmax(self.gamma, dim=0)
+        return F.softplus(self.gamma)
+
+
+def initial_weights(init: str, kinds: List[str], C: float = 0.5, generator: torch.Generator | None = None):
+    """Starting weights by term kind ('ce', 'kd_last' = KD from the last exit, 'kd' = other KD)."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; valid: {', '.join(INITS)}")
+    if init == "dbt":
+        return [{"ce": 1 - C, "kd_last": C, "kd": 0.0}[k] for k in kinds]
+    if init == "ds":
+        return [1.0 if k == "ce" else 0.0 for k in kinds]
+    if init == "uniform":
+        return [1.0] * len(kinds)
+    z = torch.randn(len(kinds), generator=generator, dtype=torch.float64)
+    return (len(kinds) * torch.softmax(z, 0)).tolist()  # random shares of the uniform total
+
+
+def _names(K: int, kd: str) -> Tuple[List[str], List[str]]:
+    names = [f"ce{i + 1}" for i in range(K)]
+    kinds = ["ce"] * K
+    pairs = dense_pairs(K) if kd == "dense" else [(i, K - 1) for i in range(K - 1)] if kd == "last" else []
+    names += [f"kd{i + 1}<-{j + 1}" for i, j in pairs]
+    kinds += ["kd_last" if j == K - 1 else "kd" for _, j in pairs]
+    return names, kinds
+
+
+# --- the objectives ---------------------------------------------------------------------------------
+class _CETerms:
+    def term_losses(self, logits, targets, teacher_logits=None):
+        return ce_terms(logits, targets)
+
+
+class _DenseTerms:
+    def term_losses(self, logits, targets, teacher_logits=None):
+        return torch.cat([ce_terms(logits, targets), dense_kd_terms(logits, self.temperature, teacher_logits)])
+
+
+class _LastTeacherTerms:
+    """CE at every exit and KD from the last exit to each earlier one (DBT: soft-CE, annealed T; IMTA: KL)."""
+
+    def term_losses(self, logits, targets, teacher_logits=None):
+        teacher = (logits if teacher_logits is None else teacher_logits)[-1]
+        T = self.temperature
+        kd = kd_soft_ce if self.kd_form == "soft_ce" else kd_kl
+        kd_terms = [kd(z, teacher, T) for z in logits[:-1]]
+        return torch.cat([ce_terms(logits, targets), torch.stack(kd_terms)]) if kd_terms else ce_terms(logits, targets)
+
+
+class _Annealed:
+    """DBT's temperature: starts at T0, x`growth` after a step where the last exit's mean max-probability
+    at the current T exceeds `threshold`. Kept as a buffer so it is checkpointed and capture-safe."""
+
+    def _init_temperature(self, T0, growth, threshold):
+        self.register_buffer("temperature", torch.tensor(float(T0)))
+        self.growth, self.threshold = growth, threshold
+
+    def after_step(self, logits):
+        with torch.no_grad():
+            confidence = F.softmax(logits[-1].detach().float() / self.temperature, dim=1).max(1).values.mean()
+            self.temperature.mul_(torch.where(confidence > self.threshold, self.growth, 1.0))
+
+
+class CESum(_CETerms, FixedWeights):
+    def __init__(self, num_exits):
+        names, _ = _names(num_exits, "none")
+        super().__init__(num_exits, names, [1.0] * num_exits)
+
+
+class DBT(_Annealed, _LastTeacherTerms, FixedWeights):
+    kd_form = "soft_ce"
+
+    def __init__(self, num_exits, C: float = 0.5, temperature: float = 1.0, growth: float = 1.05,
+                 threshold: float = 0.5, loss_scale: Optional[float] = None):
+        names, kinds = _names(num_exits, "last")
+        super().__init__(num_exits, names, initial_weights("dbt", kinds, C),
+                         scale=2 * 5 / num_exits if loss_scale is None else loss_scale)
+        self._init_temperature(temperature, growth, threshold)
+
+
+class IMTAKD(_LastTeacherTerms, FixedWeights):
+    kd_form = "kl"
+
+    def __init__(self, num_exits, gamma: float = 0.9, temperature: float = 3.0):
+        names, kinds = _names(num_exits, "last")
+        w = [(1 - gamma) if k == "ce" else gamma for k in kinds]
+        w[num_exits - 1] = 1.0  # the last exit has no teacher: plain CE
+        super().__init__(num_exits, names, w)
+        self.temperature = temperature
+
+
+class DenseKD(_DenseTerms, FixedWeights):
+    def __init__(self, num_exits, temperature: float = 1.0, kd_weight: float = 1.0):
+        names, kinds = _names(num_exits, "dense")
+        super().__init__(num_exits, names, [1.0 if k == "ce" else kd_weight for k in kinds])
+        self.temperature = temperature
+
+
+class HMSDNet(_CETerms, LearnedWeights):
+    def __init__(self, num_exits, init: str = "ds", seed: int = 0, **weight_options):
+        names, kinds = _names(num_exits, "none")
+        g = torch.Generator().manual_seed(seed)
+        super().__init__(num_exits, names, initial_weights(init, kinds, generator=g), **weight_options)
+
+
+class HDBT(_Annealed, _LastTeacherTerms, LearnedWeights):
+    kd_form = "soft_ce"
+
+    def __init__(self, num_exits, init: str = "dbt", seed: int = 0, C: float = 0.5, temperature: float = 1.0,
+                 growth: float = 1.05, threshold: float = 0.5, **weight_options):
+        names, kinds = _names(num_exits, "last")
+        g = torch.Generator().manual_seed(seed)
+        super().__init__(num_exits, names, initial_weights(init, kinds, C, g), **weight_options)
+        self._init_temperature(temperature, growth, threshold)
+
+
+class HDKD(_DenseTerms, LearnedWeights):
+    def __init__(self, num_exits, init: str = "dbt", seed: int = 0, temperature: float = 1.0, C: float = 0.5,
+                 **weight_options):
+        names, kinds = _names(num_exits, "dense")
+        g = torch.Generator().manual_seed(seed)
+        super().__init__(num_exits, names, initial_weights(init, kinds, C, g), **weight_options)
+        self.temperature = temperature
+
+
+_REGISTRY = {"ce": CESum, "dbt": DBT, "imta_kd": IMTAKD, "dkd": DenseKD,
+             "hmsdnet": HMSDNet, "hdbt": HDBT, "hdkd": HDKD}
+LEARNED = ("hmsdnet", "hdbt", "hdkd")
+
+
+def names() -> List[str]:
+    return list(_REGISTRY)
+
+
+def build(name: str, num_exits: int, **options) -> Objective:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown objective {name!r}; valid names: {', '.join(names())}")
+    try:
+        return _REGISTRY[name](num_exits, **options)
+    except TypeError as e:
+        raise TypeError(f"objective {name!r}: {e}") from e
+
+
+# --- validation objectives (outer problem of the bilevel step) ----------------------------------------
+class ValidationLoss(nn.Module):
+    """L_val on held-out data. kind='ce': sum of per-exit CE. kind='balanced' (METHOD.md section 2):
+
+        alpha * sum_i CE_i + (1 - alpha) * sum_i softplus(CE_i / ema_i - 1)
+
+    where ema_i tracks exit i's validation CE (an exponential moving average, updated by `update`
+    after each weight step). The ratio term is scale-free, so every exit gets an equal say however
+    large its own loss; the softplus is a soft hinge pushing each exit below its running expectation.
+    """
+
+    def __init__(self, num_exits: int, kind: str = "ce", alpha: float = 0.5, ema_momentum: float = 0.9):
+        super().__init__()
+        if kind not in ("ce", "balanced"):
+            raise ValueError(f"unknown validation loss {kind!r}; valid: ce, balanced")
+        self.kind, self.alpha, self.ema_momentum = kind, alpha, ema_momentum
+        self.register_buffer("ema", torch.zeros(num_exits))
+        self.register_buffer("initialised", torch.tensor(False))
+
+    def forward(self, logits, targets):
+        ce = ce_terms(logits, targets)
+        if self.kind == "ce":
+            return ce.sum()
+        ema = torch.where(self.initialised, self.ema, ce.detach())
+        ratio = F.softplus(ce / ema - 1.0)
+        return self.alpha * ce.sum() + (1 - self.alpha) * ratio.sum()
+
+    @torch.no_grad()
+    def update(self, ce_values: torch.Tensor) -> None:
+        new = torch.where(self.initialised, self.ema_momentum * self.ema + (1 - self.ema_momentum) * ce_values,
+                          ce_values)
+        self.ema.copy_(new)
+        self.initialised.fill_(True)

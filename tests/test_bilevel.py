@@ -1,0 +1,157 @@
+import pytest
+import torch
+from torch.func import functional_call
+
+from hdkdlib import bilevel, models, objectives as O
+
+
+def _setup(objective="hdkd", seed=0):
+    torch.manual_seed(seed)
+    model = models.build("toy_mlp", 3, width=8, num_exits=3, batch_norm=True).double()
+    obj = O.build(objective, 3, init="random", seed=seed).double()
+    train = (torch.randn(16, 2, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    val = (torch.randn(12, 2, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    return model, obj, train, val
+
+
+def _brute_force(model, obj, train, val, lr, momentum, weight_decay, buf, h=1e-6):
+    """Central differences of L_val(theta - lr * (m buf + grad L_tr(theta, w(gamma)) + wd theta)) in gamma."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def f(gamma):
+        with torch.no_grad():
+            obj.gamma.copy_(gamma)
+        P = {n: p.clone().requires_grad_() for n, p in params.items()}
+        state = {**{n: b.clone() for n, b in model.named_buffers()}, **P}
+        g = torch.autograd.grad(obj(functional_call(model, state, (train[0],)), train[1]), list(P.values()))
+        with torch.no_grad():
+            theta = {n: P[n] - lr * ((momentum * buf[n] if buf else 0) + gi + weight_decay * P[n])
+                     for n, gi in zip(P, g)}
+            out = functional_call(model, {**{n: b.clone() for n, b in model.named_buffers()}, **theta}, (val[0],))
+            return O.ce_terms(out, val[1]).sum().item()
+
+    g0 = obj.gamma.detach().clone()
+    num = torch.zeros_like(g0)
+    for i in range(len(g0)):
+        e = torch.zeros_like(g0)
+        e[i] = h
+        num[i] = (f(g0 + e) - f(g0 - e)) / (2 * h)
+    with torch.no_grad():
+        obj.gamma.copy_(g0)
+    return num
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 1e-2)])
+@pytest.mark.parametrize("objective", ["hdkd", "hdbt", "hmsdnet"])
+def test_hypergradient_matches_brute_force(objective, momentum, weight_decay):
+    model, obj, train, val = _setup(objective)
+    lr = 0.1
+    buf = {n: 0.1 * torch.randn_like(p) for n, p in model.named_parameters()} if momentum else None
+    reference = _brute_force(model, obj, train, val, lr, momentum, weight_decay, buf)
+    assert reference.abs().max() > 1e-4  # a real signal, not zero against zero
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for method, tol in (("exact", 1e-4), ("finite_difference", 1e-2)):
+        hg = bilevel.hypergradient(model, obj, train, val, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                   momentum_buffer=buf, method=method)
+        rel = ((hg - reference).norm() / reference.norm()).item()
+        assert rel < tol, (method, rel)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # parameters and BN buffers untouched
+
+
+def test_first_order_gives_zero_and_lr_must_be_positive():
+    model, obj, train, val = _setup()
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        bilevel.hypergradient(model, obj, train, val, lr=0.0)
+
+
+def test_momentum_buffer_as_list_equals_dict():
+    model, obj, train, val = _setup()
+    bufs = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    a = bilevel.hypergradient(model, obj, train, val, lr=0.1, momentum=0.9, momentum_buffer=bufs)
+    b = bilevel.hypergradient(model, obj, train, val, lr=0.1, momentum=0.9, momentum_buffer=list(bufs.values()))
+    torch.testing.assert_close(a, b)
+
+
+class PassCounter:
+    """Counts forward passes (stage 0 runs once per forward) and backward passes through stage 0."""
+
+    def __init__(self, model):
+        self.forward = self.backward = 0
+        model.stages[0].register_forward_hook(self._hook)
+
+    def _hook(self, module, inputs, output):
+        self.forward += 1
+        if output[0].requires_grad:
+            output[0].register_hook(self._count_backward)
+
+    def _count_backward(self, grad):
+        self.backward += 1
+
+    @property
+    def equivalents(self):
+        return self.forward + 2 * self.backward  # a backward costs about two forwards
+
+
+def test_finite_difference_step_costs_at_most_three_ce_steps_and_reuses_gradients():
+    model, obj, train, val = _setup("hdkd")
+    model.float(), obj.float()
+    train = (train[0].float(), train[1])
+    val = (val[0].float(), val[1])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+
+    counter = PassCounter(model)
+    ce = O.build("ce", 3)
+    opt.zero_grad()
+    ce(model(train[0]), train[1]).backward()
+    opt.step()
+    ce_cost = counter.equivalents
+    assert (counter.forward, counter.backward) == (1, 1)
+
+    # the gradient the network update must use: the training loss at the current weights
+    expected = torch.autograd.grad(obj(functional_call(model, {**{n: b.clone() for n, b in model.named_buffers()},
+                                                                **dict(model.named_parameters())}, (train[0],)),
+                                       train[1]), list(model.parameters()))
+    counter.forward = counter.backward = 0
+    meta = bilevel.MetaStep(model, obj, lr=0.05, method="finite_difference")
+    w_before = obj.weights().detach().clone()
+    meta.step(train, val, opt)
+    assert (counter.forward, counter.backward) == (4, 2)  # train F+B, val F+B at theta', two perturbed F
+    assert counter.equivalents <= 3 * ce_cost
+    for p, g in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, g)  # reused, not recomputed
+    assert not torch.allclose(obj.weights(), w_before)
+    assert obj.weights().sum().item() == pytest.approx(w_before.sum().item(), rel=1e-5)  # softmax map keeps the total
+
+
+def test_meta_step_methods_agree_on_first_update():
+    updates = {}
+    for method in bilevel.METHODS:
+        model, obj, train, val = _setup("hdkd")
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        meta = bilevel.MetaStep(model, obj, lr=0.01, method=method, val_loss="balanced")
+        g0 = obj.gamma.detach().clone()
+        meta.step(train, val, opt)
+        updates[method] = obj.gamma.detach() - g0
+        assert meta.val_loss.initialised.item()
+    torch.testing.assert_close(updates["exact"], updates["finite_difference"], rtol=1e-3, atol=1e-6)
+
+
+def test_bad_inputs():
+    model, obj, train, val = _setup()
+    with pytest.raises(ValueError, match="fixed weights"):
+        bilevel.hypergradient(model, O.build("dkd", 3).double(), train, val, lr=0.1)
+    with pytest.raises(ValueError, match="model has 3 exits but the objective was built for 4"):
+        bilevel.hypergradient(model, O.build("hdkd", 4).double(), train, val, lr=0.1)
+    with pytest.raises(ValueError, match="empty validation batch"):
+        bilevel.hypergradient(model, obj, train, (val[0][:0], val[1][:0]), lr=0.1)
+    with pytest.raises(ValueError, match="unknown hypergradient method"):
+        bilevel.hypergradient(model, obj, train, val, lr=0.1, method="implicit")
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = bilevel.MetaStep(model, obj, lr=1e3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    with pytest.raises(FloatingPointError):
+        meta.step(train, val, opt)
+    assert torch.isfinite(obj.gamma).all()  # the weights never turn NaN silently

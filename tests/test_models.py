@@ -1,0 +1,178 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hdkdlib import cost, models
+
+# METHOD.md section 5: the reference op counter's cumulative MFLOPs and params (M) per exit.
+REFERENCE = {
+    "msdnet_cifar_anytime": (100, [15.14, 25.51, 37.10, 46.33, 57.34, 66.96, 75.94],
+                             [0.434, 0.877, 1.275, 1.696, 2.178, 2.603, 3.068]),
+    "msdnet_cifar_budget": (100, [6.86, 14.35, 27.54, 41.71, 58.48], [0.300, 0.650, 1.018, 1.492, 2.079]),
+    "msdnet_imagenet_step4": (1000, [339.90, 685.46, 1008.16, 1254.47, 1360.53], None),
+    "msdnet_imagenet_step6": (1000, [514.66, 1171.18, 1844.52, 2501.40, 2742.06], None),
+    "msdnet_imagenet_step7": (1000, [615.69, 1436.39, 2283.21, 2967.42, 3253.79], None),
+}
+
+
+def _close(ours, ref, rel=0.005):
+    return all(abs(a - b) <= rel * b for a, b in zip(ours, ref)) and len(ours) == len(ref)
+
+
+def test_cli_json_matches_reference_cifar_anytime():
+    out = subprocess.run([sys.executable, "-m", "hdkdlib", "info", "msdnet_cifar_anytime", "--num-classes", "100",
+                          "--json"], capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    assert [r["exit"] for r in rows] == list(range(1, 8))
+    _, mflops, params = REFERENCE["msdnet_cifar_anytime"]
+    assert _close([r["mflops"] for r in rows], mflops)
+    assert _close([r["params"] / 1e6 for r in rows], params)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_msdnet_cost_matches_reference(name):
+    num_classes, mflops, params = REFERENCE[name]
+    model = models.build(name, num_classes)
+    rows = cost.per_exit(model, model.input_shape)
+    assert _close([r["flops"] / 1e6 for r in rows], mflops), [r["flops"] / 1e6 for r in rows]
+    if params:
+        assert _close([r["params"] / 1e6 for r in rows], params)
+    assert rows[-1]["params"] == sum(p.numel() for p in model.parameters())
+
+
+def test_macs_convention_uses_flop_counter_and_is_close_to_msdnet_rules():
+    model = models.build("msdnet_cifar_anytime", 100)
+    msd = cost.exit_flops(model, model.input_shape, "msdnet")
+    macs = cost.exit_flops(model, model.input_shape, "macs")
+    # The two differ only by ReLU/pooling ops (counted by the msdnet rules) and the Linear bias.
+    assert all(m < d < 1.03 * m for m, d in zip(macs, msd))
+    with FlopCounterMode(display=False) as counter:
+        model.eval()(torch.zeros(1, 3, 32, 32))
+    assert macs[-1] == pytest.approx(counter.get_total_flops() / 2)
+
+
+@pytest.mark.parametrize("name,shape", [("msdnet_cifar_anytime", (3, 3, 32, 32)), ("msdnet_cifar_budget", (2, 3, 32, 32)),
+                                        ("resnet18_exits", (2, 3, 64, 64)), ("toy_mlp", (5, 2))])
+def test_exit_by_exit_equals_full_forward(name, shape):
+    model = models.build(name, 10).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        full = model(x)
+        stepwise = list(model.exits(x))
+    assert len(full) == model.num_exits == len(stepwise)
+    for a, b in zip(full, stepwise):
+        assert a.shape == (shape[0], 10)
+        assert torch.equal(a, b)
+
+
+def test_stopping_early_really_skips_the_rest():
+    model = models.build("msdnet_cifar_anytime", 100).eval()
+    x = torch.zeros(1, 3, 32, 32)
+    flops = []
+    for k in range(1, model.num_exits + 1):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            gen = model.exits(x)
+            for _ in range(k):
+                next(gen)
+        flops.append(counter.get_total_flops())
+    assert all(a < b for a, b in zip(flops, flops[1:]))
+    assert flops[0] < 0.25 * flops[-1]
+    # and the flop counter agrees with the per-exit cost table (macs convention = flops / 2)
+    assert [f / 2 for f in flops] == pytest.approx(cost.exit_flops(model, (3, 32, 32), "macs"))
+
+
+def test_backbone_exits_share_backbone_modules_and_stop_early():
+    import torchvision
+    backbone = torchvision.models.resnet18()
+    model = models.BackboneExits(backbone, ["layer1", "layer2", "layer3", "layer4"], 10, input_shape=(3, 64, 64))
+    backbone_params = {id(p) for n, p in backbone.named_parameters() if not n.startswith("fc.")}
+    model_params = {id(p) for p in model.parameters()}
+    assert backbone_params <= model_params  # the backbone's own tensors, not copies
+    called = []
+    backbone.layer3[0].conv1.register_forward_hook(lambda *a: called.append("layer3"))  # fx calls leaves
+    gen = model.exits(torch.randn(1, 3, 64, 64))
+    next(gen), next(gen)
+    assert called == []
+    next(gen)
+    assert called == ["layer3"]
+
+
+def test_resnet50_exits_trains_one_step_on_cpu():
+    model = models.build("resnet50_exits", 5)
+    x, y = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 3])
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = sum(torch.nn.functional.cross_entropy(z, y) for z in model(x))
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+    opt.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    model.eval()
+    with torch.no_grad():
+        after = sum(torch.nn.functional.cross_entropy(z, y) for z in model(x))
+    assert torch.isfinite(after)
+
+
+@pytest.mark.parametrize("name,shape", [("msdnet_cifar_anytime", (2, 3, 32, 32)), ("resnet18_exits", (2, 3, 64, 64)),
+                                        ("toy_mlp", (4, 2))])
+def test_no_graph_breaks(name, shape):
+    torch._dynamo.reset()
+    model = models.build(name, 10)
+    explanation = torch._dynamo.explain(model)(torch.randn(*shape))
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+
+def test_msdnet_initialisation():
+    model = models.build("msdnet_cifar_anytime", 100)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            assert torch.all(m.weight == 1) and torch.all(m.bias == 0)
+        if isinstance(m, torch.nn.Linear):
+            assert torch.all(m.bias == 0)
+    big = max((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda m: m.weight.numel())
+    n = big.kernel_size[0] * big.kernel_size[1] * big.out_channels
+    assert big.weight.std().item() == pytest.approx((2.0 / n) ** 0.5, rel=0.05)
+
+
+def test_gradient_equilibrium_divides_stage_gradients_by_exits_depending_on_them():
+    torch.manual_seed(1)
+    plain = models.build("toy_mlp", 3, num_exits=4)
+    balanced = models.build("toy_mlp", 3, num_exits=4, gradient_equilibrium=True)
+    balanced.load_state_dict(plain.state_dict())
+    x = torch.randn(8, 2)
+    w = torch.randn(4)
+
+    def stage_grads(model):
+        grads = {}
+        def capture(j):
+            def hook(module, inputs, output):  # returns None, so the output is left as it is
+                output[0].register_hook(lambda g: grads.__setitem__(j, g.clone()))
+            return hook
+
+        for j, stage in enumerate(model.stages):
+            stage.register_forward_hook(capture(j))
+        sum(wk * z.square().sum() for wk, z in zip(w, model(x))).backward()
+        return grads
+
+    g_plain, g_bal = stage_grads(plain), stage_grads(balanced)
+    K = 4
+    for j in range(K):  # IMTA: 1/(K-j) at head j, (K-j-1) onwards => stage j's gradient / (K - j)
+        torch.testing.assert_close(g_bal[j], g_plain[j] / (K - j))
+
+
+def test_bad_input_messages():
+    with pytest.raises(ValueError, match="valid names: .*msdnet_cifar_anytime"):
+        models.build("msdnet_cifar", 100)
+    model = models.build("msdnet_cifar_anytime", 100)
+    with pytest.raises(ValueError, match=r"32x32"):
+        model(torch.randn(1, 3, 64, 64))
+    import torchvision
+    with pytest.raises(ValueError, match="available nodes: .*layer1.0.conv1"):
+        models.BackboneExits(torchvision.models.resnet18(), ["layer9"], 10)
+    out = subprocess.run([sys.executable, "-m", "hdkdlib", "info", "nope"], capture_output=True, text=True)
+    assert out.returncode != 0 and "valid names" in out.stderr

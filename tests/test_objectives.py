@@ -1,0 +1,187 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hdkdlib import models, objectives as O
+
+
+def _logits(K=4, N=6, C=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(N, C, generator=g, dtype=torch.float64).requires_grad_() for _ in range(K)]
+
+
+def test_registry_and_term_counts():
+    assert set(O.names()) == {"ce", "dbt", "imta_kd", "dkd", "hmsdnet", "hdbt", "hdkd"}
+    K = 5
+    counts = {n: len(O.build(n, K).term_names) for n in O.names()}
+    assert counts == {"ce": K, "hmsdnet": K, "dbt": 2 * K - 1, "hdbt": 2 * K - 1, "imta_kd": 2 * K - 1,
+                      "dkd": K + K * (K - 1) // 2, "hdkd": K + K * (K - 1) // 2}
+    with pytest.raises(ValueError, match="valid names: ce, dbt"):
+        O.build("hdkdd", 3)
+
+
+def test_parameters_are_exactly_the_learned_weights():
+    for name in O.names():
+        obj = O.build(name, 4)
+        params = list(obj.parameters())
+        if name in O.LEARNED:
+            assert len(params) == 1 and params[0] is obj.gamma and params[0].numel() == len(obj.term_names)
+            assert torch.all(obj.weights() > 0)
+        else:
+            assert params == []
+
+
+def test_ce_sum_is_sum_of_cross_entropies():
+    z, y = _logits(), torch.tensor([0, 1, 2, 3, 4, 0])
+    expected = sum(F.cross_entropy(zi, y) for zi in z)
+    torch.testing.assert_close(O.build("ce", 4)(z, y), expected)
+
+
+def test_kd_is_zero_when_student_equals_teacher():
+    z = _logits(K=1)[0]
+    same = [z, z.detach().clone().requires_grad_(), z.detach().clone().requires_grad_()]
+    kd = O.dense_kd_terms(same, T=3.0)
+    assert torch.allclose(kd, torch.zeros(3, dtype=kd.dtype), atol=1e-12)
+
+
+def test_no_gradient_reaches_the_teacher_through_kd():
+    student, teacher = _logits(K=2)
+    O.kd_kl(student, teacher, 2.0).backward()
+    assert teacher.grad is None and student.grad is not None and student.grad.abs().sum() > 0
+    z = _logits(K=3)
+    kd = O.dense_kd_terms(z, T=2.0)
+    kd[O.dense_pairs(3).index((0, 2))].backward()  # student 1, teacher 3
+    no_grad = [t.grad is None or bool(torch.all(t.grad == 0)) for t in z]
+    assert no_grad == [False, True, True]  # only the student moves
+
+
+def test_dense_kd_vectorised_equals_pairwise_loop_and_hand_kl():
+    z = _logits(K=4)
+    kd = O.dense_kd_terms(z, T=3.0)
+    loop = torch.stack([O.kd_kl(z[i], z[j], 3.0) for i, j in O.dense_pairs(4)])
+    torch.testing.assert_close(kd, loop)
+    # KL by hand for one pair, one class-sum per sample, batch mean, times T^2
+    i, j, T = 0, 3, 3.0
+    p = torch.softmax(z[j].detach() / T, 1)
+    q = torch.softmax(z[i].detach() / T, 1)
+    hand = T * T * sum(sum(p[n, c] * math.log(p[n, c] / q[n, c]) for c in range(5)) for n in range(6)) / 6
+    assert kd[O.dense_pairs(4).index((i, j))].item() == pytest.approx(float(hand), rel=1e-10)
+
+
+def test_dbt_matches_hand_computed_formula():
+    # two exits, two classes, one sample: everything by hand with math.
+    z1, z2 = [2.0, 0.0], [0.0, 1.0]
+    y = 1
+    C, T, K = 0.5, 1.0, 2
+
+    def log_softmax(v, t=1.0):
+        m = [a / t for a in v]
+        s = math.log(sum(math.exp(a) for a in m))
+        return [a - s for a in m]
+
+    ce1, ce2 = -log_softmax(z1)[y], -log_softmax(z2)[y]
+    p2 = [math.exp(a) for a in log_softmax(z2, T)]
+    soft_ce = -sum(p * l for p, l in zip(p2, log_softmax(z1, T)))
+    expected = (2 * 5 / K) * ((1 - C) * ce1 + C * T * T * soft_ce + (1 - C) * ce2)
+    obj = O.build("dbt", 2).double()
+    logits = [torch.tensor([z1], dtype=torch.float64), torch.tensor([z2], dtype=torch.float64)]
+    assert obj(logits, torch.tensor([y])).item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_dbt_temperature_annealing_rule():
+    obj = O.build("dbt", 2)
+    confident = [torch.zeros(4, 3), torch.tensor([[5.0, 0, 0]] * 4)]  # last exit's max-prob 0.987 at T=1
+    unsure = [torch.zeros(4, 3), torch.zeros(4, 3)]                   # max-prob 1/3
+    obj.after_step(unsure)
+    assert obj.temperature.item() == 1.0
+    obj.after_step(confident)
+    assert obj.temperature.item() == pytest.approx(1.05)
+    obj.after_step(confident)
+    assert obj.temperature.item() == pytest.approx(1.05 ** 2)
+    # at large T the teacher's softened confidence drops to <= 0.5 and T stops growing
+    for _ in range(200):
+        obj.after_step(confident)
+    T = obj.temperature.item()
+    p = torch.softmax(torch.tensor([5.0, 0, 0]) / T, 0).max().item()
+    assert p <= 0.5 < torch.softmax(torch.tensor([5.0, 0, 0]) / (T / 1.05), 0).max().item()
+    assert "temperature" in obj.state_dict()  # checkpointed with the run
+
+
+def test_imta_kd_weights_and_kl_form():
+    g, T = 0.9, 3.0
+    obj = O.build("imta_kd", 3, gamma=g, temperature=T).double()
+    z, y = _logits(K=3), torch.tensor([0, 1, 2, 3, 4, 0])
+    expected = ((1 - g) * F.cross_entropy(z[0], y) + g * O.kd_kl(z[0], z[2], T)
+                + (1 - g) * F.cross_entropy(z[1], y) + g * O.kd_kl(z[1], z[2], T) + F.cross_entropy(z[2], y))
+    torch.testing.assert_close(obj(z, y), expected)
+
+
+def test_learned_weight_initialisations():
+    K = 4
+    n_kd = K * (K - 1) // 2
+    ds = O.build("hdkd", K, init="ds").weights()
+    assert torch.allclose(ds[:K], torch.ones(K), atol=1e-2) and torch.all(ds[K:] < 2e-3)
+    dbt = O.build("hdkd", K, init="dbt").named_weights()
+    assert dbt["ce1"] == pytest.approx(0.5, rel=1e-2) and dbt["kd1<-4"] == pytest.approx(0.5, rel=1e-2)
+    assert dbt["kd1<-2"] < 2e-3
+    uni = O.build("hdkd", K, init="uniform", weight_map="softplus").weights()
+    torch.testing.assert_close(uni, torch.ones(K + n_kd))
+    r1, r2 = (O.build("hdkd", K, init="random", seed=s).weights() for s in (1, 2))
+    assert r1.sum().item() == pytest.approx(K + n_kd, rel=1e-5) and not torch.allclose(r1, r2)
+    with pytest.raises(ValueError, match="valid: dbt, ds, uniform, random"):
+        O.build("hdkd", K, init="zeros")
+
+
+def test_weights_stay_positive_under_any_parameters():
+    for wmap in O.WEIGHT_MAPS:
+        obj = O.build("hdkd", 3, weight_map=wmap)
+        with torch.no_grad():
+            obj.gamma.copy_(torch.tensor([-50.0, 50, 0, -20, 3, 1]))
+        w = obj.weights()
+        assert torch.all(w >= 0) and torch.all(torch.isfinite(w))
+
+
+def test_bad_inputs_raise_clear_errors():
+    obj = O.build("hdkd", 3)
+    y = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="built for 3 exits but got 2"):
+        obj([torch.randn(2, 4)] * 2, y)
+    with pytest.raises(ValueError, match="empty batch"):
+        obj([torch.randn(0, 4)] * 3, torch.zeros(0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"targets must lie in \[0, 3\]"):
+        obj([torch.randn(2, 4)] * 3, torch.tensor([0, 7]))
+    bad = [torch.randn(2, 4), torch.full((2, 4), float("nan")), torch.randn(2, 4)]
+    with pytest.raises(FloatingPointError, match="non-finite terms: .*ce2"):
+        obj(bad, y)
+
+
+def test_balanced_validation_loss_by_hand():
+    z, y = _logits(K=2), torch.tensor([0, 1, 2, 3, 4, 0])
+    ce = torch.stack([F.cross_entropy(zi, y) for zi in z]).detach()
+    val = O.ValidationLoss(2, kind="balanced", alpha=0.5).double()
+    val.update(ce * 2)  # the running expectation is twice the current loss
+    expected = 0.5 * ce.sum() + 0.5 * sum(math.log1p(math.exp(c / (2 * c) - 1)) for c in ce.tolist())
+    assert val(z, y).item() == pytest.approx(expected.item(), rel=1e-10)
+    val.update(ce)
+    torch.testing.assert_close(val.ema, 0.9 * 2 * ce + 0.1 * ce)
+    assert O.ValidationLoss(2)(z, y).item() == pytest.approx(ce.sum().item())
+
+
+def test_training_with_dense_kd_lowers_the_loss():
+    torch.manual_seed(0)
+    x = torch.randn(256, 2)
+    y = (x[:, 0] * x[:, 1] > 0).long()  # XOR-like: needs depth
+    model = models.build("toy_mlp", 2, num_exits=3, width=16)
+    obj = O.build("dkd", 3)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    first = O.ce_terms(model(x), y).sum().item()
+    for _ in range(150):
+        opt.zero_grad()
+        obj(model(x), y).backward()
+        opt.step()
+    # The KD terms themselves grow as the teachers sharpen (they start near 0 with all exits
+    # uniform), so the classification part is what must fall.
+    assert O.ce_terms(model(x), y).sum().item() < 0.5 * first
+    assert (model(x)[-1].argmax(1) == y).float().mean() > 0.9
