@@ -171,7 +171,7 @@ class MetaStep:
     """
 
     def __init__(self, model: nn.Module, objective: Objective, *, lr: float = 1e-3, betas=(0.5, 0.999),
-                 method: str = "finite_difference", val_loss: Union[str, ValidationLoss] = "ce",
+                 method: str = "finite_difference", val_loss: Union[str, ValidationLoss] = "balanced",
                  alpha: float = 0.5, eps: Optional[float] = None):
         if method not in METHODS:
             raise ValueError(f"unknown hypergradient method {method!r}; valid: {', '.join(METHODS)}")

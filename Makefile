@@ -1,0 +1,38 @@
+# Two entry points (see README): `make run` (the main job) and `make test`.
+# Both create the virtual environment .venv on first use, from pyproject.toml.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+NOTEBOOK_OUT ?= runs/notebooks
+
+.PHONY: env run test notebooks strip clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+env: $(STAMP)
+
+# Main job: every notebook with its quick default parameters, executed headlessly by papermill.
+# Executed copies go to $(NOTEBOOK_OUT) (ignored by git); figures go to figures/ (ignored too).
+run: $(STAMP)
+	mkdir -p $(NOTEBOOK_OUT)
+	for nb in notebooks/[0-9]*.ipynb; do \
+		echo "== $$nb"; \
+		$(PY) -m papermill --cwd notebooks "$$nb" "$(NOTEBOOK_OUT)/$$(basename $$nb)" || exit 1; \
+	done
+	@echo "executed notebooks: $(NOTEBOOK_OUT)/   figures: figures/"
+
+# Tests: the unit tests and every notebook under nbval (stored outputs compared where kept).
+test: $(STAMP)
+	$(PY) -m pytest --nbval --nbval-current-env tests notebooks
+
+# Strip volatile outputs and widget state before committing a notebook you edited. Execution counts
+# stay (nbval needs them on the cells whose outputs are kept: metadata keep_output).
+strip: $(STAMP)
+	$(VENV)/bin/nbstripout --keep-count notebooks/*.ipynb
+
+clean-runs:
+	rm -rf $(NOTEBOOK_OUT)

@@ -1,0 +1,37 @@
+"""Where things go: the project's figures/, data/ and runs/ folders, wherever a notebook runs from.
+
+JupyterLab, papermill and nbval start kernels in different working directories; the folders are
+resolved from the project root (the checkout holding this package, or $HDKD_ROOT), so every
+notebook writes to the same place.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def project_root() -> Path:
+    if os.environ.get("HDKD_ROOT"):
+        return Path(os.environ["HDKD_ROOT"]).resolve()
+    here = Path(__file__).resolve().parent.parent
+    if (here / "pyproject.toml").is_file() and (here / "hdkdlib").is_dir():
+        return here  # an editable install or a checkout on sys.path
+    return Path.cwd()
+
+
+def _folder(name: str, env: str) -> Path:
+    path = Path(os.environ[env]) if os.environ.get(env) else project_root() / name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def figures_dir() -> Path:
+    return _folder("figures", "HDKD_FIGURES")
+
+
+def data_dir() -> Path:
+    return _folder("data", "HDKD_DATA")
+
+
+def runs_dir() -> Path:
+    return _folder("runs", "HDKD_RUNS")

@@ -1,0 +1,82 @@
+"""Figures (matplotlib + seaborn), saved under figures/ as PNG and SVG."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+
+from .paths import figures_dir
+
+
+def save(fig, name: str, folder: Path | None = None) -> List[Path]:
+    """Write `fig` as name.png and name.svg into figures/ (or `folder`); return the paths."""
+    folder = Path(folder) if folder is not None else figures_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}.png", folder / f"{name}.svg"]
+    fig.savefig(paths[0], dpi=130, bbox_inches="tight")
+    fig.savefig(paths[1], bbox_inches="tight")
+    return paths
+
+
+def per_exit_accuracy(table: pd.DataFrame, ax=None, title: str = "Accuracy per exit"):
+    """Bars of accuracy per exit, one hue per method. `table` has columns method, exit, accuracy."""
+    ax = ax or plt.gca()
+    sns.barplot(data=table, x="exit", y="accuracy", hue="method", ax=ax)
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    return ax
+
+
+def decision_boundaries(axes_row, axis, preds, x, y, title_prefix: str = ""):
+    """One panel per exit: predicted class over the plane, with the data on top."""
+    extent = [axis[0].item(), axis[-1].item(), axis[0].item(), axis[-1].item()]
+    cmap = sns.color_palette("pastel", as_cmap=False)
+    for k, (ax, pred) in enumerate(zip(axes_row, preds), start=1):
+        ax.imshow(pred.numpy(), origin="lower", extent=extent, cmap=plt.matplotlib.colors.ListedColormap(cmap[:int(y.max()) + 1]),
+                  interpolation="nearest", alpha=0.9)
+        ax.scatter(x[:, 0], x[:, 1], c=[sns.color_palette("deep")[int(c)] for c in y], s=3, linewidths=0)
+        ax.set_title(f"{title_prefix}exit {k}", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+
+
+def weight_trajectories(history: Dict[str, list], ax=None, top: int | None = None):
+    """Learned loss weights over training steps, one line per term."""
+    ax = ax or plt.gca()
+    frame = pd.DataFrame(history["weights"], index=history["step"])
+    if top:
+        frame = frame[frame.iloc[-1].sort_values(ascending=False).index[:top]]
+    for name in frame.columns:
+        ax.plot(frame.index, frame[name], label=name, lw=1.5 if name.startswith("ce") else 1,
+                ls="-" if name.startswith("ce") else "--")
+    ax.set_xlabel("step")
+    ax.set_ylabel("weight")
+    ax.legend(fontsize=7, ncol=2)
+    return ax
+
+
+def weight_matrix(weights: Dict[str, float], num_exits: int) -> np.ndarray:
+    """K x K matrix: diagonal = CE weight of exit i, (i, j) above it = weight of KD from exit j into exit i."""
+    m = np.full((num_exits, num_exits), np.nan)
+    for name, w in weights.items():
+        if name.startswith("ce"):
+            i = int(name[2:]) - 1
+            m[i, i] = w
+        else:
+            i, j = (int(v) - 1 for v in name[2:].split("<-"))
+            m[i, j] = w
+    return m
+
+
+def weight_heatmap(weights: Dict[str, float], num_exits: int, ax=None, title: str = "Learned loss weights"):
+    ax = ax or plt.gca()
+    labels = [str(k) for k in range(1, num_exits + 1)]
+    sns.heatmap(weight_matrix(weights, num_exits), annot=True, fmt=".2f", cmap="viridis", ax=ax,
+                xticklabels=labels, yticklabels=labels, cbar=False)
+    ax.set_xlabel("teacher exit (diagonal: CE)")
+    ax.set_ylabel("student exit")
+    ax.set_title(title)
+    return ax

@@ -1,0 +1,81 @@
+"""Notebook hygiene and the papermill contract (parameters cell, type checks, figures)."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import papermill as pm
+import pytest
+
+from hdkdlib.notebook import check_parameters
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
+
+
+def test_notebooks_exist_and_are_ordered():
+    names = [p.name for p in NOTEBOOKS]
+    assert names and names[0] == "01_toy_dense_kd.ipynb"
+    assert names == sorted(names)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_stripped(path):
+    """Committed without volatile outputs or widget state (`make strip` fixes a dirty one)."""
+    result = subprocess.run([Path(sys.executable).parent / "nbstripout", "--keep-count", "--verify", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, f"{path.name} carries outputs or metadata nbstripout would strip: run `make strip`"
+    assert "application/vnd.jupyter.widget-state+json" not in path.read_text()
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_one_parameters_cell_followed_by_the_check(path):
+    nb = nbformat.read(path, as_version=4)
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])]
+    assert len(tagged) == 1, f"{path.name}: {len(tagged)} cells tagged 'parameters'"
+    declared = pm.inspect_notebook(str(path))
+    assert declared, "the parameters cell declares nothing"
+    assert all(p["inferred_type_name"] != "None" for p in declared.values()), "declare every parameter's type"
+    assert "check_parameters(globals()" in nb.cells[tagged[0] + 1].source
+
+
+def test_check_parameters_accepts_right_types_and_names_the_wrong_one():
+    ns = {"__annotations__": {"epochs": int, "lr": float, "method": str, "fast": bool},
+          "epochs": 3, "lr": 1, "method": "hdkd", "fast": True}
+    assert check_parameters(ns) == {"epochs": 3, "lr": 1.0, "method": "hdkd", "fast": True}
+    assert isinstance(ns["lr"], float)
+    with pytest.raises(TypeError, match="parameter 'epochs' must be int, got str '3x'"):
+        check_parameters({**ns, "epochs": "3x"})
+    with pytest.raises(TypeError, match="parameter 'epochs' must be int, got bool"):
+        check_parameters({**ns, "epochs": True})
+    with pytest.raises(ValueError, match="parameter 'method' is 'foo'; valid values: ce, hdkd"):
+        check_parameters({**ns, "method": "foo"}, choices={"method": ("ce", "hdkd")})
+
+
+def _run(tmp_path, **parameters):
+    env = {**os.environ, "HDKD_FIGURES": str(tmp_path / "figures")}
+    out = tmp_path / "out.ipynb"
+    cmd = [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "01_toy_dense_kd.ipynb"), str(out),
+           "--cwd", str(ROOT / "notebooks")]
+    for k, v in parameters.items():
+        cmd += ["-p", k, str(v)]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env), out
+
+
+def test_papermill_wrong_type_fails_naming_the_parameter(tmp_path):
+    result, out = _run(tmp_path, steps="many")
+    assert result.returncode != 0
+    assert "parameter 'steps' must be int, got str 'many'" in result.stderr + result.stdout
+    assert not (tmp_path / "figures").exists() or not any((tmp_path / "figures").iterdir())
+
+
+def test_papermill_runs_toy_notebook_with_a_parameter_and_writes_figures(tmp_path):
+    result, out = _run(tmp_path, seed=3, steps=60, n_points=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    figures = {p.name for p in (tmp_path / "figures").iterdir()}
+    assert {"01_toy_dense_kd.png", "01_toy_dense_kd.svg", "01_toy_weights.png"} <= figures
+    executed = json.loads(out.read_text())
+    injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert "seed = 3" in "".join(injected[0]["source"])
