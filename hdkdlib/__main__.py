@@ -19,14 +19,15 @@ def info(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.name not in models.names():
         parser.error(f"unknown model {args.name!r}; valid names: {', '.join(models.names())}")
-    num_classes = args.num_classes or (1000 if "imagenet" in args.name or "resnet" in args.name else 100)
+    num_classes = args.num_classes or cost.default_num_classes(args.name)
     model = models.build(args.name, num_classes)
+    input_shape = model.input_shape
     rows = [{"exit": r["exit"], "mflops": round(r["flops"] / 1e6, 4), "params": r["params"]}
-            for r in cost.per_exit(model, model.input_shape, convention=args.convention)]
+            for r in cost.per_exit(model, input_shape, args.convention)]
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{args.name}  ({num_classes} classes, input {list(model.input_shape)}, convention {args.convention})")
+    print(f"{args.name}  ({num_classes} classes, input {list(input_shape)}, convention {args.convention})")
     print(f"{'exit':>4} {'MFLOPs':>10} {'params (M)':>11}")
     for r in rows:
         print(f"{r['exit']:>4} {r['mflops']:>10.2f} {r['params'] / 1e6:>11.3f}")

@@ -77,3 +77,15 @@ def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str = "ms
 def exit_flops(model: nn.Module, input_shape: Sequence[int], convention: str = "msdnet") -> List[float]:
     """The K cumulative per-exit FLOPs alone (what the budgeted evaluation needs)."""
     return [row["flops"] for row in per_exit(model, input_shape, convention)]
+
+
+def default_num_classes(name: str) -> int:
+    """1000 for the ImageNet networks (MSDNet ImageNet, ResNets), 100 (CIFAR-100) for the others."""
+    return 1000 if ("imagenet" in name or name.startswith("resnet")) else 100
+
+
+def of_named(name: str, num_classes: int | None = None, convention: str = "msdnet") -> List[Dict]:
+    """per_exit for a built-in network at its native input size, with MFLOPs added to each row."""
+    from . import models  # local: models does not need cost, and cost stays importable on its own
+    model = models.build(name, num_classes or default_num_classes(name))
+    return [{**row, "mflops": row["flops"] / 1e6} for row in per_exit(model, model.input_shape, convention)]

@@ -189,6 +189,34 @@ class MSDNet(MultiExitNet):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
+    def layout(self) -> List[dict]:
+        """One row per layer, read off a forward pass: block, kind, and per kept scale its channels
+        and resolution (scale 0 = finest). The exit rows give the head's input scale."""
+        rows, block = [], [0]
+        kinds = {FirstLayer: "stem", MSDLayer: "dense layer", Transition: "transition"}
+        n_scales = len(self.stages[0][0].layers)
+
+        def record(module, inputs, output):
+            rows.append(dict(block=block[0], kind=kinds[type(module)],
+                             scales=list(range(n_scales - len(output), n_scales)),
+                             channels=[o.shape[1] for o in output], size=[o.shape[-1] for o in output]))
+
+        handles = [m.register_forward_hook(record) for m in self.modules() if type(m) in kinds]
+        was_training = self.training
+        self.eval()
+        try:
+            with torch.no_grad():
+                for b, _ in enumerate(self.exits(torch.zeros(1, *self.input_shape)), start=1):
+                    for r in rows:
+                        r["block"] = r["block"] or b
+                    rows.append(dict(block=b, kind=f"exit {b}", scales=[n_scales - 1],
+                                     channels=[rows[-1]["channels"][-1]], size=[rows[-1]["size"][-1]]))
+        finally:
+            for h in handles:
+                h.remove()
+            self.train(was_training)
+        return rows
+
     def check_input(self, x):
         s = self.input_size
         if x.dim() != 4 or x.shape[1] != 3 or x.shape[-2] != s or x.shape[-1] != s:

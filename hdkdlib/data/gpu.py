@@ -1,0 +1,76 @@
+"""A data loader that lives on the GPU (airbench style): the whole uint8 training set on the device,
+random crop with zero padding, horizontal flip and normalisation done there in batch.
+
+All randomness of an epoch (order, crop offsets, flips) is drawn up front from a generator seeded with
+(seed, epoch), so batches are reproducible and a resumed run can start mid-epoch at any batch.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+
+class GpuLoader:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean: Sequence[float],
+                 std: Sequence[float], train: bool = True, pad: int = 4, flip: bool = True, seed: int = 0,
+                 drop_last: bool = None, device=None, channels_last: bool = False):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
+        if len(images) != len(labels) or len(images) == 0:
+            raise ValueError(f"{len(images)} images and {len(labels)} labels: need the same, non-zero number")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        device = torch.device(device) if device is not None else images.device
+        self.device, self.batch_size, self.train, self.seed = device, batch_size, train, seed
+        self.pad, self.flip = (pad if train else 0), (flip and train)
+        self.drop_last = train if drop_last is None else drop_last
+        self.labels = labels.to(device, torch.long)
+        self.images = F.pad(images.to(device), (self.pad,) * 4) if self.pad else images.to(device)
+        self.size = images.shape[-2:]
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self.channels_last = channels_last
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        n = len(self.labels)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch_plan(self, epoch: int):
+        """(order, crop offsets [N, 2], flips [N]) of `epoch`; identical for the same seed and epoch."""
+        n = len(self.labels)
+        if not self.train:
+            return torch.arange(n, device=self.device), None, None
+        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch)
+        order = torch.randperm(n, generator=g, device=self.device)
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g, device=self.device)
+        flips = torch.rand(n, generator=g, device=self.device) < 0.5
+        return order, offsets, flips
+
+    def augment(self, idx: torch.Tensor, offsets, flips) -> torch.Tensor:
+        x = self.images[idx]
+        if self.pad:
+            h, w = self.size
+            rows = offsets[:, 0, None] + torch.arange(h, device=self.device)  # [n, h]
+            cols = offsets[:, 1, None] + torch.arange(w, device=self.device)  # [n, w]
+            n = len(idx)
+            x = x[torch.arange(n, device=self.device)[:, None, None, None], torch.arange(3, device=self.device)[None, :, None, None],
+                  rows[:, None, :, None], cols[:, None, None, :]]
+        if self.flip:
+            x = torch.where(flips[:, None, None, None], x.flip(3), x)
+        x = (x.float() - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def batches(self, epoch: int, start: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        order, offsets, flips = self.epoch_plan(epoch)
+        for b in range(start, len(self)):
+            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = order[sl]
+            yield self.augment(idx, offsets[sl] if offsets is not None else None,
+                               flips[sl] if flips is not None else None), self.labels[idx]
+
+    def __iter__(self):
+        yield from self.batches(self.epoch)
+        self.epoch += 1

@@ -1,0 +1,102 @@
+"""Versioned, class-balanced splits, stored as JSON files under data/splits/ and reused by every run.
+
+A split depends only on the labels and a seed, never on the model or the global RNG state (the peers
+draw theirs with randperm after building the model, so it silently changes with the architecture).
+Each file records the seed, the protocol, a fingerprint of the labels it was drawn from and a checksum
+of its indices; loading it against other labels, or a file edited by hand, stops with a clear error.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from .cifar import DatasetError
+
+VERSION = 1
+
+
+def labels_fingerprint(labels) -> str:
+    return hashlib.sha256(np.asarray(labels, dtype="<i8").tobytes()).hexdigest()
+
+
+def _checksum(split: Dict) -> str:
+    payload = json.dumps({"train": split.get("train"), "val": split["val"]}, separators=(",", ":"))
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _shuffle(indices: np.ndarray, seed: int, c: int) -> np.ndarray:
+    """Order indices by a keyed hash of (seed, class, index): the same on every machine and with every
+    numpy version (random generators' streams may change between versions; BLAKE2b does not)."""
+    keys = [int.from_bytes(hashlib.blake2b(f"{seed}:{c}:{i}".encode(), digest_size=8).digest(), "little")
+            for i in indices.tolist()]
+    return indices[np.argsort(np.array(keys, dtype=np.uint64), kind="stable")]
+
+
+def make_split(labels, *, val_per_class: int, train_per_class: Optional[int] = None, seed: int = 0,
+               dataset: str = "") -> Dict:
+    """For each class, its indices are shuffled by a keyed hash of (seed, class, index); the first
+    `val_per_class` are held out for validation, the next `train_per_class` (all the rest if None)
+    are for training. Index lists are sorted."""
+    y = np.asarray(labels, dtype=np.int64)
+    classes = np.unique(y)
+    val, train = [], []
+    for c in classes:
+        idx = np.flatnonzero(y == c)
+        need = val_per_class + (train_per_class or 0)
+        if len(idx) < need:
+            raise ValueError(f"class {c} has {len(idx)} images; the split needs {val_per_class} for validation"
+                             + (f" + {train_per_class} for training" if train_per_class else ""))
+        perm = _shuffle(idx, seed, int(c))
+        val.append(perm[:val_per_class])
+        train.append(perm[val_per_class:val_per_class + train_per_class] if train_per_class else perm[val_per_class:])
+    split = {
+        "version": VERSION, "dataset": dataset, "seed": seed,
+        "protocol": "holdout" if train_per_class is None else f"limited({train_per_class})",
+        "val_per_class": val_per_class, "train_per_class": train_per_class, "num_classes": len(classes),
+        "n_total": len(y), "labels_sha256": labels_fingerprint(y),
+        "val": sorted(int(i) for i in np.concatenate(val)),
+        "train": sorted(int(i) for i in np.concatenate(train)),
+    }
+    split["checksum"] = _checksum(split)
+    return split
+
+
+def default_path(dataset: str, val_per_class: int, train_per_class: Optional[int], seed: int) -> Path:
+    from ..paths import project_root
+    tag = "full" if train_per_class is None else f"n{train_per_class}"
+    return project_root() / "data" / "splits" / f"{dataset}-val{val_per_class}-{tag}-seed{seed}.json"
+
+
+def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class: Optional[int] = None,
+                   seed: int = 0, path: Optional[os.PathLike] = None) -> Dict:
+    """Read the split file if it exists (checking it against `labels`), else draw it and write it."""
+    path = Path(path) if path is not None else default_path(dataset, val_per_class, train_per_class, seed)
+    if path.is_file():
+        try:
+            split = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DatasetError(f"split file {path} is not valid JSON ({e}); restore it from git") from e
+        if split.get("checksum") != _checksum(split):
+            raise DatasetError(f"split file {path}: its indices do not match its checksum (edited by hand?); "
+                               "restore it from git")
+        if split.get("labels_sha256") != labels_fingerprint(labels):
+            raise DatasetError(f"split file {path} was drawn from other labels than this dataset's "
+                               f"({split.get('n_total')} images then, {len(labels)} now): wrong data root, or a "
+                               "different copy of the dataset. Use the dataset it was made for, or pass another path.")
+        return split
+    split = make_split(labels, val_per_class=val_per_class, train_per_class=train_per_class, seed=seed, dataset=dataset)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(split, separators=(",", ":")))
+    os.replace(tmp, path)  # atomic: never a half-written split file
+    return split
+
+
+def as_tensors(split: Dict):
+    return torch.tensor(split["train"], dtype=torch.long), torch.tensor(split["val"], dtype=torch.long)

@@ -1,0 +1,204 @@
+import json
+import pickle
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hdkdlib import data as D, models
+from hdkdlib.data import splits
+
+
+def _arrays(n, k, seed):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(n, 3, 32, 32), dtype=np.uint8), rng.integers(0, k, size=n)
+
+
+@pytest.mark.parametrize("name,k", [("cifar100", 100), ("cifar10", 10)])
+def test_cifar_round_trip_is_exact(tmp_path, name, k):
+    train, test = _arrays(230, k, 1), _arrays(40, k, 2)
+    base = D.write_fake_cifar(tmp_path, name, train=train, test=test)
+    assert base.name == {"cifar100": "cifar-100-python", "cifar10": "cifar-10-batches-py"}[name]
+    x, y, classes = D.load_cifar(tmp_path, name, train=True)
+    assert x.dtype == torch.uint8 and x.shape == (230, 3, 32, 32) and len(classes) == k
+    assert np.array_equal(x.numpy(), train[0]) and np.array_equal(y.numpy(), train[1])
+    xt, yt, _ = D.load_cifar(tmp_path, name, train=False)
+    assert np.array_equal(xt.numpy(), test[0]) and np.array_equal(yt.numpy(), test[1])
+
+
+def test_fake_cifar_has_the_real_file_layout(tmp_path):
+    from torchvision.datasets import CIFAR10
+    base = D.write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    assert sorted(p.name for p in base.iterdir()) == sorted([f for f, _ in CIFAR10.train_list + CIFAR10.test_list]
+                                                            + ["batches.meta"])
+    with open(base / "data_batch_1", "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    assert entry["data"].dtype == np.uint8 and entry["data"].shape[1] == 3072 and isinstance(entry["labels"], list)
+
+
+def test_missing_dataset_names_the_path_and_the_fix(tmp_path, monkeypatch):
+    with pytest.raises(D.DatasetError, match=r"cifar-100-python/train.*download=True.*cifar-100-python.tar.gz"):
+        D.load_cifar(tmp_path, "cifar100")
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr("hdkdlib.data.cifar.download_and_extract_archive", offline)
+    with pytest.raises(D.DatasetError, match=r"download failed .*network unreachable.*unpack it into"):
+        D.load_cifar(tmp_path, "cifar100", download_if_missing=True)
+
+
+def test_damaged_cifar_files_are_named(tmp_path):
+    base = D.write_fake_cifar(tmp_path, "cifar100", n_train=100, n_test=10)
+    raw = (base / "train").read_bytes()
+    (base / "train").write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(D.DatasetError, match=r"cannot read .*cifar-100-python/train.*damaged"):
+        D.load_cifar(tmp_path, "cifar100")
+    with open(base / "train", "wb") as f:
+        pickle.dump({"data": np.zeros((4, 100), np.uint8), "fine_labels": [0, 1, 2, 3]}, f)
+    with pytest.raises(D.DatasetError, match=r"cifar-100-python/train: data shaped \(4, 100\)"):
+        D.load_cifar(tmp_path, "cifar100")
+
+
+def test_image_folder_round_trip_and_layout_errors(tmp_path):
+    rng = np.random.default_rng(0)
+    written = {}
+    for c in ("ant", "bee"):
+        for i in range(3):
+            img = rng.integers(0, 256, size=(32, 32, 3), dtype=np.uint8)
+            (tmp_path / "train" / c).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(tmp_path / "train" / c / f"{i}.png")
+            written[(c, i)] = img
+    x, y, classes = D.folder_to_tensor(tmp_path, "train")
+    assert classes == ["ant", "bee"] and y.tolist() == [0, 0, 0, 1, 1, 1]
+    for n, (c, i) in enumerate(sorted(written)):
+        assert np.array_equal(x[n].permute(1, 2, 0).numpy(), written[(c, i)])
+    (tmp_path / "val" / "ant").mkdir(parents=True)
+    Image.fromarray(written[("ant", 0)]).save(tmp_path / "val" / "ant" / "0.png")
+    with pytest.raises(D.DatasetError, match=r"val lacks class folders present in .*train: bee"):
+        D.image_folder(tmp_path, "val")
+    (tmp_path / "train" / "bee" / "3.png").write_bytes(b"not an image")
+    with pytest.raises(D.DatasetError, match=r"cannot read image .*bee/3.png"):
+        D.folder_to_tensor(tmp_path, "train")
+    with pytest.raises(D.DatasetError, match=r"image folder .*test not found"):
+        D.image_folder(tmp_path, "test")
+
+
+def test_fake_image_folder_writer_and_imagenet_transforms(tmp_path):
+    D.write_fake_image_folder(tmp_path, classes=("a", "b"), n_per_class=(3, 1), ext=".jpg", size=48)
+    train, val = D.image_folder(tmp_path, "train"), D.image_folder(tmp_path, "val")
+    assert len(train) == 6 and len(val) == 2 and train.classes == ["a", "b"]
+    assert train[0][0].shape == (3, 224, 224) and val[0][0].shape == (3, 224, 224)
+
+
+# --- splits ---------------------------------------------------------------------------------------
+LABELS = np.arange(1000) % 10  # 100 images of each of 10 classes, classes interleaved
+
+
+def test_split_is_balanced_disjoint_and_pinned_across_machines():
+    s = splits.make_split(LABELS, val_per_class=10, seed=0, dataset="toy")
+    val, train = np.array(s["val"]), np.array(s["train"])
+    assert len(set(val) & set(train)) == 0 and len(val) + len(train) == 1000
+    assert np.bincount(LABELS[val]).tolist() == [10] * 10
+    # BLAKE2b-keyed order: the same on every machine and numpy version. If this changes, every
+    # committed split file would silently mean something else.
+    assert s["checksum"] == PINNED_CHECKSUM
+    limited = splits.make_split(LABELS, val_per_class=10, train_per_class=25, seed=0)
+    assert limited["val"] == s["val"]  # the same held-out set for every protocol with this seed
+    assert np.bincount(LABELS[limited["train"]]).tolist() == [25] * 10
+    assert set(limited["train"]) <= set(s["train"])
+    assert splits.make_split(LABELS, val_per_class=10, seed=1)["val"] != s["val"]
+
+
+PINNED_CHECKSUM = "04d8945d9681a0ebd9b2f64b9036f7e217976adfec1cf7b11a82151a82001cb6"
+
+
+def test_split_does_not_depend_on_models_or_global_rng():
+    torch.manual_seed(123)
+    a = splits.make_split(LABELS, val_per_class=5)
+    models.build("msdnet_cifar_budget", 10)  # consumes the global RNG, as the peers' code did
+    np.random.seed(7)
+    b = splits.make_split(LABELS, val_per_class=5)
+    assert a["checksum"] == b["checksum"]
+
+
+def test_split_file_is_reused_and_checked(tmp_path):
+    path = tmp_path / "toy.json"
+    s1 = splits.load_or_create(LABELS, dataset="toy", val_per_class=10, path=path)
+    stamp = path.stat().st_mtime_ns
+    s2 = splits.load_or_create(LABELS, dataset="toy", val_per_class=10, path=path)
+    assert s1 == s2 and path.stat().st_mtime_ns == stamp
+    with pytest.raises(D.DatasetError, match=r"toy.json was drawn from other labels"):
+        splits.load_or_create(np.roll(LABELS, 1), dataset="toy", val_per_class=10, path=path)
+    content = json.loads(path.read_text())
+    content["val"][0] += 1
+    path.write_text(json.dumps(content))
+    with pytest.raises(D.DatasetError, match=r"toy.json: its indices do not match its checksum"):
+        splits.load_or_create(LABELS, dataset="toy", val_per_class=10, path=path)
+    assert json.loads(path.read_text()) == content  # a failed load never rewrites the file
+    with pytest.raises(ValueError, match="class 0 has 100 images; the split needs 10 for validation \\+ 95"):
+        splits.make_split(LABELS, val_per_class=10, train_per_class=95)
+
+
+# --- GPU-resident loader (runs on CPU here) ---------------------------------------------------------
+def _loader(seed=0, n=200, **kw):
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    y = torch.arange(n) % 10
+    return D.GpuLoader(x, y, 32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), seed=seed, **kw), x, y
+
+
+def test_gpu_loader_is_seeded_per_epoch():
+    a, _, _ = _loader(seed=3)
+    b, _, _ = _loader(seed=3)
+    for (xa, ya), (xb, yb) in zip(a.batches(0), b.batches(0)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    first = [yb for _, yb in a.batches(0)]
+    second = [yb for _, yb in a.batches(1)]
+    assert not all(torch.equal(p, q) for p, q in zip(first, second))
+    resumed = list(a.batches(0, start=3))  # a resumed run starts mid-epoch with the same batches
+    assert all(torch.equal(p[0], q[0]) for p, q in zip(resumed, list(a.batches(0))[3:]))
+
+
+def test_gpu_loader_crops_inside_padded_image_and_normalises():
+    loader, x, y = _loader(seed=1)
+    order, offsets, flips = loader.epoch_plan(0)
+    assert offsets.min() >= 0 and offsets.max() <= 8
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1) * 255
+    std = torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1) * 255
+    xb, yb = next(loader.batches(0))
+    for i in range(len(yb)):
+        j, (r, c) = order[i], offsets[i].tolist()
+        crop = padded[j, :, r:r + 32, c:c + 32]
+        if flips[i]:
+            crop = crop.flip(2)
+        torch.testing.assert_close(xb[i], (crop.float() - mean) / std)
+        assert yb[i] == y[j]
+    plain = D.GpuLoader(x, y, 50, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3), train=False)
+    xv, yv = next(iter(plain))
+    torch.testing.assert_close(xv, (x[:50].float() - mean) / std)  # validation: never augmented
+    assert len(plain) == 4 and torch.equal(yv, y[:50])
+
+
+def test_gpu_loader_flips_and_offsets_are_uniform():
+    loader, _, _ = _loader(seed=0, n=20000)
+    _, offsets, flips = loader.epoch_plan(0)
+    n = len(flips)
+    assert abs(flips.float().mean().item() - 0.5) < 4 * (0.25 / n) ** 0.5
+    counts = torch.bincount(offsets.flatten(), minlength=9).float()
+    expected = 2 * n / 9
+    chi2 = ((counts - expected) ** 2 / expected).sum().item()
+    assert chi2 < 26.1  # 99.9% quantile of chi-square with 8 degrees of freedom
+
+
+def test_synthetic_images_are_learnable_and_difficulty_matters():
+    def centroid_accuracy(difficulty):
+        x, y = D.synthetic_images(2000, num_classes=5, difficulty=difficulty, seed=0)
+        x = x.float().flatten(1)
+        means = torch.stack([x[:1000][y[:1000] == c].mean(0) for c in range(5)])
+        pred = torch.cdist(x[1000:], means).argmin(1)
+        return (pred == y[1000:]).float().mean().item()
+
+    easy, hard = centroid_accuracy(0.1), centroid_accuracy(0.9)
+    assert easy > 0.6 and easy > hard > 0.2
