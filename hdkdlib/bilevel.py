@@ -93,9 +93,22 @@ def _check(model, objective, train_batch, val_batch, lr, method):
         raise ValueError(f"lr must be > 0 (the unrolled step is the method; lr = 0 gives a zero hypergradient), got {lr}")
 
 
+def _mean_over_ranks(tensors):
+    """Average across DistributedDataParallel ranks (identity in a single process)."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in tensors:
+            dist.all_reduce(t)
+            t.div_(dist.get_world_size())
+    return tensors
+
+
 def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_batch, val_batch, *, lr, momentum,
                       weight_decay, momentum_buffer, val_loss, eps):
-    """Finite-difference hypergradient from an already computed training pass (grads, teachers at theta)."""
+    """Finite-difference hypergradient from an already computed training pass (grads, teachers at theta).
+
+    Under DDP every rank holds the same theta' (gradients are all-reduced); v and the finite differences
+    are averaged across ranks, which gives exactly the single-process result for the global batches."""
     buffers = _cloned_buffers(model)
     with torch.no_grad():
         theta1 = virtual_step(params, grads, lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -104,7 +117,7 @@ def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_bat
     xv, yv = val_batch
     val_logits = _call(model, theta1, buffers, xv)
     lv = val_loss(val_logits, yv)
-    v = torch.autograd.grad(lv, list(theta1.values()))
+    v = _mean_over_ranks([g.detach() for g in torch.autograd.grad(lv, list(theta1.values()))])
     if eps is None:  # the classic central-difference step: balances truncation (eps^2) and round-off (u/eps)
         eps = torch.finfo(next(iter(params.values())).dtype).eps ** (1 / 3)
     with torch.no_grad():
@@ -115,7 +128,7 @@ def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_bat
         minus = {n: p.detach() - step * g for (n, p), g in zip(params.items(), v)}
         l_plus = objective.term_losses(_call(model, plus, buffers, x), y, teacher_logits)
         l_minus = objective.term_losses(_call(model, minus, buffers, x), y, teacher_logits)
-        d_w = -lr * objective.scale * (l_plus - l_minus) / (2 * step)
+        d_w = _mean_over_ranks([-lr * objective.scale * (l_plus - l_minus) / (2 * step)])[0]
     hyper = torch.autograd.grad((objective.weights() * d_w.to(objective.weights().dtype)).sum(),
                                 list(objective.parameters()))
     return hyper, [z.detach() for z in val_logits]
@@ -172,17 +185,22 @@ class MetaStep:
 
     def __init__(self, model: nn.Module, objective: Objective, *, lr: float = 1e-3, betas=(0.5, 0.999),
                  method: str = "finite_difference", val_loss: Union[str, ValidationLoss] = "balanced",
-                 alpha: float = 0.5, eps: Optional[float] = None):
+                 alpha: float = 0.5, eps: Optional[float] = None, check_finite: bool = True):
         if method not in METHODS:
             raise ValueError(f"unknown hypergradient method {method!r}; valid: {', '.join(METHODS)}")
-        self.model, self.objective, self.method, self.eps = model, objective, method, eps
+        # Under DistributedDataParallel the real pass goes through the wrapper (gradient all-reduce) and
+        # the functional passes through the wrapped module.
+        self.model, self.module = model, getattr(model, "module", model)
+        if method == "exact" and self.module is not model:
+            raise ValueError("the exact hypergradient is single-process only; use method='finite_difference' with DDP")
+        self.objective, self.method, self.eps, self.check_finite = objective, method, eps, check_finite
         self.val_loss = val_loss if isinstance(val_loss, nn.Module) else ValidationLoss(
             objective.num_exits, kind=val_loss, alpha=alpha)
         self.optimizer = torch.optim.Adam(objective.parameters(), lr=lr, betas=betas)
 
     def _sgd_state(self, optimizer):
         group = optimizer.param_groups[0]
-        by_id = {id(p): n for n, p in _trainable(self.model).items()}
+        by_id = {id(p): n for n, p in _trainable(self.module).items()}
         bufs = {by_id[id(p)]: optimizer.state.get(p, {}).get("momentum_buffer")
                 for g in optimizer.param_groups for p in g["params"] if id(p) in by_id}
         return dict(lr=group["lr"], momentum=group.get("momentum", 0.0),
@@ -190,28 +208,28 @@ class MetaStep:
 
     def step(self, train_batch: Batch, val_batch: Batch, optimizer: torch.optim.Optimizer):
         sgd = self._sgd_state(optimizer)
-        _check(self.model, self.objective, train_batch, val_batch, sgd["lr"], self.method)
+        _check(self.module, self.objective, train_batch, val_batch, sgd["lr"], self.method)
         x, y = train_batch
         optimizer.zero_grad(set_to_none=True)
         logits = self.model(x)  # the real pass: BN statistics update as in any training step
         loss = self.objective(logits, y)
         loss.backward()
-        params = _trainable(self.model)
+        params = _trainable(self.module)
         grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
         if self.method == "finite_difference":
             hyper, val_logits = _fd_hypergradient(
-                self.model, self.objective, {n: p.detach() for n, p in params.items()}, grads,
+                self.module, self.objective, {n: p.detach() for n, p in params.items()}, grads,
                 [z.detach() for z in logits], train_batch, val_batch, val_loss=self.val_loss, eps=self.eps, **sgd)
         else:  # the reference path: a second, differentiable training pass (slow, for checks and ablations)
-            hyper, val_logits = _hypergradient(self.model, self.objective, train_batch, val_batch,
+            hyper, val_logits = _hypergradient(self.module, self.objective, train_batch, val_batch,
                                                val_loss=self.val_loss, method="exact", eps=self.eps, **sgd)
         self.optimizer.zero_grad(set_to_none=True)
         for p, h in zip(self.objective.parameters(), hyper):
-            if not torch.isfinite(h).all():
+            if self.check_finite and not torch.isfinite(h).all():
                 raise FloatingPointError("non-finite hypergradient: the loss weights were not updated; "
                                          "lower the weight learning rate or the network learning rate")
             p.grad = h
         self.optimizer.step()
         if self.val_loss.kind == "balanced":
-            self.val_loss.update(ce_terms(val_logits, val_batch[1]).detach())
+            self.val_loss.update(_mean_over_ranks([ce_terms(val_logits, val_batch[1]).detach()])[0])
         return loss.detach(), [z.detach() for z in logits]

@@ -329,6 +329,14 @@ class ValidationLoss(nn.Module):
         ce = ce_terms(logits, targets)
         if self.kind == "ce":
             return ce.sum()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # The ratio term is nonlinear in CE, so it must see the CE of the global batch: its value is
+            # all-reduced, its gradient stays this rank's; averaging the ranks' gradients then gives exactly
+            # the single-process gradient.
+            world = torch.distributed.get_world_size()
+            total = ce.detach().clone()
+            torch.distributed.all_reduce(total)
+            ce = ce + (total / world - ce.detach())
         ema = torch.where(self.initialised, self.ema, ce.detach())
         ratio = F.softplus(ce / ema - 1.0)
         return self.alpha * ce.sum() + (1 - self.alpha) * ratio.sum()

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 class GpuLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], train: bool = True, pad: int = 4, flip: bool = True, seed: int = 0,
-                 drop_last: bool = None, device=None, channels_last: bool = False):
+                 drop_last: bool = None, device=None, channels_last: bool = False, rank: int = 0, world_size: int = 1):
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
         if len(images) != len(labels) or len(images) == 0:
@@ -32,11 +32,14 @@ class GpuLoader:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.channels_last = channels_last
+        # Distributed: every rank draws the same epoch plan and takes its slice of each global batch,
+        # so W ranks with batch B see exactly what one process with batch W*B sees.
+        self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def __len__(self) -> int:
-        n = len(self.labels)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        n, g = len(self.labels), self.batch_size * self.world_size
+        return n // g if self.drop_last else -(-n // g)
 
     def epoch_plan(self, epoch: int):
         """(order, crop offsets [N, 2], flips [N]) of `epoch`; identical for the same seed and epoch."""
@@ -64,12 +67,18 @@ class GpuLoader:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
     def batches(self, epoch: int, start: int = 0) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        order, offsets, flips = self.epoch_plan(epoch)
         for b in range(start, len(self)):
-            sl = slice(b * self.batch_size, (b + 1) * self.batch_size)
-            idx = order[sl]
-            yield self.augment(idx, offsets[sl] if offsets is not None else None,
-                               flips[sl] if flips is not None else None), self.labels[idx]
+            yield self.batch_at(epoch, b)
+
+    def batch_at(self, epoch: int, b: int) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Batch b of `epoch` (the epoch plan is cached, so stepping through it costs one plan per epoch)."""
+        if getattr(self, "_plan_epoch", None) != epoch:
+            self._plan, self._plan_epoch = self.epoch_plan(epoch), epoch
+        order, offsets, flips = self._plan
+        first = b * self.batch_size * self.world_size + self.rank * self.batch_size
+        sl = slice(first, first + self.batch_size)
+        return self.augment(order[sl], offsets[sl] if offsets is not None else None,
+                            flips[sl] if flips is not None else None), self.labels[order[sl]]
 
     def __iter__(self):
         yield from self.batches(self.epoch)

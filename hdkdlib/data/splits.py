@@ -67,16 +67,21 @@ def make_split(labels, *, val_per_class: int, train_per_class: Optional[int] = N
     return split
 
 
-def default_path(dataset: str, val_per_class: int, train_per_class: Optional[int], seed: int) -> Path:
+def default_path(dataset: str, labels, val_per_class: int, train_per_class: Optional[int], seed: int,
+                 folder: Optional[os.PathLike] = None) -> Path:
+    """data/splits/<dataset>-<labels fingerprint>-val<v>-<full|n<t>>-seed<s>.json. The fingerprint keeps the
+    split of a small fake copy from ever being taken for (or clashing with) the real dataset's."""
     from ..paths import project_root
     tag = "full" if train_per_class is None else f"n{train_per_class}"
-    return project_root() / "data" / "splits" / f"{dataset}-val{val_per_class}-{tag}-seed{seed}.json"
+    folder = Path(folder) if folder else project_root() / "data" / "splits"
+    return folder / f"{dataset}-{labels_fingerprint(labels)[:8]}-val{val_per_class}-{tag}-seed{seed}.json"
 
 
 def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class: Optional[int] = None,
-                   seed: int = 0, path: Optional[os.PathLike] = None) -> Dict:
-    """Read the split file if it exists (checking it against `labels`), else draw it and write it."""
-    path = Path(path) if path is not None else default_path(dataset, val_per_class, train_per_class, seed)
+                   seed: int = 0, path: Optional[os.PathLike] = None, folder: Optional[os.PathLike] = None) -> Dict:
+    """Read the split file if it exists (checking it against `labels`), else draw it and write it
+    (to `path`, or under `folder` / data/splits/ with the default name)."""
+    path = Path(path) if path is not None else default_path(dataset, labels, val_per_class, train_per_class, seed, folder)
     if path.is_file():
         try:
             split = json.loads(path.read_text())

@@ -63,6 +63,11 @@ class MultiExitNet(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Overridden by networks that accept only some input sizes."""
 
+    def run_exit(self, k: int, state):
+        """Stage k on `state` (the input for k = 0) and head k: returns (new state, logits). Early-exit
+        inference calls it on the samples still running, indexing the state's tensors by sample."""
+        return self._exit(k, state)
+
     def _exit(self, k: int, state):
         state = self.stages[k](state)
         if not self.gradient_equilibrium:

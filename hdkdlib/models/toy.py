@@ -13,7 +13,7 @@ class _Stage(nn.Module):
         self.layer = nn.Sequential(nn.Linear(d_in, d_out), *norm, nn.ReLU())
 
     def forward(self, state):
-        x = state if not isinstance(state, (list, tuple)) else state[0]
+        x = state.flatten(1) if not isinstance(state, (list, tuple)) else state[0]
         return [self.layer(x)]
 
 
@@ -36,5 +36,6 @@ class ToyMLP(MultiExitNet):
         self.input_shape = (in_features,)
 
     def check_input(self, x):
-        if x.dim() != 2 or x.shape[1] != self.in_features:
-            raise ValueError(f"toy_mlp takes inputs of shape [N, {self.in_features}], got {list(x.shape)}")
+        if x[0].numel() != self.in_features:
+            raise ValueError(f"toy_mlp takes inputs of {self.in_features} features per sample (any shape, "
+                             f"flattened), got {list(x.shape)}: build it with in_features={x[0].numel()}")

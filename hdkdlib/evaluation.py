@@ -1,0 +1,225 @@
+"""Evaluation of multi-exit networks (METHOD.md section 7).
+
+  anytime      top-1 / top-5 of every exit on a split, against each exit's cumulative cost
+  budgeted     MSDNet's budgeted batch classification: thresholds fitted on validation, applied to test
+  apply_thresholds   the same for thresholds a user picks
+  early_exit_predict real early exit: runs exit by exit and only continues with the samples still running
+  write_results / load_results   results.json in every run folder, many runs into one pandas table
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+# --- predictions ----------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(model, batches: Iterable, *, dtype=torch.float32):
+    """Softmax probabilities of every exit: ([K, N, C] on the CPU, targets [N])."""
+    was = model.training
+    model.eval()
+    probs, targets = [], []
+    try:
+        for x, y in batches:
+            probs.append(torch.stack([F.softmax(z.float(), 1) for z in model(x)]).to("cpu", dtype))
+            targets.append(y.cpu())
+    finally:
+        model.train(was)
+    if not probs:
+        raise ValueError("empty split: no batches to evaluate")
+    return torch.cat(probs, 1), torch.cat(targets)
+
+
+@torch.no_grad()
+def per_exit_metrics(model, batches: Iterable) -> Dict[str, List[float]]:
+    """Per-exit mean CE loss, top-1 and top-5 accuracy (fractions), streamed batch by batch."""
+    was = model.training
+    model.eval()
+    loss = top1 = top5 = None
+    n = 0
+    try:
+        for x, y in batches:
+            logits = torch.stack([z.float() for z in model(x)])                      # [K, B, C]
+            ce = torch.stack([F.cross_entropy(z, y, reduction="sum") for z in logits])
+            top = logits.topk(min(5, logits.shape[-1]), dim=2).indices               # [K, B, 5]
+            hit = top == y.view(1, -1, 1)
+            c1, c5 = hit[..., 0].sum(1), hit.any(2).sum(1)
+            loss, top1, top5 = (ce, c1, c5) if loss is None else (loss + ce, top1 + c1, top5 + c5)
+            n += len(y)
+    finally:
+        model.train(was)
+    if n == 0:
+        raise ValueError("empty split: no batches to evaluate")
+    return {"loss": (loss / n).tolist(), "top1": (top1.double() / n).tolist(), "top5": (top5.double() / n).tolist()}
+
+
+def _check_probs(probs: torch.Tensor, targets: torch.Tensor, name: str):
+    if probs.dim() != 3:
+        raise ValueError(f"{name}_probs must be [K, N, C] softmax outputs, got shape {list(probs.shape)}")
+    if probs.shape[1] == 0:
+        raise ValueError(f"empty {name} split: {name}_probs has no samples")
+    if targets.shape != (probs.shape[1],):
+        raise ValueError(f"{name}_targets shaped {list(targets.shape)} for {probs.shape[1]} samples")
+    sums = probs.sum(2)
+    if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3) or (probs < 0).any():
+        worst = (sums - 1).abs().max().item()
+        raise ValueError(f"{name}_probs are not probabilities (rows sum to one within {worst:.3g} only, or "
+                         "negative entries): pass softmax outputs, not logits")
+
+
+def anytime(probs: torch.Tensor, targets: torch.Tensor, exit_flops: Optional[Sequence[float]] = None) -> List[Dict]:
+    """One row per exit: exit, top1, top5 (fractions) and, if given, its cumulative flops."""
+    _check_probs(probs, targets, "test")
+    if exit_flops is not None and len(exit_flops) != probs.shape[0]:
+        raise ValueError(f"{probs.shape[0]} exits but {len(exit_flops)} exit_flops")
+    top = probs.topk(min(5, probs.shape[2]), dim=2).indices
+    hit = top == targets.view(1, -1, 1)
+    rows = []
+    for k in range(probs.shape[0]):
+        row = {"exit": k + 1, "top1": hit[k, :, 0].double().mean().item(), "top5": hit[k].any(1).double().mean().item()}
+        if exit_flops is not None:
+            row["flops"] = float(exit_flops[k])
+        rows.append(row)
+    return rows
+
+
+# --- budgeted batch classification ----------------------------------------------------------------------
+def exit_shares(p: float, num_exits: int) -> torch.Tensor:
+    """Target share of samples leaving at exit k, proportional to p^k (k = 1..K), normalised."""
+    share = torch.tensor([p ** k for k in range(1, num_exits + 1)], dtype=torch.float64)
+    return share / share.sum()
+
+
+def fit_thresholds(val_probs: torch.Tensor, shares: torch.Tensor) -> List[float]:
+    """MSDNet's rule: for exit k < K, among the samples no earlier exit took, T_k is the confidence of the
+    floor(N * share_k)-th most confident one (none exit: T_k = inf); the last exit takes the rest (-inf)."""
+    K, N, _ = val_probs.shape
+    conf = val_probs.max(2).values.double()                                  # [K, N]
+    taken = torch.zeros(N, dtype=torch.bool)
+    thresholds = []
+    for k in range(K - 1):
+        out_n = math.floor(N * shares[k].item())
+        remaining = conf[k][~taken]
+        t = math.inf
+        if 1 <= out_n <= len(remaining):
+            t = remaining.topk(out_n).values[-1].item()
+        thresholds.append(t)
+        taken |= conf[k] >= t
+    return thresholds + [-math.inf]
+
+
+def apply_thresholds(probs: torch.Tensor, targets: torch.Tensor, thresholds: Sequence[float],
+                     exit_flops: Sequence[float]) -> Dict:
+    """Each sample leaves at the first exit whose confidence (max probability) reaches its threshold;
+    the last exit takes whatever is left. Accuracy, exit fractions and expected flops per sample."""
+    _check_probs(probs, targets, "test")
+    K, N, _ = probs.shape
+    if len(thresholds) != K or len(exit_flops) != K:
+        raise ValueError(f"{K} exits but {len(thresholds)} thresholds and {len(exit_flops)} exit_flops")
+    conf, pred = probs.max(2)
+    t = torch.tensor(list(thresholds[:-1]) + [-math.inf], dtype=torch.float64).view(K, 1)
+    leaves = conf.double() >= t
+    exit_index = leaves.to(torch.int8).argmax(0)                              # the first exit that takes it
+    correct = pred.gather(0, exit_index.view(1, -1)).squeeze(0) == targets
+    fractions = torch.bincount(exit_index, minlength=K).double() / N
+    return {"thresholds": [float(v) for v in thresholds], "exit_fractions": fractions.tolist(),
+            "accuracy": correct.double().mean().item(),
+            "flops": float((fractions * torch.tensor(list(exit_flops), dtype=torch.float64)).sum()),
+            "exit_index": exit_index}
+
+
+def default_ps() -> List[float]:
+    return [k / 20 for k in range(1, 40)]
+
+
+def budgeted(val_probs, val_targets, test_probs, test_targets, exit_flops, ps=None) -> List[Dict]:
+    """MSDNet's budgeted batch classification: for each p, thresholds fitted on validation and applied to
+    test. One dict per p: p, thresholds, exit_fractions, accuracy (fraction), flops (per test sample)."""
+    _check_probs(val_probs, val_targets, "val")
+    _check_probs(test_probs, test_targets, "test")
+    K = val_probs.shape[0]
+    if test_probs.shape[0] != K or len(exit_flops) != K:
+        raise ValueError(f"exit counts differ: val {K}, test {test_probs.shape[0]}, exit_flops {len(exit_flops)}")
+    rows = []
+    for p in (ps if ps is not None else default_ps()):
+        thresholds = fit_thresholds(val_probs, exit_shares(p, K))
+        result = apply_thresholds(test_probs, test_targets, thresholds, exit_flops)
+        result.pop("exit_index")
+        rows.append({"p": p, **result})
+    return rows
+
+
+# --- real early exit ----------------------------------------------------------------------------------
+@torch.no_grad()
+def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batch_size: int = 256,
+                       exit_flops: Optional[Sequence[float]] = None) -> Dict:
+    """Run the model exit by exit; samples whose confidence reaches T_k leave at exit k and the later
+    stages run on the others only. Returns predictions, exit indices (0-based), wall time, and the
+    flops spent (sum over samples of the cumulative cost of their exit) if exit_flops is given."""
+    K = model.num_exits
+    if len(thresholds) != K:
+        raise ValueError(f"{K} exits but {len(thresholds)} thresholds")
+    was = model.training
+    model.eval()
+    preds = torch.empty(len(x), dtype=torch.long, device=x.device)
+    exits = torch.empty(len(x), dtype=torch.long, device=x.device)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    try:
+        for b in range(0, len(x), batch_size):
+            state, alive = x[b:b + batch_size], torch.arange(b, min(b + batch_size, len(x)), device=x.device)
+            for k in range(K):
+                state, logits = model.run_exit(k, state)
+                conf, pred = F.softmax(logits.float(), 1).max(1)
+                leave = conf >= thresholds[k] if k < K - 1 else torch.ones_like(conf, dtype=torch.bool)
+                preds[alive[leave]], exits[alive[leave]] = pred[leave], k
+                keep = ~leave
+                if not keep.any():
+                    break
+                alive = alive[keep]
+                state = [s[keep] for s in state]
+    finally:
+        model.train(was)
+    sync()
+    out = {"predictions": preds, "exit_index": exits, "wall_time_s": time.perf_counter() - start}
+    if exit_flops is not None:
+        out["flops"] = float(torch.tensor(list(exit_flops), dtype=torch.float64)[exits.cpu()].sum())
+    return out
+
+
+# --- results store ------------------------------------------------------------------------------------
+def write_results(run_dir, results: Dict) -> Path:
+    """Write results.json atomically into the run folder."""
+    path = Path(run_dir) / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=float))
+    os.replace(tmp, path)
+    return path
+
+
+def load_results(paths) -> "pandas.DataFrame":
+    """Many runs' results.json (paths, folders or a glob) as one long table: one row per run and exit."""
+    import glob as globmod
+
+    import pandas as pd
+    if isinstance(paths, (str, os.PathLike)):
+        paths = sorted(globmod.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
+    rows = []
+    for p in paths:
+        p = Path(p)
+        p = p / "results.json" if p.is_dir() else p
+        res = json.loads(p.read_text())
+        cfg = res.get("config", {})
+        for row in res["anytime"]:
+            rows.append({"run": p.parent.name, "method": cfg.get("method"), "arch": cfg.get("arch"),
+                         "dataset": cfg.get("dataset"), "seed": cfg.get("seed"), **row})
+    return pd.DataFrame(rows)

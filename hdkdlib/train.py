@@ -1,0 +1,568 @@
+"""The training engine: one Trainer for the notebooks and the command line.
+
+    python -m hdkdlib.train --dataset cifar100 --data-root data --arch msdnet_cifar_anytime \\
+        --method hdkd --epochs 300 --out runs/NAME [--resume]
+    torchrun --nproc_per_node 8 -m hdkdlib.train --dataset folder --data-root /data/imagenet ...
+
+A run folder holds config.json (every setting, git commit, package versions, device), metrics.jsonl
+(one line per epoch), checkpoint.pt (written atomically every epoch and on Ctrl-C / SIGTERM; the
+previous one is kept as checkpoint.prev.pt), and at the end model.pt and results.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from . import bilevel, cost, data, evaluation, models, objectives, runinfo
+
+DATASETS = ("cifar10", "cifar100", "folder32", "folder", "synthetic")
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Defaults: the paper's CIFAR recipe (METHOD.md section 6)."""
+    # data
+    dataset: str = "cifar100"       # cifar10 | cifar100 | folder32 (small images, on the GPU) | folder (ImageNet) | synthetic
+    data_root: str = "data"
+    download: bool = True           # CIFAR: download through torchvision when missing
+    val_per_class: int = 0          # held-out validation images per class; 0: 5,000 in all (CIFAR), 50 per class (folder)
+    n_per_class: int = 0            # limited-data protocol: training images per class (0: all the rest)
+    split_seed: int = 0
+    split_dir: str = ""             # where split files live; "": the project's data/splits/
+    # model and objective
+    arch: str = "msdnet_cifar_anytime"
+    method: str = "hdkd"
+    temperature: float = 0.0        # KD temperature; 0: the objective's own default
+    init: str = ""                  # learned-weight initialisation; "": the objective's default
+    weight_map: str = "softmax"
+    gradient_equilibrium: bool = False
+    # optimisation
+    epochs: int = 300
+    batch_size: int = 64            # per process
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    lr_milestones: Tuple[int, ...] = ()  # epochs where lr *= lr_gamma; (): 50% and 75% of the epochs
+    lr_gamma: float = 0.1
+    # bilevel weight update (objectives with learned weights)
+    meta_interval: int = 1
+    meta_lr: float = 1e-3
+    meta_method: str = "finite_difference"
+    val_loss: str = "balanced"
+    alpha: float = 0.5
+    # engine
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False              # bf16 autocast (CUDA)
+    channels_last: bool = False
+    compile: bool = False           # torch.compile the network
+    workers: int = 8                # DataLoader workers (folder)
+    eval_batch_size: int = 500
+    check_every: int = 50           # steps between checks for NaN (each check waits for the GPU)
+    out: str = ""                   # run folder; "": nothing written
+    progress: bool = True
+
+    def validate(self) -> "TrainConfig":
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
+        if self.arch not in models.names():
+            raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(models.names())}")
+        if self.method not in objectives.names():
+            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(objectives.names())}")
+        for name in ("epochs", "batch_size", "meta_interval", "eval_batch_size", "check_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        return self
+
+    def milestones(self) -> Tuple[int, ...]:
+        return self.lr_milestones or (self.epochs // 2, self.epochs * 3 // 4)
+
+    def lr_at(self, epoch: int) -> float:
+        return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones())
+
+
+IMAGENET_RECIPE = dict(batch_size=256, epochs=90, lr_milestones=(30, 60), arch="msdnet_imagenet_step4")
+
+
+def config_from_dict(values: Dict) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; valid: {', '.join(sorted(names))}")
+    return TrainConfig(**values).validate()
+
+
+# --- data -------------------------------------------------------------------------------------------
+@dataclass
+class DataBundle:
+    train: object          # .batches(epoch, start) and len(): the augmented training stream
+    val_stream: object     # .batch_at(epoch, b): held-out batches for the weight update (never augmented)
+    val: object            # evaluation batches of the held-out split
+    test: object           # evaluation batches of the test split
+    num_classes: int
+    input_shape: tuple
+    split: Dict = field(repr=False, default_factory=dict)
+    mean: tuple = ()
+    std: tuple = ()
+
+
+class _Epochs:
+    """A fixed list of batches (evaluation on a DataLoader) with the GpuLoader's interface."""
+
+    def __init__(self, make):
+        self.make = make
+
+    def __iter__(self):
+        return iter(self.make())
+
+
+def _tensor_data(cfg: TrainConfig):
+    root = Path(cfg.data_root)
+    if cfg.dataset in ("cifar10", "cifar100"):
+        x, y, _ = data.load_cifar(root, cfg.dataset, train=True, download_if_missing=cfg.download)
+        xt, yt, _ = data.load_cifar(root, cfg.dataset, train=False, download_if_missing=cfg.download)
+        spec = data.CIFAR_SPECS[cfg.dataset]
+        return x, y, xt, yt, spec["num_classes"], spec["mean"], spec["std"]
+    if cfg.dataset == "synthetic":
+        x, y = data.synthetic_images(6000, num_classes=10, seed=cfg.split_seed)
+        xt, yt = data.synthetic_images(1000, num_classes=10, seed=cfg.split_seed + 10_000)
+        return x, y, xt, yt, 10, None, None
+    test_split = "test" if (root / "test").is_dir() else "val"
+    x, y, classes = data.folder_to_tensor(root, "train")
+    xt, yt, _ = data.folder_to_tensor(root, test_split)
+    return x, y, xt, yt, len(classes), None, None
+
+
+def build_data(cfg: TrainConfig, device, rank: int = 0, world_size: int = 1) -> DataBundle:
+    if cfg.dataset == "folder":
+        return _folder_data(cfg, device, rank, world_size)
+    x, y, xt, yt, k, mean, std = _tensor_data(cfg)
+    val_per_class = cfg.val_per_class or max(1, 5000 // k)
+    split = data.splits.load_or_create(y.numpy(), dataset=cfg.dataset, val_per_class=val_per_class,
+                                       train_per_class=cfg.n_per_class or None, seed=cfg.split_seed,
+                                       folder=cfg.split_dir or None)
+    tr, va = data.splits.as_tensors(split)
+    if mean is None:  # statistics of the training images themselves (folder32, synthetic)
+        pixels = x[tr].float() / 255
+        mean, std = tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist())
+    common = dict(mean=mean, std=std, device=device, channels_last=cfg.channels_last)
+    if len(tr) < cfg.batch_size * world_size:
+        raise ValueError(f"{len(tr)} training images but a global batch of {cfg.batch_size * world_size}: "
+                         "lower batch_size or use more data")
+    train = data.GpuLoader(x[tr], y[tr], cfg.batch_size, train=True, seed=cfg.seed, rank=rank,
+                           world_size=world_size, **common)
+    stream = data.GpuLoader(x[va], y[va], min(cfg.batch_size, len(va) // world_size), train=True, pad=0, flip=False,
+                            seed=cfg.seed + 1, rank=rank, world_size=world_size, **common)
+    val = data.GpuLoader(x[va], y[va], cfg.eval_batch_size, train=False, **common)
+    test = data.GpuLoader(xt, yt, cfg.eval_batch_size, train=False, **common)
+    return DataBundle(train, stream, val, test, k, tuple(x.shape[1:]), split, tuple(mean), tuple(std))
+
+
+class _HostLoader:
+    """Image-folder batches through a DataLoader, sharded across ranks like the GpuLoader."""
+
+    def __init__(self, dataset, indices, batch_size, *, train, seed, workers, device, rank, world_size,
+                 channels_last):
+        self.dataset, self.indices, self.batch_size = dataset, torch.as_tensor(indices), batch_size
+        self.train, self.seed, self.workers, self.device = train, seed, workers, device
+        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
+
+    def __len__(self):
+        g = self.batch_size * self.world_size
+        return len(self.indices) // g if self.train else -(-len(self.indices) // g)
+
+    def _order(self, epoch):
+        if not self.train:
+            return self.indices
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    def batches(self, epoch, start=0):
+        order, g = self._order(epoch), self.batch_size * self.world_size
+        mine = [order[b * g + self.rank * self.batch_size: b * g + (self.rank + 1) * self.batch_size]
+                for b in range(start, len(self))]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, torch.cat(mine).tolist()),
+                                             batch_size=self.batch_size, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y.to(self.device)
+
+    def batch_at(self, epoch, b):
+        return next(self.batches(epoch, start=b))
+
+    def __iter__(self):
+        return self.batches(0)
+
+
+def _folder_data(cfg, device, rank, world_size) -> DataBundle:
+    root = Path(cfg.data_root)
+    train_aug = data.image_folder(root, "train")
+    train_plain = data.image_folder(root, "train", train=False)
+    test = data.image_folder(root, "test" if (root / "test").is_dir() else "val", train=False)
+    k = len(train_aug.classes)
+    split = data.splits.load_or_create(train_aug.targets, dataset=f"folder-{root.name}",
+                                       val_per_class=cfg.val_per_class or 50, train_per_class=cfg.n_per_class or None,
+                                       seed=cfg.split_seed, folder=cfg.split_dir or None)
+    common = dict(seed=cfg.seed, workers=cfg.workers, device=device, channels_last=cfg.channels_last)
+    train = _HostLoader(train_aug, split["train"], cfg.batch_size, train=True, rank=rank, world_size=world_size, **common)
+    stream = _HostLoader(train_plain, split["val"], cfg.batch_size, train=True, rank=rank, world_size=world_size,
+                         **{**common, "seed": cfg.seed + 1})
+    val = _HostLoader(train_plain, split["val"], cfg.eval_batch_size, train=False, rank=0, world_size=1, **common)
+    test_all = _HostLoader(test, range(len(test)), cfg.eval_batch_size, train=False, rank=0, world_size=1, **common)
+    return DataBundle(train, stream, val, test_all, k, (3, 224, 224), split, data.IMAGENET_MEAN, data.IMAGENET_STD)
+
+
+# --- the trainer ------------------------------------------------------------------------------------
+class TrainingInterrupted(RuntimeError):
+    pass
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' asked for, but no CUDA device is available: use --device cpu (or auto)")
+    return device
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    if path.exists():
+        os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))  # the last good one stays
+    os.replace(tmp, path)
+
+
+# Settings that may differ when a run is resumed (they do not change what is computed).
+RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "download", "data_root"}
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, data_bundle: Optional[DataBundle] = None):
+        self.cfg = cfg.validate()
+        self.rank, self.world_size = 0, 1
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            self._init_distributed()
+        self.device = _resolve_device(cfg.device)
+        if self.device.type == "cuda" and self.world_size > 1:
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        torch.manual_seed(cfg.seed)
+        self.data = data_bundle or build_data(cfg, self.device, self.rank, self.world_size)
+        self.model = models.build(cfg.arch, self.data.num_classes, **self._arch_options()).to(self.device)
+        if cfg.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.objective = objectives.build(cfg.method, self.model.num_exits, **self._objective_options()).to(self.device)
+        self.objective.check_inputs = False  # checked every check_every steps instead: no host sync per step
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.net = self.model
+        if cfg.compile:
+            self.net = torch.compile(self.model)
+        if self.world_size > 1:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.meta = None
+        if list(self.objective.parameters()):
+            self.meta = bilevel.MetaStep(self.net, self.objective, lr=cfg.meta_lr, method=cfg.meta_method,
+                                         val_loss=cfg.val_loss, alpha=cfg.alpha, check_finite=False)
+            self.meta.val_loss.to(self.device)
+        self.exit_flops = cost.exit_flops(self.model, self.data.input_shape)
+        self.epoch = self.batch = self.step = self.meta_steps = 0
+        self._acc = self._zero_accumulators()
+        self.out = Path(cfg.out) if cfg.out and self.rank == 0 else None
+        self._stop_signal = None
+
+    # -- setup helpers
+    def _init_distributed(self):
+        backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    def _arch_options(self) -> Dict:
+        options = {"gradient_equilibrium": self.cfg.gradient_equilibrium}
+        if self.cfg.arch == "toy_mlp":
+            options["in_features"] = math.prod(self.data.input_shape)
+        elif self.cfg.arch.startswith("msdnet") and self.data.input_shape[-1] != (224 if "imagenet" in self.cfg.arch else 32):
+            options["input_size"] = self.data.input_shape[-1]
+        elif self.cfg.arch.startswith("resnet"):
+            options["input_shape"] = self.data.input_shape
+        return options
+
+    def _objective_options(self) -> Dict:
+        options = {}
+        if self.cfg.temperature:
+            options["temperature"] = self.cfg.temperature
+        if self.cfg.method in objectives.LEARNED:
+            options["weight_map"] = self.cfg.weight_map
+            options["seed"] = self.cfg.seed
+            if self.cfg.init:
+                options["init"] = self.cfg.init
+        return options
+
+    def _zero_accumulators(self):
+        K = self.model.num_exits
+        return {"loss": torch.zeros((), device=self.device, dtype=torch.float64),
+                "correct": torch.zeros(K, device=self.device, dtype=torch.long),
+                "seen": torch.zeros((), device=self.device, dtype=torch.long)}
+
+    def _autocast(self):
+        if self.cfg.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    # -- run folder
+    def _config_record(self) -> Dict:
+        return {"config": dataclasses.asdict(self.cfg), "git_commit": runinfo.git_commit(),
+                "packages": runinfo.package_versions(), "device": runinfo.device_name(self.device),
+                "world_size": self.world_size, "split": {k: self.data.split.get(k) for k in
+                                                         ("protocol", "seed", "checksum", "val_per_class", "train_per_class")},
+                "exit_flops": self.exit_flops}
+
+    def _prepare_run_folder(self, resume: bool) -> None:
+        if self.out is None:
+            return
+        cfg_path = self.out / "config.json"
+        if cfg_path.exists():
+            old = json.loads(cfg_path.read_text())["config"]
+            new = dataclasses.asdict(self.cfg)
+            differ = sorted(k for k in set(old) | set(new)
+                            if k not in RESUMABLE_CHANGES and json.dumps(old.get(k)) != json.dumps(new.get(k)))
+            if not resume:
+                raise FileExistsError(f"run folder {self.out} already holds a run: pass resume=True (--resume) to "
+                                      "continue it, or choose another out folder")
+            if differ:
+                raise ValueError(f"run folder {self.out} holds a run with other settings ({', '.join(differ)}); "
+                                 "resume with the same settings or choose another out folder")
+        elif resume and not (self.out / "checkpoint.pt").exists():
+            raise FileNotFoundError(f"nothing to resume in {self.out}: no config.json / checkpoint.pt")
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not cfg_path.exists():
+            tmp = cfg_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self._config_record(), indent=1))
+            os.replace(tmp, cfg_path)
+
+    # -- checkpoints
+    def state_dict(self) -> Dict:
+        state = {"model": self.model.state_dict(), "objective": self.objective.state_dict(),
+                 "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "batch": self.batch,
+                 "step": self.step, "meta_steps": self.meta_steps,
+                 "accumulators": {k: v.cpu() for k, v in self._acc.items()},
+                 "config": dataclasses.asdict(self.cfg)}
+        state["config"]["lr_milestones"] = list(self.cfg.lr_milestones)
+        if self.meta is not None:
+            state["meta_optimizer"] = self.meta.optimizer.state_dict()
+            state["val_loss"] = self.meta.val_loss.state_dict()
+        return state
+
+    def save_checkpoint(self) -> None:
+        if self.out is not None:
+            _atomic_save(self.state_dict(), self.out / "checkpoint.pt")
+
+    def load_checkpoint(self, path: Path) -> None:
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=True)
+        except Exception as e:
+            prev = path.with_name("checkpoint.prev.pt")
+            hint = f"; the previous checkpoint {prev} is intact: rename it to {path.name} to resume from it" \
+                if prev.exists() else ""
+            raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}{hint}") from e
+        self.model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.meta is not None:
+            self.meta.optimizer.load_state_dict(state["meta_optimizer"])
+            self.meta.val_loss.load_state_dict(state["val_loss"])
+        self.epoch, self.batch, self.step, self.meta_steps = (state[k] for k in ("epoch", "batch", "step", "meta_steps"))
+        self._acc = {k: v.to(self.device) for k, v in state["accumulators"].items()}
+
+    # -- training
+    def _val_batch(self):
+        n = len(self.data.val_stream)
+        m = self.meta_steps
+        return self.data.val_stream.batch_at(m // n, m % n)
+
+    def train_step(self, x, y):
+        """One optimisation step (with the bilevel weight update every meta_interval steps)."""
+        with self._autocast():
+            if self.meta is not None and self.step % self.cfg.meta_interval == 0:
+                loss, logits = self.meta.step((x, y), self._val_batch(), self.optimizer)
+                self.meta_steps += 1
+            else:
+                self.optimizer.zero_grad(set_to_none=True)
+                logits = self.net(x)
+                loss = self.objective(logits, y)
+                loss.backward()
+        self.optimizer.step()
+        self.objective.after_step(logits)
+        self.step += 1
+        with torch.no_grad():
+            self._acc["loss"] += loss.detach().double() * len(y)
+            self._acc["correct"] += torch.stack([(z.argmax(1) == y).sum() for z in logits])
+            self._acc["seen"] += len(y)
+        return loss
+
+    def _check_finite(self):
+        bad = not torch.isfinite(self._acc["loss"])
+        if self.meta is not None:
+            bad = bad or not all(torch.isfinite(p).all() for p in self.objective.parameters())
+        if bad:
+            raise FloatingPointError(f"non-finite loss or loss weights at epoch {self.epoch + 1}, step {self.step}: "
+                                     "training stopped; no checkpoint was written after the last good epoch. "
+                                     "Lower lr (or meta_lr), or try bf16 off.")
+
+    def _handle_signal(self, signum, frame):
+        self._stop_signal = signum
+
+    def _epoch_metrics(self, seconds: float, images: int) -> Dict:
+        acc = self._acc
+        seen = max(int(acc["seen"]), 1)
+        val = evaluation.per_exit_metrics(self.model, self.data.val)
+        row = {"epoch": self.epoch + 1, "lr": self.cfg.lr_at(self.epoch), "train_loss": float(acc["loss"]) / seen,
+               "train_top1": (acc["correct"].double() / seen).tolist(), "val_loss": val["loss"], "val_top1": val["top1"],
+               "val_top5": val["top5"], "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds,
+               "weights": self.objective.named_weights()}
+        if hasattr(self.objective, "temperature") and torch.is_tensor(self.objective.temperature):
+            row["temperature"] = float(self.objective.temperature)
+        return row
+
+    def _append_metrics(self, row: Dict) -> None:
+        if self.out is None:
+            return
+        path = self.out / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        lines = [l for l in lines if json.loads(l)["epoch"] < row["epoch"]]  # a resumed epoch replaces its line
+        path.write_text("".join(l + "\n" for l in lines + [json.dumps(row)]))
+
+    def fit(self, resume: bool = False) -> List[Dict]:
+        """Train to cfg.epochs; returns the per-epoch metrics (also in metrics.jsonl)."""
+        self._prepare_run_folder(resume)
+        if resume and self.cfg.out:
+            self.load_checkpoint(Path(self.cfg.out) / "checkpoint.pt")
+        history = []
+        handlers = {}
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._handle_signal)
+        try:
+            while self.epoch < self.cfg.epochs:
+                for group in self.optimizer.param_groups:
+                    group["lr"] = self.cfg.lr_at(self.epoch)
+                start, first_batch = time.perf_counter(), self.batch
+                bar = tqdm(total=len(self.data.train), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                           disable=not self.cfg.progress or self.rank != 0, leave=False)
+                for x, y in self.data.train.batches(self.epoch, start=self.batch):
+                    loss = self.train_step(x, y)
+                    self.batch += 1
+                    bar.update(1)
+                    if self.step % self.cfg.check_every == 0:
+                        self._check_finite()
+                        bar.set_postfix(loss=f"{loss.item():.3f}")
+                    if self._stop_signal is not None:
+                        self._check_finite()
+                        self.save_checkpoint()
+                        raise TrainingInterrupted(
+                            f"stopped by signal {self._stop_signal} at epoch {self.epoch + 1}, batch {self.batch}; "
+                            f"checkpoint saved" + (f" in {self.out}: resume with --resume" if self.out else ""))
+                bar.close()
+                self._check_finite()
+                seconds = time.perf_counter() - start
+                row = self._epoch_metrics(seconds, (self.batch - first_batch) * self.cfg.batch_size * self.world_size)
+                history.append(row)
+                self.epoch, self.batch = self.epoch + 1, 0
+                self._acc = self._zero_accumulators()
+                self._append_metrics(row)
+                self.save_checkpoint()
+        finally:
+            for sig, h in handlers.items():
+                signal.signal(sig, h)
+        if self.out is not None:
+            torch.save(self.model.state_dict(), self.out / "model.pt")
+        return history
+
+    # -- evaluation after training
+    def evaluate(self, write: bool = True) -> Dict:
+        """Anytime (test) and budgeted (thresholds on the held-out split, applied to test) results."""
+        val_probs, val_y = evaluation.predict(self.model, self.data.val)
+        test_probs, test_y = evaluation.predict(self.model, self.data.test)
+        results = {"anytime": evaluation.anytime(test_probs, test_y, self.exit_flops),
+                   "budgeted": evaluation.budgeted(val_probs, val_y, test_probs, test_y, self.exit_flops),
+                   "exit_flops": self.exit_flops, "weights": self.objective.named_weights(),
+                   **self._config_record()}
+        if self.out is not None:
+            path = self.out / "metrics.jsonl"
+            if path.exists():
+                results["weights_history"] = [json.loads(l)["weights"] for l in path.read_text().splitlines()]
+            if write:
+                evaluation.write_results(self.out, results)
+        return results
+
+
+def threading_main() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+# --- command line -------------------------------------------------------------------------------------
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m hdkdlib.train", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type in ("bool", bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
+        elif f.name == "lr_milestones":
+            p.add_argument(flag, type=int, nargs="*", default=None, help="epochs (default: 50%% and 75%% of the epochs)")
+        else:
+            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
+            p.add_argument(flag, type=typ, default=None, help=f"(default {f.default!r})")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
+    return p
+
+
+def main(argv=None) -> int:
+    args = vars(_parser().parse_args(argv))
+    resume, no_eval = args.pop("resume"), args.pop("no_eval")
+    given = {k: v for k, v in args.items() if v is not None}
+    values = {**(IMAGENET_RECIPE if given.get("dataset") == "folder" else {}), **given}
+    try:
+        trainer = Trainer(config_from_dict(values))
+        trainer.fit(resume=resume)
+        if not no_eval and trainer.rank == 0:
+            results = trainer.evaluate()
+            print(" ".join(f"exit{r['exit']}={100 * r['top1']:.2f}" for r in results["anytime"]))
+    except TrainingInterrupted as e:
+        print(f"hdkdlib.train: {e}", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError, data.DatasetError) as e:
+        print(f"hdkdlib.train: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from hdkdlib import data
+from hdkdlib.train import TrainConfig, Trainer, TrainingInterrupted, main
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def fake_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fake")
+    data.write_fake_cifar(root, "cifar10", n_train=400, n_test=100, seed=0)
+    return root
+
+
+def _cfg(fake_root, out, **kw):
+    values = dict(dataset="cifar10", data_root=str(fake_root), split_dir=str(fake_root / "splits"), arch="toy_mlp",
+                  method="hdkd", n_per_class=24, val_per_class=6, epochs=3, batch_size=16, lr=0.05, meta_lr=0.01,
+                  eval_batch_size=64, out=str(out), progress=False, device="cpu", check_every=5)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def _metrics(out):
+    rows = [json.loads(l) for l in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:  # timings differ between any two runs
+        r.pop("images_per_s"), r.pop("epoch_seconds")
+    return rows
+
+
+def test_interrupt_and_resume_is_bit_identical(fake_root, tmp_path):
+    full = Trainer(_cfg(fake_root, tmp_path / "full"))
+    full.fit()
+
+    broken = Trainer(_cfg(fake_root, tmp_path / "resumed"))
+    steps_per_epoch = len(broken.data.train)
+    stop_at = steps_per_epoch + 4  # mid-epoch 2
+    original = broken.train_step
+
+    def step_then_signal(x, y):
+        loss = original(x, y)
+        if broken.step == stop_at:
+            broken._handle_signal(signal.SIGTERM, None)  # what the installed handler does on SIGTERM
+        return loss
+
+    broken.train_step = step_then_signal
+    with pytest.raises(TrainingInterrupted, match="epoch 2, batch 4; checkpoint saved.*--resume"):
+        broken.fit()
+    ckpt = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 4, stop_at)
+
+    resumed = Trainer(_cfg(fake_root, tmp_path / "resumed"))
+    resumed.fit(resume=True)
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert torch.equal(full.objective.gamma, resumed.objective.gamma)
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "resumed")
+    assert len(_metrics(tmp_path / "full")) == 3
+
+
+def test_real_sigterm_writes_a_checkpoint_and_exits(fake_root, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "hdkdlib.train", "--dataset", "cifar10", "--data-root", str(fake_root),
+           "--split-dir", str(fake_root / "splits"), "--arch", "msdnet_cifar_budget", "--method", "hdkd",
+           "--n-per-class", "24", "--val-per-class", "6", "--epochs", "50", "--batch-size", "8", "--device", "cpu",
+           "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "metrics.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "stopped by signal" in err and "--resume" in err
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] >= 1 and ckpt["step"] > 0
+
+
+def test_run_folder_guards(fake_root, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_cfg(fake_root, out, epochs=1)).fit()
+    with pytest.raises(FileExistsError, match="already holds a run: pass resume=True"):
+        Trainer(_cfg(fake_root, out, epochs=1)).fit()
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(lr\)"):
+        Trainer(_cfg(fake_root, out, epochs=1, lr=0.2)).fit(resume=True)
+    good = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(good[: len(good) // 3])
+    (out / "checkpoint.prev.pt").write_bytes(good)
+    with pytest.raises(RuntimeError, match=r"cannot load checkpoint .*checkpoint.pt.*checkpoint.prev.pt is intact"):
+        Trainer(_cfg(fake_root, out, epochs=1)).fit(resume=True)
+    assert (out / "checkpoint.prev.pt").read_bytes() == good  # nothing good was overwritten
+
+
+def test_nan_stops_training_without_touching_the_last_good_checkpoint(fake_root, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(_cfg(fake_root, out, epochs=3, method="ce"))
+    original = trainer.train_step
+
+    def poisoned(x, y):
+        if trainer.epoch == 1:
+            x = x * float("nan")
+        return original(x, y)
+
+    trainer.train_step = poisoned
+    with pytest.raises(FloatingPointError, match="non-finite loss .* epoch 2"):
+        trainer.fit()
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_config_errors_name_the_setting(fake_root, tmp_path):
+    with pytest.raises(ValueError, match="unknown method 'hdkdd'; valid: ce, dbt"):
+        _cfg(fake_root, tmp_path, method="hdkdd").validate()
+    with pytest.raises(ValueError, match="unknown arch"):
+        _cfg(fake_root, tmp_path, arch="msdnet").validate()
+    assert main(["--dataset", "cifar100", "--data-root", str(tmp_path / "none"), "--no-download", "--epochs", "1",
+                 "--device", "cpu"]) == 2
+
+
+def test_results_and_config_record(fake_root, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(_cfg(fake_root, out, epochs=1))
+    trainer.fit()
+    res = trainer.evaluate()
+    saved = json.loads((out / "results.json").read_text())
+    assert [r["exit"] for r in saved["anytime"]] == [1, 2, 3, 4] and len(saved["budgeted"]) == 39
+    assert saved["config"]["method"] == "hdkd" and saved["git_commit"] and saved["packages"]["torch"]
+    assert len(saved["weights_history"]) == 1 and res["split"]["checksum"]
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["config"]["lr"] == 0.05 and "cpu" in cfg["device"]
+
+
+def test_two_process_ddp_equals_one_process_with_the_global_batch(fake_root, tmp_path):
+    common = ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
+              "--arch", "toy_mlp", "--method", "hdkd", "--n-per-class", "24", "--val-per-class", "6", "--epochs", "2",
+              "--lr", "0.05", "--meta-lr", "0.01", "--device", "cpu", "--no-progress", "--no-eval"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run([sys.executable, "-m", "hdkdlib.train", *common, "--batch-size", "16",
+                             "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert single.returncode == 0, single.stderr[-2000:]
+    double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                             "-m", "hdkdlib.train", *common, "--batch-size", "8", "--out", str(tmp_path / "two")],
+                            capture_output=True, text=True, env=env)
+    assert double.returncode == 0, double.stderr[-3000:]
+    a = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=True)
+    b = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
+    assert a["step"] == b["step"] > 0
+    for k in a["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(a["objective"]["gamma"], b["objective"]["gamma"], rtol=1e-4, atol=1e-5)
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    out = tmp_path / "tp.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--device", "cpu",
+                             "--steps", "2", "--warmup", "1", "--batch-sizes", "4", "--modes", "eager",
+                             "--arch", "msdnet_cifar_budget", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["method"], r["meta_interval"]) for r in rows] == [("ce", None), ("hdkd", 1), ("hdkd", 10)]
+    assert all(r["images_per_s"] > 0 for r in rows)
