@@ -36,3 +36,40 @@ def check_parameters(namespace: Dict[str, Any], choices: Dict[str, tuple] | None
             raise ValueError(f"parameter {name!r} is {value!r}; valid values: {', '.join(map(str, choices[name]))}")
         params[name] = value
     return params
+
+
+QUICK_EPOCHS = 5  # with data_root "auto", runs shorter than this are quick demos on small fake data
+
+
+def resolve_data(dataset: str, data_root: str, epochs: int, n_per_class: int = -1) -> Dict[str, Any]:
+    """Turn a notebook's data parameters into trainer settings.
+
+    data_root "auto": a run of fewer than QUICK_EPOCHS epochs is a quick demo on a small fake copy of the
+    dataset in the exact on-disk format (written once under runs/fake-data/, ignored by git); a longer
+    run uses the real dataset under data/ (CIFAR is downloaded on first use). n_per_class -1: a few
+    images per class for a quick demo, all images otherwise. Any other data_root is used as given."""
+    from . import data
+    from .paths import data_dir, runs_dir
+    quick = data_root == "auto" and epochs < QUICK_EPOCHS
+    settings: Dict[str, Any] = {"quick": quick}
+    if not quick:
+        settings["data_root"] = str(data_dir()) if data_root == "auto" else data_root
+        settings["n_per_class"] = 0 if n_per_class < 0 else n_per_class
+        return settings
+    root = runs_dir() / "fake-data" / dataset
+    if dataset in ("cifar10", "cifar100"):
+        test_file = data.cifar.folder(root, dataset) / data.CIFAR_SPECS[dataset]["cls"].test_list[0][0]
+        if not test_file.is_file():
+            k = data.CIFAR_SPECS[dataset]["num_classes"]
+            data.write_fake_cifar(root, dataset, n_train=6 * k, n_test=2 * k, seed=0)
+        per_class, val = 3, 1
+    elif dataset in ("folder", "folder32"):
+        if not (root / "val").is_dir():
+            data.write_fake_image_folder(root, classes=[f"n{i:08d}" for i in range(10)], n_per_class=(6, 2),
+                                         size=32 if dataset == "folder32" else 64, ext=".jpg")
+        per_class, val = 4, 1
+    else:  # synthetic: generated in memory, nothing to write
+        per_class, val = 60, 10
+    settings.update(data_root=str(root), split_dir=str(root / "splits"), val_per_class=val,
+                    n_per_class=per_class if n_per_class < 0 else n_per_class)
+    return settings

@@ -166,6 +166,16 @@ class LearnedWeights(Objective):
             return self.total * torch.softmax(self.gamma, dim=0)
         return F.softplus(self.gamma)
 
+    @torch.no_grad()
+    def set_weights(self, weights: Sequence[float], min_weight: float = 1e-12) -> None:
+        """Set the parameters so that weights() returns `weights` (each clamped to at least min_weight)."""
+        w = torch.tensor(list(weights), dtype=torch.float64).clamp_min(min_weight)
+        if self.weight_map == "softmax":
+            self.total.fill_(float(w.sum()))
+            self.gamma.copy_(w.log().to(self.gamma.dtype))
+        else:
+            self.gamma.copy_(torch.log(torch.expm1(w)).to(self.gamma.dtype))
+
 
 def initial_weights(init: str, kinds: List[str], C: float = 0.5, generator: torch.Generator | None = None):
     """Starting weights by term kind ('ce', 'kd_last' = KD from the last exit, 'kd' = other KD)."""

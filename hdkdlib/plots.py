@@ -80,3 +80,48 @@ def weight_heatmap(weights: Dict[str, float], num_exits: int, ax=None, title: st
     ax.set_ylabel("student exit")
     ax.set_title(title)
     return ax
+
+
+def anytime_curves(table: pd.DataFrame, ax=None, metric: str = "top1", title: str = "Anytime prediction"):
+    """Accuracy of every exit against its cumulative cost, one line per method (or run).
+    `table`: columns method, exit, flops and `metric` (fractions), e.g. from evaluation.load_results."""
+    ax = ax or plt.gca()
+    frame = table.assign(mflops=table["flops"] / 1e6, accuracy=100 * table[metric])
+    sns.lineplot(data=frame, x="mflops", y="accuracy", hue="method", marker="o", ax=ax, errorbar="sd")
+    ax.set_xlabel("cumulative MFLOPs of the exit")
+    ax.set_ylabel(f"{metric} accuracy (%)")
+    ax.set_title(title)
+    return ax
+
+
+def budgeted_curves(curves: Dict[str, List[Dict]], ax=None, title: str = "Budgeted batch classification"):
+    """Test accuracy against the mean cost per image, one curve per method: {method: evaluation.budgeted(...)}."""
+    ax = ax or plt.gca()
+    for name, rows in curves.items():
+        ax.plot([r["flops"] / 1e6 for r in rows], [100 * r["accuracy"] for r in rows], marker=".", label=name)
+    ax.set_xlabel("average MFLOPs per test image")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title(title)
+    ax.legend()
+    return ax
+
+
+def exit_distribution(fractions: Sequence[float], ax=None, title: str = "Where samples leave"):
+    ax = ax or plt.gca()
+    ax.bar(range(1, len(fractions) + 1), [100 * f for f in fractions], color=sns.color_palette("deep")[2])
+    ax.set_xlabel("exit")
+    ax.set_ylabel("share of samples (%)")
+    ax.set_title(title)
+    return ax
+
+
+def weight_evolution(history: Sequence[Dict[str, float]], ax=None, title: str = "Loss weights over epochs"):
+    """Heatmap: one row per loss term, one column per epoch (learned weights as recorded in metrics.jsonl)."""
+    ax = ax or plt.gca()
+    frame = pd.DataFrame(list(history)).T
+    frame.columns = range(1, frame.shape[1] + 1)
+    sns.heatmap(frame, cmap="viridis", ax=ax, cbar_kws={"label": "weight"}, yticklabels=True)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("term")
+    ax.set_title(title)
+    return ax

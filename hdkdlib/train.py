@@ -28,6 +28,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import bilevel, cost, data, evaluation, models, objectives, runinfo
+from .paths import runs_dir
 
 DATASETS = ("cifar10", "cifar100", "folder32", "folder", "synthetic")
 
@@ -42,7 +43,7 @@ class TrainConfig:
     val_per_class: int = 0          # held-out validation images per class; 0: 5,000 in all (CIFAR), 50 per class (folder)
     n_per_class: int = 0            # limited-data protocol: training images per class (0: all the rest)
     split_seed: int = 0
-    split_dir: str = ""             # where split files live; "": the project's data/splits/
+    split_dir: str = ""             # where split files live; "": the project's data/splits/ (synthetic: runs/splits/)
     # model and objective
     arch: str = "msdnet_cifar_anytime"
     method: str = "hdkd"
@@ -64,6 +65,7 @@ class TrainConfig:
     meta_method: str = "finite_difference"
     val_loss: str = "balanced"
     alpha: float = 0.5
+    freeze_weights_from: str = ""   # a results.json: its final learned weights, kept fixed (the "frozen" ablation)
     # engine
     seed: int = 0
     device: str = "auto"
@@ -141,8 +143,8 @@ def _tensor_data(cfg: TrainConfig):
         spec = data.CIFAR_SPECS[cfg.dataset]
         return x, y, xt, yt, spec["num_classes"], spec["mean"], spec["std"]
     if cfg.dataset == "synthetic":
-        x, y = data.synthetic_images(6000, num_classes=10, seed=cfg.split_seed)
-        xt, yt = data.synthetic_images(1000, num_classes=10, seed=cfg.split_seed + 10_000)
+        x, y = data.synthetic_images(6000, num_classes=10, seed=0)        # same classes (pattern_seed 0),
+        xt, yt = data.synthetic_images(1000, num_classes=10, seed=1)      # other samples for the test set
         return x, y, xt, yt, 10, None, None
     test_split = "test" if (root / "test").is_dir() else "val"
     x, y, classes = data.folder_to_tensor(root, "train")
@@ -155,9 +157,10 @@ def build_data(cfg: TrainConfig, device, rank: int = 0, world_size: int = 1) -> 
         return _folder_data(cfg, device, rank, world_size)
     x, y, xt, yt, k, mean, std = _tensor_data(cfg)
     val_per_class = cfg.val_per_class or max(1, 5000 // k)
+    split_dir = cfg.split_dir or (str(runs_dir() / "splits") if cfg.dataset == "synthetic" else None)
     split = data.splits.load_or_create(y.numpy(), dataset=cfg.dataset, val_per_class=val_per_class,
                                        train_per_class=cfg.n_per_class or None, seed=cfg.split_seed,
-                                       folder=cfg.split_dir or None)
+                                       folder=split_dir)  # generated data: its splits are not versioned
     tr, va = data.splits.as_tensors(split)
     if mean is None:  # statistics of the training images themselves (folder32, synthetic)
         pixels = x[tr].float() / 255
@@ -282,7 +285,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.meta = None
-        if list(self.objective.parameters()):
+        if self.cfg.freeze_weights_from:
+            self._freeze_weights(Path(self.cfg.freeze_weights_from))
+        elif list(self.objective.parameters()):
             self.meta = bilevel.MetaStep(self.net, self.objective, lr=cfg.meta_lr, method=cfg.meta_method,
                                          val_loss=cfg.val_loss, alpha=cfg.alpha, check_finite=False)
             self.meta.val_loss.to(self.device)
@@ -319,6 +324,20 @@ class Trainer:
             if self.cfg.init:
                 options["init"] = self.cfg.init
         return options
+
+    def _freeze_weights(self, path: Path) -> None:
+        """Start from another run's final learned weights and keep them fixed (no bilevel update)."""
+        if self.cfg.method not in objectives.LEARNED:
+            raise ValueError(f"freeze_weights_from needs a method with learned weights ({', '.join(objectives.LEARNED)})")
+        try:
+            weights = json.loads(path.read_text())["weights"]
+        except (OSError, KeyError, json.JSONDecodeError) as e:
+            raise ValueError(f"freeze_weights_from: cannot read final weights from {path} ({e})") from e
+        if list(weights) != self.objective.term_names:
+            raise ValueError(f"freeze_weights_from: {path} has terms {list(weights)}, this objective "
+                             f"{self.objective.term_names}")
+        self.objective.set_weights([weights[n] / self.objective.scale for n in self.objective.term_names])
+        self.objective.gamma.requires_grad_(False)
 
     def _zero_accumulators(self):
         K = self.model.num_exits
@@ -521,6 +540,51 @@ class Trainer:
 def threading_main() -> bool:
     import threading
     return threading.current_thread() is threading.main_thread()
+
+
+def load_run(run_dir, device: str = "auto") -> Trainer:
+    """A finished run folder as a Trainer holding its final model (for evaluation and exploration)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists() or not (run_dir / "model.pt").exists():
+        raise FileNotFoundError(f"{run_dir} is not a finished run folder (config.json and model.pt expected)")
+    values = json.loads((run_dir / "config.json").read_text())["config"]
+    cfg = config_from_dict({**values, "device": device, "progress": False, "out": ""})
+    trainer = Trainer(cfg)
+    trainer.model.load_state_dict(torch.load(run_dir / "model.pt", map_location=trainer.device, weights_only=True))
+    return trainer
+
+
+def run(cfg: TrainConfig, evaluate: bool = True, data_bundle: Optional[DataBundle] = None
+        ) -> Tuple[Trainer, Optional[Dict]]:
+    """Train (or pick up) the run in cfg.out and evaluate it: what the notebooks call.
+
+    A finished run with the same settings is loaded, not retrained; an interrupted one is resumed
+    from its checkpoint; a folder holding other settings is an error (choose another out folder)."""
+    out = Path(cfg.out) if cfg.out else None
+    trainer = Trainer(cfg, data_bundle)
+    if out is not None and (out / "results.json").exists() and (out / "model.pt").exists():
+        trainer._prepare_run_folder(resume=True)  # raises if the settings differ
+        trainer.model.load_state_dict(torch.load(out / "model.pt", map_location=trainer.device, weights_only=True))
+        trainer.load_checkpoint(out / "checkpoint.pt")
+        return trainer, json.loads((out / "results.json").read_text())
+    trainer.fit(resume=out is not None and (out / "checkpoint.pt").exists())
+    return trainer, (trainer.evaluate() if evaluate and trainer.rank == 0 else None)
+
+
+def cli_args(cfg: TrainConfig) -> List[str]:
+    """The command-line flags that reproduce cfg (for torchrun launches from a notebook)."""
+    args = []
+    for f in dataclasses.fields(TrainConfig):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if value == f.default:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args
 
 
 # --- command line -------------------------------------------------------------------------------------

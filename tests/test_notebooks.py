@@ -79,3 +79,23 @@ def test_papermill_runs_toy_notebook_with_a_parameter_and_writes_figures(tmp_pat
     executed = json.loads(out.read_text())
     injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
     assert "seed = 3" in "".join(injected[0]["source"])
+
+
+@pytest.mark.parametrize("name,parameter,value,message", [
+    ("03_cifar100.ipynb", "method", "hdkdd", "parameter 'method' is 'hdkdd'; valid values: ce, dbt"),
+    ("03_cifar100.ipynb", "epochs", "ten", "parameter 'epochs' must be int, got str 'ten'"),
+    ("04_imagenet.ipynb", "seed", "1.5", "parameter 'seed' must be int, got float 1.5"),
+    ("05_ablations.ipynb", "methods", "ce,foo", "parameter 'methods': unknown ['foo']"),
+    ("06_exit_thresholds.ipynb", "method", "x", "parameter 'method' is 'x'"),
+])
+def test_bad_parameters_stop_at_the_check_cell(tmp_path, name, parameter, value, message):
+    out = tmp_path / "out.ipynb"
+    result = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / name), str(out),
+                             "--cwd", str(ROOT / "notebooks"), "-p", parameter, value],
+                            capture_output=True, text=True, env={**os.environ, "HDKD_RUNS": str(tmp_path / "runs")})
+    assert result.returncode != 0 and message in result.stdout + result.stderr
+    cells = [c for c in json.loads(out.read_text())["cells"]  # without papermill's own error-marker cells
+             if "papermill-error-cell-tag" not in c["metadata"].get("tags", [])]
+    failed = [i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+    tagged = [i for i, c in enumerate(cells) if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert failed == [tagged[0] + 1]  # the first cell after the parameters: nothing ran before the check

@@ -171,3 +171,43 @@ def test_throughput_benchmark_smoke(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert [(r["method"], r["meta_interval"]) for r in rows] == [("ce", None), ("hdkd", 1), ("hdkd", 10)]
     assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_run_reuses_a_finished_run_and_freezing_keeps_weights_fixed(fake_root, tmp_path):
+    from hdkdlib.train import run
+    cfg = _cfg(fake_root, tmp_path / "a", epochs=1)
+    trainer, results = run(cfg)
+    stamp = (tmp_path / "a" / "model.pt").stat().st_mtime_ns
+    again, cached = run(_cfg(fake_root, tmp_path / "a", epochs=1))
+    assert cached == json.loads(json.dumps(results, default=float))  # what was written, read back
+    assert (tmp_path / "a" / "model.pt").stat().st_mtime_ns == stamp  # not retrained
+    assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), again.model.parameters()))
+
+    frozen_cfg = _cfg(fake_root, tmp_path / "frozen", epochs=1, freeze_weights_from=str(tmp_path / "a" / "results.json"))
+    frozen, res = run(frozen_cfg)
+    assert frozen.meta is None
+    for name, w in results["weights"].items():
+        assert res["weights"][name] == pytest.approx(w, rel=1e-5)
+    with pytest.raises(ValueError, match="needs a method with learned weights"):
+        Trainer(_cfg(fake_root, tmp_path / "x", method="dkd", freeze_weights_from=str(tmp_path / "a" / "results.json")))
+
+
+def test_cli_args_reproduce_the_config(fake_root, tmp_path):
+    from hdkdlib.train import _parser, cli_args, config_from_dict
+    cfg = _cfg(fake_root, tmp_path, bf16=True, lr_milestones=(1, 2), temperature=2.0).validate()
+    parsed = {k: v for k, v in vars(_parser().parse_args(cli_args(cfg))).items()
+              if v is not None and k not in ("resume", "no_eval")}
+    assert config_from_dict(parsed) == cfg
+
+
+def test_quick_mode_resolution(tmp_path, monkeypatch):
+    from hdkdlib.notebook import resolve_data
+    monkeypatch.setenv("HDKD_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("HDKD_DATA", str(tmp_path / "data"))
+    quick = resolve_data("cifar100", "auto", epochs=1)
+    assert quick["quick"] and quick["n_per_class"] == 3 and Path(quick["split_dir"]).parent == Path(quick["data_root"])
+    x, y, _ = data.load_cifar(quick["data_root"], "cifar100")  # a fake copy in the exact on-disk format
+    assert len(y) == 600 and y.bincount().tolist() == [6] * 100
+    paper = resolve_data("cifar100", "auto", epochs=300)
+    assert not paper["quick"] and paper["data_root"] == str(tmp_path / "data") and paper["n_per_class"] == 0
+    assert resolve_data("cifar10", "/elsewhere", epochs=1) == {"quick": False, "data_root": "/elsewhere", "n_per_class": 0}

@@ -70,21 +70,25 @@ def write_fake_image_folder(root, classes: Sequence[str] = ("cat", "dog", "ship"
     return root
 
 
-def synthetic_images(n: int, num_classes: int = 10, difficulty: float = 0.5, size: int = 32, seed: int = 0):
+def synthetic_images(n: int, num_classes: int = 10, difficulty: float = 0.5, size: int = 32, seed: int = 0,
+                     pattern_seed: int = 0):
     """A procedural, learnable image dataset for demos: (uint8 [n, 3, size, size], int64 labels).
+
+    `pattern_seed` fixes the classes (the same for a training and a test set); `seed` draws the samples.
 
     Each class is a smooth random pattern (a few low-frequency sinusoids per channel); a sample is its
     class pattern, randomly shifted, mixed with another class's pattern by `difficulty` / 2 and covered
     in noise of strength `difficulty`. difficulty 0: trivially separable; 1: hard."""
     if not 0 <= difficulty <= 1:
         raise ValueError(f"difficulty must lie in [0, 1], got {difficulty}")
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(pattern_seed)
     coords = torch.linspace(0, 2 * np.pi, size)
     yy, xx = torch.meshgrid(coords, coords, indexing="ij")
     freq = torch.randint(1, 4, (num_classes, 3, 2, 2), generator=g).float()
     phase = torch.rand(num_classes, 3, 2, generator=g) * 2 * np.pi
     patterns = (torch.sin(freq[..., 0, 0, None, None] * xx + freq[..., 0, 1, None, None] * yy + phase[..., 0, None, None])
                 + torch.sin(freq[..., 1, 0, None, None] * xx - freq[..., 1, 1, None, None] * yy + phase[..., 1, None, None])) / 2
+    g = torch.Generator().manual_seed(1_000_003 + seed)
     labels = torch.arange(n) % num_classes
     labels = labels[torch.randperm(n, generator=g)]
     other = (labels + torch.randint(1, num_classes, (n,), generator=g)) % num_classes

@@ -1,0 +1,167 @@
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from hdkdlib import cost, evaluation as E, models, objectives, toy
+
+
+def _loop_budgeted(val_probs, val_y, test_probs, test_y, flops, p):
+    """The MSDNet reference protocol, sample by sample (no vectorisation)."""
+    K, N, _ = val_probs.shape
+    share = [p ** k for k in range(1, K + 1)]
+    share = [s / sum(share) for s in share]
+    conf = val_probs.max(2).values.tolist()
+    order = [sorted(range(N), key=lambda i: -conf[k][i]) for k in range(K)]
+    filtered = [False] * N
+    T = [1e8] * K
+    for k in range(K - 1):
+        out_n = math.floor(N * share[k])
+        count = 0
+        for i in order[k]:
+            if not filtered[i]:
+                count += 1
+                if count == out_n:
+                    T[k] = conf[k][i]
+                    break
+        for i in range(N):
+            filtered[i] = filtered[i] or conf[k][i] >= T[k]
+    T[K - 1] = -1e8
+    tconf, tpred = test_probs.max(2)
+    M = test_probs.shape[1]
+    correct, counts = 0, [0] * K
+    for i in range(M):
+        for k in range(K):
+            if tconf[k][i].item() >= T[k]:
+                correct += int(tpred[k][i].item() == test_y[i].item())
+                counts[k] += 1
+                break
+    return correct / M, [c / M for c in counts], sum(c / M * f for c, f in zip(counts, flops)), T
+
+
+def _random_probs(K, N, C, seed, ties):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(K, N, C, generator=g, dtype=torch.float64) * torch.linspace(0.5, 3, K).view(K, 1, 1)
+    if ties:
+        logits = (logits * 2).round() / 2  # many samples share exactly the same confidence
+    return torch.softmax(logits, 2), torch.randint(0, C, (N,), generator=g)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_budgeted_equals_the_reference_loop(seed):
+    ties = seed % 2 == 0
+    vp, vy = _random_probs(4, 120, 5, seed, ties)
+    tp, ty = _random_probs(4, 90, 5, seed + 100, ties)
+    flops = [10.0, 25.0, 45.0, 70.0]
+    rows = E.budgeted(vp, vy, tp, ty, flops)
+    assert [r["p"] for r in rows] == [k / 20 for k in range(1, 40)]
+    for r in rows:
+        acc, fractions, exp_flops, T = _loop_budgeted(vp, vy, tp, ty, flops, r["p"])
+        assert r["accuracy"] == pytest.approx(acc, abs=1e-12)
+        assert r["exit_fractions"] == pytest.approx(fractions, abs=1e-12)
+        assert r["flops"] == pytest.approx(exp_flops, rel=1e-12)
+        assert [min(t, 1e8) if t > 0 else max(t, -1e8) for t in r["thresholds"]] == pytest.approx(T)
+        assert sum(r["exit_fractions"]) == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def trained_toy():
+    torch.manual_seed(0)
+    x, y = toy.spirals(1500, seed=0)
+    model = models.build("toy_mlp", 3, width=32, num_exits=4)
+    toy.fit(model, objectives.build("ce", 4), (x[:800], y[:800]), None, steps=200, lr=0.05, progress=False)
+    val = E.predict(model, [(x[800:1100], y[800:1100])])
+    test = E.predict(model, [(x[1100:], y[1100:])])
+    return model, x[1100:], y[1100:], val, test
+
+
+def test_budgeted_on_a_trained_model_matches_the_loop_and_trades_cost_for_accuracy(trained_toy):
+    model, _, _, (vp, vy), (tp, ty) = trained_toy
+    flops = cost.exit_flops(model, model.input_shape, "macs")
+    rows = E.budgeted(vp, vy, tp, ty, flops)
+    for r in rows[::5]:
+        acc, fractions, exp_flops, _ = _loop_budgeted(vp, vy, tp, ty, flops, r["p"])
+        assert (r["accuracy"], r["exit_fractions"]) == (pytest.approx(acc), pytest.approx(fractions))
+    assert rows[0]["flops"] < rows[-1]["flops"]  # small p: most samples leave early
+
+
+def test_real_early_exit_matches_simulation_and_spends_the_predicted_flops(trained_toy):
+    model, x, y, (vp, vy), (tp, ty) = trained_toy
+    macs = cost.exit_flops(model, model.input_shape, "macs")
+    for p in (0.3, 1.0, 1.6):
+        thresholds = E.fit_thresholds(vp, E.exit_shares(p, 4))
+        simulated = E.apply_thresholds(tp, ty, thresholds, macs)
+        with FlopCounterMode(display=False) as counter:
+            real = E.early_exit_predict(model, x, thresholds, batch_size=128, exit_flops=macs)
+        assert torch.equal(real["exit_index"], simulated["exit_index"])
+        predicted = tp.argmax(2).gather(0, simulated["exit_index"].view(1, -1)).squeeze(0)
+        assert torch.equal(real["predictions"], predicted)
+        expected_total = simulated["flops"] * len(x)
+        assert counter.get_total_flops() / 2 == pytest.approx(expected_total, rel=0.01)
+        assert real["flops"] == pytest.approx(expected_total, rel=1e-9)
+
+
+def test_early_exit_on_msdnet_skips_stages_for_confident_samples():
+    torch.manual_seed(0)
+    model = models.build("msdnet_cifar_budget", 10).eval()
+    x = torch.randn(16, 3, 32, 32)
+    probs, _ = E.predict(model, [(x, torch.zeros(16, dtype=torch.long))])
+    conf = probs.max(2).values
+    thresholds = [conf[0].median().item(), 0.0, 0.0, 0.0, float("-inf")]  # half leave at exit 1, the rest at 2
+    macs = cost.exit_flops(model, (3, 32, 32), "macs")
+    with FlopCounterMode(display=False) as counter:
+        real = E.early_exit_predict(model, x, thresholds, exit_flops=macs)
+    n1 = int((real["exit_index"] == 0).sum())
+    assert n1 >= 8 and set(real["exit_index"].tolist()) <= {0, 1}
+    assert counter.get_total_flops() / 2 == pytest.approx(n1 * macs[0] + (16 - n1) * macs[1], rel=0.01)
+
+
+def test_anytime_against_brute_force():
+    probs, y = _random_probs(3, 50, 7, 0, False)
+    rows = E.anytime(probs, y, [1.0, 2.0, 3.0])
+    for k, row in enumerate(rows):
+        ranked = probs[k].argsort(1, descending=True)
+        assert row["top1"] == pytest.approx(sum(int(ranked[i, 0] == y[i]) for i in range(50)) / 50)
+        assert row["top5"] == pytest.approx(sum(int(y[i] in ranked[i, :5]) for i in range(50)) / 50)
+        assert row["flops"] == k + 1
+
+
+def test_bad_inputs():
+    probs, y = _random_probs(3, 20, 4, 0, False)
+    with pytest.raises(ValueError, match="not probabilities .*pass softmax outputs, not logits"):
+        E.budgeted(probs * 2, y, probs, y, [1, 2, 3])
+    with pytest.raises(ValueError, match=r"val_targets shaped \[19\] for 20 samples"):
+        E.budgeted(probs, y[:19], probs, y, [1, 2, 3])
+    with pytest.raises(ValueError, match="exit counts differ: val 3, test 3, exit_flops 2"):
+        E.budgeted(probs, y, probs, y, [1, 2])
+    with pytest.raises(ValueError, match="empty test split"):
+        E.budgeted(probs, y, probs[:, :0], y[:0], [1, 2, 3])
+    with pytest.raises(ValueError, match=r"must be \[K, N, C\]"):
+        E.anytime(probs[0], y)
+
+
+def test_results_store_round_trip(tmp_path):
+    for method, acc in (("ce", 0.5), ("hdkd", 0.6)):
+        E.write_results(tmp_path / method, {"config": {"method": method, "arch": "a", "dataset": "d", "seed": 0},
+                                            "anytime": [{"exit": 1, "top1": acc, "top5": 0.9, "flops": 1e6}]})
+    table = E.load_results(str(tmp_path / "*"))
+    assert table.sort_values("method")[["method", "top1"]].values.tolist() == [["ce", 0.5], ["hdkd", 0.6]]
+    assert not list(tmp_path.glob("*/*.tmp"))
+
+
+def test_threshold_explorer_updates_with_the_sliders(trained_toy):
+    from hdkdlib.widgets import threshold_explorer
+    model, _, _, _, (tp, ty) = trained_toy
+    flops = cost.exit_flops(model, model.input_shape)
+    box = threshold_explorer(tp, ty, flops, show=False)
+    sliders = [c for c in box.children if hasattr(c, "value") and isinstance(c.value, float)]
+    assert len(sliders) == 3
+    for s in sliders:
+        s.value = 1.0  # nobody is that confident: all leave at the last exit
+    result = box.result()
+    assert result["exit_fractions"][-1] == pytest.approx(1.0)
+    assert f"{100 * result['accuracy']:.2f}%" in box.children[-2].value
+    sliders[0].value = 0.0  # everybody leaves at exit 1
+    assert box.result()["exit_fractions"][0] == pytest.approx(1.0)
+    assert "leaving per exit: 100%" in box.children[-2].value
