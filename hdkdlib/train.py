@@ -209,7 +209,11 @@ class _HostLoader:
             yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y.to(self.device)
 
     def batch_at(self, epoch, b):
-        return next(self.batches(epoch, start=b))
+        """Batch b of `epoch`; consecutive calls share one DataLoader (its workers start once per epoch)."""
+        if getattr(self, "_cursor", None) != (epoch, b):
+            self._iterator = self.batches(epoch, start=b)
+        self._cursor = (epoch, b + 1)
+        return next(self._iterator)
 
     def __iter__(self):
         return self.batches(0)

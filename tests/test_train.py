@@ -211,3 +211,22 @@ def test_quick_mode_resolution(tmp_path, monkeypatch):
     paper = resolve_data("cifar100", "auto", epochs=300)
     assert not paper["quick"] and paper["data_root"] == str(tmp_path / "data") and paper["n_per_class"] == 0
     assert resolve_data("cifar10", "/elsewhere", epochs=1) == {"quick": False, "data_root": "/elsewhere", "n_per_class": 0}
+
+
+def test_image_folder_batches_are_seeded_sharded_and_resumable(tmp_path):
+    from hdkdlib.train import _HostLoader
+    data.write_fake_image_folder(tmp_path, classes=list("abcd"), n_per_class=(6, 2))
+    ds = data.image_folder(tmp_path, "train", train=False)
+
+    def loader(rank=0, world=1, batch=4):
+        return _HostLoader(ds, list(range(24)), batch, train=True, seed=0, workers=0, device=torch.device("cpu"),
+                           rank=rank, world_size=world, channels_last=False)
+
+    whole = [y for _, y in loader(batch=4).batches(0)]
+    stepped = loader(batch=4)
+    assert all(torch.equal(stepped.batch_at(0, b)[1], whole[b]) for b in range(len(whole)))
+    assert torch.equal(stepped.batch_at(0, 2)[1], whole[2])  # jumping back (a resumed run) is fine too
+    halves = [loader(rank=r, world=2, batch=2) for r in (0, 1)]
+    for b, y in enumerate(whole):
+        assert torch.equal(torch.cat([h.batch_at(0, b)[1] for h in halves]), y)  # two ranks = one global batch
+    assert not all(torch.equal(p, q) for p, q in zip(whole, [y for _, y in loader().batches(1)]))
