@@ -37,6 +37,8 @@ def measure(arch, method, meta_interval, batch_size, mode, device, steps, warmup
     cfg = TrainConfig(arch=arch, method=method, meta_interval=meta_interval, batch_size=batch_size, device=str(device),
                       compile=(mode == "compile"), progress=False)
     trainer = Trainer(cfg, data_bundle=bundle(batch_size, device))
+    # Whole meta intervals in both windows, so "every 10 steps" times exactly one bilevel step in ten.
+    warmup, steps = (-(-n // meta_interval) * meta_interval for n in (warmup, steps))
     batches = list(trainer.data.train.batches(0))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for i in range(warmup):
@@ -50,7 +52,7 @@ def measure(arch, method, meta_interval, batch_size, mode, device, steps, warmup
     sync()
     seconds = time.perf_counter() - start
     return {"arch": arch, "method": method, "meta_interval": meta_interval if method != "ce" else None,
-            "batch_size": batch_size, "mode": mode, "images_per_s": steps * batch_size / seconds,
+            "batch_size": batch_size, "mode": mode, "steps": steps, "images_per_s": steps * batch_size / seconds,
             "step_ms": 1000 * seconds / steps,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
