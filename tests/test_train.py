@@ -230,3 +230,13 @@ def test_image_folder_batches_are_seeded_sharded_and_resumable(tmp_path):
     for b, y in enumerate(whole):
         assert torch.equal(torch.cat([h.batch_at(0, b)[1] for h in halves]), y)  # two ranks = one global batch
     assert not all(torch.equal(p, q) for p, q in zip(whole, [y for _, y in loader().batches(1)]))
+
+
+def test_compiled_network_trains_like_eager(fake_root, tmp_path):
+    eager = Trainer(_cfg(fake_root, "", epochs=1))
+    eager.fit()
+    compiled = Trainer(_cfg(fake_root, "", epochs=1, compile=True))
+    compiled.fit()
+    for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(eager.objective.gamma, compiled.objective.gamma, rtol=1e-3, atol=1e-4)
