@@ -57,6 +57,25 @@ def measure(arch, method, meta_interval, batch_size, mode, device, steps, warmup
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
+def measure_data_path(batch_size, device, steps, n: int = 50_000) -> dict:
+    """Images/s of the GPU-resident loader alone: crop, flip and normalise of a CIFAR-sized uint8 set."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    loader = data.GpuLoader(x, torch.zeros(n, dtype=torch.long), batch_size, mean=(0.5,) * 3, std=(0.25,) * 3,
+                            device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    batches = loader.batches(0)
+    next(batches)
+    sync()
+    start = time.perf_counter()
+    count = 0
+    for _ in range(min(steps, len(loader) - 1)):
+        xb, _ = next(batches)
+        count += len(xb)
+    sync()
+    return {"data_path_images_per_s": count / (time.perf_counter() - start), "batch_size": batch_size}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="msdnet_cifar_anytime")
@@ -70,7 +89,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    rows = []
+    rows, data_rows = [], []
+    for bs in args.batch_sizes:
+        data_rows.append(measure_data_path(bs, device, max(args.steps, 50)))
+        print(f"data path alone           bs {bs:<4} {data_rows[-1]['data_path_images_per_s']:>9.0f} img/s")
     for bs in args.batch_sizes:
         for mode in args.modes:
             for method, interval in CASES:
@@ -80,7 +102,8 @@ def main(argv=None):
                       f"{r['images_per_s']:>9.0f} img/s {r['step_ms']:>8.1f} ms/step"
                       + (f" {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else ""))
     record = {"device": runinfo.device_name(device), "torch": torch.__version__, "host": platform.node(),
-              "command": "python benchmarks/train_throughput.py " + " ".join(argv), "rows": rows}
+              "command": "python benchmarks/train_throughput.py " + " ".join(argv), "rows": rows,
+              "data_path": data_rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(record, indent=1))
     return record

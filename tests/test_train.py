@@ -168,8 +168,10 @@ def test_throughput_benchmark_smoke(tmp_path):
                              "--steps", "2", "--warmup", "1", "--batch-sizes", "4", "--modes", "eager",
                              "--arch", "msdnet_cifar_budget", "--json", str(out)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = json.loads(out.read_text())["rows"]
+    record = json.loads(out.read_text())
+    rows = record["rows"]
     assert [(r["method"], r["meta_interval"]) for r in rows] == [("ce", None), ("hdkd", 1), ("hdkd", 10)]
+    assert record["data_path"][0]["data_path_images_per_s"] > 0
     assert all(r["images_per_s"] > 0 for r in rows)
 
 
