@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .models.base import evaluating
+
 CONVENTIONS = ("msdnet", "macs")
 
 
@@ -58,19 +60,16 @@ def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str = "ms
 
     leaves = [m for m in model.modules() if next(m.children(), None) is None]
     handles = [m.register_forward_hook(hook) for m in leaves]
-    was_training = model.training
-    model.eval()
     rows = []
     try:
         x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with evaluating(model), FlopCounterMode(display=False) as counter:
             for k, _ in enumerate(model.exits(x), start=1):
                 flops = ops[0] if convention == "msdnet" else counter.get_total_flops() / 2
                 rows.append({"exit": k, "flops": float(flops), "params": int(params[0])})
     finally:
         for h in handles:
             h.remove()
-        model.train(was_training)
     return rows
 
 

@@ -18,33 +18,28 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .models import evaluating
+from .paths import atomic_write_text
+
 
 # --- predictions ----------------------------------------------------------------------------------------
-@torch.no_grad()
 def predict(model, batches: Iterable, *, dtype=torch.float32):
     """Softmax probabilities of every exit: ([K, N, C] on the CPU, targets [N])."""
-    was = model.training
-    model.eval()
     probs, targets = [], []
-    try:
+    with evaluating(model):
         for x, y in batches:
             probs.append(torch.stack([F.softmax(z.float(), 1) for z in model(x)]).to("cpu", dtype))
             targets.append(y.cpu())
-    finally:
-        model.train(was)
     if not probs:
         raise ValueError("empty split: no batches to evaluate")
     return torch.cat(probs, 1), torch.cat(targets)
 
 
-@torch.no_grad()
 def per_exit_metrics(model, batches: Iterable) -> Dict[str, List[float]]:
     """Per-exit mean CE loss, top-1 and top-5 accuracy (fractions), streamed batch by batch."""
-    was = model.training
-    model.eval()
     loss = top1 = top5 = None
     n = 0
-    try:
+    with evaluating(model):
         for x, y in batches:
             logits = torch.stack([z.float() for z in model(x)])                      # [K, B, C]
             ce = torch.stack([F.cross_entropy(z, y, reduction="sum") for z in logits])
@@ -53,8 +48,6 @@ def per_exit_metrics(model, batches: Iterable) -> Dict[str, List[float]]:
             c1, c5 = hit[..., 0].sum(1), hit.any(2).sum(1)
             loss, top1, top5 = (ce, c1, c5) if loss is None else (loss + ce, top1 + c1, top5 + c5)
             n += len(y)
-    finally:
-        model.train(was)
     if n == 0:
         raise ValueError("empty split: no batches to evaluate")
     return {"loss": (loss / n).tolist(), "top1": (top1.double() / n).tolist(), "top5": (top5.double() / n).tolist()}
@@ -157,7 +150,6 @@ def budgeted(val_probs, val_targets, test_probs, test_targets, exit_flops, ps=No
 
 
 # --- real early exit ----------------------------------------------------------------------------------
-@torch.no_grad()
 def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batch_size: int = 256,
                        exit_flops: Optional[Sequence[float]] = None) -> Dict:
     """Run the model exit by exit; samples whose confidence reaches T_k leave at exit k and the later
@@ -166,14 +158,12 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
     K = model.num_exits
     if len(thresholds) != K:
         raise ValueError(f"{K} exits but {len(thresholds)} thresholds")
-    was = model.training
-    model.eval()
     preds = torch.empty(len(x), dtype=torch.long, device=x.device)
     exits = torch.empty(len(x), dtype=torch.long, device=x.device)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     sync()
     start = time.perf_counter()
-    try:
+    with evaluating(model):
         for b in range(0, len(x), batch_size):
             state, alive = x[b:b + batch_size], torch.arange(b, min(b + batch_size, len(x)), device=x.device)
             for k in range(K):
@@ -186,8 +176,6 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
                     break
                 alive = alive[keep]
                 state = [s[keep] for s in state]
-    finally:
-        model.train(was)
     sync()
     out = {"predictions": preds, "exit_index": exits, "wall_time_s": time.perf_counter() - start}
     if exit_flops is not None:
@@ -198,12 +186,7 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
 # --- results store ------------------------------------------------------------------------------------
 def write_results(run_dir, results: Dict) -> Path:
     """Write results.json atomically into the run folder."""
-    path = Path(run_dir) / "results.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=float))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(run_dir) / "results.json", json.dumps(results, indent=1, default=float))
 
 
 def load_results(paths) -> "pandas.DataFrame":

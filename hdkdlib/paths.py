@@ -35,3 +35,13 @@ def data_dir() -> Path:
 
 def runs_dir() -> Path:
     return _folder("runs", "HDKD_RUNS")
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write via a temporary file and a rename: readers see the old file or the new one, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

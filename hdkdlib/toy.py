@@ -9,6 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import bilevel
+from .models import evaluating
 from .objectives import Objective, ce_terms
 
 
@@ -27,12 +28,8 @@ def spirals(n: int, num_classes: int = 3, turns: float = 1.5, noise: float = 0.1
 
 
 def accuracy(model, x, y) -> List[float]:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        acc = [(z.argmax(1) == y).float().mean().item() for z in model(x)]
-    model.train(was)
-    return acc
+    with evaluating(model):
+        return [(z.argmax(1) == y).float().mean().item() for z in model(x)]
 
 
 def fit(model, objective: Objective, train, val=None, *, steps: int = 500, lr: float = 0.1, momentum: float = 0.9,
@@ -71,9 +68,6 @@ def decision_grid(model, resolution: int = 150, extent: float = 1.3):
     axis = torch.linspace(-extent, extent, resolution)
     gx, gy = torch.meshgrid(axis, axis, indexing="xy")
     points = torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)
-    was = model.training
-    model.eval()
-    with torch.no_grad():
+    with evaluating(model):
         preds = [z.argmax(1).reshape(resolution, resolution) for z in model(points)]
-    model.train(was)
     return axis, preds

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import bilevel, cost, data, evaluation, models, objectives, runinfo
-from .paths import runs_dir
+from .paths import atomic_write_text, runs_dir
 
 DATASETS = ("cifar10", "cifar100", "folder32", "folder", "synthetic")
 
@@ -381,9 +381,7 @@ class Trainer:
             raise FileNotFoundError(f"nothing to resume in {self.out}: no config.json / checkpoint.pt")
         self.out.mkdir(parents=True, exist_ok=True)
         if not cfg_path.exists():
-            tmp = cfg_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self._config_record(), indent=1))
-            os.replace(tmp, cfg_path)
+            atomic_write_text(cfg_path, json.dumps(self._config_record(), indent=1))
 
     # -- checkpoints
     def state_dict(self) -> Dict:

@@ -16,6 +16,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from ..paths import atomic_write_text
 from .cifar import DatasetError
 
 VERSION = 1
@@ -96,10 +97,7 @@ def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class:
                                "different copy of the dataset. Use the dataset it was made for, or pass another path.")
         return split
     split = make_split(labels, val_per_class=val_per_class, train_per_class=train_per_class, seed=seed, dataset=dataset)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(split, separators=(",", ":")))
-    os.replace(tmp, path)  # atomic: never a half-written split file
+    atomic_write_text(path, json.dumps(split, separators=(",", ":")))  # never a half-written split file
     return split
 
 

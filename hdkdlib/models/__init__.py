@@ -10,7 +10,7 @@ from typing import Callable, Dict, List
 from torch import nn
 
 from .backbone import BackboneExits, resnet_exits
-from .base import MultiExitNet, scale_grad
+from .base import MultiExitNet, evaluating, scale_grad
 from .msdnet import CONFIGS as MSDNET_CONFIGS, MSDNet
 from .toy import ToyMLP
 
@@ -46,4 +46,4 @@ def build(name: str, num_classes: int, **options) -> MultiExitNet:
         raise TypeError(f"model {name!r}: {e}") from e
 
 
-__all__ = ["build", "names", "MultiExitNet", "MSDNet", "BackboneExits", "ToyMLP", "resnet_exits", "scale_grad"]
+__all__ = ["build", "names", "evaluating", "MultiExitNet", "MSDNet", "BackboneExits", "ToyMLP", "resnet_exits", "scale_grad"]

@@ -14,7 +14,7 @@ import torch
 from torch import fx, nn
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
-from .base import MultiExitNet
+from .base import MultiExitNet, evaluating
 
 
 def _split_graph(gm: fx.GraphModule, exit_nodes: Sequence[str]) -> List[fx.GraphModule]:
@@ -96,11 +96,8 @@ class BackboneExits(MultiExitNet):
         gm = create_feature_extractor(backbone, return_nodes=exit_nodes)
         segments = _split_graph(gm, exit_nodes)
         stages = nn.ModuleList(_Segment(seg, first=(k == 0)) for k, seg in enumerate(segments))
-        with torch.no_grad():  # probe the channel count of every exit feature
-            was_training = backbone.training
-            backbone.eval()
+        with evaluating(backbone):  # probe the channel count of every exit feature
             feats = gm(torch.zeros(1, *input_shape))
-            backbone.train(was_training)
         heads = nn.ModuleList(make_head(feats[n].shape[1], num_classes) for n in exit_nodes)
         # The backbone itself is not registered: the segments hold the modules that run, so
         # parameters() leaves out what no exit uses (e.g. a ResNet's own fc layer).

@@ -13,10 +13,23 @@ per scale; backbone exits: the exit feature plus whatever later stages still nee
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterator, List
 
 import torch
 from torch import nn
+
+
+@contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode (BatchNorm running statistics) and no autograd inside; the previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 class _ScaleGrad(torch.autograd.Function):

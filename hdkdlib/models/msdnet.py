@@ -16,7 +16,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-from .base import MultiExitNet
+from .base import MultiExitNet, evaluating
 
 
 def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> nn.Sequential:
@@ -202,10 +202,8 @@ class MSDNet(MultiExitNet):
                              channels=[o.shape[1] for o in output], size=[o.shape[-1] for o in output]))
 
         handles = [m.register_forward_hook(record) for m in self.modules() if type(m) in kinds]
-        was_training = self.training
-        self.eval()
         try:
-            with torch.no_grad():
+            with evaluating(self):
                 for b, _ in enumerate(self.exits(torch.zeros(1, *self.input_shape)), start=1):
                     for r in rows:
                         r["block"] = r["block"] or b
@@ -214,7 +212,6 @@ class MSDNet(MultiExitNet):
         finally:
             for h in handles:
                 h.remove()
-            self.train(was_training)
         return rows
 
     def check_input(self, x):
