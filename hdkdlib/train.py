@@ -71,7 +71,9 @@ class TrainConfig:
     device: str = "auto"
     bf16: bool = False              # bf16 autocast (CUDA)
     channels_last: bool = False
-    compile: bool = False           # torch.compile the network
+    compile: str = ""               # "": eager; "network": torch.compile the network; "step": also the whole
+                                    # step (forward, backward, optimizer, bilevel update)
+    compile_mode: str = "default"   # torch.compile mode; "reduce-overhead" replays CUDA graphs on GPUs
     workers: int = 8                # DataLoader workers (folder)
     eval_batch_size: int = 500
     check_every: int = 50           # steps between checks for NaN (each check waits for the GPU)
@@ -90,6 +92,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.compile not in ("", "network", "step"):
+            raise ValueError(f"compile must be '', 'network' or 'step', got {self.compile!r}")
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
         return self
 
@@ -284,7 +288,7 @@ class Trainer:
                                          weight_decay=cfg.weight_decay)
         self.net = self.model
         if cfg.compile:
-            self.net = torch.compile(self.model)
+            self.net = torch.compile(self.model, mode=cfg.compile_mode)
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -295,6 +299,10 @@ class Trainer:
             self.meta = bilevel.MetaStep(self.net, self.objective, lr=cfg.meta_lr, method=cfg.meta_method,
                                          val_loss=cfg.val_loss, alpha=cfg.alpha, check_finite=False)
             self.meta.val_loss.to(self.device)
+        self._plain_fn, self._meta_fn = self._plain_step, self._meta_step
+        if cfg.compile == "step":  # graph breaks at backward() split the step; each part is compiled
+            self._plain_fn = torch.compile(self._plain_step, mode=cfg.compile_mode)
+            self._meta_fn = torch.compile(self._meta_step, mode=cfg.compile_mode)
         self.exit_flops = cost.exit_flops(self.model, self.data.input_shape)
         self.epoch = self.batch = self.step = self.meta_steps = 0
         self._acc = self._zero_accumulators()
@@ -423,18 +431,27 @@ class Trainer:
         m = self.meta_steps
         return self.data.val_stream.batch_at(m // n, m % n)
 
+    def _plain_step(self, x, y):
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.net(x)
+        loss = self.objective(logits, y)
+        loss.backward()
+        self.optimizer.step()
+        return loss.detach(), [z.detach() for z in logits]
+
+    def _meta_step(self, x, y, x_val, y_val):
+        loss, logits = self.meta.step((x, y), (x_val, y_val), self.optimizer)  # leaves the gradients in .grad
+        self.optimizer.step()
+        return loss, logits
+
     def train_step(self, x, y):
         """One optimisation step (with the bilevel weight update every meta_interval steps)."""
         with self._autocast():
             if self.meta is not None and self.step % self.cfg.meta_interval == 0:
-                loss, logits = self.meta.step((x, y), self._val_batch(), self.optimizer)
+                loss, logits = self._meta_fn(x, y, *self._val_batch())
                 self.meta_steps += 1
             else:
-                self.optimizer.zero_grad(set_to_none=True)
-                logits = self.net(x)
-                loss = self.objective(logits, y)
-                loss.backward()
-        self.optimizer.step()
+                loss, logits = self._plain_fn(x, y)
         self.objective.after_step(logits)
         self.step += 1
         with torch.no_grad():
