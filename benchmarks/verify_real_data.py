@@ -1,7 +1,8 @@
 """Real-data check (issue 9): MSDNet (anytime, 7 exits) on real CIFAR-10 images (an image-folder tree of
 32x32 JPEGs) with ce, dbt, hdkd (and dkd), several seeds, the paper's CIFAR recipe compressed in time.
 
-    python benchmarks/verify_real_data.py --data-root .data/cifar10-jpeg --epochs 50 --device cuda
+    python benchmarks/verify_real_data.py --data-root .data/cifar10-jpeg --epochs 50 --device cuda \
+        --compile step --compile-mode reduce-overhead
     python benchmarks/verify_real_data.py --summarize-only           # rebuild results/README.md
 
 Each run trains in runs/verify/<method>-seed<k>/ (resumable: rerun the same command after an
@@ -31,6 +32,7 @@ def run_all(args) -> None:
                                     epochs=args.epochs, batch_size=args.batch_size, seed=seed, device=args.device,
                                     val_per_class=args.val_per_class, n_per_class=args.n_per_class,
                                     meta_interval=args.meta_interval, bf16=args.bf16, compile=args.compile,
+                                    compile_mode=args.compile_mode,
                                     progress=args.progress, split_dir=args.split_dir,
                                     out=str(Path(args.runs) / name)).validate()
             print(f"== {name}: {' '.join(train.cli_args(cfg))}", flush=True)
@@ -87,7 +89,8 @@ def main(argv=None):
     p.add_argument("--meta-interval", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", default="", choices=["", "network", "step"])
+    p.add_argument("--compile-mode", default="default", help="reduce-overhead: CUDA graphs on a GPU")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--split-dir", default="", help="default: data/splits/ (commit the split file it writes)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "verify"))
