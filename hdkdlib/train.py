@@ -263,8 +263,9 @@ def _atomic_save(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
-# Settings that may differ when a run is resumed (they do not change what is computed).
-RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "download", "data_root"}
+# Settings that may differ when a run is resumed: where things are and how fast they run, not what is computed.
+RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "download", "data_root", "compile",
+                     "compile_mode"}
 
 
 class Trainer:
@@ -375,7 +376,8 @@ class Trainer:
             return
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
-            old = json.loads(cfg_path.read_text())["config"]
+            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+            old = {**defaults, **json.loads(cfg_path.read_text())["config"]}  # settings added since: defaults
             new = dataclasses.asdict(self.cfg)
             differ = sorted(k for k in set(old) | set(new)
                             if k not in RESUMABLE_CHANGES and json.dumps(old.get(k)) != json.dumps(new.get(k)))

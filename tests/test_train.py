@@ -94,6 +94,10 @@ def test_run_folder_guards(fake_root, tmp_path):
         Trainer(_cfg(fake_root, out, epochs=1)).fit()
     with pytest.raises(ValueError, match=r"holds a run with other settings \(lr\)"):
         Trainer(_cfg(fake_root, out, epochs=1, lr=0.2)).fit(resume=True)
+    record = json.loads((out / "config.json").read_text())
+    del record["config"]["alpha"]  # a run folder from before a setting existed: its default applies
+    (out / "config.json").write_text(json.dumps(record))
+    Trainer(_cfg(fake_root, out, epochs=1, compile="network")).fit(resume=True)  # engine options may change
     good = (out / "checkpoint.pt").read_bytes()
     (out / "checkpoint.pt").write_bytes(good[: len(good) // 3])
     (out / "checkpoint.prev.pt").write_bytes(good)
