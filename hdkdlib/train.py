@@ -66,6 +66,8 @@ class TrainConfig:
     val_loss: str = "balanced"
     alpha: float = 0.5
     freeze_weights_from: str = ""   # a results.json: its final learned weights, kept fixed (the "frozen" ablation)
+    init_from: str = ""             # a finished run folder: start from its final network
+    train_heads_only: bool = False  # IMTA's second stage: stages frozen (eval mode), heads re-initialised and trained
     # engine
     seed: int = 0
     device: str = "auto"
@@ -92,6 +94,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.train_heads_only and not self.init_from:
+            raise ValueError("train_heads_only needs init_from: the run whose network the heads are trained on")
         if self.compile not in ("", "network", "step"):
             raise ValueError(f"compile must be '', 'network' or 'step', got {self.compile!r}")
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
@@ -283,10 +287,12 @@ class Trainer:
         self.model = models.build(cfg.arch, self.data.num_classes, **self._arch_options()).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
+        if cfg.init_from:
+            self._init_network(Path(cfg.init_from))
         self.objective = objectives.build(cfg.method, self.model.num_exits, **self._objective_options()).to(self.device)
         self.objective.check_inputs = False  # checked every check_every steps instead: no host sync per step
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                         weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         self.net = self.model
         if cfg.compile:
             self.net = torch.compile(self.model, mode=cfg.compile_mode)
@@ -337,6 +343,21 @@ class Trainer:
             if self.cfg.init:
                 options["init"] = self.cfg.init
         return options
+
+    def _init_network(self, run_dir: Path) -> None:
+        """Load another run's final network; with train_heads_only, freeze its stages and re-initialise the heads."""
+        path = run_dir / "model.pt" if run_dir.is_dir() else run_dir
+        if not path.is_file():
+            raise FileNotFoundError(f"init_from: no finished network at {path} (train the first stage there first)")
+        self.model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
+        if self.cfg.train_heads_only:
+            for p in self.model.stages.parameters():
+                p.requires_grad_(False)
+            for m in self.model.heads.modules():
+                if hasattr(m, "reset_parameters") and m is not self.model.heads:
+                    m.reset_parameters()
+            if hasattr(self.model, "reset_parameters"):  # MSDNet's own initialisation rule, heads only
+                self.model.reset_parameters(self.model.heads)
 
     def _freeze_weights(self, path: Path) -> None:
         """Start from another run's final learned weights and keep them fixed (no bilevel update)."""
@@ -506,6 +527,9 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, self._handle_signal)
         try:
             while self.epoch < self.cfg.epochs:
+                self.model.train()
+                if self.cfg.train_heads_only:
+                    self.model.stages.eval()  # frozen stages keep their BatchNorm statistics too
                 for group in self.optimizer.param_groups:
                     group["lr"] = self.cfg.lr_at(self.epoch)
                 start, first_batch = time.perf_counter(), self.batch

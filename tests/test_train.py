@@ -265,3 +265,21 @@ def test_real_data_verification_script_smoke(tmp_path):
     assert "| ce | 2 |" in summary and "| hdkd | 2 |" in summary and "300 epochs" in summary
     assert (tmp_path / "results" / "hdkd-seed1" / "results.json").exists()
     assert (tmp_path / "results" / "anytime.png").exists()
+
+
+def test_imta_second_stage_trains_new_heads_on_a_frozen_network(fake_root, tmp_path):
+    small = dict(arch="msdnet_cifar_budget", n_per_class=8, val_per_class=2, batch_size=16, epochs=1)
+    first = Trainer(_cfg(fake_root, tmp_path / "stage1", method="ce", gradient_equilibrium=True, **small))
+    first.fit()
+    second = Trainer(_cfg(fake_root, tmp_path / "stage2", method="imta_kd", init_from=str(tmp_path / "stage1"),
+                          train_heads_only=True, **small))
+    trained = first.model.state_dict()
+    start = {k: v.clone() for k, v in second.model.state_dict().items()}
+    assert not torch.equal(start["heads.0.linear.weight"], trained["heads.0.linear.weight"])  # new heads
+    second.fit()
+    end = second.model.state_dict()
+    stage_keys = [k for k in end if k.startswith("stages.")]
+    assert stage_keys and all(torch.equal(end[k], trained[k]) for k in stage_keys)  # weights and BN statistics
+    assert not torch.equal(end["heads.0.linear.weight"], start["heads.0.linear.weight"])
+    with pytest.raises(ValueError, match="train_heads_only needs init_from"):
+        _cfg(fake_root, tmp_path, train_heads_only=True).validate()

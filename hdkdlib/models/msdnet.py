@@ -177,9 +177,10 @@ class MSDNet(MultiExitNet):
         self.input_shape = (3, self.input_size, self.input_size)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """METHOD.md section 5: conv N(0, sqrt(2 / (k*k*out))), BN 1/0, Linear bias 0 (weights: PyTorch default)."""
-        for m in self.modules():
+    def reset_parameters(self, root: nn.Module | None = None) -> None:
+        """METHOD.md section 5: conv N(0, sqrt(2 / (k*k*out))), BN 1/0, Linear bias 0 (weights: PyTorch default),
+        for every module under `root` (default: the whole network)."""
+        for m in (root or self).modules():
             if isinstance(m, nn.Conv2d):
                 n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
