@@ -140,7 +140,8 @@ def _hypergradient(model, objective, train_batch, val_batch, *, lr, momentum, we
     params = {n: p.detach().clone().requires_grad_(True) for n, p in _trainable(model).items()}
     buf = _momentum_buffers(model, momentum_buffer)
     x, y = train_batch
-    loss = objective(_call(model, params, _cloned_buffers(model), x), y) if method == "exact" else None
+    logits = _call(model, params, _cloned_buffers(model), x)
+    loss = objective(logits, y)
     if method == "exact":
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         theta1 = virtual_step(params, dict(zip(params, grads)), lr=lr, momentum=momentum,
@@ -149,8 +150,7 @@ def _hypergradient(model, objective, train_batch, val_batch, *, lr, momentum, we
         val_logits = _call(model, theta1, _cloned_buffers(model), xv)
         hyper = torch.autograd.grad(val_loss(val_logits, yv), list(objective.parameters()))
         return hyper, [z.detach() for z in val_logits]
-    logits = _call(model, params, _cloned_buffers(model), x)
-    grads = torch.autograd.grad(objective(logits, y), list(params.values()))
+    grads = torch.autograd.grad(loss, list(params.values()))
     return _fd_hypergradient(model, objective, params, dict(zip(params, grads)), [z.detach() for z in logits],
                              train_batch, val_batch, lr=lr, momentum=momentum, weight_decay=weight_decay,
                              momentum_buffer=buf, val_loss=val_loss, eps=eps)
@@ -215,7 +215,8 @@ class MetaStep:
         loss = self.objective(logits, y)
         loss.backward()
         params = _trainable(self.module)
-        grads = {n: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
+        # Read, not copied: nothing below writes to .grad before the network optimizer uses it.
+        grads = {n: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
         if self.method == "finite_difference":
             hyper, val_logits = _fd_hypergradient(
                 self.module, self.objective, {n: p.detach() for n, p in params.items()}, grads,

@@ -155,11 +155,10 @@ class LearnedWeights(Objective):
         super().__init__(num_exits, term_names, scale)
         if weight_map not in WEIGHT_MAPS:
             raise ValueError(f"unknown weight_map {weight_map!r}; valid: {', '.join(WEIGHT_MAPS)}")
-        w0 = torch.tensor(list(init_weights), dtype=torch.float64).clamp_min(min_init_weight)
         self.weight_map = weight_map
-        self.register_buffer("total", w0.sum().float())
-        gamma = w0.log() if weight_map == "softmax" else torch.log(torch.expm1(w0))
-        self.gamma = nn.Parameter(gamma.float())
+        self.register_buffer("total", torch.zeros(()))
+        self.gamma = nn.Parameter(torch.zeros(len(term_names)))
+        self.set_weights(init_weights, min_weight=min_init_weight)
 
     def weights(self):
         if self.weight_map == "softmax":
@@ -170,6 +169,8 @@ class LearnedWeights(Objective):
     def set_weights(self, weights: Sequence[float], min_weight: float = 1e-12) -> None:
         """Set the parameters so that weights() returns `weights` (each clamped to at least min_weight)."""
         w = torch.tensor(list(weights), dtype=torch.float64).clamp_min(min_weight)
+        if len(w) != len(self.gamma):
+            raise ValueError(f"{len(w)} weights for {len(self.gamma)} terms ({', '.join(self.term_names)})")
         if self.weight_map == "softmax":
             self.total.fill_(float(w.sum()))
             self.gamma.copy_(w.log().to(self.gamma.dtype))

@@ -133,16 +133,6 @@ class DataBundle:
     std: tuple = ()
 
 
-class _Epochs:
-    """A fixed list of batches (evaluation on a DataLoader) with the GpuLoader's interface."""
-
-    def __init__(self, make):
-        self.make = make
-
-    def __iter__(self):
-        return iter(self.make())
-
-
 def _tensor_data(cfg: TrainConfig):
     root = Path(cfg.data_root)
     if cfg.dataset in ("cifar10", "cifar100"):
@@ -609,8 +599,7 @@ def run(cfg: TrainConfig, evaluate: bool = True, data_bundle: Optional[DataBundl
     trainer = Trainer(cfg, data_bundle)
     if out is not None and (out / "results.json").exists() and (out / "model.pt").exists():
         trainer._prepare_run_folder(resume=True)  # raises if the settings differ
-        trainer.model.load_state_dict(torch.load(out / "model.pt", map_location=trainer.device, weights_only=True))
-        trainer.load_checkpoint(out / "checkpoint.pt")
+        trainer.load_checkpoint(out / "checkpoint.pt")  # the final network (as in model.pt) and the weights' state
         return trainer, json.loads((out / "results.json").read_text())
     trainer.fit(resume=out is not None and (out / "checkpoint.pt").exists())
     return trainer, (trainer.evaluate() if evaluate and trainer.rank == 0 else None)
