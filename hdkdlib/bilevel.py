@@ -19,7 +19,7 @@ Nothing here changes the model's parameters or buffers: every functional pass ru
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn

@@ -189,8 +189,8 @@ def write_results(run_dir, results: Dict) -> Path:
     return atomic_write_text(Path(run_dir) / "results.json", json.dumps(results, indent=1, default=float))
 
 
-def load_results(paths) -> "pandas.DataFrame":
-    """Many runs' results.json (paths, folders or a glob) as one long table: one row per run and exit."""
+def load_results(paths):
+    """Many runs' results.json (paths, folders or a glob) as one long pandas table: one row per run and exit."""
     import glob as globmod
 
     import pandas as pd

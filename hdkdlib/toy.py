@@ -3,14 +3,14 @@ and a small full-batch training loop (with the optional bilevel weight update) t
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from tqdm.auto import tqdm
 
 from . import bilevel
 from .models import evaluating
-from .objectives import Objective, ce_terms
+from .objectives import Objective
 
 
 def spirals(n: int, num_classes: int = 3, turns: float = 1.5, noise: float = 0.15, seed: int = 0):

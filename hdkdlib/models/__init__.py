@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
-from torch import nn
-
 from .backbone import BackboneExits, resnet_exits
 from .base import MultiExitNet, evaluating, scale_grad
 from .msdnet import CONFIGS as MSDNET_CONFIGS, MSDNet
