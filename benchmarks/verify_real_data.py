@@ -2,81 +2,195 @@
 32x32 JPEGs) with ce, dbt, hdkd (and dkd), several seeds, the paper's CIFAR recipe compressed in time.
 
     python benchmarks/verify_real_data.py --data-root .data/cifar10-jpeg --epochs 50 --device cuda \
-        --compile step --compile-mode reduce-overhead
+        --compile step --compile-mode reduce-overhead --jobs 3
     python benchmarks/verify_real_data.py --summarize-only           # rebuild results/README.md
 
 Each run trains in runs/verify/<method>-seed<k>/ (resumable: rerun the same command after an
-interruption) and its results.json is copied to results/cifar10/<method>-seed<k>/results.json, which is
-committed with the summary table and figure in results/README.md. Only metrics, never images.
+interruption). Its results.json and metrics.jsonl are copied to results/<name>/<method>-seed<k>/
+(default name: cifar10), and results/README.md is rebuilt from every results/*/SUMMARY.md: the per-exit
+table, epoch times, learned weights, the device, torch version and command of each run. Only metrics are
+committed, never images, nor the split file (it is derived from the images' labels; its checksum is in
+every results.json).
+
+--jobs N trains N runs at once as separate `python -m hdkdlib.train` processes (logs in
+runs/verify/<run>.log, a progress line a minute). Their epoch times then measure a shared device; the
+summary says so, and benchmarks/train_throughput.py gives the one-run speed.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from hdkdlib import evaluation, plots, train
+from hdkdlib.paths import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "results"
 
 
-def run_all(args) -> None:
-    for method in args.methods:
-        for seed in args.seeds:
-            name = f"{method}-seed{seed}"
-            cfg = train.TrainConfig(dataset="folder32", data_root=args.data_root, arch=args.arch, method=method,
-                                    epochs=args.epochs, batch_size=args.batch_size, seed=seed, device=args.device,
-                                    val_per_class=args.val_per_class, n_per_class=args.n_per_class,
-                                    meta_interval=args.meta_interval, bf16=args.bf16, compile=args.compile,
-                                    compile_mode=args.compile_mode,
-                                    progress=args.progress, split_dir=args.split_dir,
-                                    out=str(Path(args.runs) / name)).validate()
-            print(f"== {name}: {' '.join(train.cli_args(cfg))}", flush=True)
-            train.run(cfg)
-            target = Path(args.results) / name
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copy(Path(cfg.out) / "results.json", target / "results.json")
-            shutil.copy(Path(cfg.out) / "metrics.jsonl", target / "metrics.jsonl")
+def portable(path) -> str:
+    """A path relative to the project root when inside it, so recorded commands work on any checkout."""
+    path = Path(path).resolve()
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def configs(args) -> list:
+    """One config per (method, seed); paths relative to the project root, which is the working directory."""
+    return [train.TrainConfig(dataset="folder32", data_root=portable(args.data_root), arch=args.arch,
+                              method=method, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+                              device=args.device, val_per_class=args.val_per_class, n_per_class=args.n_per_class,
+                              meta_interval=args.meta_interval, bf16=args.bf16, compile=args.compile,
+                              compile_mode=args.compile_mode, progress=args.progress and args.jobs == 1,
+                              split_dir=portable(args.split_dir),
+                              out=str(Path(portable(args.runs)) / f"{method}-seed{seed}")).validate()
+            for method in args.methods for seed in args.seeds]
+
+
+def finished(cfg) -> bool:
+    return all((Path(cfg.out) / f).exists() for f in ("results.json", "model.pt"))
+
+
+def collect(cfg, results: Path) -> None:
+    """Copy a finished run's metrics (not its weights) into the results folder."""
+    target = results / Path(cfg.out).name
+    target.mkdir(parents=True, exist_ok=True)
+    for name in ("results.json", "metrics.jsonl"):
+        shutil.copy(Path(cfg.out) / name, target / name)
+
+
+def epochs_done(cfg) -> int:
+    path = Path(cfg.out) / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def run_parallel(cfgs, jobs: int, results: Path, poll_s: float = 60.0) -> list:
+    """Train the runs `jobs` at a time as subprocesses; returns the names of runs that failed."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    waiting, active, failed = [c for c in cfgs if not finished(c)], {}, []
+    for cfg in cfgs:
+        if finished(cfg):
+            collect(cfg, results)
+    last_report = 0.0
+    while waiting or active:
+        while waiting and len(active) < jobs:
+            cfg = waiting.pop(0)
+            cmd = [sys.executable, "-m", "hdkdlib.train", *train.cli_args(cfg)]
+            if (Path(cfg.out) / "checkpoint.pt").exists():
+                cmd.append("--resume")
+            Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
+            log = open(Path(cfg.out).with_suffix(".log"), "a")
+            print(f"== start {Path(cfg.out).name}: {' '.join(cmd[1:])}", flush=True)
+            active[Path(cfg.out).name] = (cfg, subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=log), log)
+        time.sleep(min(poll_s, 5.0))
+        for name, (cfg, proc, log) in list(active.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            del active[name]
+            if proc.returncode == 0 and finished(cfg):
+                collect(cfg, results)
+                print(f"== done {name}", flush=True)
+            else:
+                failed.append(name)
+                tail = Path(cfg.out).with_suffix(".log").read_text()[-1500:]
+                print(f"== FAILED {name} (exit {proc.returncode}); end of its log:\n{tail}", flush=True)
+        if time.monotonic() - last_report >= poll_s or not (waiting or active):
+            last_report = time.monotonic()
+            print(time.strftime("%H:%M:%S ") + " · ".join(
+                f"{Path(c.out).name} {epochs_done(c)}/{c.epochs}" for c in cfgs), flush=True)
+    return failed
+
+
+def run_inline(cfgs, results: Path) -> None:
+    for cfg in cfgs:
+        print(f"== {Path(cfg.out).name}: {' '.join(train.cli_args(cfg))}", flush=True)
+        train.run(cfg)
+        collect(cfg, results)
+
+
+def _median(values):
+    return float(np.median(values)) if len(values) else float("nan")
 
 
 def summarize(results: Path, epochs_full: int = 300) -> str:
-    """Markdown: per-exit test top-1 (mean and spread over seeds), epoch time, final learned weights."""
-    table = evaluation.load_results(sorted(str(p) for p in results.glob("*/results.json")))
-    if table.empty:
+    """Markdown section for one results folder: per-exit test top-1 (mean and spread over seeds), learned
+    weights, and per run its device, torch version, epoch time and command. Also writes anytime.png."""
+    files = sorted(results.glob("*/results.json"))
+    if not files:
         raise SystemExit(f"no results under {results}")
+    table = evaluation.load_results([str(p) for p in files])
+    records = {p.parent.name: json.loads(p.read_text()) for p in files}
+    meta = json.loads((results / "RUNS.json").read_text()) if (results / "RUNS.json").exists() else {}
+    exits = sorted(table.exit.unique())
     acc = table.assign(top1=100 * table.top1).groupby(["method", "exit"]).top1.agg(["mean", "std", "count"])
-    lines = ["| method | seeds | " + " | ".join(f"exit {k}" for k in sorted(table.exit.unique())) + " |",
-             "|---|---|" + "---|" * table.exit.nunique()]
+    out = [f"## {results.name}", ""]
+    if meta.get("note"):
+        out += [meta["note"], ""]
+    out += ["Per-exit test top-1 (%), mean ± standard deviation over seeds:", "",
+            "| method | seeds | " + " | ".join(f"exit {k}" for k in exits) + " | mean |",
+            "|---|---|" + "---|" * (len(exits) + 1)]
     for method, group in acc.groupby(level=0):
         cells = [f"{m:.2f} ± {s:.2f}" if pd.notna(s) else f"{m:.2f}" for m, s in zip(group["mean"], group["std"])]
-        lines.append(f"| {method} | {int(group['count'].iloc[0])} | " + " | ".join(cells) + " |")
-    times = []
-    for run in sorted(results.glob("*/metrics.jsonl")):
-        rows = [json.loads(l) for l in run.read_text().splitlines()]
-        per_epoch = sorted(r["epoch_seconds"] for r in rows)[len(rows) // 2]  # median epoch
-        times.append(f"| {run.parent.name} | {per_epoch:.1f} s | {per_epoch * epochs_full / 3600:.2f} h | "
-                     f"{sorted(r['images_per_s'] for r in rows)[len(rows) // 2]:.0f} |")
-    out = ["Per-exit test top-1 (%), mean ± standard deviation over seeds:", "", *lines, "",
-           f"Wall time (median epoch) and the implied {epochs_full}-epoch run:", "",
-           "| run | epoch | 300 epochs | images/s |", "|---|---|---|---|", *times]
-    learned = [p for p in results.glob("hdkd-seed*/results.json")]
-    if learned:
-        w = json.loads(learned[0].read_text())["weights"]
-        out += ["", f"Final learned weights ({learned[0].parent.name}):", "",
-                "| term | " + " | ".join(w) + " |", "|---|" + "---|" * len(w),
-                "| weight | " + " | ".join(f"{v:.3f}" for v in w.values()) + " |"]
+        out.append(f"| {method} | {int(group['count'].iloc[0])} | " + " | ".join(cells)
+                   + f" | {group['mean'].mean():.2f} |")
+    learned = {n: r for n, r in records.items() if n.startswith(("hdkd-", "hdbt-", "hmsdnet-"))}
+    for method in sorted({n.rsplit("-seed", 1)[0] for n in learned}):
+        mats = [plots.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if n.startswith(method + "-")]
+        mean = np.mean(mats, axis=0)
+        out += ["", f"Final learned weights of {method} (mean over {len(mats)} seeds): row = student exit, "
+                    "diagonal = its CE weight, column j > row = weight of KD from exit j:", "",
+                "| exit | " + " | ".join(str(k) for k in exits) + " |", "|---|" + "---|" * len(exits)]
+        out += [f"| {i + 1} | " + " | ".join("" if np.isnan(v) else f"{v:.3f}" for v in row) + " |"
+                for i, row in enumerate(mean)]
+    jobs = meta.get("jobs", 1)
+    out += ["", f"Per run (epoch: median epoch wall time, training only{'' if jobs == 1 else f'; {jobs} runs shared the device'}"
+                f"; {epochs_full} epochs: that times {epochs_full}):", "",
+            "| run | device | torch | epochs | epoch | train wall | "
+            f"{epochs_full} epochs | images/s | commit |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in records.items():
+        rows = [json.loads(l) for l in (results / name / "metrics.jsonl").read_text().splitlines()]
+        epoch = _median([row["epoch_seconds"] for row in rows])
+        out.append(f"| {name} | {r['device']} | {r['packages']['torch']} | {len(rows)} | {epoch:.1f} s | "
+                   f"{sum(row['epoch_seconds'] for row in rows) / 60:.1f} min | {epoch * epochs_full / 3600:.2f} h | "
+                   f"{_median([row['images_per_s'] for row in rows]):.0f} | {r['git_commit'][:12]} |")
+    out += ["", "Commands:", "", "```"]
+    if meta.get("command"):
+        out.append(meta["command"] + "    # all runs")
+    for name, r in records.items():
+        cfg = train.config_from_dict({**r["config"], "lr_milestones": tuple(r["config"]["lr_milestones"])})
+        out.append(f"python -m hdkdlib.train {' '.join(train.cli_args(cfg))}")
+    out += ["```", "", f"![anytime]({results.name}/anytime.png)", ""]
+
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    plots.anytime_curves(table, ax=ax, title="CIFAR-10 (real images): test top-1 per exit")
-    plots.save(fig, "anytime", folder=results)
-    return "\n".join(out) + "\n"
+    plots.anytime_curves(table, ax=ax, title=f"{results.name}: test top-1 per exit (mean, sd over seeds)")
+    fig.savefig(results / "anytime.png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return "\n".join(out)
 
 
-def main(argv=None):
+def write_readme(root: Path = RESULTS) -> Path:
+    """results/README.md: a fixed header, then every results/*/SUMMARY.md in name order."""
+    sections = [p.read_text() for p in sorted(root.glob("*/SUMMARY.md"))]
+    header = ["# Results on real data", "",
+              "Metrics of verification runs (never images or weights), written by `benchmarks/verify_real_data.py`;",
+              "rebuild with `python benchmarks/verify_real_data.py --summarize-only --name <folder>`. "
+              "Every number here comes from the command listed with it.", ""]
+    path = root / "README.md"
+    atomic_write_text(path, "\n".join(header + sections))
+    return path
+
+
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", default=".data/cifar10-jpeg")
     p.add_argument("--methods", nargs="+", default=["ce", "dbt", "hdkd"])
@@ -85,23 +199,43 @@ def main(argv=None):
     p.add_argument("--arch", default="msdnet_cifar_anytime")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--val-per-class", type=int, default=500)
-    p.add_argument("--n-per-class", type=int, default=0)
+    p.add_argument("--n-per-class", type=int, default=0, help="training images per class (0: all the rest)")
     p.add_argument("--meta-interval", type=int, default=1)
     p.add_argument("--device", default="auto")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--compile", default="", choices=["", "network", "step"])
     p.add_argument("--compile-mode", default="default", help="reduce-overhead: CUDA graphs on a GPU")
-    p.add_argument("--progress", action="store_true")
-    p.add_argument("--split-dir", default="", help="default: data/splits/ (commit the split file it writes)")
+    p.add_argument("--jobs", type=int, default=1, help="runs trained at once, as separate processes")
+    p.add_argument("--progress", action="store_true", help="progress bars (with --jobs 1)")
+    p.add_argument("--split-dir", default=str(ROOT / "runs" / "verify" / "splits"))
     p.add_argument("--runs", default=str(ROOT / "runs" / "verify"))
-    p.add_argument("--results", default=str(ROOT / "results" / "cifar10"))
+    p.add_argument("--results", default=str(RESULTS), help="results root: README.md here, runs in <results>/<name>/")
+    p.add_argument("--name", default="cifar10", help="results sub-folder of this set of runs")
+    p.add_argument("--note", default="", help="a sentence placed above this set's table (what it is, what not)")
     p.add_argument("--summarize-only", action="store_true")
     args = p.parse_args(argv)
+    if args.jobs < 1:
+        p.error("--jobs must be >= 1")
+    results = Path(args.results).resolve() / args.name
+    cfgs = configs(args)  # before the chdir: paths given relative to where the script was started
+    os.chdir(ROOT)
+    failed = []
     if not args.summarize_only:
-        run_all(args)
-    summary = summarize(Path(args.results))
-    (Path(args.results) / "SUMMARY.md").write_text(summary)
-    print(summary)
+        results.mkdir(parents=True, exist_ok=True)
+        command = "python benchmarks/verify_real_data.py " + " ".join(sys.argv[1:] if argv is None else argv)
+        atomic_write_text(results / "RUNS.json", json.dumps({"command": command, "jobs": args.jobs,
+                                                             "note": args.note}, indent=1))
+        if args.jobs == 1:
+            run_inline(cfgs, results)
+        else:
+            failed = run_parallel(cfgs, args.jobs, results)
+    atomic_write_text(results / "SUMMARY.md", summarize(results))
+    print((results / "SUMMARY.md").read_text())
+    print(f"written: {write_readme(results.parent)}")
+    if failed:
+        print(f"failed runs: {', '.join(failed)} (their logs are in {args.runs})", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

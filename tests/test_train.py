@@ -166,19 +166,6 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(fake_root, tmp
     torch.testing.assert_close(a["objective"]["gamma"], b["objective"]["gamma"], rtol=1e-4, atol=1e-5)
 
 
-def test_throughput_benchmark_smoke(tmp_path):
-    out = tmp_path / "tp.json"
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--device", "cpu",
-                             "--steps", "2", "--warmup", "1", "--batch-sizes", "4", "--modes", "eager",
-                             "--arch", "msdnet_cifar_budget", "--json", str(out)], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    record = json.loads(out.read_text())
-    rows = record["rows"]
-    assert [(r["method"], r["meta_interval"]) for r in rows] == [("ce", None), ("hdkd", 1), ("hdkd", 10)]
-    assert record["data_path"][0]["data_path_images_per_s"] > 0
-    assert all(r["images_per_s"] > 0 for r in rows)
-
-
 def test_run_reuses_a_finished_run_and_freezing_keeps_weights_fixed(fake_root, tmp_path):
     from hdkdlib.train import run
     cfg = _cfg(fake_root, tmp_path / "a", epochs=1)
@@ -248,23 +235,6 @@ def test_compiled_step_trains_like_eager(fake_root, tmp_path):
     for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(eager.objective.gamma, compiled.objective.gamma, rtol=1e-3, atol=1e-4)
-
-
-def test_real_data_verification_script_smoke(tmp_path):
-    data.write_fake_image_folder(tmp_path / "img", classes=[f"c{i}" for i in range(4)], n_per_class=(20, 5),
-                                 size=32, ext=".jpg")
-    (tmp_path / "img" / "val").rename(tmp_path / "img" / "test")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "verify_real_data.py"), "--data-root",
-                             str(tmp_path / "img"), "--methods", "ce", "hdkd", "--seeds", "0", "1", "--epochs", "1",
-                             "--arch", "toy_mlp", "--batch-size", "8", "--val-per-class", "4", "--device", "cpu",
-                             "--split-dir", str(tmp_path / "splits"), "--runs", str(tmp_path / "runs"),
-                             "--results", str(tmp_path / "results")],
-                            capture_output=True, text=True, env={**os.environ, "HDKD_FIGURES": str(tmp_path / "fig")})
-    assert result.returncode == 0, result.stderr[-2000:]
-    summary = (tmp_path / "results" / "SUMMARY.md").read_text()
-    assert "| ce | 2 |" in summary and "| hdkd | 2 |" in summary and "300 epochs" in summary
-    assert (tmp_path / "results" / "hdkd-seed1" / "results.json").exists()
-    assert (tmp_path / "results" / "anytime.png").exists()
 
 
 def test_imta_second_stage_trains_new_heads_on_a_frozen_network(fake_root, tmp_path):

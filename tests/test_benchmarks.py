@@ -1,0 +1,86 @@
+"""The scripts under benchmarks/: they run where a GPU is lent for minutes, so their mechanics are checked here."""
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from hdkdlib import data
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fake_cifar_folder(root: Path) -> Path:
+    data.write_fake_image_folder(root, classes=[f"c{i}" for i in range(4)], n_per_class=(20, 5), size=32, ext=".jpg")
+    (root / "val").rename(root / "test")  # CIFAR-10 as JPEG has train/ and test/
+    return root
+
+
+def test_throughput_benchmark_smoke(tmp_path):
+    out = tmp_path / "tp.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--device", "cpu",
+                             "--steps", "2", "--warmup", "1", "--batch-sizes", "4", "--modes", "eager",
+                             "--arch", "msdnet_cifar_budget", "--json", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(out.read_text())
+    rows = record["rows"]
+    assert [(r["method"], r["meta_interval"]) for r in rows] == [("ce", None), ("hdkd", 1), ("hdkd", 10)]
+    assert record["data_path"][0]["data_path_images_per_s"] > 0
+    assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def test_real_data_verification_script_parallel_equals_inline(tmp_path):
+    """benchmarks/verify_real_data.py: runs trained as parallel CLI processes give the same numbers as runs
+    trained in-process; the summary holds them with mean and spread, and README.md collects the sections."""
+    _fake_cifar_folder(tmp_path / "img")
+    common = [sys.executable, str(ROOT / "benchmarks" / "verify_real_data.py"), "--data-root", str(tmp_path / "img"),
+              "--methods", "ce", "hdkd", "--seeds", "0", "1", "--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8",
+              "--val-per-class", "4", "--device", "cpu", "--split-dir", str(tmp_path / "splits"),
+              "--results", str(tmp_path / "results")]
+    for name, jobs in (("parallel", "2"), ("inline", "1")):
+        result = subprocess.run(common + ["--runs", str(tmp_path / name), "--name", name, "--jobs", jobs],
+                                capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    assert (tmp_path / "parallel" / "hdkd-seed1.log").exists()
+
+    def top1(name):
+        return {p.parent.name: [r["top1"] for r in json.loads(p.read_text())["anytime"]]
+                for p in (tmp_path / "results" / name).glob("*/results.json")}
+    parallel, inline = top1("parallel"), top1("inline")
+    assert sorted(parallel) == ["ce-seed0", "ce-seed1", "hdkd-seed0", "hdkd-seed1"] and parallel == inline
+    summary = (tmp_path / "results" / "parallel" / "SUMMARY.md").read_text()
+    ce = np.array([parallel["ce-seed0"], parallel["ce-seed1"]]) * 100
+    row = next(l for l in summary.splitlines() if l.startswith("| ce | 2 |"))
+    assert row.split(" | ")[2] == f"{ce[:, 0].mean():.2f} ± {ce[:, 0].std(ddof=1):.2f}"
+    assert "Final learned weights of hdkd (mean over 2 seeds)" in summary and "2 runs shared the device" in summary
+    assert "python -m hdkdlib.train" in summary and "--jobs 2" in summary
+    readme = (tmp_path / "results" / "README.md").read_text()
+    assert readme.index("## inline") < readme.index("## parallel")
+    assert (tmp_path / "results" / "parallel" / "anytime.png").exists()
+
+
+def test_gpu_session_script_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_session.sh start + wait, with CPU settings: the benchmark, the background runs and
+    the archive that comes back from the device machine."""
+    img = _fake_cifar_folder(tmp_path / "img")
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA_ROOT": str(img), "RUNS": str(tmp_path / "runs"),
+           "RESULTS": str(tmp_path / "results"), "PYTHON": sys.executable,
+           "THROUGHPUT_ARGS": "--device cpu --steps 2 --warmup 1 --batch-sizes 4 --modes eager --arch msdnet_cifar_budget",
+           "VERIFY_ARGS": f"--methods ce --seeds 0 --epochs 1 --arch toy_mlp --batch-size 8 --val-per-class 4 "
+                          f"--device cpu --jobs 2 --split-dir {tmp_path / 'splits'}"}
+    script = str(ROOT / "benchmarks" / "gpu_session.sh")
+    start = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=600)
+    assert start.returncode == 0, start.stderr[-2000:] + start.stdout[-2000:]
+    assert json.loads((tmp_path / "out" / "train_throughput.json").read_text())["rows"]
+    wait = subprocess.run(["bash", script, "wait", "300"], env=env, capture_output=True, text=True, timeout=600)
+    assert wait.returncode == 0 and "all runs finished" in wait.stdout, wait.stderr[-2000:] + wait.stdout[-2000:]
+    with tarfile.open(tmp_path / "out" / "results.tgz") as archive:
+        names = archive.getnames()
+    assert any(n.endswith("results/cifar10/ce-seed0/results.json") for n in names)
+    assert any(n.endswith("results/README.md") for n in names) and any(n.endswith("ce-seed0.log") for n in names)
+    assert "verification runs started" in (tmp_path / "out" / "session.log").read_text()
+    again = subprocess.run(["bash", script, "bogus"], env=env, capture_output=True, text=True)
+    assert again.returncode == 2 and "usage" in again.stderr
