@@ -11,7 +11,7 @@
 # Settings by environment: VERIFY_ARGS (the runs), THROUGHPUT_ARGS (the benchmark), DATA_ROOT, RUNS, RESULTS,
 # PYTHON (default python3).
 # Every call leaves under $OUT: session.log, results.tgz (the results folder and the run logs: metrics
-# only) and, after start, train_throughput.json. Back on the CPU machine: tar -xzf <files_at>/results.tgz,
+# only) and train_throughput.json. Back on the CPU machine: tar -xzf <files_at>/results.tgz,
 # then commit results/ and add the throughput numbers to benchmarks/RESULTS.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,15 +21,18 @@ PYTHON="${PYTHON:-python3}"
 DATA_ROOT="${DATA_ROOT:-.data/cifar10-jpeg}"
 RUNS="${RUNS:-runs/verify}"
 RESULTS="${RESULTS:-results}"
-VERIFY_ARGS="${VERIFY_ARGS:---epochs 50 --jobs 3 --device cuda --compile step --compile-mode reduce-overhead}"
+# --epochs auto: as many epochs as let all runs (ce, dbt, hdkd x 2 seeds) train in --minutes at the measured speeds;
+# 14 leaves room in a 30-minute lease for the start, the benchmark, compilation and evaluation.
+VERIFY_ARGS="${VERIFY_ARGS:---epochs auto --minutes 14 --jobs 3 --device cuda --compile step --compile-mode reduce-overhead}"
 THROUGHPUT_ARGS="${THROUGHPUT_ARGS:---batch-sizes 64 --modes eager compile --steps 200 --warmup 30}"
 CIFAR10_JPEG_SHA256=1d26e266d748fedf13fb464d83e11ea734f0c5a9f15db57ca72e409919b435c7  # ../shared/data/README.md
 LOG="$RUNS/session.log"
 mkdir -p "$OUT" "$RUNS"
 
-pack() {  # what comes back: at most 8 files, 2 folders deep, so one archive
+pack() {  # what comes back: at most 8 files, 2 folders deep, so one archive ($OUT is emptied before each call)
     cp "$LOG" "$OUT/session.log"
-    tar -czf "$OUT/results.tgz" $(ls -d "$RESULTS" "$RUNS"/*.log 2>/dev/null)
+    cp "$RUNS/train_throughput.json" "$OUT/" 2>/dev/null || true
+    tar -czf "$OUT/results.tgz" $(ls -d "$RESULTS" "$RUNS"/*.log "$RUNS"/train_throughput.json 2>/dev/null)
 }
 
 running() { pgrep -f "verify_real_data.py .*--runs $RUNS( |$)" > /dev/null; }
@@ -46,9 +49,9 @@ start)
       "$PYTHON" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__)'
     } 2>&1 | tee -a "$LOG"
     # One-run speed first, alone on the device (the runs below share it).
-    "$PYTHON" benchmarks/train_throughput.py $THROUGHPUT_ARGS --json "$OUT/train_throughput.json" 2>&1 | tee -a "$LOG"
+    "$PYTHON" benchmarks/train_throughput.py $THROUGHPUT_ARGS --json "$RUNS/train_throughput.json" 2>&1 | tee -a "$LOG"
     setsid nohup "$PYTHON" benchmarks/verify_real_data.py --data-root "$DATA_ROOT" $VERIFY_ARGS --runs "$RUNS" \
-        --results "$RESULTS" >> "$LOG" 2>&1 < /dev/null &
+        --results "$RESULTS" --throughput "$RUNS/train_throughput.json" >> "$LOG" 2>&1 < /dev/null &
     echo "verification runs started in the background: $VERIFY_ARGS" | tee -a "$LOG"
     sleep 20
     pack

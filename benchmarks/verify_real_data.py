@@ -46,13 +46,57 @@ def portable(path) -> str:
 def configs(args) -> list:
     """One config per (method, seed); paths relative to the project root, which is the working directory."""
     return [train.TrainConfig(dataset="folder32", data_root=portable(args.data_root), arch=args.arch,
-                              method=method, epochs=args.epochs, batch_size=args.batch_size, seed=seed,
+                              method=method, epochs=int(args.epochs), batch_size=args.batch_size, lr=args.lr, seed=seed,
                               device=args.device, val_per_class=args.val_per_class, n_per_class=args.n_per_class,
                               meta_interval=args.meta_interval, bf16=args.bf16, compile=args.compile,
                               compile_mode=args.compile_mode, progress=args.progress and args.jobs == 1,
                               split_dir=portable(args.split_dir),
                               out=str(Path(portable(args.runs)) / f"{method}-seed{seed}")).validate()
             for method in args.methods for seed in args.seeds]
+
+
+def epochs_within(minutes: float, throughput: dict, methods, seeds, train_images: int, meta_interval: int = 1,
+                  batch_size: int = 64, bounds=(4, 60)) -> int:
+    """Epochs for which all runs, one after another, train in `minutes` at the speeds that
+    benchmarks/train_throughput.py measured (compiled rows preferred): CE-cost methods at the CE speed,
+    learned-weight methods at the HDKD speed with the nearest meta interval. Clamped to `bounds`: fewer than
+    4 epochs cannot place the two lr drops apart, more than 60 is beyond what issue 9 asks."""
+    rows = [r for r in throughput["rows"] if r["batch_size"] == batch_size] or throughput["rows"]
+    modes = {r["mode"] for r in rows}
+    rows = [r for r in rows if r["mode"] == ("compile" if "compile" in modes else "eager")]
+    ce = next(r["images_per_s"] for r in rows if r["method"] == "ce")
+    learned = [r for r in rows if r["method"] != "ce"]
+    hdkd = min(learned, key=lambda r: abs(r["meta_interval"] - meta_interval))["images_per_s"] if learned else ce
+    from hdkdlib import objectives
+    seconds_per_epoch = len(seeds) * sum(train_images / (hdkd if m in objectives.LEARNED else ce) for m in methods)
+    return int(min(max(minutes * 60 // seconds_per_epoch, bounds[0]), bounds[1]))
+
+
+def train_images(args) -> int:
+    classes = [d for d in (Path(args.data_root) / "train").iterdir() if d.is_dir()]
+    if args.n_per_class:
+        return args.n_per_class * len(classes)
+    return sum(1 for d in classes for f in d.iterdir() if f.is_file()) - args.val_per_class * len(classes)
+
+
+def resolve_epochs(args) -> int:
+    """--epochs N, or `auto`: the epochs of runs already begun in --runs, else what fits --minutes."""
+    if args.epochs != "auto":
+        return int(args.epochs)
+    begun = sorted(Path(args.runs).glob("*/config.json"))
+    if begun:
+        epochs = json.loads(begun[0].read_text())["config"]["epochs"]
+        print(f"epochs auto: {epochs}, as the runs already begun in {args.runs}", flush=True)
+        return epochs
+    path = Path(args.throughput)
+    if not path.exists():
+        raise SystemExit(f"--epochs auto needs the speeds in {path}: run benchmarks/train_throughput.py first")
+    n = train_images(args)
+    epochs = epochs_within(args.minutes, json.loads(path.read_text()), args.methods, args.seeds, n,
+                           args.meta_interval, args.batch_size)
+    print(f"epochs auto: {epochs} ({len(args.methods)} methods x {len(args.seeds)} seeds, {n} training images, "
+          f"{args.minutes} minutes at the speeds in {path})", flush=True)
+    return epochs
 
 
 def finished(cfg) -> bool:
@@ -195,9 +239,13 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=".data/cifar10-jpeg")
     p.add_argument("--methods", nargs="+", default=["ce", "dbt", "hdkd"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    p.add_argument("--epochs", type=int, default=50)
+    p.add_argument("--epochs", default="50", help="a number, or auto: what fits --minutes (see epochs_within)")
+    p.add_argument("--minutes", type=float, default=16.0, help="with --epochs auto: training time for all runs")
+    p.add_argument("--throughput", default=str(ROOT / "benchmarks" / "train_throughput.json"),
+                   help="with --epochs auto: the speeds, from benchmarks/train_throughput.py")
     p.add_argument("--arch", default="msdnet_cifar_anytime")
     p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--val-per-class", type=int, default=500)
     p.add_argument("--n-per-class", type=int, default=0, help="training images per class (0: all the rest)")
     p.add_argument("--meta-interval", type=int, default=1)
@@ -216,15 +264,18 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
+    if args.epochs != "auto" and not args.epochs.isdigit():
+        p.error(f"--epochs must be a number or auto, got {args.epochs!r}")
     results = Path(args.results).resolve() / args.name
-    cfgs = configs(args)  # before the chdir: paths given relative to where the script was started
-    os.chdir(ROOT)
     failed = []
     if not args.summarize_only:
+        args.epochs = resolve_epochs(args)
+        cfgs = configs(args)  # before the chdir: paths given relative to where the script was started
+        os.chdir(ROOT)
         results.mkdir(parents=True, exist_ok=True)
         command = "python benchmarks/verify_real_data.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        atomic_write_text(results / "RUNS.json", json.dumps({"command": command, "jobs": args.jobs,
-                                                             "note": args.note}, indent=1))
+        atomic_write_text(results / "RUNS.json", json.dumps({"command": command, "epochs": args.epochs,
+                                                             "jobs": args.jobs, "note": args.note}, indent=1))
         if args.jobs == 1:
             run_inline(cfgs, results)
         else:

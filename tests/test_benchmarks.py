@@ -1,4 +1,5 @@
 """The scripts under benchmarks/: they run where a GPU is lent for minutes, so their mechanics are checked here."""
+import importlib.util
 import json
 import os
 import subprocess
@@ -37,7 +38,7 @@ def test_real_data_verification_script_parallel_equals_inline(tmp_path):
     trained in-process; the summary holds them with mean and spread, and README.md collects the sections."""
     _fake_cifar_folder(tmp_path / "img")
     common = [sys.executable, str(ROOT / "benchmarks" / "verify_real_data.py"), "--data-root", str(tmp_path / "img"),
-              "--methods", "ce", "hdkd", "--seeds", "0", "1", "--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8",
+              "--methods", "ce", "hdkd", "--seeds", "0", "1", "--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8", "--lr", "0.01",
               "--val-per-class", "4", "--device", "cpu", "--split-dir", str(tmp_path / "splits"),
               "--results", str(tmp_path / "results")]
     for name, jobs in (("parallel", "2"), ("inline", "1")):
@@ -69,8 +70,8 @@ def test_gpu_session_script_dry_run_on_cpu(tmp_path):
     env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA_ROOT": str(img), "RUNS": str(tmp_path / "runs"),
            "RESULTS": str(tmp_path / "results"), "PYTHON": sys.executable,
            "THROUGHPUT_ARGS": "--device cpu --steps 2 --warmup 1 --batch-sizes 4 --modes eager --arch msdnet_cifar_budget",
-           "VERIFY_ARGS": f"--methods ce --seeds 0 --epochs 1 --arch toy_mlp --batch-size 8 --val-per-class 4 "
-                          f"--device cpu --jobs 2 --split-dir {tmp_path / 'splits'}"}
+           "VERIFY_ARGS": f"--methods ce --seeds 0 --epochs auto --minutes 0.001 --arch toy_mlp --batch-size 8 --lr 0.01 "
+                          f"--val-per-class 4 --device cpu --jobs 2 --split-dir {tmp_path / 'splits'}"}
     script = str(ROOT / "benchmarks" / "gpu_session.sh")
     start = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=600)
     assert start.returncode == 0, start.stderr[-2000:] + start.stdout[-2000:]
@@ -81,6 +82,23 @@ def test_gpu_session_script_dry_run_on_cpu(tmp_path):
         names = archive.getnames()
     assert any(n.endswith("results/cifar10/ce-seed0/results.json") for n in names)
     assert any(n.endswith("results/README.md") for n in names) and any(n.endswith("ce-seed0.log") for n in names)
-    assert "verification runs started" in (tmp_path / "out" / "session.log").read_text()
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert "verification runs started" in log and "epochs auto: 4 (1 methods x 1 seeds, 64 training images" in log
+    assert json.loads((tmp_path / "results" / "cifar10" / "RUNS.json").read_text())["epochs"] == 4
     again = subprocess.run(["bash", script, "bogus"], env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "usage" in again.stderr
+
+
+def test_epochs_within_a_time_budget():
+    spec = importlib.util.spec_from_file_location("verify_real_data", ROOT / "benchmarks" / "verify_real_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    epochs_within = module.epochs_within
+    rows = [dict(method="ce", meta_interval=None, batch_size=64, mode="compile", images_per_s=1000.0),
+            dict(method="hdkd", meta_interval=1, batch_size=64, mode="compile", images_per_s=500.0),
+            dict(method="hdkd", meta_interval=10, batch_size=64, mode="compile", images_per_s=900.0),
+            dict(method="ce", meta_interval=None, batch_size=64, mode="eager", images_per_s=10.0)]
+    # one epoch of ce + dbt + hdkd, 2 seeds, 45,000 images: 2 * (45 + 45 + 90) s = 360 s; 60 minutes -> 10 epochs
+    assert epochs_within(60, {"rows": rows}, ["ce", "dbt", "hdkd"], [0, 1], 45_000) == 10
+    assert epochs_within(60, {"rows": rows}, ["hdkd"], [0], 45_000, meta_interval=8) == 60  # 50 s/epoch: 72, capped
+    assert epochs_within(1, {"rows": rows}, ["ce", "dbt", "hdkd"], [0, 1], 45_000) == 4     # too little time: 4
