@@ -19,8 +19,10 @@ summary says so, and benchmarks/train_throughput.py gives the one-run speed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hdkdlib import evaluation, plots, train
+from hdkdlib import evaluation, objectives, plots, train
 from hdkdlib.paths import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,15 +45,51 @@ def portable(path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def overrides(pairs) -> dict:
+    """--set KEY=VALUE pairs as TrainConfig values of the field's type (the ablation switches)."""
+    fields = {f.name: f for f in dataclasses.fields(train.TrainConfig)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
+        default = fields[key].default
+        try:
+            if isinstance(default, bool):
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError("expected true or false")
+                out[key] = value.lower() in ("true", "1")
+            elif isinstance(default, tuple):
+                out[key] = tuple(int(v) for v in value.split(",") if v)
+            else:
+                out[key] = type(default)(value)
+        except ValueError as e:
+            raise SystemExit(f"--set {pair!r}: {e}") from e
+    return out
+
+
+def run_name(method: str, tag: str, seed: int) -> str:
+    return f"{method}{'-' + tag if tag else ''}-seed{seed}"
+
+
+def variant(run: str) -> str:
+    """The run's name without its seed: what the summary averages over."""
+    return run.rsplit("-seed", 1)[0]
+
+
 def configs(args) -> list:
     """One config per (method, seed); paths relative to the project root, which is the working directory."""
-    return [train.TrainConfig(dataset="folder32", data_root=portable(args.data_root), arch=args.arch,
-                              method=method, epochs=int(args.epochs), batch_size=args.batch_size, lr=args.lr, seed=seed,
-                              device=args.device, val_per_class=args.val_per_class, n_per_class=args.n_per_class,
-                              meta_interval=args.meta_interval, bf16=args.bf16, compile=args.compile,
-                              compile_mode=args.compile_mode, progress=args.progress and args.jobs == 1,
-                              split_dir=portable(args.split_dir),
-                              out=str(Path(portable(args.runs)) / f"{method}-seed{seed}")).validate()
+    base = dict(dataset="folder32", data_root=portable(args.data_root), arch=args.arch, epochs=int(args.epochs),
+                batch_size=args.batch_size, lr=args.lr, device=args.device, val_per_class=args.val_per_class,
+                n_per_class=args.n_per_class, meta_interval=args.meta_interval, bf16=args.bf16, compile=args.compile,
+                compile_mode=args.compile_mode, progress=args.progress and args.jobs == 1,
+                split_dir=portable(args.split_dir))
+    extra = overrides(args.set)
+    fixed = sorted(set(extra) & {"dataset", "data_root", "method", "seed", "out"})
+    if fixed:
+        raise SystemExit(f"--set cannot change {', '.join(fixed)}: use --data-root, --methods, --seeds, --runs/--tag")
+    return [train.TrainConfig(**{**base, **extra}, method=method, seed=seed,
+                              out=str(Path(portable(args.runs)) / run_name(method, args.tag, seed))).validate()
             for method in args.methods for seed in args.seeds]
 
 
@@ -67,7 +105,6 @@ def epochs_within(minutes: float, throughput: dict, methods, seeds, train_images
     ce = next(r["images_per_s"] for r in rows if r["method"] == "ce")
     learned = [r for r in rows if r["method"] != "ce"]
     hdkd = min(learned, key=lambda r: abs(r["meta_interval"] - meta_interval))["images_per_s"] if learned else ce
-    from hdkdlib import objectives
     seconds_per_epoch = len(seeds) * sum(train_images / (hdkd if m in objectives.LEARNED else ce) for m in methods)
     return int(min(max(minutes * 60 // seconds_per_epoch, bounds[0]), bounds[1]))
 
@@ -172,43 +209,45 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     if not files:
         raise SystemExit(f"no results under {results}")
     table = evaluation.load_results([str(p) for p in files])
+    table["variant"] = table["run"].map(variant)
     records = {p.parent.name: json.loads(p.read_text()) for p in files}
     meta = json.loads((results / "RUNS.json").read_text()) if (results / "RUNS.json").exists() else {}
+    invocations = meta.get("invocations", [])
+    at_once = {run: inv["jobs"] for inv in invocations for run in inv["runs"]}  # the last invocation that trained it
     exits = sorted(table.exit.unique())
-    acc = table.assign(top1=100 * table.top1).groupby(["method", "exit"]).top1.agg(["mean", "std", "count"])
+    acc = table.assign(top1=100 * table.top1).groupby(["variant", "exit"]).top1.agg(["mean", "std", "count"])
     out = [f"## {results.name}", ""]
     if meta.get("note"):
         out += [meta["note"], ""]
     out += ["Per-exit test top-1 (%), mean ± standard deviation over seeds:", "",
-            "| method | seeds | " + " | ".join(f"exit {k}" for k in exits) + " | mean |",
+            "| run | seeds | " + " | ".join(f"exit {k}" for k in exits) + " | mean |",
             "|---|---|" + "---|" * (len(exits) + 1)]
-    for method, group in acc.groupby(level=0):
+    for name, group in acc.groupby(level=0):
         cells = [f"{m:.2f} ± {s:.2f}" if pd.notna(s) else f"{m:.2f}" for m, s in zip(group["mean"], group["std"])]
-        out.append(f"| {method} | {int(group['count'].iloc[0])} | " + " | ".join(cells)
+        out.append(f"| {name} | {int(group['count'].iloc[0])} | " + " | ".join(cells)
                    + f" | {group['mean'].mean():.2f} |")
-    learned = {n: r for n, r in records.items() if n.startswith(("hdkd-", "hdbt-", "hmsdnet-"))}
-    for method in sorted({n.rsplit("-seed", 1)[0] for n in learned}):
-        mats = [plots.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if n.startswith(method + "-")]
+    learned = {n: r for n, r in records.items() if r["config"]["method"] in objectives.LEARNED}
+    for name in sorted({variant(n) for n in learned}):
+        mats = [plots.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if variant(n) == name]
         mean = np.mean(mats, axis=0)
-        out += ["", f"Final learned weights of {method} (mean over {len(mats)} seeds): row = student exit, "
+        out += ["", f"Final learned weights of {name} (mean over {len(mats)} seeds): row = student exit, "
                     "diagonal = its CE weight, column j > row = weight of KD from exit j:", "",
                 "| exit | " + " | ".join(str(k) for k in exits) + " |", "|---|" + "---|" * len(exits)]
         out += [f"| {i + 1} | " + " | ".join("" if np.isnan(v) else f"{v:.3f}" for v in row) + " |"
                 for i, row in enumerate(mean)]
-    jobs = meta.get("jobs", 1)
-    out += ["", f"Per run (epoch: median epoch wall time, training only{'' if jobs == 1 else f'; {jobs} runs shared the device'}"
-                f"; {epochs_full} epochs: that times {epochs_full}):", "",
-            "| run | device | torch | epochs | epoch | train wall | "
-            f"{epochs_full} epochs | images/s | commit |", "|---|---|---|---|---|---|---|---|---|"]
+    out += ["", f"Per run (epoch: median epoch wall time, training only; at once: runs that shared the device; "
+                f"{epochs_full} epochs: the epoch time {epochs_full} times):", "",
+            f"| run | device | torch | at once | epochs | epoch | train wall | {epochs_full} epochs | images/s | commit |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in records.items():
         rows = [json.loads(l) for l in (results / name / "metrics.jsonl").read_text().splitlines()]
         epoch = _median([row["epoch_seconds"] for row in rows])
-        out.append(f"| {name} | {r['device']} | {r['packages']['torch']} | {len(rows)} | {epoch:.1f} s | "
+        out.append(f"| {name} | {r['device']} | {r['packages']['torch']} | {at_once.get(name, '?')} | {len(rows)} | "
+                   f"{epoch:.1f} s | "
                    f"{sum(row['epoch_seconds'] for row in rows) / 60:.1f} min | {epoch * epochs_full / 3600:.2f} h | "
                    f"{_median([row['images_per_s'] for row in rows]):.0f} | {r['git_commit'][:12]} |")
     out += ["", "Commands:", "", "```"]
-    if meta.get("command"):
-        out.append(meta["command"] + "    # all runs")
+    out += [f"{inv['command']}    # {inv['started']}: {', '.join(inv['runs'])}" for inv in invocations]
     for name, r in records.items():
         cfg = train.config_from_dict({**r["config"], "lr_milestones": tuple(r["config"]["lr_milestones"])})
         out.append(f"python -m hdkdlib.train {' '.join(train.cli_args(cfg))}")
@@ -216,10 +255,20 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
 
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    plots.anytime_curves(table, ax=ax, title=f"{results.name}: test top-1 per exit (mean, sd over seeds)")
+    plots.anytime_curves(table.assign(method=table["variant"]), ax=ax, title=f"{results.name}: test top-1 per exit (mean, sd over seeds)")
     fig.savefig(results / "anytime.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
     return "\n".join(out)
+
+
+def record_invocation(path: Path, args, runs, argv) -> None:
+    """RUNS.json: every command that trained runs into this results folder, with how many ran at once."""
+    meta = json.loads(path.read_text()) if path.exists() else {"note": "", "invocations": []}
+    meta["note"] = args.note or meta["note"]
+    meta["invocations"].append({"command": "python benchmarks/verify_real_data.py " + shlex.join(argv),
+                                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                "epochs": args.epochs, "jobs": min(args.jobs, len(runs)), "runs": runs})
+    atomic_write_text(path, json.dumps(meta, indent=1))
 
 
 def write_readme(root: Path = RESULTS) -> Path:
@@ -260,6 +309,10 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(RESULTS), help="results root: README.md here, runs in <results>/<name>/")
     p.add_argument("--name", default="cifar10", help="results sub-folder of this set of runs")
     p.add_argument("--note", default="", help="a sentence placed above this set's table (what it is, what not)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other TrainConfig value, e.g. temperature=3, meta_lr=0.01, weight_map=softplus, "
+                        "val_loss=ce (repeatable; give such runs a --tag)")
+    p.add_argument("--tag", default="", help="run names become <method>-<tag>-seed<k>")
     p.add_argument("--summarize-only", action="store_true")
     args = p.parse_args(argv)
     if args.jobs < 1:
@@ -273,9 +326,8 @@ def main(argv=None) -> int:
         cfgs = configs(args)  # before the chdir: paths given relative to where the script was started
         os.chdir(ROOT)
         results.mkdir(parents=True, exist_ok=True)
-        command = "python benchmarks/verify_real_data.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        atomic_write_text(results / "RUNS.json", json.dumps({"command": command, "epochs": args.epochs,
-                                                             "jobs": args.jobs, "note": args.note}, indent=1))
+        record_invocation(results / "RUNS.json", args, [Path(c.out).name for c in cfgs],
+                          sys.argv[1:] if argv is None else argv)
         if args.jobs == 1:
             run_inline(cfgs, results)
         else:

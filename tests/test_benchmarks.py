@@ -52,12 +52,26 @@ def test_real_data_verification_script_parallel_equals_inline(tmp_path):
                 for p in (tmp_path / "results" / name).glob("*/results.json")}
     parallel, inline = top1("parallel"), top1("inline")
     assert sorted(parallel) == ["ce-seed0", "ce-seed1", "hdkd-seed0", "hdkd-seed1"] and parallel == inline
+
+    # an ablation variant beside them: --set changes a setting, --tag names the runs
+    one_run = common[:common.index("--methods")] + ["--methods", "hdkd", "--seeds", "0"] + common[common.index("--epochs"):]
+    result = subprocess.run(one_run + ["--runs", str(tmp_path / "parallel"), "--name", "parallel", "--tag", "T2",
+                                       "--set", "temperature=2"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    tagged = json.loads((tmp_path / "results" / "parallel" / "hdkd-T2-seed0" / "results.json").read_text())
+    assert tagged["config"]["temperature"] == 2.0
+
     summary = (tmp_path / "results" / "parallel" / "SUMMARY.md").read_text()
     ce = np.array([parallel["ce-seed0"], parallel["ce-seed1"]]) * 100
     row = next(l for l in summary.splitlines() if l.startswith("| ce | 2 |"))
     assert row.split(" | ")[2] == f"{ce[:, 0].mean():.2f} ± {ce[:, 0].std(ddof=1):.2f}"
-    assert "Final learned weights of hdkd (mean over 2 seeds)" in summary and "2 runs shared the device" in summary
-    assert "python -m hdkdlib.train" in summary and "--jobs 2" in summary
+    assert any(l.startswith("| hdkd-T2 | 1 |") for l in summary.splitlines())
+    assert "Final learned weights of hdkd (mean over 2 seeds)" in summary and "Final learned weights of hdkd-T2" in summary
+    at_once = {l.split(" | ")[0][2:]: l.split(" | ")[3] for l in summary.splitlines() if "-seed" in l and "| cpu" in l}
+    assert at_once == {"ce-seed0": "2", "ce-seed1": "2", "hdkd-seed0": "2", "hdkd-seed1": "2", "hdkd-T2-seed0": "1"}
+    commands = [l for l in summary.splitlines() if l.startswith("python benchmarks/verify_real_data.py")]
+    assert len(commands) == 2 and "--jobs 2" in commands[0] and "--tag T2" in commands[1]
+    assert sum(l.startswith("python -m hdkdlib.train") for l in summary.splitlines()) == 5
     readme = (tmp_path / "results" / "README.md").read_text()
     assert readme.index("## inline") < readme.index("## parallel")
     assert (tmp_path / "results" / "parallel" / "anytime.png").exists()
