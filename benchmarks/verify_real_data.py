@@ -3,18 +3,20 @@
 
     python benchmarks/verify_real_data.py --data-root .data/cifar10-jpeg --epochs 50 --device cuda \
         --compile step --compile-mode reduce-overhead --jobs 3
+    python benchmarks/verify_real_data.py --methods hdkd --tag T3 --set temperature=3 ...   # an ablation variant
     python benchmarks/verify_real_data.py --summarize-only           # rebuild results/README.md
 
-Each run trains in runs/verify/<method>-seed<k>/ (resumable: rerun the same command after an
-interruption). Its results.json and metrics.jsonl are copied to results/<name>/<method>-seed<k>/
-(default name: cifar10), and results/README.md is rebuilt from every results/*/SUMMARY.md: the per-exit
-table, epoch times, learned weights, the device, torch version and command of each run. Only metrics are
+Each run trains in runs/verify/<run>/, <run> = <method>[-<tag>]-seed<k> (resumable: rerun the same command
+after an interruption). Its results.json and metrics.jsonl are copied to results/<name>/<run>/ (default
+name: cifar10), and results/README.md is rebuilt from every results/*/SUMMARY.md: the per-exit table, the
+learned weights, and per run the device, torch version, epoch time and command. Only metrics are
 committed, never images, nor the split file (it is derived from the images' labels; its checksum is in
 every results.json).
 
 --jobs N trains N runs at once as separate `python -m hdkdlib.train` processes (logs in
 runs/verify/<run>.log, a progress line a minute). Their epoch times then measure a shared device; the
-summary says so, and benchmarks/train_throughput.py gives the one-run speed.
+summary says how many shared it, and benchmarks/train_throughput.py gives the one-run speed.
+--epochs auto picks the epochs that let all runs train in --minutes at the speeds that benchmark measured.
 """
 from __future__ import annotations
 
