@@ -7,11 +7,11 @@
     python benchmarks/verify_real_data.py --summarize-only           # rebuild results/README.md
 
 Each run trains in runs/verify/<run>/, <run> = <method>[-<tag>]-seed<k> (resumable: rerun the same command
-after an interruption). Its results.json and metrics.jsonl are copied to results/<name>/<run>/ (default
-name: cifar10), and results/README.md is rebuilt from every results/*/SUMMARY.md: the per-exit table, the
-learned weights, and per run the device, torch version, epoch time and command. Only metrics are
-committed, never images, nor the split file (it is derived from the images' labels; its checksum is in
-every results.json).
+after an interruption). Its config.json, results.json and metrics.jsonl are copied to results/<name>/<run>/
+(default name: cifar10), and results/README.md is rebuilt from every results/*/SUMMARY.md: the per-exit
+table, the learned weights, and per run the device, torch version, epoch time, commit and command. Only
+settings and metrics are committed, never images or weights, nor the split file (it is derived from the
+images' labels; its checksum is in every config.json).
 
 --jobs N trains N runs at once as separate `python -m hdkdlib.train` processes (logs in
 runs/verify/<run>.log, a progress line a minute). Their epoch times then measure a shared device; the
@@ -143,10 +143,10 @@ def finished(cfg) -> bool:
 
 
 def collect(cfg, results: Path) -> None:
-    """Copy a finished run's metrics (not its weights) into the results folder."""
+    """Copy a finished run's settings and metrics (not its weights) into the results folder."""
     target = results / Path(cfg.out).name
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("results.json", "metrics.jsonl"):
+    for name in ("config.json", "results.json", "metrics.jsonl"):
         shutil.copy(Path(cfg.out) / name, target / name)
 
 
@@ -204,6 +204,13 @@ def _median(values):
     return float(np.median(values)) if len(values) else float("nan")
 
 
+def began(run: Path, record: dict) -> str:
+    """The commit a run was trained with: its config.json's (written when it began), else results.json's."""
+    path = run / "config.json"
+    commit = json.loads(path.read_text())["git_commit"] if path.exists() else record["git_commit"]
+    return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+
+
 def summarize(results: Path, epochs_full: int = 300) -> str:
     """Markdown section for one results folder: per-exit test top-1 (mean and spread over seeds), learned
     weights, and per run its device, torch version, epoch time and command. Also writes anytime.png."""
@@ -247,7 +254,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
         out.append(f"| {name} | {r['device']} | {r['packages']['torch']} | {at_once.get(name, '?')} | {len(rows)} | "
                    f"{epoch:.1f} s | "
                    f"{sum(row['epoch_seconds'] for row in rows) / 60:.1f} min | {epoch * epochs_full / 3600:.2f} h | "
-                   f"{_median([row['images_per_s'] for row in rows]):.0f} | {r['git_commit'][:12]} |")
+                   f"{_median([row['images_per_s'] for row in rows]):.0f} | {began(results / name, r)} |")
     out += ["", "Commands:", "", "```"]
     out += [f"{inv['command']}    # {inv['started']}: {', '.join(inv['runs'])}" for inv in invocations]
     for name, r in records.items():

@@ -563,6 +563,11 @@ class Trainer:
                    "budgeted": evaluation.budgeted(val_probs, val_y, test_probs, test_y, self.exit_flops),
                    "exit_flops": self.exit_flops, "weights": self.objective.named_weights(),
                    **self._config_record()}
+        if self.out is not None and (self.out / "config.json").exists():
+            # The code that trained is the one recorded when the run began; say what evaluated it too.
+            began = json.loads((self.out / "config.json").read_text())
+            results["evaluated_with"] = {k: results[k] for k in ("git_commit", "packages", "device")}
+            results.update({k: began[k] for k in ("git_commit", "packages", "device")})
         if self.out is not None:
             path = self.out / "metrics.jsonl"
             if path.exists():

@@ -185,6 +185,21 @@ def test_run_reuses_a_finished_run_and_freezing_keeps_weights_fixed(fake_root, t
         Trainer(_cfg(fake_root, tmp_path / "x", method="dkd", freeze_weights_from=str(tmp_path / "a" / "results.json")))
 
 
+def test_results_name_the_commit_the_run_began_with(fake_root, tmp_path):
+    """A run evaluated after the code moved on records the commit it was trained with, and the one that evaluated it."""
+    from hdkdlib import runinfo
+    trainer = Trainer(_cfg(fake_root, tmp_path / "run", epochs=1))
+    trainer.fit()
+    record = json.loads((tmp_path / "run" / "config.json").read_text())
+    record["git_commit"] = "0123abcd (the commit when the run began)"
+    (tmp_path / "run" / "config.json").write_text(json.dumps(record))
+    results = trainer.evaluate()
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["git_commit"] == written["git_commit"] == "0123abcd (the commit when the run began)"
+    assert written["evaluated_with"]["git_commit"] == runinfo.git_commit()
+    assert written["packages"] == record["packages"]
+
+
 def test_cli_args_reproduce_the_config(fake_root, tmp_path):
     from hdkdlib.train import _parser, cli_args, config_from_dict
     cfg = _cfg(fake_root, tmp_path, bf16=True, lr_milestones=(1, 2), temperature=2.0).validate()
