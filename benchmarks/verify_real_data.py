@@ -264,9 +264,19 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
 
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4))
-    plots.anytime_curves(table.assign(method=table["variant"]), ax=ax, title=f"{results.name}: test top-1 per exit (mean, sd over seeds)")
+    plots.anytime_curves(table.assign(method=table["variant"]), ax=ax,
+                         title=f"{results.name}: test top-1 per exit (mean, sd over seeds)")
     fig.savefig(results / "anytime.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
+    for name in sorted({variant(n) for n in learned}):  # how the weights moved, in the first seed's run
+        run = min(n for n in learned if variant(n) == name)
+        fig, ax = plt.subplots(figsize=(7, 7))
+        plots.weight_evolution(learned[run]["weights_history"], ax=ax, title=f"{run}: learned loss weights per epoch")
+        fig.savefig(results / f"weights-{name}.png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        out += [f"![weights of {run}]({results.name}/weights-{name}.png)", ""]
+    if (results / "NOTES.md").exists():  # the hand-written reading of these numbers
+        out += ["### Observations", "", (results / "NOTES.md").read_text().strip(), ""]
     return "\n".join(out)
 
 

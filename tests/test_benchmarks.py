@@ -53,7 +53,8 @@ def test_real_data_verification_script_parallel_equals_inline(tmp_path):
     parallel, inline = top1("parallel"), top1("inline")
     assert sorted(parallel) == ["ce-seed0", "ce-seed1", "hdkd-seed0", "hdkd-seed1"] and parallel == inline
 
-    # an ablation variant beside them: --set changes a setting, --tag names the runs
+    # an ablation variant beside them: --set changes a setting, --tag names the runs; NOTES.md is kept in
+    (tmp_path / "results" / "parallel" / "NOTES.md").write_text("A hand-written reading.")
     one_run = common[:common.index("--methods")] + ["--methods", "hdkd", "--seeds", "0"] + common[common.index("--epochs"):]
     result = subprocess.run(one_run + ["--runs", str(tmp_path / "parallel"), "--name", "parallel", "--tag", "T2",
                                        "--set", "temperature=2"], capture_output=True, text=True)
@@ -72,6 +73,9 @@ def test_real_data_verification_script_parallel_equals_inline(tmp_path):
     commands = [l for l in summary.splitlines() if l.startswith("python benchmarks/verify_real_data.py")]
     assert len(commands) == 2 and "--jobs 2" in commands[0] and "--tag T2" in commands[1]
     assert sum(l.startswith("python -m hdkdlib.train") for l in summary.splitlines()) == 5
+    assert summary.rstrip().endswith("### Observations\n\nA hand-written reading.")
+    assert (tmp_path / "results" / "parallel" / "weights-hdkd.png").exists()
+    assert (tmp_path / "results" / "parallel" / "weights-hdkd-T2.png").exists()
     readme = (tmp_path / "results" / "README.md").read_text()
     assert readme.index("## inline") < readme.index("## parallel")
     assert (tmp_path / "results" / "parallel" / "anytime.png").exists()
