@@ -102,7 +102,7 @@ def test_gpu_session_script_dry_run_on_cpu(tmp_path):
     assert any(n.endswith("results/README.md") for n in names) and any(n.endswith("ce-seed0.log") for n in names)
     log = (tmp_path / "out" / "session.log").read_text()
     assert "verification runs started" in log and "epochs auto: 4 (1 methods x 1 seeds, 64 training images" in log
-    assert json.loads((tmp_path / "results" / "cifar10" / "RUNS.json").read_text())["epochs"] == 4
+    assert json.loads((tmp_path / "results" / "cifar10" / "RUNS.json").read_text())["invocations"][-1]["epochs"] == 4
     again = subprocess.run(["bash", script, "bogus"], env=env, capture_output=True, text=True)
     assert again.returncode == 2 and "usage" in again.stderr
 
