@@ -654,6 +654,10 @@ def main(argv=None) -> int:
         if not no_eval and trainer.rank == 0:
             results = trainer.evaluate()
             print(" ".join(f"exit{r['exit']}={100 * r['top1']:.2f}" for r in results["anytime"]))
+        if dist.is_initialized():
+            # Leave together: a rank tearing down its gloo group while rank 0 still evaluates was seen to
+            # abort once in CI (std::terminate in the idle rank). torchrun ends the others if a rank fails.
+            dist.barrier()
     except TrainingInterrupted as e:
         print(f"hdkdlib.train: {e}", file=sys.stderr)
         return 130
