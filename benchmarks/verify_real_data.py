@@ -3,7 +3,7 @@
 
     python benchmarks/verify_real_data.py --data-root .data/cifar10-jpeg --epochs 50 --device cuda \
         --compile step --compile-mode reduce-overhead --jobs 3
-    python benchmarks/verify_real_data.py --methods hdkd --tag T3 --set temperature=3 ...   # an ablation variant
+    python benchmarks/verify_real_data.py --methods hdkd --tag T3 --temperature 3 ...   # an ablation variant
     python benchmarks/verify_real_data.py --summarize-only           # rebuild results/README.md
 
 Each run trains in runs/verify/<run>/, <run> = <method>[-<tag>]-seed<k> (resumable: rerun the same command
@@ -17,11 +17,11 @@ images' labels; its checksum is in every config.json).
 runs/verify/<run>.log, a progress line a minute). Their epoch times then measure a shared device; the
 summary says how many shared it, and benchmarks/train_throughput.py gives the one-run speed.
 --epochs auto picks the epochs that let all runs train in --minutes at the speeds that benchmark measured.
+Any other option of `python -m hdkdlib.train` (e.g. --temperature 3, --meta-lr 0.01) applies to every run.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shlex
@@ -47,29 +47,6 @@ def portable(path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
-def overrides(pairs) -> dict:
-    """--set KEY=VALUE pairs as TrainConfig values of the field's type (the ablation switches)."""
-    fields = {f.name: f for f in dataclasses.fields(train.TrainConfig)}
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in fields:
-            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
-        default = fields[key].default
-        try:
-            if isinstance(default, bool):
-                if value.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError("expected true or false")
-                out[key] = value.lower() in ("true", "1")
-            elif isinstance(default, tuple):
-                out[key] = tuple(int(v) for v in value.split(",") if v)
-            else:
-                out[key] = type(default)(value)
-        except ValueError as e:
-            raise SystemExit(f"--set {pair!r}: {e}") from e
-    return out
-
-
 def run_name(method: str, tag: str, seed: int) -> str:
     return f"{method}{'-' + tag if tag else ''}-seed{seed}"
 
@@ -86,10 +63,10 @@ def configs(args) -> list:
                 n_per_class=args.n_per_class, meta_interval=args.meta_interval, bf16=args.bf16, compile=args.compile,
                 compile_mode=args.compile_mode, progress=args.progress and args.jobs == 1,
                 split_dir=portable(args.split_dir))
-    extra = overrides(args.set)
+    extra = args.train_options
     fixed = sorted(set(extra) & {"dataset", "data_root", "method", "seed", "out"})
     if fixed:
-        raise SystemExit(f"--set cannot change {', '.join(fixed)}: use --data-root, --methods, --seeds, --runs/--tag")
+        raise SystemExit(f"cannot set {', '.join(fixed)} per run: use --data-root, --methods, --seeds, --runs/--tag")
     return [train.TrainConfig(**{**base, **extra}, method=method, seed=seed,
                               out=str(Path(portable(args.runs)) / run_name(method, args.tag, seed))).validate()
             for method in args.methods for seed in args.seeds]
@@ -303,7 +280,9 @@ def write_readme(root: Path = RESULTS) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                                epilog="Any other option of python -m hdkdlib.train applies to every run "
+                                       "(give such runs a --tag).")
     p.add_argument("--data-root", default=".data/cifar10-jpeg")
     p.add_argument("--methods", nargs="+", default=["ce", "dbt", "hdkd"])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -328,12 +307,11 @@ def main(argv=None) -> int:
     p.add_argument("--results", default=str(RESULTS), help="results root: README.md here, runs in <results>/<name>/")
     p.add_argument("--name", default="cifar10", help="results sub-folder of this set of runs")
     p.add_argument("--note", default="", help="a sentence placed above this set's table (what it is, what not)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="any other TrainConfig value, e.g. temperature=3, meta_lr=0.01, weight_map=softplus, "
-                        "val_loss=ce (repeatable; give such runs a --tag)")
     p.add_argument("--tag", default="", help="run names become <method>-<tag>-seed<k>")
     p.add_argument("--summarize-only", action="store_true")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    train_options = vars(train._parser().parse_args(rest))  # typed and checked by the training CLI's own parser
+    args.train_options = {k: v for k, v in train_options.items() if v is not None and k not in ("resume", "no_eval")}
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
     if args.epochs != "auto" and not args.epochs.isdigit():

@@ -53,11 +53,11 @@ def test_real_data_verification_script_parallel_equals_inline(tmp_path):
     parallel, inline = top1("parallel"), top1("inline")
     assert sorted(parallel) == ["ce-seed0", "ce-seed1", "hdkd-seed0", "hdkd-seed1"] and parallel == inline
 
-    # an ablation variant beside them: --set changes a setting, --tag names the runs; NOTES.md is kept in
+    # an ablation variant beside them: a training option changes a setting, --tag names the runs; NOTES.md is kept in
     (tmp_path / "results" / "parallel" / "NOTES.md").write_text("A hand-written reading.")
     one_run = common[:common.index("--methods")] + ["--methods", "hdkd", "--seeds", "0"] + common[common.index("--epochs"):]
     result = subprocess.run(one_run + ["--runs", str(tmp_path / "parallel"), "--name", "parallel", "--tag", "T2",
-                                       "--set", "temperature=2"], capture_output=True, text=True)
+                                       "--temperature", "2"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
     tagged = json.loads((tmp_path / "results" / "parallel" / "hdkd-T2-seed0" / "results.json").read_text())
     assert tagged["config"]["temperature"] == 2.0
