@@ -24,38 +24,69 @@ from hdkdlib.train import DataBundle, TrainConfig, Trainer
 CASES = [("ce", 1), ("hdkd", 1), ("hdkd", 10)]
 
 
-def bundle(batch_size: int, device, n: int = 2048, num_classes: int = 100) -> DataBundle:
+def bundle(batch_size: int, device, n: int = 2048, num_classes: int = 100, channels_last: bool = False) -> DataBundle:
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, num_classes, (n,), generator=g)
-    stats = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device=device)
+    stats = dict(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), device=device, channels_last=channels_last)
     train = data.GpuLoader(x, y, batch_size, train=True, **stats)
     stream = data.GpuLoader(x, y, batch_size, train=True, pad=0, flip=False, seed=1, **stats)
     return DataBundle(train, stream, None, None, num_classes, (3, 32, 32))
 
 
-def measure(arch, method, meta_interval, batch_size, mode, device, steps, warmup) -> dict:
+VARIANT_FLAGS = ("eager", "bf16", "cl", "net", "step")
+CPU_VARIANTS = ["eager", "eager@1", "bf16", "bf16@1", "cl", "net", "step", "bf16+net"]
+
+
+def parse_variant(spec: str) -> dict:
+    """'bf16+net@1' -> bf16 autocast, torch.compile of the network, 1 thread. Flags: eager (nothing), bf16,
+    cl (channels-last), net (compile the network), step (compile the whole step); '@N': N CPU threads."""
+    flags, _, threads = spec.partition("@")
+    parts = flags.split("+")
+    unknown = [f for f in parts if f not in VARIANT_FLAGS]
+    if unknown or (threads and not threads.isdigit()):
+        raise SystemExit(f"bad variant {spec!r}: flags {'+'.join(VARIANT_FLAGS)} joined by '+', optional @THREADS")
+    return dict(bf16="bf16" in parts, channels_last="cl" in parts,
+                compile="step" if "step" in parts else "network" if "net" in parts else "",
+                threads=int(threads) if threads else None)
+
+
+def measure(arch, method, meta_interval, batch_size, variant, device, steps, warmup, num_classes=100) -> dict:
+    v = parse_variant(variant)
+    threads_before = torch.get_num_threads()
+    if v["threads"]:
+        torch.set_num_threads(v["threads"])
     cfg = TrainConfig(arch=arch, method=method, meta_interval=meta_interval, batch_size=batch_size, device=str(device),
-                      compile="" if mode == "eager" else "step",
-                      compile_mode="reduce-overhead" if device.type == "cuda" else "default", progress=False)
-    trainer = Trainer(cfg, data_bundle=bundle(batch_size, device))
-    # Whole meta intervals in both windows, so "every 10 steps" times exactly one bilevel step in ten.
-    warmup, steps = (-(-n // meta_interval) * meta_interval for n in (warmup, steps))
-    batches = list(trainer.data.train.batches(0))
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for i in range(warmup):
-        trainer.train_step(*batches[i % len(batches)])
-    sync()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    start = time.perf_counter()
-    for i in range(steps):
-        trainer.train_step(*batches[i % len(batches)])
-    sync()
-    seconds = time.perf_counter() - start
+                      bf16=v["bf16"], channels_last=v["channels_last"], compile=v["compile"],
+                      compile_mode="reduce-overhead" if device.type == "cuda" and v["compile"] else "default",
+                      progress=False)
+    try:
+        trainer = Trainer(cfg, data_bundle=bundle(batch_size, device, num_classes=num_classes,
+                                                  channels_last=v["channels_last"]))
+        # Whole meta intervals in both windows, so "every 10 steps" times exactly one bilevel step in ten.
+        warmup, steps = (-(-n // meta_interval) * meta_interval for n in (warmup, steps))
+        batches = list(trainer.data.train.batches(0))
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        start = time.perf_counter()
+        trainer.train_step(*batches[0])  # the first step compiles (when compiling): its time is reported apart
+        sync()
+        first_step_s = time.perf_counter() - start
+        for i in range(1, warmup):
+            trainer.train_step(*batches[i % len(batches)])
+        sync()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        start = time.perf_counter()
+        for i in range(steps):
+            trainer.train_step(*batches[i % len(batches)])
+        sync()
+        seconds = time.perf_counter() - start
+    finally:
+        torch.set_num_threads(threads_before)
     return {"arch": arch, "method": method, "meta_interval": meta_interval if method != "ce" else None,
-            "batch_size": batch_size, "mode": mode, "steps": steps, "images_per_s": steps * batch_size / seconds,
-            "step_ms": 1000 * seconds / steps,
+            "batch_size": batch_size, "mode": variant, "threads": v["threads"] or threads_before, "steps": steps,
+            "images_per_s": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps,
+            "first_step_s": first_step_s,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
@@ -82,9 +113,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="msdnet_cifar_anytime")
     p.add_argument("--device", default="auto")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 256])
-    p.add_argument("--modes", nargs="+", default=["eager", "compile"], choices=["eager", "compile"],
-                   help="compile: the whole step with torch.compile (mode reduce-overhead, CUDA graphs, on GPUs)")
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--modes", nargs="+", default=None,
+                   help="variants, each flags joined by '+' with an optional @THREADS: eager, bf16, cl (channels-last), "
+                        "net (compile the network), step (compile the whole step; CUDA graphs on GPUs), e.g. "
+                        f"bf16+net@1; 'compile' means step. Default: GPU eager step; CPU {' '.join(CPU_VARIANTS)}")
+    p.add_argument("--methods", nargs="+", default=None, help="cases as METHOD or hdkd/INTERVAL (default: ce hdkd/1 hdkd/10)")
+    p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20)
     p.add_argument("--json", default="benchmarks/train_throughput.json")
@@ -92,17 +127,27 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
+    modes = [("step" if m == "compile" else m) for m in (args.modes or (["eager", "step"] if device.type == "cuda"
+                                                                          else CPU_VARIANTS))]
+    for m in modes:
+        parse_variant(m)
+    cases = CASES if not args.methods else [(c.split("/")[0], int(c.split("/")[1]) if "/" in c else 1)
+                                            for c in args.methods]
     rows, data_rows = [], []
     for bs in args.batch_sizes:
         data_rows.append(measure_data_path(bs, device, max(args.steps, 50)))
         print(f"data path alone           bs {bs:<4} {data_rows[-1]['data_path_images_per_s']:>9.0f} img/s")
     for bs in args.batch_sizes:
-        for mode in args.modes:
-            for method, interval in CASES:
-                rows.append(measure(args.arch, method, interval, bs, mode, device, args.steps, args.warmup))
+        for method, interval in cases:
+            for mode in modes:
+                rows.append(measure(args.arch, method, interval, bs, mode, device, args.steps, args.warmup,
+                                    args.num_classes))
                 r = rows[-1]
-                print(f"{r['arch']:<22} bs {bs:<4} {mode:<8} {method:<5} meta/{interval if method != 'ce' else '-':<3} "
-                      f"{r['images_per_s']:>9.0f} img/s {r['step_ms']:>8.1f} ms/step"
+                base = next(b for b in rows if b["batch_size"] == bs and b["method"] == method
+                            and b["meta_interval"] == r["meta_interval"])
+                print(f"{r['arch']:<22} bs {bs:<4} {mode:<10} {method:<5} meta/{interval if method != 'ce' else '-':<3} "
+                      f"{r['images_per_s']:>9.0f} img/s {r['step_ms']:>8.1f} ms/step "
+                      f"x{r['images_per_s'] / base['images_per_s']:.2f} of {base['mode']}, first step {r['first_step_s']:.1f} s"
                       + (f" {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else ""))
     record = {"device": runinfo.device_name(device), "torch": torch.__version__, "host": platform.node(),
               "command": "python benchmarks/train_throughput.py " + " ".join(argv), "rows": rows,

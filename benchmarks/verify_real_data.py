@@ -17,7 +17,7 @@ images' labels; its checksum is in every config.json).
 runs/verify/<run>.log, a progress line a minute). Their epoch times then measure a shared device; the
 summary says how many shared it, and benchmarks/train_throughput.py gives the one-run speed.
 --epochs auto picks the epochs that let all runs train in --minutes at the speeds that benchmark measured.
-Any other option of `python -m hdkdlib.train` (e.g. --temperature 3, --meta-lr 0.01) applies to every run.
+Any other option of `python -m hdkdlib.train` (e.g. --temperature 3, --meta-traverse 0.5) applies to every run.
 """
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def configs(args) -> list:
         raise SystemExit(f"cannot set {', '.join(fixed)} per run: use --data-root, --methods, --seeds, --runs/--tag")
     return [train.TrainConfig(**{**base, **extra}, method=method, seed=seed,
                               out=str(Path(portable(args.runs)) / run_name(method, args.tag, seed))).validate()
-            for method in args.methods for seed in args.seeds]
+            for seed in args.seeds for method in args.methods]  # seed-major: pairs complete one by one
 
 
 def epochs_within(minutes: float, throughput: dict, methods, seeds, train_images: int, meta_interval: int = 1,

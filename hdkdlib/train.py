@@ -61,7 +61,12 @@ class TrainConfig:
     lr_gamma: float = 0.1
     # bilevel weight update (objectives with learned weights)
     meta_interval: int = 1
-    meta_lr: float = 1e-3
+    meta_schedule: str = "per_run"  # per_run: the weight lr lets gamma move log(1000) within meta_traverse of the
+                                    # run's weight steps (bilevel.per_run_meta_lr); fixed: meta_lr as given
+    meta_traverse: float = 0.25
+    meta_lr: float = 1e-3           # the weight lr when meta_schedule is "fixed" (before: always)
+    hypergrad_norm: str = "lr"      # lr: hypergradient / the network's current lr (no stall after lr drops); none
+    min_init_weight: float = 1e-3   # floor for learned weights that start at 0 (dbt/ds inits)
     meta_method: str = "finite_difference"
     val_loss: str = "balanced"
     alpha: float = 0.5
@@ -71,6 +76,7 @@ class TrainConfig:
     # engine
     seed: int = 0
     device: str = "auto"
+    threads: int = 0                # CPU threads for torch (torch.set_num_threads); 0: torch's default
     bf16: bool = False              # bf16 autocast (CUDA)
     channels_last: bool = False
     compile: str = ""               # "": eager; "network": torch.compile the network; "step": also the whole
@@ -89,11 +95,29 @@ class TrainConfig:
             raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(models.names())}")
         if self.method not in objectives.names():
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(objectives.names())}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         for name in ("epochs", "batch_size", "meta_interval", "eval_batch_size", "check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.meta_lr > 0:
+            raise ValueError(f"meta_lr (the weight learning rate) must be > 0, got {self.meta_lr}")
+        if not 0 < self.meta_traverse <= 1:
+            raise ValueError(f"meta_traverse must lie in (0, 1] (a fraction of the run's weight steps), "
+                             f"got {self.meta_traverse}")
+        if self.meta_schedule not in bilevel.META_SCHEDULES:
+            raise ValueError(f"unknown meta_schedule {self.meta_schedule!r}; valid: {', '.join(bilevel.META_SCHEDULES)}")
+        if self.hypergrad_norm not in bilevel.HYPERGRAD_NORMS:
+            raise ValueError(f"unknown hypergrad_norm {self.hypergrad_norm!r}; valid: "
+                             f"{', '.join(bilevel.HYPERGRAD_NORMS)}")
+        if self.meta_schedule == "per_run" and self.meta_lr != TrainConfig.meta_lr:
+            raise ValueError(f"meta_lr {self.meta_lr} is used only with meta_schedule 'fixed' (the default, 'per_run', "
+                             "sets the weight lr from the run's length): add meta_schedule='fixed' "
+                             "(--meta-schedule fixed), or drop meta_lr and tune meta_traverse")
+        if not 0 < self.min_init_weight <= 1:
+            raise ValueError(f"min_init_weight must lie in (0, 1], got {self.min_init_weight}")
         if self.train_heads_only and not self.init_from:
             raise ValueError("train_heads_only needs init_from: the run whose network the heads are trained on")
         if self.compile not in ("", "network", "step"):
@@ -109,6 +133,19 @@ class TrainConfig:
 
 
 IMAGENET_RECIPE = dict(batch_size=256, epochs=90, lr_milestones=(30, 60), arch="msdnet_imagenet_step4")
+
+
+# Settings added after runs were already made, with the value that reproduces how those runs trained: a run
+# folder whose config.json lacks one resumes with this value, not with today's default.
+LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none"}
+
+
+def stored_config(values: Dict) -> Dict:
+    """A run folder's recorded settings, completed: settings added since it began take the value that
+    reproduces its training (LEGACY_VALUES) or else their default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    missing = {k: LEGACY_VALUES.get(k, v) for k, v in defaults.items() if k not in values}
+    return {**values, **missing}
 
 
 def config_from_dict(values: Dict) -> TrainConfig:
@@ -259,12 +296,14 @@ def _atomic_save(obj, path: Path) -> None:
 
 # Settings that may differ when a run is resumed: where things are and how fast they run, not what is computed.
 RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "download", "data_root", "compile",
-                     "compile_mode"}
+                     "compile_mode", "threads"}
 
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_bundle: Optional[DataBundle] = None):
         self.cfg = cfg.validate()
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         self.rank, self.world_size = 0, 1
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             self._init_distributed()
@@ -293,8 +332,9 @@ class Trainer:
         if self.cfg.freeze_weights_from:
             self._freeze_weights(Path(self.cfg.freeze_weights_from))
         elif list(self.objective.parameters()):
-            self.meta = bilevel.MetaStep(self.net, self.objective, lr=cfg.meta_lr, method=cfg.meta_method,
-                                         val_loss=cfg.val_loss, alpha=cfg.alpha, check_finite=False)
+            self.meta = bilevel.MetaStep(self.net, self.objective, lr=self.meta_lr(), method=cfg.meta_method,
+                                         val_loss=cfg.val_loss, alpha=cfg.alpha, check_finite=False,
+                                         hypergrad_norm=cfg.hypergrad_norm)
             self.meta.val_loss.to(self.device)
         self._plain_fn, self._meta_fn = self._plain_step, self._meta_step
         if cfg.compile == "step":  # graph breaks at backward() split the step; each part is compiled
@@ -307,6 +347,17 @@ class Trainer:
         self._stop_signal = None
 
     # -- setup helpers
+    def meta_lr(self) -> float:
+        """The weight learning rate: meta_lr, or (per_run) the one that gives this run's length a set reach."""
+        steps_per_epoch = len(self.data.train)
+        if self.cfg.meta_interval > steps_per_epoch:
+            raise ValueError(f"meta_interval {self.cfg.meta_interval} is longer than an epoch ({steps_per_epoch} "
+                             f"steps): use 1..{steps_per_epoch}")
+        if self.cfg.meta_schedule == "fixed":
+            return self.cfg.meta_lr
+        return bilevel.per_run_meta_lr(math.ceil(self.cfg.epochs * steps_per_epoch / self.cfg.meta_interval),
+                                       self.cfg.meta_traverse)
+
     def _init_distributed(self):
         backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
         if not dist.is_initialized():
@@ -330,6 +381,7 @@ class Trainer:
         if self.cfg.method in objectives.LEARNED:
             options["weight_map"] = self.cfg.weight_map
             options["seed"] = self.cfg.seed
+            options["min_init_weight"] = self.cfg.min_init_weight
             if self.cfg.init:
                 options["init"] = self.cfg.init
         return options
@@ -380,15 +432,15 @@ class Trainer:
                 "packages": runinfo.package_versions(), "device": runinfo.device_name(self.device),
                 "world_size": self.world_size, "split": {k: self.data.split.get(k) for k in
                                                          ("protocol", "seed", "checksum", "val_per_class", "train_per_class")},
-                "exit_flops": self.exit_flops}
+                "exit_flops": self.exit_flops,
+                "meta_lr_used": self.meta.optimizer.param_groups[0]["lr"] if self.meta is not None else None}
 
     def _prepare_run_folder(self, resume: bool) -> None:
         if self.out is None:
             return
         cfg_path = self.out / "config.json"
         if cfg_path.exists():
-            defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-            old = {**defaults, **json.loads(cfg_path.read_text())["config"]}  # settings added since: defaults
+            old = stored_config(json.loads(cfg_path.read_text())["config"])
             new = dataclasses.asdict(self.cfg)
             differ = sorted(k for k in set(old) | set(new)
                             if k not in RESUMABLE_CHANGES and json.dumps(old.get(k)) != json.dumps(new.get(k)))
@@ -587,7 +639,7 @@ def load_run(run_dir, device: str = "auto") -> Trainer:
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists() or not (run_dir / "model.pt").exists():
         raise FileNotFoundError(f"{run_dir} is not a finished run folder (config.json and model.pt expected)")
-    values = json.loads((run_dir / "config.json").read_text())["config"]
+    values = stored_config(json.loads((run_dir / "config.json").read_text())["config"])
     cfg = config_from_dict({**values, "device": device, "progress": False, "out": ""})
     trainer = Trainer(cfg)
     trainer.model.load_state_dict(torch.load(run_dir / "model.pt", map_location=trainer.device, weights_only=True))
@@ -648,6 +700,10 @@ def main(argv=None) -> int:
     resume, no_eval = args.pop("resume"), args.pop("no_eval")
     given = {k: v for k, v in args.items() if v is not None}
     values = {**(IMAGENET_RECIPE if given.get("dataset") == "folder" else {}), **given}
+    recorded = Path(given.get("out", "")) / "config.json"
+    if resume and given.get("out") and recorded.is_file():
+        # --resume continues the run with its recorded settings; options given on the command line must agree
+        values = {**stored_config(json.loads(recorded.read_text())["config"]), **given}
     try:
         trainer = Trainer(config_from_dict(values))
         trainer.fit(resume=resume)

@@ -24,7 +24,7 @@ def fake_root(tmp_path_factory):
 
 def _cfg(fake_root, out, **kw):
     values = dict(dataset="cifar10", data_root=str(fake_root), split_dir=str(fake_root / "splits"), arch="toy_mlp",
-                  method="hdkd", n_per_class=24, val_per_class=6, epochs=3, batch_size=16, lr=0.05, meta_lr=0.01,
+                  method="hdkd", n_per_class=24, val_per_class=6, epochs=3, batch_size=16, lr=0.05, meta_schedule="fixed", meta_lr=0.01,
                   eval_batch_size=64, out=str(out), progress=False, device="cpu", check_every=5)
     values.update(kw)
     return TrainConfig(**values)
@@ -149,7 +149,7 @@ def test_results_and_config_record(fake_root, tmp_path):
 def test_two_process_ddp_equals_one_process_with_the_global_batch(fake_root, tmp_path):
     common = ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
               "--arch", "toy_mlp", "--method", "hdkd", "--n-per-class", "24", "--val-per-class", "6", "--epochs", "2",
-              "--lr", "0.05", "--meta-lr", "0.01", "--device", "cpu", "--no-progress", "--no-eval"]
+              "--lr", "0.05", "--meta-schedule", "fixed", "--meta-lr", "0.01", "--device", "cpu", "--no-progress", "--no-eval"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     single = subprocess.run([sys.executable, "-m", "hdkdlib.train", *common, "--batch-size", "16",
                              "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)

@@ -19,29 +19,32 @@ from torch import nn
 from .base import MultiExitNet, evaluating
 
 
-def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=False),
+def conv_bn_relu(c_in: int, c_out: int, kernel: int = 3, stride: int = 1, padding: int = 1,
+                 bias: bool = False) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, padding, bias=bias),
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-def bottleneck_conv(c_in: int, c_out: int, stride: int, bottleneck: bool, bn_width: int) -> nn.Sequential:
+def bottleneck_conv(c_in: int, c_out: int, stride: int, bottleneck: bool, bn_width: int,
+                    bias: bool = False) -> nn.Sequential:
     """[1x1 bottleneck to min(c_in, bn_width*c_out)] then a 3x3 conv (stride 1 'normal', 2 'down')."""
     layers: list = []
     c_inner = c_in
     if bottleneck:
         c_inner = min(c_in, bn_width * c_out)
-        layers += list(conv_bn_relu(c_in, c_inner, kernel=1, padding=0))
-    layers += list(conv_bn_relu(c_inner, c_out, kernel=3, stride=stride, padding=1))
+        layers += list(conv_bn_relu(c_in, c_inner, kernel=1, padding=0, bias=bias))
+    layers += list(conv_bn_relu(c_inner, c_out, kernel=3, stride=stride, padding=1, bias=bias))
     return nn.Sequential(*layers)
 
 
 class ScaleUnit(nn.Module):
     """New maps at one scale: from the same scale, and (unless it is the finest one kept) from the finer one."""
 
-    def __init__(self, c_same: int, c_out: int, bottleneck: bool, bn_same: int, c_finer: int = 0, bn_finer: int = 1):
+    def __init__(self, c_same: int, c_out: int, bottleneck: bool, bn_same: int, c_finer: int = 0, bn_finer: int = 1,
+                 bias: bool = False):
         super().__init__()
-        self.from_finer = bottleneck_conv(c_finer, c_out // 2, 2, bottleneck, bn_finer) if c_finer else None
-        self.from_same = bottleneck_conv(c_same, c_out // 2 if c_finer else c_out, 1, bottleneck, bn_same)
+        self.from_finer = bottleneck_conv(c_finer, c_out // 2, 2, bottleneck, bn_finer, bias) if c_finer else None
+        self.from_same = bottleneck_conv(c_same, c_out // 2 if c_finer else c_out, 1, bottleneck, bn_same, bias)
 
     def forward(self, finer, same):
         if self.from_finer is None:
@@ -52,17 +55,17 @@ class ScaleUnit(nn.Module):
 class FirstLayer(nn.Module):
     """The stem: the input image to S scales (CIFAR: 3x3 conv; ImageNet: 7x7/2 conv + 3x3/2 max-pool)."""
 
-    def __init__(self, c_out: int, gr_factor: Sequence[int], imagenet: bool):
+    def __init__(self, c_out: int, gr_factor: Sequence[int], imagenet: bool, bias: bool = False):
         super().__init__()
         c0 = c_out * gr_factor[0]
         if imagenet:
             stem = nn.Sequential(nn.Conv2d(3, c0, 7, 2, 3), nn.BatchNorm2d(c0), nn.ReLU(inplace=True),
                                  nn.MaxPool2d(3, 2, 1))
         else:
-            stem = conv_bn_relu(3, c0)
+            stem = conv_bn_relu(3, c0, bias=bias)
         layers = [stem]
         for s in range(1, len(gr_factor)):
-            layers.append(conv_bn_relu(c_out * gr_factor[s - 1], c_out * gr_factor[s], stride=2))
+            layers.append(conv_bn_relu(c_out * gr_factor[s - 1], c_out * gr_factor[s], stride=2, bias=bias))
         self.layers = nn.ModuleList(layers)
 
     def forward(self, x) -> List[torch.Tensor]:
@@ -77,7 +80,7 @@ class MSDLayer(nn.Module):
     """One multi-scale dense layer taking `in_scales` scales to `out_scales` (the finest ones are pruned)."""
 
     def __init__(self, c_in: int, growth: int, n_scales: int, in_scales: int, out_scales: int,
-                 gr_factor: Sequence[int], bn_factor: Sequence[int], bottleneck: bool):
+                 gr_factor: Sequence[int], bn_factor: Sequence[int], bottleneck: bool, bias: bool = False):
         super().__init__()
         self.discard = in_scales - out_scales  # 0 or 1 in the reference configurations
         offset = n_scales - out_scales
@@ -88,7 +91,7 @@ class MSDLayer(nn.Module):
                 c_same=c_in * gr_factor[s], c_out=growth * gr_factor[s], bottleneck=bottleneck,
                 bn_same=bn_factor[s],
                 c_finer=c_in * gr_factor[s - 1] if has_finer else 0,
-                bn_finer=bn_factor[s - 1] if has_finer else 1))
+                bn_finer=bn_factor[s - 1] if has_finer else 1, bias=bias))
         self.units = nn.ModuleList(units)
 
     def forward(self, xs: List[torch.Tensor]) -> List[torch.Tensor]:
@@ -103,10 +106,11 @@ class MSDLayer(nn.Module):
 class Transition(nn.Module):
     """1x1 conv-BN-ReLU at every kept scale, compressing the channels (pruning 'max')."""
 
-    def __init__(self, c_in: int, c_out: int, out_scales: int, offset: int, gr_factor: Sequence[int]):
+    def __init__(self, c_in: int, c_out: int, out_scales: int, offset: int, gr_factor: Sequence[int],
+                 bias: bool = False):
         super().__init__()
         self.convs = nn.ModuleList(conv_bn_relu(c_in * gr_factor[offset + i], c_out * gr_factor[offset + i],
-                                                kernel=1, padding=0) for i in range(out_scales))
+                                                kernel=1, padding=0, bias=bias) for i in range(out_scales))
 
     def forward(self, xs):
         return [conv(x) for conv, x in zip(self.convs, xs)]
@@ -115,9 +119,10 @@ class Transition(nn.Module):
 class Classifier(nn.Module):
     """Head on the coarsest scale: two strided conv-BN-ReLU, 2x2 average pooling, Linear."""
 
-    def __init__(self, c_in: int, c_mid: int, num_classes: int):
+    def __init__(self, c_in: int, c_mid: int, num_classes: int, bias: bool = False):
         super().__init__()
-        self.features = nn.Sequential(conv_bn_relu(c_in, c_mid, stride=2), conv_bn_relu(c_mid, c_mid, stride=2),
+        self.features = nn.Sequential(conv_bn_relu(c_in, c_mid, stride=2, bias=bias),
+                                      conv_bn_relu(c_mid, c_mid, stride=2, bias=bias),
                                       nn.AvgPool2d(2))
         self.linear = nn.Linear(c_mid, num_classes)
 
@@ -147,7 +152,7 @@ class MSDNet(MultiExitNet):
     def __init__(self, num_classes: int, *, n_blocks: int, step_mode: str, step: int, base: int,
                  channels: int, growth: int, gr_factor: Sequence[int], bn_factor: Sequence[int],
                  imagenet: bool = False, bottleneck: bool = True, prune: str = "max", reduction: float = 0.5,
-                 input_size: int | None = None, gradient_equilibrium: bool = False):
+                 input_size: int | None = None, gradient_equilibrium: bool = False, conv_bias: bool = False):
         if len(gr_factor) != len(bn_factor):
             raise ValueError(f"gr_factor {list(gr_factor)} and bn_factor {list(bn_factor)} must have one entry per scale")
         n_scales = len(gr_factor)
@@ -156,21 +161,21 @@ class MSDNet(MultiExitNet):
         stages, heads = [], []
         c, layer = channels, 0
         for b in range(n_blocks):
-            mods: list = [FirstLayer(channels, gr_factor, imagenet)] if b == 0 else []
+            mods: list = [FirstLayer(channels, gr_factor, imagenet, conv_bias)] if b == 0 else []
             for _ in range(steps[b]):
                 layer += 1
                 s_in, s_out = scales_at(layer, n_layers, n_scales, prune)
-                mods.append(MSDLayer(c, growth, n_scales, s_in, s_out, gr_factor, bn_factor, bottleneck))
+                mods.append(MSDLayer(c, growth, n_scales, s_in, s_out, gr_factor, bn_factor, bottleneck, conv_bias))
                 c += growth
                 compress = (prune == "max" and s_in > s_out) or (
                     prune == "min" and layer in (math.floor(n_layers / 3), math.floor(2 * n_layers / 3)))
                 if reduction > 0 and compress:
                     c_new = math.floor(reduction * c)
-                    mods.append(Transition(c, c_new, s_out, n_scales - s_out, gr_factor))
+                    mods.append(Transition(c, c_new, s_out, n_scales - s_out, gr_factor, conv_bias))
                     c = c_new
             stages.append(nn.Sequential(*mods))
             c_last = c * gr_factor[-1]
-            heads.append(Classifier(c_last, c_last if imagenet else 128, num_classes))
+            heads.append(Classifier(c_last, c_last if imagenet else 128, num_classes, conv_bias))
         super().__init__(nn.ModuleList(stages), nn.ModuleList(heads), gradient_equilibrium=gradient_equilibrium)
         self.steps = steps
         self.input_size = input_size or (224 if imagenet else 32)
@@ -184,6 +189,8 @@ class MSDNet(MultiExitNet):
             if isinstance(m, nn.Conv2d):
                 n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
                 nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / n))
+                if m.bias is not None:  # Phuong & Lampert's convolutions carry biases, initialised to 0
+                    nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -230,4 +237,10 @@ CONFIGS = {
     **{f"msdnet_imagenet_step{s}": dict(n_blocks=5, step_mode="even", step=s, base=s, channels=32, growth=16,
                                         gr_factor=(1, 2, 4, 4), bn_factor=(1, 2, 4, 4), imagenet=True)
        for s in (4, 6, 7)},
+    # Phuong & Lampert's CIFAR-100 network (their MsdNet: 3 scales, 11 exits, 4 layers to the first exit and 2
+    # between exits, planes 6/12/24 x (1 + layer), pruning 'min', halving at 1/3 and 2/3, heads 128 wide,
+    # bottlenecks 4x, convolutions with biases). In MSDNet's terms: channels 1, growth 1, gr_factor = their
+    # plane multipliers. docs/method.md, "Networks", gives its reference cost.
+    "msdnet_cifar_dbt11": dict(n_blocks=11, step_mode="even", step=2, base=4, channels=1, growth=1,
+                               gr_factor=(6, 12, 24), bn_factor=(4, 4, 4), prune="min", conv_bias=True),
 }
