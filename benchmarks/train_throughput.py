@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -34,13 +35,14 @@ def bundle(batch_size: int, device, n: int = 2048, num_classes: int = 100, chann
     return DataBundle(train, stream, None, None, num_classes, (3, 32, 32))
 
 
-VARIANT_FLAGS = ("eager", "bf16", "cl", "net", "step")
+VARIANT_FLAGS = ("eager", "bf16", "cl", "net", "step", "graph")
 CPU_VARIANTS = ["eager", "eager@1", "bf16", "bf16@1", "cl", "net", "step", "bf16+net"]
 
 
 def parse_variant(spec: str) -> dict:
     """'bf16+net@1' -> bf16 autocast, torch.compile of the network, 1 thread. Flags: eager (nothing), bf16,
-    cl (channels-last), net (compile the network), step (compile the whole step); '@N': N CPU threads."""
+    cl (channels-last), net (compile the network), step (compile the whole step), graph (compile mode
+    reduce-overhead: CUDA graphs on a GPU); '@N': N CPU threads."""
     flags, _, threads = spec.partition("@")
     parts = flags.split("+")
     unknown = [f for f in parts if f not in VARIANT_FLAGS]
@@ -48,7 +50,7 @@ def parse_variant(spec: str) -> dict:
         raise SystemExit(f"bad variant {spec!r}: flags {'+'.join(VARIANT_FLAGS)} joined by '+', optional @THREADS")
     return dict(bf16="bf16" in parts, channels_last="cl" in parts,
                 compile="step" if "step" in parts else "network" if "net" in parts else "",
-                threads=int(threads) if threads else None)
+                graphs="graph" in parts, threads=int(threads) if threads else None)
 
 
 def measure(arch, method, meta_interval, batch_size, variant, device, steps, warmup, num_classes=100) -> dict:
@@ -58,7 +60,7 @@ def measure(arch, method, meta_interval, batch_size, variant, device, steps, war
         torch.set_num_threads(v["threads"])
     cfg = TrainConfig(arch=arch, method=method, meta_interval=meta_interval, batch_size=batch_size, device=str(device),
                       bf16=v["bf16"], channels_last=v["channels_last"], compile=v["compile"],
-                      compile_mode="reduce-overhead" if device.type == "cuda" and v["compile"] else "default",
+                      compile_mode="reduce-overhead" if v["graphs"] and v["compile"] else "default",
                       progress=False)
     try:
         trainer = Trainer(cfg, data_bundle=bundle(batch_size, device, num_classes=num_classes,
@@ -116,8 +118,9 @@ def main(argv=None):
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[64, 128])
     p.add_argument("--modes", nargs="+", default=None,
                    help="variants, each flags joined by '+' with an optional @THREADS: eager, bf16, cl (channels-last), "
-                        "net (compile the network), step (compile the whole step; CUDA graphs on GPUs), e.g. "
-                        f"bf16+net@1; 'compile' means step. Default: GPU eager step; CPU {' '.join(CPU_VARIANTS)}")
+                        "net (compile the network), step (compile the whole step), graph (compile mode reduce-overhead: CUDA "
+                        f"graphs), e.g. bf16+net@1; 'compile' means step+graph. Default: GPU eager step step+graph; "
+                        f"CPU {' '.join(CPU_VARIANTS)}")
     p.add_argument("--methods", nargs="+", default=None, help="cases as METHOD or hdkd/INTERVAL (default: ce hdkd/1 hdkd/10)")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=100)
@@ -127,8 +130,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    modes = [("step" if m == "compile" else m) for m in (args.modes or (["eager", "step"] if device.type == "cuda"
-                                                                          else CPU_VARIANTS))]
+    modes = [("step+graph" if m == "compile" else m) for m in (args.modes or (["eager", "step", "step+graph"]
+                                                                               if device.type == "cuda" else CPU_VARIANTS))]
     for m in modes:
         parse_variant(m)
     cases = CASES if not args.methods else [(c.split("/")[0], int(c.split("/")[1]) if "/" in c else 1)
@@ -142,6 +145,7 @@ def main(argv=None):
             for mode in modes:
                 rows.append(measure(args.arch, method, interval, bs, mode, device, args.steps, args.warmup,
                                     args.num_classes))
+                write_record(args, argv, device, rows, data_rows)  # row by row: a deadline loses nothing measured
                 r = rows[-1]
                 base = next(b for b in rows if b["batch_size"] == bs and b["method"] == method
                             and b["meta_interval"] == r["meta_interval"])
@@ -149,11 +153,17 @@ def main(argv=None):
                       f"{r['images_per_s']:>9.0f} img/s {r['step_ms']:>8.1f} ms/step "
                       f"x{r['images_per_s'] / base['images_per_s']:.2f} of {base['mode']}, first step {r['first_step_s']:.1f} s"
                       + (f" {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else ""))
+    return write_record(args, argv, device, rows, data_rows)
+
+
+def write_record(args, argv, device, rows, data_rows) -> dict:
     record = {"device": runinfo.device_name(device), "torch": torch.__version__, "host": platform.node(),
-              "command": "python benchmarks/train_throughput.py " + " ".join(argv), "rows": rows,
-              "data_path": data_rows}
+              "threads": torch.get_num_threads(), "command": "python benchmarks/train_throughput.py " + " ".join(argv),
+              "rows": rows, "data_path": data_rows}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=1))
+    tmp = Path(args.json).with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, args.json)
     return record
 
 

@@ -80,7 +80,8 @@ def epochs_within(minutes: float, throughput: dict, methods, seeds, train_images
     4 epochs cannot place the two lr drops apart, more than 60 is beyond what issue 9 asks."""
     rows = [r for r in throughput["rows"] if r["batch_size"] == batch_size] or throughput["rows"]
     modes = {r["mode"] for r in rows}
-    rows = [r for r in rows if r["mode"] == ("compile" if "compile" in modes else "eager")]
+    preferred = next((m for m in ("step+graph", "compile", "step") if m in modes), "eager")  # compiled rows first
+    rows = [r for r in rows if r["mode"] == preferred]
     ce = next(r["images_per_s"] for r in rows if r["method"] == "ce")
     learned = [r for r in rows if r["method"] != "ce"]
     hdkd = min(learned, key=lambda r: abs(r["meta_interval"] - meta_interval))["images_per_s"] if learned else ce
@@ -188,6 +189,31 @@ def began(run: Path, record: dict) -> str:
     return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
+def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> list:
+    """Markdown rows: per learned-weight variant and baseline, the per-exit test top-1 difference of runs with the
+    same seed (same split and initial network), mean ± sd over the seeds both have."""
+    seed = table["run"].str.rsplit("-seed", n=1).str[1].astype(int)
+    top1 = (100 * table.assign(seed=seed).pivot_table(index=["variant", "seed"], columns="exit", values="top1"))
+    variants = sorted(v for v in top1.index.get_level_values(0).unique() if v.split("-")[0] in objectives.LEARNED)
+    lines = []
+    for v in variants:
+        for b in (b for b in baselines if b in top1.index.get_level_values(0)):
+            seeds = sorted(set(top1.loc[v].index) & set(top1.loc[b].index))
+            if not seeds:
+                continue
+            d = top1.loc[v].loc[seeds] - top1.loc[b].loc[seeds]
+            d["mean"] = d.mean(axis=1)
+            if not lines:
+                lines = ["", "Paired differences of test top-1 (points), same seed = same split and initial network; "
+                             "mean ± sd over seeds:", "",
+                         "| difference | seeds | " + " | ".join(f"exit {k}" for k in exits) + " | mean over exits |",
+                         "|---|---|" + "---|" * (len(exits) + 1)]
+            cells = [f"{d[c].mean():+.2f} ± {d[c].std(ddof=1):.2f}" if len(seeds) > 1 else f"{d[c].mean():+.2f}"
+                     for c in list(exits) + ["mean"]]
+            lines.append(f"| {v} − {b} | {len(seeds)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summarize(results: Path, epochs_full: int = 300) -> str:
     """Markdown section for one results folder: per-exit test top-1 (mean and spread over seeds), learned
     weights, and per run its device, torch version, epoch time and command. Also writes anytime.png."""
@@ -212,6 +238,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
         cells = [f"{m:.2f} ± {s:.2f}" if pd.notna(s) else f"{m:.2f}" for m, s in zip(group["mean"], group["std"])]
         out.append(f"| {name} | {int(group['count'].iloc[0])} | " + " | ".join(cells)
                    + f" | {group['mean'].mean():.2f} |")
+    out += paired_differences(table, exits)
     learned = {n: r for n, r in records.items() if r["config"]["method"] in objectives.LEARNED}
     for name in sorted({variant(n) for n in learned}):
         mats = [plots.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if variant(n) == name]
@@ -245,13 +272,16 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
                          title=f"{results.name}: test top-1 per exit (mean, sd over seeds)")
     fig.savefig(results / "anytime.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
-    for name in sorted({variant(n) for n in learned}):  # how the weights moved, in the first seed's run
-        run = min(n for n in learned if variant(n) == name)
-        fig, ax = plt.subplots(figsize=(7, 7))
-        plots.weight_evolution(learned[run]["weights_history"], ax=ax, title=f"{run}: learned loss weights per epoch")
-        fig.savefig(results / f"weights-{name}.png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        out += [f"![weights of {run}]({results.name}/weights-{name}.png)", ""]
+    for name in sorted({variant(n) for n in learned}):  # how the weights moved from their start, every seed
+        runs = sorted(n for n in learned if variant(n) == name)
+        cfg = train.config_from_dict(train.stored_config(learned[runs[0]]["config"]))
+        start = objectives.build(cfg.method, len(exits), **train.objective_options(cfg)).named_weights()
+        axes = plots.weights_by_student([learned[n]["weights_history"] for n in runs], len(exits), initial=start,
+                                        title=f"{name}: learned loss weights per epoch (epoch 0: the start), "
+                                              f"{len(runs)} seed{'s' * (len(runs) > 1)}")
+        axes[0].figure.savefig(results / f"weights-{name}.png", dpi=110, bbox_inches="tight")
+        plt.close(axes[0].figure)
+        out += [f"![weights of {name}]({results.name}/weights-{name}.png)", ""]
     if (results / "NOTES.md").exists():  # the hand-written reading of these numbers
         out += ["### Observations", "", (results / "NOTES.md").read_text().strip(), ""]
     return "\n".join(out)

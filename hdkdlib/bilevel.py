@@ -75,16 +75,18 @@ def _momentum_buffers(model, momentum_buffer) -> Dict[str, Optional[torch.Tensor
 
 
 def virtual_step(params: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], *, lr: float, momentum: float,
-                 weight_decay: float, momentum_buffer: Dict[str, Optional[torch.Tensor]]) -> Dict[str, torch.Tensor]:
-    """theta' as torch.optim.SGD (dampening 0, no Nesterov) would compute it; differentiable in grads."""
+                 weight_decay: float, momentum_buffer: Dict[str, Optional[torch.Tensor]],
+                 nesterov: bool = False) -> Dict[str, torch.Tensor]:
+    """theta' as torch.optim.SGD (dampening 0, with or without Nesterov) would compute it; differentiable in grads."""
     out = {}
     for n, p in params.items():
         d = grads[n]
         if weight_decay:
             d = d + weight_decay * p
         buf = momentum_buffer.get(n)
-        if momentum and buf is not None:
-            d = momentum * buf + d
+        if momentum:
+            new_buf = d if buf is None else momentum * buf + d  # SGD's first step starts the buffer at d
+            d = d + momentum * new_buf if nesterov else new_buf
         out[n] = p - lr * d
     return out
 
@@ -122,7 +124,7 @@ def _mean_over_ranks(tensors):
 
 
 def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_batch, val_batch, *, lr, momentum,
-                      weight_decay, momentum_buffer, val_loss, eps):
+                      weight_decay, momentum_buffer, val_loss, eps, nesterov=False):
     """Finite-difference hypergradient from an already computed training pass (grads, teachers at theta).
 
     Under DDP every rank holds the same theta' (gradients are all-reduced); v and the finite differences
@@ -130,7 +132,7 @@ def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_bat
     buffers = _cloned_buffers(model)
     with torch.no_grad():
         theta1 = virtual_step(params, grads, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              momentum_buffer=momentum_buffer)
+                              momentum_buffer=momentum_buffer, nesterov=nesterov)
     theta1 = {n: t.requires_grad_(True) for n, t in theta1.items()}
     xv, yv = val_batch
     val_logits = _call(model, theta1, buffers, xv)
@@ -153,7 +155,7 @@ def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_bat
 
 
 def _hypergradient(model, objective, train_batch, val_batch, *, lr, momentum, weight_decay, momentum_buffer,
-                   val_loss, method, eps):
+                   val_loss, method, eps, nesterov=False):
     """(hypergradient tuple, validation logits at theta') from functional passes on cloned state."""
     params = {n: p.detach().clone().requires_grad_(True) for n, p in _trainable(model).items()}
     buf = _momentum_buffers(model, momentum_buffer)
@@ -163,7 +165,7 @@ def _hypergradient(model, objective, train_batch, val_batch, *, lr, momentum, we
     if method == "exact":
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
         theta1 = virtual_step(params, dict(zip(params, grads)), lr=lr, momentum=momentum,
-                              weight_decay=weight_decay, momentum_buffer=buf)
+                              weight_decay=weight_decay, momentum_buffer=buf, nesterov=nesterov)
         xv, yv = val_batch
         val_logits = _call(model, theta1, _cloned_buffers(model), xv)
         hyper = torch.autograd.grad(val_loss(val_logits, yv), list(objective.parameters()))
@@ -171,13 +173,13 @@ def _hypergradient(model, objective, train_batch, val_batch, *, lr, momentum, we
     grads = torch.autograd.grad(loss, list(params.values()))
     return _fd_hypergradient(model, objective, params, dict(zip(params, grads)), [z.detach() for z in logits],
                              train_batch, val_batch, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                             momentum_buffer=buf, val_loss=val_loss, eps=eps)
+                             momentum_buffer=buf, val_loss=val_loss, eps=eps, nesterov=nesterov)
 
 
 def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, val_batch: Batch, *, lr: float,
                   momentum: float = 0.0, weight_decay: float = 0.0, momentum_buffer=None,
                   val_loss: Union[str, nn.Module] = "ce", method: str = "exact",
-                  eps: Optional[float] = None) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+                  eps: Optional[float] = None, nesterov: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
     """dL_val(theta')/d(objective.parameters()), theta' one virtual step of SGD on L_tr.
 
     A batch is (inputs, targets); val_loss is "ce" (sum of per-exit CE), "balanced" or a
@@ -187,7 +189,8 @@ def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, va
     _check(model, objective, train_batch, val_batch, lr, method)
     hyper, _ = _hypergradient(model, objective, train_batch, val_batch, lr=lr, momentum=momentum,
                               weight_decay=weight_decay, momentum_buffer=momentum_buffer,
-                              val_loss=_val_loss_fn(val_loss, objective.num_exits), method=method, eps=eps)
+                              val_loss=_val_loss_fn(val_loss, objective.num_exits), method=method, eps=eps,
+                              nesterov=nesterov)
     return hyper[0] if len(hyper) == 1 else tuple(hyper)
 
 
@@ -230,7 +233,7 @@ class MetaStep:
         by_id = {id(p): n for n, p in _trainable(self.module).items()}
         bufs = {by_id[id(p)]: optimizer.state.get(p, {}).get("momentum_buffer")
                 for g in optimizer.param_groups for p in g["params"] if id(p) in by_id}
-        return dict(lr=group["lr"], momentum=group.get("momentum", 0.0),
+        return dict(lr=group["lr"], momentum=group.get("momentum", 0.0), nesterov=bool(group.get("nesterov", False)),
                     weight_decay=group.get("weight_decay", 0.0), momentum_buffer=bufs)
 
     def step(self, train_batch: Batch, val_batch: Batch, optimizer: torch.optim.Optimizer):

@@ -7,9 +7,16 @@ Two conventions:
   "macs"    multiply-accumulates of convolutions and matrix products, from torch.utils.flop_counter
             (which reports 2 FLOPs per MAC, halved here).
 Both run the model exit by exit, so exit k includes all earlier heads, as the reference does.
+
+`latency` measures the same thing in time on a device: the cumulative seconds per image up to each exit,
+timed stage by stage. FLOPs ignore memory-bound work (BatchNorm, ReLU, concatenation), which dominates the
+high-resolution early stages, so budgets in FLOPs overstate what stopping early saves; budgets can be
+stated in measured time instead (evaluation.budgeted takes any per-exit cost).
 """
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Dict, List, Sequence
 
 import torch
@@ -88,3 +95,38 @@ def of_named(name: str, num_classes: int | None = None, convention: str = "msdne
     from . import models  # local: models does not need cost, and cost stays importable on its own
     model = models.build(name, num_classes or default_num_classes(name))
     return [{**row, "mflops": row["flops"] / 1e6} for row in per_exit(model, model.input_shape, convention)]
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def latency(model: nn.Module, input_shape: Sequence[int], *, batch_size: int = 256, repeats: int = 5,
+            warmup: int = 2, device=None) -> List[float]:
+    """Cumulative seconds per image up to and including each exit, on `device` (default: the model's), at
+    `batch_size`: every stage and head timed on its own (eval mode, no autograd), the median of `repeats`
+    timed passes after `warmup` untimed ones."""
+    if repeats < 1 or warmup < 0 or batch_size < 1:
+        raise ValueError(f"need repeats >= 1, warmup >= 0, batch_size >= 1; got {repeats}, {warmup}, {batch_size}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    x = torch.randn(batch_size, *input_shape, device=device)
+    per_stage = []
+    with evaluating(model):
+        model.check_input(x)
+        for i in range(warmup + repeats):
+            state, times = x, []
+            for k in range(model.num_exits):
+                _sync(device)
+                start = time.perf_counter()
+                state, _ = model.run_exit(k, state)
+                _sync(device)
+                times.append(time.perf_counter() - start)
+            if i >= warmup:
+                per_stage.append(times)
+    medians = [statistics.median(t[k] for t in per_stage) for k in range(model.num_exits)]
+    total, out = 0.0, []
+    for m in medians:
+        total += m
+        out.append(total / batch_size)
+    return out

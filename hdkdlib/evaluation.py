@@ -1,4 +1,4 @@
-"""Evaluation of multi-exit networks (METHOD.md section 7).
+"""Evaluation of multi-exit networks (docs/method.md, "Evaluation protocols").
 
   anytime      top-1 / top-5 of every exit on a split, against each exit's cumulative cost
   budgeted     MSDNet's budgeted batch classification: thresholds fitted on validation, applied to test
@@ -132,9 +132,10 @@ def default_ps() -> List[float]:
     return [k / 20 for k in range(1, 40)]
 
 
-def budgeted(val_probs, val_targets, test_probs, test_targets, exit_flops, ps=None) -> List[Dict]:
+def budgeted(val_probs, val_targets, test_probs, test_targets, exit_flops, ps=None, cost_key: str = "flops") -> List[Dict]:
     """MSDNet's budgeted batch classification: for each p, thresholds fitted on validation and applied to
-    test. One dict per p: p, thresholds, exit_fractions, accuracy (fraction), flops (per test sample)."""
+    test. One dict per p: p, thresholds, exit_fractions, accuracy (fraction), and the expected cost per test
+    sample under `cost_key` ("flops"; with per-exit times from cost.latency as exit_flops, e.g. "ms")."""
     _check_probs(val_probs, val_targets, "val")
     _check_probs(test_probs, test_targets, "test")
     K = val_probs.shape[0]
@@ -145,6 +146,7 @@ def budgeted(val_probs, val_targets, test_probs, test_targets, exit_flops, ps=No
         thresholds = fit_thresholds(val_probs, exit_shares(p, K))
         result = apply_thresholds(test_probs, test_targets, thresholds, exit_flops)
         result.pop("exit_index")
+        result[cost_key] = result.pop("flops")
         rows.append({"p": p, **result})
     return rows
 

@@ -319,7 +319,7 @@ def build(name: str, num_exits: int, **options) -> Objective:
 
 # --- validation objectives (outer problem of the bilevel step) ----------------------------------------
 class ValidationLoss(nn.Module):
-    """L_val on held-out data. kind='ce': sum of per-exit CE. kind='balanced' (METHOD.md section 2):
+    """L_val on held-out data. kind='ce': sum of per-exit CE. kind='balanced' (docs/method.md, "Leads"):
 
         alpha * sum_i CE_i + (1 - alpha) * sum_i softplus(CE_i / ema_i - 1)
 

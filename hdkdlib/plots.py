@@ -95,11 +95,14 @@ def anytime_curves(table: pd.DataFrame, ax=None, metric: str = "top1", title: st
 
 
 def budgeted_curves(curves: Dict[str, List[Dict]], ax=None, title: str = "Budgeted batch classification"):
-    """Test accuracy against the mean cost per image, one curve per method: {method: evaluation.budgeted(...)}."""
+    """Test accuracy against the mean cost per image, one curve per method: {method: evaluation.budgeted(...)}.
+    Rows with "ms" (budgets in measured time, results.json's budgeted_ms) are drawn in ms per image."""
     ax = ax or plt.gca()
+    in_ms = any("ms" in rows[0] for rows in curves.values() if rows)
     for name, rows in curves.items():
-        ax.plot([r["flops"] / 1e6 for r in rows], [100 * r["accuracy"] for r in rows], marker=".", label=name)
-    ax.set_xlabel("average MFLOPs per test image")
+        x = [r["ms"] for r in rows] if in_ms else [r["flops"] / 1e6 for r in rows]
+        ax.plot(x, [100 * r["accuracy"] for r in rows], marker=".", label=name)
+    ax.set_xlabel("average ms per test image (measured)" if in_ms else "average MFLOPs per test image")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.legend()
@@ -125,3 +128,45 @@ def weight_evolution(history: Sequence[Dict[str, float]], ax=None, title: str = 
     ax.set_ylabel("term")
     ax.set_title(title)
     return ax
+
+
+def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exits: int, axes=None,
+                       initial: Dict[str, float] | None = None, title: str = "Learned loss weights by student exit"):
+    """Small multiples, one panel per student exit: its CE weight (solid) and the weight of KD from each later
+    exit (dashed, colour = teacher) over the epochs, log scale; one thin line per run (e.g. seed), so runs
+    agreeing show as one bundle. `initial` (the weights before training) is drawn at epoch 0."""
+    if axes is None:
+        cols = min(4, num_exits)
+        rows = -(-num_exits // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows), sharex=True, sharey=True,
+                                 squeeze=False)
+        fig.suptitle(title)
+    axes = np.asarray(axes).ravel()
+    palette = sns.color_palette("viridis", num_exits)
+    for i in range(num_exits):
+        ax = axes[i]
+        terms = [f"ce{i + 1}"] + [f"kd{i + 1}<-{j + 1}" for j in range(i + 1, num_exits)]
+        for history in histories:
+            frame = pd.DataFrame(list(history))
+            if initial is not None:
+                frame = pd.concat([pd.DataFrame([initial]), frame], ignore_index=True)
+                frame.index = range(0, len(frame))
+            else:
+                frame.index = range(1, len(frame) + 1)
+            for t in terms:
+                if t not in frame:
+                    continue
+                j = int(t.split("<-")[1]) - 1 if "<-" in t else i
+                ax.plot(frame.index, frame[t], color="black" if t.startswith("ce") else palette[j],
+                        ls="-" if t.startswith("ce") else "--", lw=1.2, alpha=0.8,
+                        label=("CE" if t.startswith("ce") else f"KD from {j + 1}") if history is histories[0] else None)
+        ax.set_yscale("log")
+        ax.set_title(f"student exit {i + 1}", fontsize=9)
+        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    for ax in axes[num_exits:]:
+        ax.set_visible(False)
+    for ax in axes[:num_exits]:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("weight")
+    axes[0].figure.tight_layout()
+    return axes

@@ -30,130 +30,11 @@ from tqdm.auto import tqdm
 from . import bilevel, cost, data, evaluation, models, objectives, runinfo
 from .paths import atomic_write_text, runs_dir
 
-DATASETS = ("cifar10", "cifar100", "folder32", "folder", "synthetic")
+# The settings live in hdkdlib.config; these names stay importable from here (notebooks, older scripts).
+from .config import (DATASETS, LEGACY_VALUES, RECIPES, TrainConfig, argparser, config_from_dict,  # noqa: E402,F401
+                     stored_config, to_argv as cli_args)
 
-
-@dataclass
-class TrainConfig:
-    """Every setting of a run. Defaults: the paper's CIFAR recipe (METHOD.md section 6)."""
-    # data
-    dataset: str = "cifar100"       # cifar10 | cifar100 | folder32 (small images, on the GPU) | folder (ImageNet) | synthetic
-    data_root: str = "data"
-    download: bool = True           # CIFAR: download through torchvision when missing
-    val_per_class: int = 0          # held-out validation images per class; 0: 5,000 in all (CIFAR), 50 per class (folder)
-    n_per_class: int = 0            # limited-data protocol: training images per class (0: all the rest)
-    split_seed: int = 0
-    split_dir: str = ""             # where split files live; "": the project's data/splits/ (synthetic: runs/splits/)
-    # model and objective
-    arch: str = "msdnet_cifar_anytime"
-    method: str = "hdkd"
-    temperature: float = 0.0        # KD temperature; 0: the objective's own default
-    init: str = ""                  # learned-weight initialisation; "": the objective's default
-    weight_map: str = "softmax"
-    gradient_equilibrium: bool = False
-    # optimisation
-    epochs: int = 300
-    batch_size: int = 64            # per process
-    lr: float = 0.1
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    lr_milestones: Tuple[int, ...] = ()  # epochs where lr *= lr_gamma; (): 50% and 75% of the epochs
-    lr_gamma: float = 0.1
-    # bilevel weight update (objectives with learned weights)
-    meta_interval: int = 1
-    meta_schedule: str = "per_run"  # per_run: the weight lr lets gamma move log(1000) within meta_traverse of the
-                                    # run's weight steps (bilevel.per_run_meta_lr); fixed: meta_lr as given
-    meta_traverse: float = 0.25
-    meta_lr: float = 1e-3           # the weight lr when meta_schedule is "fixed" (before: always)
-    hypergrad_norm: str = "lr"      # lr: hypergradient / the network's current lr (no stall after lr drops); none
-    min_init_weight: float = 1e-3   # floor for learned weights that start at 0 (dbt/ds inits)
-    meta_method: str = "finite_difference"
-    val_loss: str = "balanced"
-    alpha: float = 0.5
-    freeze_weights_from: str = ""   # a results.json: its final learned weights, kept fixed (the "frozen" ablation)
-    init_from: str = ""             # a finished run folder: start from its final network
-    train_heads_only: bool = False  # IMTA's second stage: stages frozen (eval mode), heads re-initialised and trained
-    # engine
-    seed: int = 0
-    device: str = "auto"
-    threads: int = 0                # CPU threads for torch (torch.set_num_threads); 0: torch's default
-    bf16: bool = False              # bf16 autocast (CUDA)
-    channels_last: bool = False
-    compile: str = ""               # "": eager; "network": torch.compile the network; "step": also the whole
-                                    # step (forward, backward, optimizer, bilevel update)
-    compile_mode: str = "default"   # torch.compile mode; "reduce-overhead" replays CUDA graphs on GPUs
-    workers: int = 8                # DataLoader workers (folder)
-    eval_batch_size: int = 500
-    check_every: int = 50           # steps between checks for NaN (each check waits for the GPU)
-    out: str = ""                   # run folder; "": nothing written
-    progress: bool = True
-
-    def validate(self) -> "TrainConfig":
-        if self.dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
-        if self.arch not in models.names():
-            raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(models.names())}")
-        if self.method not in objectives.names():
-            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(objectives.names())}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
-        for name in ("epochs", "batch_size", "meta_interval", "eval_batch_size", "check_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if not self.meta_lr > 0:
-            raise ValueError(f"meta_lr (the weight learning rate) must be > 0, got {self.meta_lr}")
-        if not 0 < self.meta_traverse <= 1:
-            raise ValueError(f"meta_traverse must lie in (0, 1] (a fraction of the run's weight steps), "
-                             f"got {self.meta_traverse}")
-        if self.meta_schedule not in bilevel.META_SCHEDULES:
-            raise ValueError(f"unknown meta_schedule {self.meta_schedule!r}; valid: {', '.join(bilevel.META_SCHEDULES)}")
-        if self.hypergrad_norm not in bilevel.HYPERGRAD_NORMS:
-            raise ValueError(f"unknown hypergrad_norm {self.hypergrad_norm!r}; valid: "
-                             f"{', '.join(bilevel.HYPERGRAD_NORMS)}")
-        if self.meta_schedule == "per_run" and self.meta_lr != TrainConfig.meta_lr:
-            raise ValueError(f"meta_lr {self.meta_lr} is used only with meta_schedule 'fixed' (the default, 'per_run', "
-                             "sets the weight lr from the run's length): add meta_schedule='fixed' "
-                             "(--meta-schedule fixed), or drop meta_lr and tune meta_traverse")
-        if not 0 < self.min_init_weight <= 1:
-            raise ValueError(f"min_init_weight must lie in (0, 1], got {self.min_init_weight}")
-        if self.train_heads_only and not self.init_from:
-            raise ValueError("train_heads_only needs init_from: the run whose network the heads are trained on")
-        if self.compile not in ("", "network", "step"):
-            raise ValueError(f"compile must be '', 'network' or 'step', got {self.compile!r}")
-        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
-        return self
-
-    def milestones(self) -> Tuple[int, ...]:
-        return self.lr_milestones or (self.epochs // 2, self.epochs * 3 // 4)
-
-    def lr_at(self, epoch: int) -> float:
-        return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones())
-
-
-IMAGENET_RECIPE = dict(batch_size=256, epochs=90, lr_milestones=(30, 60), arch="msdnet_imagenet_step4")
-
-
-# Settings added after runs were already made, with the value that reproduces how those runs trained: a run
-# folder whose config.json lacks one resumes with this value, not with today's default.
-LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none"}
-
-
-def stored_config(values: Dict) -> Dict:
-    """A run folder's recorded settings, completed: settings added since it began take the value that
-    reproduces its training (LEGACY_VALUES) or else their default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    missing = {k: LEGACY_VALUES.get(k, v) for k, v in defaults.items() if k not in values}
-    return {**values, **missing}
-
-
-def config_from_dict(values: Dict) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown settings {unknown}; valid: {', '.join(sorted(names))}")
-    return TrainConfig(**values).validate()
+IMAGENET_RECIPE = RECIPES["imagenet"]
 
 
 # --- data -------------------------------------------------------------------------------------------
@@ -272,6 +153,20 @@ def _folder_data(cfg, device, rank, world_size) -> DataBundle:
     return DataBundle(train, stream, val, test_all, k, (3, 224, 224), split, data.IMAGENET_MEAN, data.IMAGENET_STD)
 
 
+def objective_options(cfg: TrainConfig) -> Dict:
+    """The options objectives.build gets from a run's settings (also: the weights a run started from)."""
+    options = {}
+    if cfg.temperature:
+        options["temperature"] = cfg.temperature
+    if cfg.method in objectives.LEARNED:
+        options["weight_map"] = cfg.weight_map
+        options["seed"] = cfg.seed
+        options["min_init_weight"] = cfg.min_init_weight
+        if cfg.init:
+            options["init"] = cfg.init
+    return options
+
+
 # --- the trainer ------------------------------------------------------------------------------------
 class TrainingInterrupted(RuntimeError):
     pass
@@ -321,7 +216,7 @@ class Trainer:
         self.objective = objectives.build(cfg.method, self.model.num_exits, **self._objective_options()).to(self.device)
         self.objective.check_inputs = False  # checked every check_every steps instead: no host sync per step
         self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
-                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
         self.net = self.model
         if cfg.compile:
             self.net = torch.compile(self.model, mode=cfg.compile_mode)
@@ -375,16 +270,7 @@ class Trainer:
         return options
 
     def _objective_options(self) -> Dict:
-        options = {}
-        if self.cfg.temperature:
-            options["temperature"] = self.cfg.temperature
-        if self.cfg.method in objectives.LEARNED:
-            options["weight_map"] = self.cfg.weight_map
-            options["seed"] = self.cfg.seed
-            options["min_init_weight"] = self.cfg.min_init_weight
-            if self.cfg.init:
-                options["init"] = self.cfg.init
-        return options
+        return objective_options(self.cfg)
 
     def _init_network(self, run_dir: Path) -> None:
         """Load another run's final network; with train_heads_only, freeze its stages and re-initialise the heads."""
@@ -611,10 +497,17 @@ class Trainer:
         """Anytime (test) and budgeted (thresholds on the held-out split, applied to test) results."""
         val_probs, val_y = evaluation.predict(self.model, self.data.val)
         test_probs, test_y = evaluation.predict(self.model, self.data.test)
+        # Budgets in measured time beside FLOPs: the per-exit cost on this device (ms per image, stage by stage)
+        batch = min(256, self.cfg.eval_batch_size)
+        exit_ms = [1000 * t for t in cost.latency(self.model, self.data.input_shape, batch_size=batch,
+                                                  device=self.device)]
         results = {"anytime": evaluation.anytime(test_probs, test_y, self.exit_flops),
                    "budgeted": evaluation.budgeted(val_probs, val_y, test_probs, test_y, self.exit_flops),
-                   "exit_flops": self.exit_flops, "weights": self.objective.named_weights(),
-                   **self._config_record()}
+                   "budgeted_ms": evaluation.budgeted(val_probs, val_y, test_probs, test_y, exit_ms, cost_key="ms"),
+                   "exit_flops": self.exit_flops, "exit_ms": exit_ms,
+                   "exit_ms_measured_on": {"device": runinfo.device_name(self.device), "batch_size": batch,
+                                           "threads": torch.get_num_threads(), "unit": "ms per image, eager"},
+                   "weights": self.objective.named_weights(), **self._config_record()}
         if self.out is not None and (self.out / "config.json").exists():
             # The code that trained is the one recorded when the run began; say what evaluated it too.
             began = json.loads((self.out / "config.json").read_text())
@@ -662,44 +555,26 @@ def run(cfg: TrainConfig, evaluate: bool = True, data_bundle: Optional[DataBundl
     return trainer, (trainer.evaluate() if evaluate and trainer.rank == 0 else None)
 
 
-def cli_args(cfg: TrainConfig) -> List[str]:
-    """The command-line flags that reproduce cfg (for torchrun launches from a notebook)."""
-    args = []
-    for f in dataclasses.fields(TrainConfig):
-        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
-        if value == f.default:
-            continue
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
-        elif isinstance(value, tuple):
-            args += [flag, *map(str, value)]
-        else:
-            args += [flag, str(value)]
-    return args
-
-
-# --- command line -------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m hdkdlib.train", description=__doc__.split("\n\n")[0])
-    for f in dataclasses.fields(TrainConfig):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type in ("bool", bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f"(default {f.default})")
-        elif f.name == "lr_milestones":
-            p.add_argument(flag, type=int, nargs="*", default=None, help="epochs (default: 50%% and 75%% of the epochs)")
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type if isinstance(f.type, str) else f.type.__name__, str)
-            p.add_argument(flag, type=typ, default=None, help=f"(default {f.default!r})")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+def _parser(argv=None) -> argparse.ArgumentParser:
+    """The training CLI's parser: config.argparser() with the defaults of the --dataset/--recipe in argv."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default="cifar100")
+    pre.add_argument("--recipe", default="")
+    known, _ = pre.parse_known_args(argv or [])
+    p = argparser(known.dataset if known.dataset in DATASETS else "cifar100",
+                  known.recipe if known.recipe in RECIPES else "", description=__doc__.split("\n\n")[0])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its "
+                                                         "recorded settings")
     p.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
     return p
 
 
 def main(argv=None) -> int:
-    args = vars(_parser().parse_args(argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = vars(_parser(argv).parse_args(argv))
     resume, no_eval = args.pop("resume"), args.pop("no_eval")
     given = {k: v for k, v in args.items() if v is not None}
-    values = {**(IMAGENET_RECIPE if given.get("dataset") == "folder" else {}), **given}
+    values = dict(given)
     recorded = Path(given.get("out", "")) / "config.json"
     if resume and given.get("out") and recorded.is_file():
         # --resume continues the run with its recorded settings; options given on the command line must agree

@@ -81,30 +81,42 @@ def test_real_data_verification_script_parallel_equals_inline(tmp_path):
     assert (tmp_path / "results" / "parallel" / "anytime.png").exists()
 
 
-def test_gpu_session_script_dry_run_on_cpu(tmp_path):
-    """benchmarks/gpu_session.sh start + wait, with CPU settings: the benchmark, the background runs and
-    the archive that comes back from the device machine."""
+def test_gpu_check_dry_run_on_cpu(tmp_path):
+    """benchmarks/gpu_check.py in one command with CPU settings: every part writes its file, the archive holds
+    the runs' metrics and logs, and at most 8 flat files come back."""
     img = _fake_cifar_folder(tmp_path / "img")
-    env = {**os.environ, "OUT": str(tmp_path / "out"), "DATA_ROOT": str(img), "RUNS": str(tmp_path / "runs"),
-           "RESULTS": str(tmp_path / "results"), "PYTHON": sys.executable,
-           "THROUGHPUT_ARGS": "--device cpu --steps 2 --warmup 1 --batch-sizes 4 --modes eager --arch msdnet_cifar_budget",
-           "VERIFY_ARGS": f"--methods ce --seeds 0 --epochs auto --minutes 0.001 --arch toy_mlp --batch-size 8 --lr 0.01 "
-                          f"--val-per-class 4 --device cpu --jobs 2 --split-dir {tmp_path / 'splits'}"}
-    script = str(ROOT / "benchmarks" / "gpu_session.sh")
-    start = subprocess.run(["bash", script, "start"], env=env, capture_output=True, text=True, timeout=600)
-    assert start.returncode == 0, start.stderr[-2000:] + start.stdout[-2000:]
-    assert json.loads((tmp_path / "out" / "train_throughput.json").read_text())["rows"]
-    wait = subprocess.run(["bash", script, "wait", "300"], env=env, capture_output=True, text=True, timeout=600)
-    assert wait.returncode == 0 and "all runs finished" in wait.stdout, wait.stderr[-2000:] + wait.stdout[-2000:]
-    with tarfile.open(tmp_path / "out" / "results.tgz") as archive:
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out),
+           "--data-root", str(img), "--budget", "400"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
+    files = sorted(f.name for f in out.iterdir())
+    assert files == ["device.json", "early_exit.json", "gpu_check.log", "results.tgz", "train_throughput.json"]
+    assert json.loads((out / "device.json").read_text())["dry_run"] is True
+    rows = json.loads((out / "train_throughput.json").read_text())["rows"]
+    assert {(r["mode"], r["method"], r["meta_interval"]) for r in rows} == {
+        (m, c, i) for m in ("eager", "step") for c, i in (("ce", None), ("hdkd", 1), ("hdkd", 10))}
+    assert all(r["first_step_s"] > 0 for r in rows)
+    assert [r["path"] for r in json.loads((out / "early_exit.json").read_text())["paths"]] == ["eager", "fast"]
+    with tarfile.open(out / "results.tgz") as archive:
         names = archive.getnames()
-    assert any(n.endswith("results/cifar10/ce-seed0/results.json") for n in names)
-    assert any(n.endswith("results/README.md") for n in names) and any(n.endswith("ce-seed0.log") for n in names)
-    log = (tmp_path / "out" / "session.log").read_text()
-    assert "verification runs started" in log and "epochs auto: 4 (1 methods x 1 seeds, 64 training images" in log
-    assert json.loads((tmp_path / "results" / "cifar10" / "RUNS.json").read_text())["invocations"][-1]["epochs"] == 4
-    again = subprocess.run(["bash", script, "bogus"], env=env, capture_output=True, text=True)
-    assert again.returncode == 2 and "usage" in again.stderr
+    assert "results/cifar10-gpu-study/ce-seed0/results.json" in names
+    assert "results/cifar10-gpu-study/hdkd-seed0/metrics.jsonl" in names and "logs/hdkd-seed0.log" in names
+    log = (out / "gpu_check.log").read_text()
+    assert all(f"== ({part}) exit 0" in log for part in "bcd")
+
+    # a budget too small for the later parts: they are skipped with a line saying so, the earlier files stay
+    small = subprocess.run(cmd[:-1] + ["30"] + ["--out", str(tmp_path / "small")], capture_output=True, text=True,
+                           timeout=600)
+    assert small.returncode == 0, small.stderr[-2000:]
+    assert "skipped" in (tmp_path / "small" / "gpu_check.log").read_text()
+    assert (tmp_path / "small" / "device.json").exists()
+
+
+def test_gpu_check_without_cuda_says_so():
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", "/tmp/none"],
+                          capture_output=True, text=True, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 2 and "no CUDA device here" in done.stdout
 
 
 def test_epochs_within_a_time_budget():
@@ -112,11 +124,32 @@ def test_epochs_within_a_time_budget():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     epochs_within = module.epochs_within
-    rows = [dict(method="ce", meta_interval=None, batch_size=64, mode="compile", images_per_s=1000.0),
-            dict(method="hdkd", meta_interval=1, batch_size=64, mode="compile", images_per_s=500.0),
-            dict(method="hdkd", meta_interval=10, batch_size=64, mode="compile", images_per_s=900.0),
+    rows = [dict(method="ce", meta_interval=None, batch_size=64, mode="step+graph", images_per_s=1000.0),
+            dict(method="hdkd", meta_interval=1, batch_size=64, mode="step+graph", images_per_s=500.0),
+            dict(method="hdkd", meta_interval=10, batch_size=64, mode="step+graph", images_per_s=900.0),
             dict(method="ce", meta_interval=None, batch_size=64, mode="eager", images_per_s=10.0)]
     # one epoch of ce + dbt + hdkd, 2 seeds, 45,000 images: 2 * (45 + 45 + 90) s = 360 s; 60 minutes -> 10 epochs
     assert epochs_within(60, {"rows": rows}, ["ce", "dbt", "hdkd"], [0, 1], 45_000) == 10
     assert epochs_within(60, {"rows": rows}, ["hdkd"], [0], 45_000, meta_interval=8) == 60  # 50 s/epoch: 72, capped
     assert epochs_within(1, {"rows": rows}, ["ce", "dbt", "hdkd"], [0, 1], 45_000) == 4     # too little time: 4
+
+
+def test_early_exit_benchmark_reports_every_exit_for_each_path(tmp_path):
+    out = tmp_path / "ee.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "early_exit.py"), "--device", "cpu",
+                             "--arch", "msdnet_cifar_budget", "--batch-size", "8", "--repeats", "1", "--json",
+                             "--out", str(out)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = json.loads(result.stdout)
+    for path in ("eager", "fast"):
+        mine = [r for r in rows if r["path"] == path]
+        exits = [r for r in mine if isinstance(r["exit"], int)]
+        assert [r["exit"] for r in exits] == [1, 2, 3, 4, 5]
+        assert all(set(r) >= {"flops_ratio", "latency_ratio", "time_ratio"} for r in exits)
+        flops = [r["flops_ratio"] for r in exits]
+        assert flops == sorted(flops) and flops[-1] == 1.0 and exits[-1]["latency_ratio"] == 1.0
+        assert [r["exit"] for r in mine if not isinstance(r["exit"], int)] == ["all", "mixed"]
+    record = json.loads(out.read_text())
+    for p in record["paths"]:
+        assert p["mixed"]["predictions_equal_to_simulation"] == p["mixed"]["samples"] == 8
+    assert record["paths"][1]["agreement_with_eager"]["compared"] == 40

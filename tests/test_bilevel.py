@@ -60,9 +60,39 @@ def test_hypergradient_matches_brute_force(objective, momentum, weight_decay):
 
 
 def test_first_order_gives_zero_and_lr_must_be_positive():
+    """L_val depends on the weights only through the virtual step, so the hypergradient vanishes with the step:
+    it is linear in lr near 0 (first order = zero), and lr = 0 itself is refused."""
     model, obj, train, val = _setup()
+    small, smaller = (bilevel.hypergradient(model, obj, train, val, lr=lr) for lr in (1e-6, 1e-9))
+    assert small.abs().max() > 0
+    torch.testing.assert_close(smaller * 1e3, small, rtol=1e-3, atol=0)
+    assert smaller.abs().max() < 1e-6 * max(1.0, small.abs().max().item() * 1e6)
     with pytest.raises(ValueError, match="lr must be > 0"):
         bilevel.hypergradient(model, obj, train, val, lr=0.0)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("with_buffer", [False, True])
+def test_virtual_step_equals_torch_sgd(nesterov, with_buffer):
+    """The virtual step is what torch.optim.SGD does next, Nesterov or not, first step or later."""
+    torch.manual_seed(0)
+    params = {"a": torch.randn(5, dtype=torch.float64), "b": torch.randn(2, 3, dtype=torch.float64)}
+    grads = {n: torch.randn_like(p) for n, p in params.items()}
+    real = {n: p.clone().requires_grad_() for n, p in params.items()}
+    sgd = torch.optim.SGD(real.values(), lr=0.3, momentum=0.9, weight_decay=0.01, nesterov=nesterov)
+    if with_buffer:  # one earlier step leaves a momentum buffer
+        for p in real.values():
+            p.grad = torch.randn_like(p)
+        sgd.step()
+    buffers = {n: sgd.state[p]["momentum_buffer"].clone() for n, p in real.items()} if with_buffer else {}
+    start = {n: p.detach().clone() for n, p in real.items()}
+    for n, p in real.items():
+        p.grad = grads[n].clone()
+    sgd.step()
+    virtual = bilevel.virtual_step(start, grads, lr=0.3, momentum=0.9, weight_decay=0.01,
+                                   momentum_buffer=buffers, nesterov=nesterov)
+    for n in params:
+        torch.testing.assert_close(virtual[n], real[n].detach())
 
 
 def test_momentum_buffer_as_list_equals_dict():

@@ -165,3 +165,54 @@ def test_threshold_explorer_updates_with_the_sliders(trained_toy):
     sliders[0].value = 0.0  # everybody leaves at exit 1
     assert box.result()["exit_fractions"][0] == pytest.approx(1.0)
     assert "leaving per exit: 100%" in box.children[-2].value
+
+
+def _msdnet_with_statistics(seed=0):
+    torch.manual_seed(seed)
+    model = models.build("msdnet_cifar_anytime", 10).eval()
+    for m in model.modules():  # trained-looking BatchNorm statistics, so that folding has something to fold
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.1, 0.1)
+    return model
+
+
+def test_folded_batchnorm_predicts_as_the_original_and_early_exit_as_the_simulation():
+    from hdkdlib import inference
+    model = _msdnet_with_statistics()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = inference.fast_copy(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    x = torch.randn(48, 3, 32, 32)
+    with torch.no_grad():
+        ref, got = model(x), fast(x)
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3 * a.abs().max().item())
+        assert torch.equal(a.argmax(1), b.argmax(1))
+    probs = torch.stack([torch.softmax(z, 1) for z in got])
+    thresholds = E.fit_thresholds(probs, E.exit_shares(1.0, fast.num_exits))
+    real = E.early_exit_predict(fast, x, thresholds, batch_size=16)
+    sim = E.apply_thresholds(probs, torch.zeros(48, dtype=torch.long), thresholds, [1.0] * fast.num_exits)
+    assert torch.equal(real["exit_index"], sim["exit_index"])
+    assert torch.equal(real["predictions"], probs.max(2).indices.gather(0, sim["exit_index"].view(1, -1))[0])
+    with pytest.raises(ValueError, match="eval mode"):
+        inference.fold_batchnorm(model.train())
+
+
+def test_latency_is_cumulative_per_image_and_budgets_take_any_cost():
+    model = models.build("toy_mlp", 3, num_exits=3)
+    seconds = cost.latency(model, (2,), batch_size=8, repeats=2, warmup=1)
+    assert len(seconds) == 3 and all(b > a > 0 for a, b in zip([0] + seconds, seconds))
+    with pytest.raises(ValueError, match="repeats >= 1"):
+        cost.latency(model, (2,), repeats=0)
+    g = torch.Generator().manual_seed(0)
+    val = torch.softmax(torch.randn(3, 50, 4, generator=g), 2)
+    y = torch.randint(0, 4, (50,), generator=g)
+    ms = E.budgeted(val, y, val, y, [0.5, 1.0, 2.0], cost_key="ms")
+    flops = E.budgeted(val, y, val, y, [5e5, 1e6, 2e6])
+    for a, b in zip(ms, flops):  # the same thresholds and exits, priced in another unit
+        assert a["accuracy"] == b["accuracy"] and a["ms"] == pytest.approx(b["flops"] / 1e6)
+        assert "flops" not in a

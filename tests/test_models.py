@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hdkdlib import cost, models
 
-# METHOD.md section 5: the reference op counter's cumulative MFLOPs and params (M) per exit.
+# docs/method.md, "Networks": the reference op counter's cumulative MFLOPs and params (M) per exit.
 REFERENCE = {
     "msdnet_cifar_anytime": (100, [15.14, 25.51, 37.10, 46.33, 57.34, 66.96, 75.94],
                              [0.434, 0.877, 1.275, 1.696, 2.178, 2.603, 3.068]),
@@ -44,6 +44,29 @@ def test_msdnet_cost_matches_reference(name):
     assert rows[-1]["params"] == sum(p.numel() for p in model.parameters())
 
 
+# Phuong & Lampert's 11-exit CIFAR-100 MSDNet, built from their own code and counted with torch's flop counter
+# (multiply-accumulates, conv and linear), every earlier head included: docs/method.md, "Networks".
+DBT11_MMACS = [15.33, 30.83, 51.33, 65.21, 82.33, 102.69, 131.60, 148.72, 169.08, 192.69, 209.66]
+DBT11_PARAMS_M = [0.367, 0.777, 1.141, 1.518, 1.960, 2.467, 2.927, 3.369, 3.876, 4.447, 5.068]
+
+
+def test_dbt11_matches_phuong_and_lampert_network():
+    out = subprocess.run([sys.executable, "-m", "hdkdlib", "info", "msdnet_cifar_dbt11", "--num-classes", "100",
+                          "--convention", "macs", "--json"], capture_output=True, text=True, check=True).stdout
+    rows = json.loads(out)
+    assert [r["exit"] for r in rows] == list(range(1, 12))
+    assert _close([r["mflops"] for r in rows], DBT11_MMACS), [r["mflops"] for r in rows]
+    assert _close([r["params"] / 1e6 for r in rows], DBT11_PARAMS_M), [r["params"] for r in rows]
+    model = models.build("msdnet_cifar_dbt11", 100)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(m.bias is not None and torch.all(m.bias == 0) for m in convs)  # biases, initialised to 0
+    # their layout: scales of 6/12/24 planes per unit, the finest two pruned in the last two layers, 128-wide heads
+    layout = model.layout()
+    assert layout[0]["channels"] == [6, 12, 24]
+    assert [r["scales"] for r in layout if r["kind"] == "dense layer"][-2:] == [[1, 2], [2]]
+    assert all(h.linear.in_features == 128 for h in model.heads)
+
+
 def test_macs_convention_uses_flop_counter_and_is_close_to_msdnet_rules():
     model = models.build("msdnet_cifar_anytime", 100)
     msd = cost.exit_flops(model, model.input_shape, "msdnet")
@@ -56,6 +79,7 @@ def test_macs_convention_uses_flop_counter_and_is_close_to_msdnet_rules():
 
 
 @pytest.mark.parametrize("name,shape", [("msdnet_cifar_anytime", (3, 3, 32, 32)), ("msdnet_cifar_budget", (2, 3, 32, 32)),
+                                        ("msdnet_cifar_dbt11", (2, 3, 32, 32)),
                                         ("resnet18_exits", (2, 3, 64, 64)), ("toy_mlp", (5, 2))])
 def test_exit_by_exit_equals_full_forward(name, shape):
     model = models.build(name, 10).eval()
@@ -117,8 +141,8 @@ def test_resnet50_exits_trains_one_step_on_cpu():
     assert torch.isfinite(after)
 
 
-@pytest.mark.parametrize("name,shape", [("msdnet_cifar_anytime", (2, 3, 32, 32)), ("resnet18_exits", (2, 3, 64, 64)),
-                                        ("toy_mlp", (4, 2))])
+@pytest.mark.parametrize("name,shape", [("msdnet_cifar_anytime", (2, 3, 32, 32)), ("msdnet_cifar_dbt11", (2, 3, 32, 32)),
+                                        ("resnet18_exits", (2, 3, 64, 64)), ("toy_mlp", (4, 2))])
 def test_no_graph_breaks(name, shape):
     torch._dynamo.reset()
     model = models.build(name, 10)

@@ -17,7 +17,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def imagenet_transforms(train: bool, size: int = 224, resize: int = 256):
-    """METHOD.md section 6: RandomResizedCrop(224) + flip for training; Resize(256) + CenterCrop(224) for test."""
+    """docs/method.md, "Recipes": RandomResizedCrop(224) + flip for training; Resize(256) + CenterCrop(224) for test."""
     head = ([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip()] if train
             else [transforms.Resize(resize), transforms.CenterCrop(size)])
     return transforms.Compose(head + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])

@@ -6,7 +6,7 @@ for s > 0, from the finer scale s-1 (a strided "down" 3x3 conv); the new maps ar
 concatenated to the old ones (dense connectivity). With pruning 'max', the finest scales are
 dropped as the network deepens, and a 1x1 "transition" halves the channels each time.
 Every block ends in a classifier on the coarsest scale. Shapes, channel counts and the
-per-exit cost match the reference code (see tests/test_models.py and METHOD.md section 5).
+per-exit cost match the reference code (see tests/test_models.py and docs/method.md, "Networks").
 """
 from __future__ import annotations
 
@@ -183,7 +183,7 @@ class MSDNet(MultiExitNet):
         self.reset_parameters()
 
     def reset_parameters(self, root: nn.Module | None = None) -> None:
-        """METHOD.md section 5: conv N(0, sqrt(2 / (k*k*out))), BN 1/0, Linear bias 0 (weights: PyTorch default),
+        """docs/method.md, "Networks": conv N(0, sqrt(2 / (k*k*out))), BN 1/0, Linear bias 0 (weights: PyTorch default),
         for every module under `root` (default: the whole network)."""
         for m in (root or self).modules():
             if isinstance(m, nn.Conv2d):

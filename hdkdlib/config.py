@@ -1,0 +1,238 @@
+"""Every setting of a training run, the recipes that fill them, and the command line built from them.
+
+A *recipe* is a named set of values for the settings that differ between published training setups
+(network, batch size, epochs, lr schedule, momentum kind, limited-data protocol). Those settings default
+to None, and `TrainConfig` fills each one that was not given from its recipe when it is built, so the
+command line, Python and the notebooks get the same values from this one place. `recipe=""` picks the
+dataset's recipe: `imagenet` for `folder`, `msdnet_cifar` for everything else. docs/method.md says where
+each recipe comes from.
+
+    TrainConfig(dataset="folder").batch_size        # 256, as `python -m hdkdlib.train --dataset folder`
+    argparser().parse_args(["--help"])              # every setting, explained from the help below
+    to_argv(cfg)                                    # the flags that rebuild cfg (torchrun launches)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from . import bilevel, models, objectives
+
+DATASETS = ("cifar10", "cifar100", "folder32", "folder", "synthetic")
+
+RECIPES: Dict[str, Dict] = {
+    # MSDNet's CIFAR code: batch 64, 300 epochs, lr x0.1 at 50% and 75%
+    "msdnet_cifar": dict(arch="msdnet_cifar_anytime", batch_size=64, epochs=300, lr_milestones=(), nesterov=False,
+                         n_per_class=0, val_per_class=0),
+    # the HDKD paper's text: batch 128, 300 epochs, lr /10 at 150 and 225; its CIFAR net has >= 8 exits, most
+    # likely Phuong & Lampert's 11-exit MSDNet
+    "paper_cifar": dict(arch="msdnet_cifar_dbt11", batch_size=128, epochs=300, lr_milestones=(), nesterov=False,
+                        n_per_class=0, val_per_class=0),
+    # Phuong & Lampert's code: Nesterov momentum, batch 64, limited data: "CIFAR(500)" = 450 train + 50 held out
+    "dbt_cifar": dict(arch="msdnet_cifar_dbt11", batch_size=64, epochs=300, lr_milestones=(), nesterov=True,
+                      n_per_class=450, val_per_class=50),
+    # MSDNet's ImageNet code: batch 256, 90 epochs, lr x0.1 every 30
+    "imagenet": dict(arch="msdnet_imagenet_step4", batch_size=256, epochs=90, lr_milestones=(30, 60), nesterov=False,
+                     n_per_class=0, val_per_class=0),
+}
+
+
+def default_recipe(dataset: str) -> str:
+    return "imagenet" if dataset == "folder" else "msdnet_cifar"
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Every setting of a run. Settings left at None are filled from the recipe."""
+    # data
+    dataset: str = _opt("cifar100", "cifar10 | cifar100 (torchvision's format) | folder32 (a tree of small "
+                                    "images, held on the device) | folder (ImageNet-style tree) | synthetic")
+    data_root: str = _opt("data", "where the dataset lives (CIFAR is downloaded there when missing)")
+    download: bool = _opt(True, "CIFAR: download through torchvision when missing")
+    recipe: str = _opt("", f"named values for the recipe settings: {', '.join(RECIPES)}; '': imagenet for folder, "
+                           "msdnet_cifar otherwise")
+    val_per_class: Optional[int] = _opt(None, "held-out validation images per class (recipe; 0: 5,000 in all for "
+                                              "CIFAR, 50 per class for folder)")
+    n_per_class: Optional[int] = _opt(None, "limited-data protocol: training images per class (recipe; 0: all the rest)")
+    split_seed: int = _opt(0, "seed of the split file's draw")
+    split_dir: str = _opt("", "where split files live; '': the project's data/splits/ (synthetic: runs/splits/)")
+    # model and objective
+    arch: Optional[str] = _opt(None, "network (recipe): " + ", ".join(models.names()))
+    method: str = _opt("hdkd", "objective: " + ", ".join(objectives.names()))
+    temperature: float = _opt(0.0, "KD temperature; 0: the objective's own default")
+    init: str = _opt("", "learned-weight initialisation (dbt, ds, uniform, random); '': the objective's default")
+    weight_map: str = _opt("softmax", "learned weights: softmax (w = total * softmax(gamma)) or softplus")
+    gradient_equilibrium: bool = _opt(False, "IMTA's gradient equilibrium")
+    # optimisation
+    epochs: Optional[int] = _opt(None, "training epochs (recipe)")
+    batch_size: Optional[int] = _opt(None, "images per step and process (recipe)")
+    lr: float = _opt(0.1, "network learning rate (SGD)")
+    momentum: float = _opt(0.9, "SGD momentum")
+    nesterov: Optional[bool] = _opt(None, "Nesterov momentum (recipe; Phuong & Lampert's code uses it)")
+    weight_decay: float = _opt(1e-4, "SGD weight decay")
+    lr_milestones: Optional[Tuple[int, ...]] = _opt(None, "epochs where lr *= lr_gamma (recipe; empty: 50%% and 75%% "
+                                                          "of the epochs)")
+    lr_gamma: float = _opt(0.1, "lr factor at each milestone")
+    # bilevel weight update (objectives with learned weights)
+    meta_interval: int = _opt(1, "training steps per weight update (1..steps per epoch)")
+    meta_schedule: str = _opt("per_run", "weight lr: per_run (gamma can move log(1000) within meta_traverse of the "
+                                         "run's weight steps) or fixed (meta_lr)")
+    meta_traverse: float = _opt(0.25, "per_run: fraction of the weight steps in (0, 1] within which a weight can "
+                                      "move 1000-fold")
+    meta_lr: float = _opt(1e-3, "weight lr (Adam) with meta_schedule fixed")
+    hypergrad_norm: str = _opt("lr", "lr: hypergradient divided by the network's current lr (no stall after lr "
+                                     "drops); none: raw")
+    min_init_weight: float = _opt(1e-3, "floor of learned weights that start at 0 (dbt and ds inits), in (0, 1]")
+    meta_method: str = _opt("finite_difference", "hypergradient: finite_difference or exact")
+    val_loss: str = _opt("balanced", "validation objective of the weight update: balanced or ce")
+    alpha: float = _opt(0.5, "balanced validation loss: share of the plain CE, in [0, 1]")
+    freeze_weights_from: str = _opt("", "a results.json: its final learned weights, kept fixed (the frozen ablation)")
+    init_from: str = _opt("", "a finished run folder: start from its final network")
+    train_heads_only: bool = _opt(False, "IMTA's second stage: stages frozen, heads re-initialised and trained")
+    # engine
+    seed: int = _opt(0, "seed of the network initialisation and the batch order")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
+    threads: int = _opt(0, "CPU threads for torch; 0: torch's default")
+    bf16: bool = _opt(False, "bf16 autocast (fast on GPUs and on CPUs with AVX-512 BF16 or AMX; emulated, slow, "
+                             "elsewhere)")
+    channels_last: bool = _opt(False, "channels-last memory format")
+    compile: str = _opt("", "'': eager; network: torch.compile the network; step: the whole training step")
+    compile_mode: str = _opt("default", "torch.compile mode; reduce-overhead replays CUDA graphs on GPUs")
+    workers: int = _opt(8, "DataLoader workers (folder)")
+    eval_batch_size: int = _opt(500, "images per evaluation batch")
+    check_every: int = _opt(50, "steps between checks for NaN (each check waits for the device)")
+    out: str = _opt("", "run folder; '': nothing written")
+    progress: bool = _opt(True, "progress bars")
+
+    def __post_init__(self):
+        name = self.recipe or default_recipe(self.dataset)
+        if name not in RECIPES:
+            raise ValueError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+        for key, value in RECIPES[name].items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
+
+    def validate(self) -> "TrainConfig":
+        if self.dataset not in DATASETS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
+        if self.arch not in models.names():
+            raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(models.names())}")
+        if self.method not in objectives.names():
+            raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(objectives.names())}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
+        for name in ("epochs", "batch_size", "meta_interval", "eval_batch_size", "check_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("n_per_class", "val_per_class"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 (0: the dataset's rule), got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not self.meta_lr > 0:
+            raise ValueError(f"meta_lr (the weight learning rate) must be > 0, got {self.meta_lr}")
+        if not 0 < self.meta_traverse <= 1:
+            raise ValueError(f"meta_traverse must lie in (0, 1] (a fraction of the run's weight steps), "
+                             f"got {self.meta_traverse}")
+        if self.meta_schedule not in bilevel.META_SCHEDULES:
+            raise ValueError(f"unknown meta_schedule {self.meta_schedule!r}; valid: {', '.join(bilevel.META_SCHEDULES)}")
+        if self.hypergrad_norm not in bilevel.HYPERGRAD_NORMS:
+            raise ValueError(f"unknown hypergrad_norm {self.hypergrad_norm!r}; valid: "
+                             f"{', '.join(bilevel.HYPERGRAD_NORMS)}")
+        if self.meta_schedule == "per_run" and self.meta_lr != TrainConfig.meta_lr:
+            raise ValueError(f"meta_lr {self.meta_lr} is used only with meta_schedule 'fixed' (the default, 'per_run', "
+                             "sets the weight lr from the run's length): add meta_schedule='fixed' "
+                             "(--meta-schedule fixed), or drop meta_lr and tune meta_traverse")
+        if not 0 < self.min_init_weight <= 1:
+            raise ValueError(f"min_init_weight must lie in (0, 1], got {self.min_init_weight}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must lie in [0, 1] (the balanced validation loss's share of plain CE), "
+                             f"got {self.alpha}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be > 0 (or 0: the objective's default), got {self.temperature}")
+        if self.momentum < 0 or (self.nesterov and self.momentum == 0):
+            raise ValueError(f"momentum must be >= 0 and > 0 with nesterov, got {self.momentum}")
+        if self.train_heads_only and not self.init_from:
+            raise ValueError("train_heads_only needs init_from: the run whose network the heads are trained on")
+        if self.compile not in ("", "network", "step"):
+            raise ValueError(f"compile must be '', 'network' or 'step', got {self.compile!r}")
+        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        return self
+
+    def milestones(self) -> Tuple[int, ...]:
+        return self.lr_milestones or (self.epochs // 2, self.epochs * 3 // 4)
+
+    def lr_at(self, epoch: int) -> float:
+        return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones())
+
+
+# Settings added after runs were already made, with the value that reproduces how those runs trained: a run
+# folder whose config.json lacks one resumes with this value, not with today's default.
+LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none", "nesterov": False, "recipe": ""}
+
+
+def stored_config(values: Dict) -> Dict:
+    """A run folder's recorded settings, completed: settings added since it began take the value that
+    reproduces its training (LEGACY_VALUES) or else their default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    missing = {k: LEGACY_VALUES.get(k, v) for k, v in defaults.items() if k not in values}
+    return {**values, **missing}
+
+
+def config_from_dict(values: Dict) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"unknown settings {unknown}; valid: {', '.join(sorted(names))}")
+    values = dict(values)
+    if values.get("lr_milestones") is not None:
+        values["lr_milestones"] = tuple(values["lr_milestones"])
+    return TrainConfig(**values).validate()
+
+
+# --- command line ---------------------------------------------------------------------------------------
+def argparser(dataset: str = "cifar100", recipe: str = "", prog: str = "python -m hdkdlib.train",
+              description: str = "") -> argparse.ArgumentParser:
+    """Every setting as an option, its help from the field's metadata and its default shown for `dataset` and
+    `recipe` (the values a run with them gets). Unset options parse to None: only given values override."""
+    shown = TrainConfig(dataset=dataset, recipe=recipe)
+    p = argparse.ArgumentParser(prog=prog, description=description or __doc__.split("\n\n")[0],
+                                epilog=f"Defaults shown for --dataset {dataset} (recipe "
+                                       f"{recipe or default_recipe(dataset)}); give --dataset/--recipe with --help "
+                                       "to see another recipe's values.")
+    for f in dataclasses.fields(TrainConfig):
+        flag, value = "--" + f.name.replace("_", "-"), getattr(shown, f.name)
+        tag = " [recipe]" if any(f.name in r for r in RECIPES.values()) else ""
+        help_text = f"{f.metadata['help']} (default{tag}: {value!r})".replace("%%", "%").replace("%", "%%")
+        if isinstance(value, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif isinstance(value, tuple):
+            p.add_argument(flag, type=int, nargs="*", default=None, help=help_text)
+        else:
+            p.add_argument(flag, type=type(value), default=None, help=help_text)
+    return p
+
+
+def to_argv(cfg: TrainConfig) -> List[str]:
+    """The command-line flags that rebuild cfg (every setting that differs from a bare TrainConfig's)."""
+    bare = TrainConfig(dataset=cfg.dataset, recipe=cfg.recipe)
+    args = []
+    for f in dataclasses.fields(TrainConfig):
+        value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
+        if value == getattr(bare, f.name) and f.name not in ("dataset", "recipe"):
+            continue
+        if f.name in ("dataset", "recipe") and value == f.default:
+            continue
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + f.name.replace("_", "-"))
+        elif isinstance(value, tuple):
+            args += [flag, *map(str, value)]
+        else:
+            args += [flag, str(value)]
+    return args

@@ -1,0 +1,86 @@
+"""Settings, recipes and the command line: one source of values for Python, the CLI and the notebooks."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from hdkdlib import config
+from hdkdlib.config import RECIPES, TrainConfig, argparser, config_from_dict, stored_config, to_argv
+
+
+def _cli_config(argv):
+    """The TrainConfig the training CLI builds from argv (without training)."""
+    from hdkdlib.train import _parser
+    given = {k: v for k, v in vars(_parser(argv).parse_args(argv)).items()
+             if v is not None and k not in ("resume", "no_eval")}
+    return config_from_dict(given)
+
+
+def test_python_and_cli_get_the_same_recipe():
+    py = TrainConfig(dataset="folder")
+    assert (py.batch_size, py.epochs, py.lr_milestones, py.arch) == (256, 90, (30, 60), "msdnet_imagenet_step4")
+    assert _cli_config(["--dataset", "folder"]) == py.validate()
+    cifar = TrainConfig()
+    assert (cifar.batch_size, cifar.epochs, cifar.arch, cifar.nesterov) == (64, 300, "msdnet_cifar_anytime", False)
+    assert _cli_config([]) == cifar.validate()
+    paper = TrainConfig(recipe="paper_cifar")
+    assert (paper.batch_size, paper.arch) == (128, "msdnet_cifar_dbt11")
+    dbt = TrainConfig(recipe="dbt_cifar", batch_size=32)  # a given value beats the recipe
+    assert (dbt.nesterov, dbt.n_per_class, dbt.val_per_class, dbt.batch_size) == (True, 450, 50, 32)
+    assert _cli_config(["--recipe", "dbt_cifar", "--batch-size", "32"]) == dbt.validate()
+
+
+def test_help_states_the_recipe_that_will_be_used():
+    out = subprocess.run([sys.executable, "-m", "hdkdlib.train", "--dataset", "folder", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    flat = " ".join(out.split())
+    assert "recipe imagenet" in flat
+    assert "images per step and process (recipe) (default [recipe]: 256)" in flat
+    assert "(default [recipe]: 'msdnet_imagenet_step4')" in flat
+    cifar = " ".join(subprocess.run([sys.executable, "-m", "hdkdlib.train", "--help"], capture_output=True,
+                                    text=True, check=True).stdout.split())
+    assert "(default [recipe]: 64)" in cifar and "recipe msdnet_cifar" in cifar
+    for f in dataclasses.fields(TrainConfig):  # every option explained
+        assert f.metadata["help"] and ("--" + f.name.replace("_", "-")) in cifar
+
+
+def test_to_argv_round_trips_through_the_parser():
+    for cfg in (TrainConfig(dataset="folder", method="dbt", lr_milestones=(5, 9), threads=1).validate(),
+                TrainConfig(recipe="dbt_cifar", nesterov=False, meta_schedule="fixed", meta_lr=0.01).validate()):
+        assert _cli_config(to_argv(cfg)) == cfg
+
+
+def test_unknown_recipe_and_bad_values_are_refused_by_name():
+    with pytest.raises(ValueError, match="unknown recipe 'paper'; valid: msdnet_cifar, paper_cifar"):
+        TrainConfig(recipe="paper")
+    cases = {"meta_traverse": (0.0, r"meta_traverse must lie in \(0, 1\]"),
+             "meta_lr": (-1.0, "meta_lr .* must be > 0"),
+             "meta_schedule": ("cosine", "unknown meta_schedule 'cosine'; valid: per_run, fixed"),
+             "hypergrad_norm": ("grad", "unknown hypergrad_norm 'grad'; valid: lr, none"),
+             "alpha": (5.0, r"alpha must lie in \[0, 1\]"),
+             "temperature": (-1.0, "temperature must be > 0"),
+             "min_init_weight": (0.0, r"min_init_weight must lie in \(0, 1\]"),
+             "threads": (-2, "threads must be >= 0")}
+    for name, (value, message) in cases.items():
+        extra = {"meta_schedule": "fixed"} if name == "meta_lr" else {}
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**{name: value}, **extra).validate()
+    with pytest.raises(ValueError, match="meta_lr 0.01 is used only with meta_schedule 'fixed'"):
+        TrainConfig(meta_lr=0.01).validate()
+
+
+def test_stored_configs_of_older_runs_keep_their_behaviour():
+    """A config.json written before the weight-dynamics settings existed resumes as it trained."""
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig()).items()
+           if k not in ("meta_schedule", "hypergrad_norm", "nesterov", "recipe")}
+    filled = stored_config(old)
+    assert (filled["meta_schedule"], filled["hypergrad_norm"], filled["nesterov"]) == ("fixed", "none", False)
+    assert config_from_dict(filled).meta_lr == 1e-3
+    assert set(config.LEGACY_VALUES) <= {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_argparser_defaults_are_none_so_only_given_values_override():
+    args = vars(argparser().parse_args(["--epochs", "3"]))
+    assert args["epochs"] == 3 and all(v is None for k, v in args.items() if k != "epochs")
+    assert set(RECIPES) == {"msdnet_cifar", "paper_cifar", "dbt_cifar", "imagenet"}
