@@ -122,8 +122,8 @@ def main(argv=None) -> int:
 
     # (b) training throughput
     if args.dry_run:
-        tp = ["--device", "cpu", "--arch", "msdnet_cifar_budget", "--batch-sizes", "4", "--modes", "eager", "step",
-              "--steps", "2", "--warmup", "1"]
+        tp = ["--device", "cpu", "--arch", "toy_mlp", "--batch-sizes", "4", "--modes", "eager", "net",
+              "--steps", "2", "--warmup", "1"]  # a compiled row, but no minutes of CPU compilation
         b_min = 5
     else:
         tp = ["--device", "cuda", "--batch-sizes", "64", "128", "--modes", "eager", "step", "step+graph",

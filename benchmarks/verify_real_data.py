@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hdkdlib import evaluation, objectives, plots, train
+from hdkdlib import evaluation, objectives, plots, runfolder, train
+from hdkdlib.runfolder import RunFolder
 from hdkdlib.paths import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,20 +118,19 @@ def resolve_epochs(args) -> int:
 
 
 def finished(cfg) -> bool:
-    return all((Path(cfg.out) / f).exists() for f in ("results.json", "model.pt"))
+    return RunFolder(cfg.out).finished()
 
 
 def collect(cfg, results: Path) -> None:
     """Copy a finished run's settings and metrics (not its weights) into the results folder."""
     target = results / Path(cfg.out).name
     target.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "results.json", "metrics.jsonl"):
-        shutil.copy(Path(cfg.out) / name, target / name)
+    for name in (runfolder.CONFIG, runfolder.RESULTS, runfolder.METRICS):
+        shutil.copy(RunFolder(cfg.out).file(name), target / name)
 
 
 def epochs_done(cfg) -> int:
-    path = Path(cfg.out) / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    return len(RunFolder(cfg.out).metrics())
 
 
 def run_parallel(cfgs, jobs: int, results: Path, poll_s: float = 60.0) -> list:
@@ -145,8 +145,8 @@ def run_parallel(cfgs, jobs: int, results: Path, poll_s: float = 60.0) -> list:
         while waiting and len(active) < jobs:
             cfg = waiting.pop(0)
             cmd = [sys.executable, "-m", "hdkdlib.train", *train.cli_args(cfg)]
-            if (Path(cfg.out) / "checkpoint.pt").exists():
-                cmd.append("--resume")
+            if RunFolder(cfg.out).exists():
+                cmd.append("--resume")  # continues a checkpoint, restarts a run that never reached one
             Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
             log = open(Path(cfg.out).with_suffix(".log"), "a")
             print(f"== start {Path(cfg.out).name}: {' '.join(cmd[1:])}", flush=True)
@@ -184,8 +184,8 @@ def _median(values):
 
 def began(run: Path, record: dict) -> str:
     """The commit a run was trained with: its config.json's (written when it began), else results.json's."""
-    path = run / "config.json"
-    commit = json.loads(path.read_text())["git_commit"] if path.exists() else record["git_commit"]
+    folder = RunFolder(run)
+    commit = folder.config()["git_commit"] if folder.exists() else record["git_commit"]
     return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
@@ -253,7 +253,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
             f"| run | device | torch | at once | epochs | epoch | train wall | {epochs_full} epochs | images/s | commit |",
             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in records.items():
-        rows = [json.loads(l) for l in (results / name / "metrics.jsonl").read_text().splitlines()]
+        rows = RunFolder(results / name).metrics()
         epoch = _median([row["epoch_seconds"] for row in rows])
         out.append(f"| {name} | {r['device']} | {r['packages']['torch']} | {at_once.get(name, '?')} | {len(rows)} | "
                    f"{epoch:.1f} s | "
@@ -341,7 +341,8 @@ def main(argv=None) -> int:
     p.add_argument("--summarize-only", action="store_true")
     args, rest = p.parse_known_args(argv)
     train_options = vars(train._parser().parse_args(rest))  # typed and checked by the training CLI's own parser
-    args.train_options = {k: v for k, v in train_options.items() if v is not None and k not in ("resume", "no_eval")}
+    args.train_options = {k: v for k, v in train_options.items()
+                          if v is not None and k not in ("resume", "no_eval", "debug")}
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
     if args.epochs != "auto" and not args.epochs.isdigit():

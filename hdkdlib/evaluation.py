@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .models import evaluating
-from .paths import atomic_write_text
+from .runfolder import RESULTS, RunFolder
 
 
 # --- predictions ----------------------------------------------------------------------------------------
@@ -172,10 +172,13 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
                 state, logits = model.run_exit(k, state)
                 conf, pred = F.softmax(logits.float(), 1).max(1)
                 leave = conf >= thresholds[k] if k < K - 1 else torch.ones_like(conf, dtype=torch.bool)
+                leaving = int(leave.sum())  # the one host synchronisation per exit: compaction needs the count
+                if leaving == 0:
+                    continue  # nobody leaves: no copy of the state (compaction costs as much as a cheap stage)
                 preds[alive[leave]], exits[alive[leave]] = pred[leave], k
-                keep = ~leave
-                if not keep.any():
+                if leaving == len(leave):
                     break
+                keep = ~leave
                 alive = alive[keep]
                 state = [s[keep] for s in state]
     sync()
@@ -188,7 +191,7 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
 # --- results store ------------------------------------------------------------------------------------
 def write_results(run_dir, results: Dict) -> Path:
     """Write results.json atomically into the run folder."""
-    return atomic_write_text(Path(run_dir) / "results.json", json.dumps(results, indent=1, default=float))
+    return RunFolder(run_dir).write_results(results)
 
 
 def load_results(paths):
@@ -201,7 +204,7 @@ def load_results(paths):
     rows = []
     for p in paths:
         p = Path(p)
-        p = p / "results.json" if p.is_dir() else p
+        p = RunFolder(p).file(RESULTS) if p.is_dir() else p
         res = json.loads(p.read_text())
         cfg = res.get("config", {})
         for row in res["anytime"]:

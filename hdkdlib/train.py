@@ -4,9 +4,7 @@
         --method hdkd --epochs 300 --out runs/NAME [--resume]
     torchrun --nproc_per_node 8 -m hdkdlib.train --dataset folder --data-root /data/imagenet ...
 
-A run folder holds config.json (every setting, git commit, package versions, device), metrics.jsonl
-(one line per epoch), checkpoint.pt (written atomically every epoch and on Ctrl-C / SIGTERM; the
-previous one is kept as checkpoint.prev.pt), and at the end model.pt and results.json.
+hdkdlib.runfolder owns the run folder (its files, atomic writes, the lock); hdkdlib.config the settings.
 """
 from __future__ import annotations
 
@@ -28,7 +26,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from . import bilevel, cost, data, evaluation, models, objectives, runinfo
-from .paths import atomic_write_text, runs_dir
+from .paths import runs_dir
+from . import runfolder
+from .runfolder import RunFolder, RunFolderBusy
 
 # The settings live in hdkdlib.config; these names stay importable from here (notebooks, older scripts).
 from .config import (DATASETS, LEGACY_VALUES, RECIPES, TrainConfig, argparser, config_from_dict,  # noqa: E402,F401
@@ -181,17 +181,9 @@ def _resolve_device(name: str) -> torch.device:
     return device
 
 
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    if path.exists():
-        os.replace(path, path.with_name(path.stem + ".prev" + path.suffix))  # the last good one stays
-    os.replace(tmp, path)
-
-
 # Settings that may differ when a run is resumed: where things are and how fast they run, not what is computed.
 RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "download", "data_root", "compile",
-                     "compile_mode", "threads"}
+                     "compile_mode", "threads", "split_dir"}  # the split is compared by its checksum, not its path
 
 
 class Trainer:
@@ -238,7 +230,9 @@ class Trainer:
         self.exit_flops = cost.exit_flops(self.model, self.data.input_shape)
         self.epoch = self.batch = self.step = self.meta_steps = 0
         self._acc = self._zero_accumulators()
-        self.out = Path(cfg.out) if cfg.out and self.rank == 0 else None
+        self.run_dir = RunFolder(cfg.out) if cfg.out else None            # read by every rank
+        self.folder = self.run_dir if self.rank == 0 else None              # written by rank 0 only
+        self.out = self.folder.path if self.folder is not None else None
         self._stop_signal = None
 
     # -- setup helpers
@@ -274,7 +268,7 @@ class Trainer:
 
     def _init_network(self, run_dir: Path) -> None:
         """Load another run's final network; with train_heads_only, freeze its stages and re-initialise the heads."""
-        path = run_dir / "model.pt" if run_dir.is_dir() else run_dir
+        path = RunFolder(run_dir).file(runfolder.MODEL) if run_dir.is_dir() else run_dir
         if not path.is_file():
             raise FileNotFoundError(f"init_from: no finished network at {path} (train the first stage there first)")
         self.model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
@@ -321,26 +315,46 @@ class Trainer:
                 "exit_flops": self.exit_flops,
                 "meta_lr_used": self.meta.optimizer.param_groups[0]["lr"] if self.meta is not None else None}
 
-    def _prepare_run_folder(self, resume: bool) -> None:
-        if self.out is None:
-            return
-        cfg_path = self.out / "config.json"
-        if cfg_path.exists():
-            old = stored_config(json.loads(cfg_path.read_text())["config"])
-            new = dataclasses.asdict(self.cfg)
-            differ = sorted(k for k in set(old) | set(new)
-                            if k not in RESUMABLE_CHANGES and json.dumps(old.get(k)) != json.dumps(new.get(k)))
-            if not resume:
-                raise FileExistsError(f"run folder {self.out} already holds a run: pass resume=True (--resume) to "
-                                      "continue it, or choose another out folder")
-            if differ:
-                raise ValueError(f"run folder {self.out} holds a run with other settings ({', '.join(differ)}); "
-                                 "resume with the same settings or choose another out folder")
-        elif resume and not (self.out / "checkpoint.pt").exists():
-            raise FileNotFoundError(f"nothing to resume in {self.out}: no config.json / checkpoint.pt")
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not cfg_path.exists():
-            atomic_write_text(cfg_path, json.dumps(self._config_record(), indent=1))
+    def settings_differ(self, record: Dict) -> List[str]:
+        """The settings in which a run folder's config.json record differs from this run's: everything that
+        changes what is computed (where things are and how fast they run may change); the split by checksum."""
+        old, new = stored_config(record["config"]), dataclasses.asdict(self.cfg)
+        differ = sorted(k for k in set(old) | set(new)
+                        if k not in RESUMABLE_CHANGES and json.dumps(old.get(k)) != json.dumps(new.get(k)))
+        old_split, new_split = record.get("split", {}).get("checksum"), self.data.split.get("checksum")
+        if old_split and new_split and old_split != new_split:
+            differ.append("split (checksum)")
+        return differ
+
+    def _prepare_run_folder(self, resume: bool) -> bool:
+        """Check the run folder against these settings and begin the run there; True when training continues
+        from a checkpoint. A folder whose run never reached a checkpoint holds nothing but its config: it is
+        started afresh, with or without resume."""
+        if self.run_dir is None:
+            return False
+        if self.folder is not None:
+            f, command = self.folder, "the same command plus --resume (Python: train.run(cfg))"
+            if f.exists():
+                differ = self.settings_differ(f.config())
+                if differ:
+                    raise ValueError(f"run folder {f.path} holds a run with other settings ({', '.join(differ)}): "
+                                     "run with its settings (--resume takes them from its config.json) or choose "
+                                     "another out folder")
+                if f.resumable() and not resume:
+                    state = "a finished run (load it with train.run(cfg) or train.load_run)" if f.trained() else \
+                        f"an interrupted run: continue it with {command}"
+                    raise FileExistsError(f"run folder {f.path} holds {state}, or choose another out folder")
+                if not f.resumable():
+                    print(f"hdkdlib.train: {f.path} holds a run that stopped before its first checkpoint: "
+                          "starting it again from the beginning", file=sys.stderr)
+                    f.restart()
+            elif resume:
+                print(f"hdkdlib.train: nothing to resume in {f.path}: starting a new run there", file=sys.stderr)
+            if not f.exists():
+                f.write_config(self._config_record())
+        if self.world_size > 1:
+            dist.barrier()  # the other ranks decide once rank 0 has checked (and perhaps reset) the folder
+        return resume and self.run_dir.resumable()
 
     # -- checkpoints
     def state_dict(self) -> Dict:
@@ -356,17 +370,13 @@ class Trainer:
         return state
 
     def save_checkpoint(self) -> None:
-        if self.out is not None:
-            _atomic_save(self.state_dict(), self.out / "checkpoint.pt")
+        if self.folder is not None:
+            self.folder.save_checkpoint(self.state_dict())
 
-    def load_checkpoint(self, path: Path) -> None:
-        try:
-            state = torch.load(path, map_location=self.device, weights_only=True)
-        except Exception as e:
-            prev = path.with_name("checkpoint.prev.pt")
-            hint = f"; the previous checkpoint {prev} is intact: rename it to {path.name} to resume from it" \
-                if prev.exists() else ""
-            raise RuntimeError(f"cannot load checkpoint {path}: {type(e).__name__}: {e}{hint}") from e
+    def load_checkpoint(self, path: Optional[Path] = None) -> None:
+        """Continue from the run folder's checkpoint (or the previous one, if the newer one is unreadable)."""
+        folder = RunFolder(Path(path).parent) if path is not None else self.run_dir
+        state = folder.load_checkpoint(self.device, say=lambda m: print(f"hdkdlib.train: {m}", file=sys.stderr))
         self.model.load_state_dict(state["model"])
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -436,60 +446,64 @@ class Trainer:
         return row
 
     def _append_metrics(self, row: Dict) -> None:
-        if self.out is None:
-            return
-        path = self.out / "metrics.jsonl"
-        lines = path.read_text().splitlines() if path.exists() else []
-        lines = [l for l in lines if json.loads(l)["epoch"] < row["epoch"]]  # a resumed epoch replaces its line
-        path.write_text("".join(l + "\n" for l in lines + [json.dumps(row)]))
+        if self.folder is not None:
+            self.folder.append_metrics(row)
 
     def fit(self, resume: bool = False) -> List[Dict]:
-        """Train to cfg.epochs; returns the per-epoch metrics (also in metrics.jsonl)."""
-        self._prepare_run_folder(resume)
-        if resume and self.cfg.out:
-            self.load_checkpoint(Path(self.cfg.out) / "checkpoint.pt")
-        history = []
+        """Train to cfg.epochs; returns the per-epoch metrics (also in metrics.jsonl). resume: continue from the
+        run folder's checkpoint; a folder holding an interrupted run is an error without it."""
+        if self.folder is not None:
+            self.folder.acquire()  # no second process trains into this folder meanwhile
         handlers = {}
-        if threading_main():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                handlers[sig] = signal.signal(sig, self._handle_signal)
         try:
-            while self.epoch < self.cfg.epochs:
-                self.model.train()
-                if self.cfg.train_heads_only:
-                    self.model.stages.eval()  # frozen stages keep their BatchNorm statistics too
-                for group in self.optimizer.param_groups:
-                    group["lr"] = self.cfg.lr_at(self.epoch)
-                start, first_batch = time.perf_counter(), self.batch
-                bar = tqdm(total=len(self.data.train), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
-                           disable=not self.cfg.progress or self.rank != 0, leave=False)
-                for x, y in self.data.train.batches(self.epoch, start=self.batch):
-                    loss = self.train_step(x, y)
-                    self.batch += 1
-                    bar.update(1)
-                    if self.step % self.cfg.check_every == 0:
-                        self._check_finite()
-                        bar.set_postfix(loss=f"{loss.item():.3f}")
-                    if self._stop_signal is not None:
-                        self._check_finite()
-                        self.save_checkpoint()
-                        raise TrainingInterrupted(
-                            f"stopped by signal {self._stop_signal} at epoch {self.epoch + 1}, batch {self.batch}; "
-                            f"checkpoint saved" + (f" in {self.out}: resume with --resume" if self.out else ""))
-                bar.close()
-                self._check_finite()
-                seconds = time.perf_counter() - start
-                row = self._epoch_metrics(seconds, (self.batch - first_batch) * self.cfg.batch_size * self.world_size)
-                history.append(row)
-                self.epoch, self.batch = self.epoch + 1, 0
-                self._acc = self._zero_accumulators()
-                self._append_metrics(row)
-                self.save_checkpoint()
+            return self._fit(resume, handlers)
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
-        if self.out is not None:
-            torch.save(self.model.state_dict(), self.out / "model.pt")
+            if self.folder is not None:
+                self.folder.release()
+
+    def _fit(self, resume: bool, handlers: Dict) -> List[Dict]:
+        if self._prepare_run_folder(resume):
+            self.load_checkpoint()
+        history = []
+        if threading_main():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._handle_signal)
+        while self.epoch < self.cfg.epochs:
+            self.model.train()
+            if self.cfg.train_heads_only:
+                self.model.stages.eval()  # frozen stages keep their BatchNorm statistics too
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.cfg.lr_at(self.epoch)
+            start, first_batch = time.perf_counter(), self.batch
+            bar = tqdm(total=len(self.data.train), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+                       disable=not self.cfg.progress or self.rank != 0, leave=False)
+            for x, y in self.data.train.batches(self.epoch, start=self.batch):
+                loss = self.train_step(x, y)
+                self.batch += 1
+                bar.update(1)
+                if self.step % self.cfg.check_every == 0:
+                    self._check_finite()
+                    bar.set_postfix(loss=f"{loss.item():.3f}")
+                if self._stop_signal is not None:
+                    self._check_finite()
+                    self.save_checkpoint()
+                    raise TrainingInterrupted(
+                        f"stopped by signal {self._stop_signal} at epoch {self.epoch + 1}, batch {self.batch}; "
+                        f"checkpoint saved" + (f" in {self.out}: continue with the same command plus --resume"
+                                               if self.out else ""))
+            bar.close()
+            self._check_finite()
+            seconds = time.perf_counter() - start
+            row = self._epoch_metrics(seconds, (self.batch - first_batch) * self.cfg.batch_size * self.world_size)
+            history.append(row)
+            self.epoch, self.batch = self.epoch + 1, 0
+            self._acc = self._zero_accumulators()
+            self._append_metrics(row)
+            self.save_checkpoint()
+        if self.folder is not None:
+            self.folder.save_model(self.model.state_dict())
         return history
 
     # -- evaluation after training
@@ -508,17 +522,17 @@ class Trainer:
                    "exit_ms_measured_on": {"device": runinfo.device_name(self.device), "batch_size": batch,
                                            "threads": torch.get_num_threads(), "unit": "ms per image, eager"},
                    "weights": self.objective.named_weights(), **self._config_record()}
-        if self.out is not None and (self.out / "config.json").exists():
+        if self.folder is not None and self.folder.exists():
             # The code that trained is the one recorded when the run began; say what evaluated it too.
-            began = json.loads((self.out / "config.json").read_text())
+            began = self.folder.config()
             results["evaluated_with"] = {k: results[k] for k in ("git_commit", "packages", "device")}
             results.update({k: began[k] for k in ("git_commit", "packages", "device")})
-        if self.out is not None:
-            path = self.out / "metrics.jsonl"
-            if path.exists():
-                results["weights_history"] = [json.loads(l)["weights"] for l in path.read_text().splitlines()]
+        if self.folder is not None:
+            history = self.folder.metrics()
+            if history:
+                results["weights_history"] = [row["weights"] for row in history]
             if write:
-                evaluation.write_results(self.out, results)
+                self.folder.write_results(results)
         return results
 
 
@@ -529,29 +543,33 @@ def threading_main() -> bool:
 
 def load_run(run_dir, device: str = "auto") -> Trainer:
     """A finished run folder as a Trainer holding its final model (for evaluation and exploration)."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.json").exists() or not (run_dir / "model.pt").exists():
-        raise FileNotFoundError(f"{run_dir} is not a finished run folder (config.json and model.pt expected)")
-    values = stored_config(json.loads((run_dir / "config.json").read_text())["config"])
+    folder = RunFolder(run_dir)
+    if not (folder.exists() and folder.trained()):
+        raise FileNotFoundError(f"{folder.path} is not a finished run folder (config.json and model.pt expected)")
+    values = stored_config(folder.config()["config"])
     cfg = config_from_dict({**values, "device": device, "progress": False, "out": ""})
     trainer = Trainer(cfg)
-    trainer.model.load_state_dict(torch.load(run_dir / "model.pt", map_location=trainer.device, weights_only=True))
+    trainer.model.load_state_dict(folder.load_model(trainer.device))
     return trainer
 
 
-def run(cfg: TrainConfig, evaluate: bool = True, data_bundle: Optional[DataBundle] = None
-        ) -> Tuple[Trainer, Optional[Dict]]:
+def run(cfg: TrainConfig, evaluate: bool = True, data_bundle: Optional[DataBundle] = None,
+        resume: Optional[bool] = None) -> Tuple[Trainer, Optional[Dict]]:
     """Train (or pick up) the run in cfg.out and evaluate it: what the notebooks call.
 
-    A finished run with the same settings is loaded, not retrained; an interrupted one is resumed
-    from its checkpoint; a folder holding other settings is an error (choose another out folder)."""
-    out = Path(cfg.out) if cfg.out else None
+    A finished run with the same settings is loaded, not retrained. An interrupted one is continued from its
+    checkpoint (resume=None or True; resume=False makes that an error, as the CLI without --resume), and one
+    that stopped before its first checkpoint starts again. A folder holding other settings is an error."""
     trainer = Trainer(cfg, data_bundle)
-    if out is not None and (out / "results.json").exists() and (out / "model.pt").exists():
-        trainer._prepare_run_folder(resume=True)  # raises if the settings differ
-        trainer.load_checkpoint(out / "checkpoint.pt")  # the final network (as in model.pt) and the weights' state
-        return trainer, json.loads((out / "results.json").read_text())
-    trainer.fit(resume=out is not None and (out / "checkpoint.pt").exists())
+    folder = trainer.run_dir
+    if folder is not None and folder.finished():
+        differ = trainer.settings_differ(folder.config())
+        if differ:
+            raise ValueError(f"run folder {folder.path} holds a run with other settings ({', '.join(differ)}); "
+                             "choose another out folder")
+        trainer.load_checkpoint()  # the final network (as in model.pt) and the weights' state
+        return trainer, folder.results()
+    trainer.fit(resume=True if resume is None else resume)
     return trainer, (trainer.evaluate() if evaluate and trainer.rank == 0 else None)
 
 
@@ -566,19 +584,23 @@ def _parser(argv=None) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint, with its "
                                                          "recorded settings")
     p.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an expected failure")
     return p
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = vars(_parser(argv).parse_args(argv))
-    resume, no_eval = args.pop("resume"), args.pop("no_eval")
+    resume, no_eval, debug = args.pop("resume"), args.pop("no_eval"), args.pop("debug")
     given = {k: v for k, v in args.items() if v is not None}
     values = dict(given)
-    recorded = Path(given.get("out", "")) / "config.json"
-    if resume and given.get("out") and recorded.is_file():
+    if resume and not given.get("out"):
+        print("hdkdlib.train: error: --resume needs --out, the run folder to continue", file=sys.stderr)
+        return 2
+    recorded = RunFolder(given["out"]) if given.get("out") else None
+    if resume and recorded.exists():
         # --resume continues the run with its recorded settings; options given on the command line must agree
-        values = {**stored_config(json.loads(recorded.read_text())["config"]), **given}
+        values = {**stored_config(recorded.config()["config"]), **given}
     try:
         trainer = Trainer(config_from_dict(values))
         trainer.fit(resume=resume)
@@ -592,8 +614,15 @@ def main(argv=None) -> int:
     except TrainingInterrupted as e:
         print(f"hdkdlib.train: {e}", file=sys.stderr)
         return 130
-    except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError, data.DatasetError) as e:
-        print(f"hdkdlib.train: error: {e}", file=sys.stderr)
+    except (ValueError, FileExistsError, FileNotFoundError, FloatingPointError, data.DatasetError, RunFolderBusy,
+            RuntimeError, OSError) as e:
+        if debug:
+            raise
+        hint = ""
+        if recorded is not None and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError)):
+            hint = f" (the last good checkpoint in {recorded.path} is kept: continue with the same command plus --resume)"
+        print(f"hdkdlib.train: error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{e}{hint}",
+              file=sys.stderr)
         return 2
     finally:
         if dist.is_initialized():

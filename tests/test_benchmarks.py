@@ -95,7 +95,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert json.loads((out / "device.json").read_text())["dry_run"] is True
     rows = json.loads((out / "train_throughput.json").read_text())["rows"]
     assert {(r["mode"], r["method"], r["meta_interval"]) for r in rows} == {
-        (m, c, i) for m in ("eager", "step") for c, i in (("ce", None), ("hdkd", 1), ("hdkd", 10))}
+        (m, c, i) for m in ("eager", "net") for c, i in (("ce", None), ("hdkd", 1), ("hdkd", 10))}
     assert all(r["first_step_s"] > 0 for r in rows)
     assert [r["path"] for r in json.loads((out / "early_exit.json").read_text())["paths"]] == ["eager", "fast"]
     with tarfile.open(out / "results.tgz") as archive:

@@ -205,7 +205,7 @@ def test_folded_batchnorm_predicts_as_the_original_and_early_exit_as_the_simulat
 def test_latency_is_cumulative_per_image_and_budgets_take_any_cost():
     model = models.build("toy_mlp", 3, num_exits=3)
     seconds = cost.latency(model, (2,), batch_size=8, repeats=2, warmup=1)
-    assert len(seconds) == 3 and all(b > a > 0 for a, b in zip([0] + seconds, seconds))
+    assert len(seconds) == 3 and all(b > a for a, b in zip([0.0] + seconds, seconds))  # cumulative, positive
     with pytest.raises(ValueError, match="repeats >= 1"):
         cost.latency(model, (2,), repeats=0)
     g = torch.Generator().manual_seed(0)

@@ -90,7 +90,7 @@ def test_real_sigterm_writes_a_checkpoint_and_exits(fake_root, tmp_path):
 def test_run_folder_guards(fake_root, tmp_path):
     out = tmp_path / "run"
     Trainer(_cfg(fake_root, out, epochs=1)).fit()
-    with pytest.raises(FileExistsError, match="already holds a run: pass resume=True"):
+    with pytest.raises(FileExistsError, match="holds a finished run"):
         Trainer(_cfg(fake_root, out, epochs=1)).fit()
     with pytest.raises(ValueError, match=r"holds a run with other settings \(lr\)"):
         Trainer(_cfg(fake_root, out, epochs=1, lr=0.2)).fit(resume=True)
@@ -101,9 +101,15 @@ def test_run_folder_guards(fake_root, tmp_path):
     good = (out / "checkpoint.pt").read_bytes()
     (out / "checkpoint.pt").write_bytes(good[: len(good) // 3])
     (out / "checkpoint.prev.pt").write_bytes(good)
-    with pytest.raises(RuntimeError, match=r"cannot load checkpoint .*checkpoint.pt.*checkpoint.prev.pt is intact"):
-        Trainer(_cfg(fake_root, out, epochs=1)).fit(resume=True)
+    resumed = Trainer(_cfg(fake_root, out, epochs=1))
+    resumed.fit(resume=True)  # the truncated checkpoint.pt is skipped, after saying so; the intact .prev is used
+    assert resumed.epoch == 1
     assert (out / "checkpoint.prev.pt").read_bytes() == good  # nothing good was overwritten
+    (out / "checkpoint.prev.pt").write_bytes(good[:100])  # both unreadable: a clear error, nothing deleted
+    (out / "checkpoint.pt").write_bytes(good[:100])
+    with pytest.raises(RuntimeError, match=r"cannot resume .*no readable checkpoint .*checkpoint.pt.*checkpoint.prev.pt"):
+        Trainer(_cfg(fake_root, out, epochs=1)).fit(resume=True)
+    assert (out / "checkpoint.pt").read_bytes() == good[:100]
 
 
 def test_nan_stops_training_without_touching_the_last_good_checkpoint(fake_root, tmp_path):
@@ -280,3 +286,82 @@ def test_weight_lr_is_set_per_run_and_meta_interval_must_fit_an_epoch(fake_root,
     assert legacy.meta.optimizer.param_groups[0]["lr"] == 0.003 and legacy.meta.hypergrad_norm == "none"
     with pytest.raises(ValueError, match=f"meta_interval 1000 is longer than an epoch \\({steps} steps\\): use 1..{steps}"):
         Trainer(_cfg(fake_root, "", meta_interval=1000))
+
+
+def _cli(fake_root, out, *extra, epochs="2"):
+    return [sys.executable, "-m", "hdkdlib.train", "--dataset", "cifar10", "--data-root", str(fake_root),
+            "--split-dir", str(fake_root / "splits"), "--arch", "msdnet_cifar_budget", "--method", "hdkd",
+            "--n-per-class", "24", "--val-per-class", "6", "--epochs", epochs, "--batch-size", "8", "--device", "cpu",
+            "--threads", "1", "--no-progress", "--no-eval", "--out", str(out), *extra]
+
+
+def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command(fake_root, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli(fake_root, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGKILL)  # mid epoch 1: no handler, no checkpoint
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    assert (out / "config.json").exists() and not (out / "checkpoint.pt").exists()
+    again = subprocess.run(_cli(fake_root, out), capture_output=True, text=True)  # the same command
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "stopped before its first checkpoint: starting it again" in again.stderr
+    assert len(_metrics(out)) == 2 and (out / "model.pt").exists()
+
+
+def test_two_runs_into_one_folder_one_trains_the_other_is_refused(fake_root, tmp_path):
+    out = tmp_path / "run"
+    first = subprocess.Popen(_cli(fake_root, out, epochs="3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (out / "config.json").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    second = subprocess.run(_cli(fake_root, out, epochs="3"), capture_output=True, text=True)
+    _, err = first.communicate(timeout=600)
+    assert first.returncode == 0, err[-2000:]
+    assert second.returncode == 2
+    assert f"run folder {out} is in use by process {first.pid}" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1  # one line, no traceback
+    assert len(_metrics(out)) == 3
+
+
+def test_a_moved_run_folder_is_loaded_or_resumed_where_it_now_lives(fake_root, tmp_path):
+    """A clone moved elsewhere: the run folders and the split files they use, copied to another root."""
+    import shutil
+    from hdkdlib.train import run
+    old = tmp_path / "old"
+    shutil.copytree(fake_root / "splits", old / "splits")
+    cfg = dict(split_dir=str(old / "splits"), epochs=2)
+    run(_cfg(fake_root, old / "finished", **cfg))
+    half = Trainer(_cfg(fake_root, old / "half", **cfg))
+    original = half.train_step
+
+    def stop_in_epoch_2(x, y):
+        loss = original(x, y)
+        if half.epoch == 1:
+            half._handle_signal(signal.SIGTERM, None)
+        return loss
+    half.train_step = stop_in_epoch_2
+    with pytest.raises(TrainingInterrupted):
+        half.fit()
+    new = tmp_path / "moved"
+    shutil.copytree(old, new)
+    shutil.rmtree(old)
+    moved = dict(split_dir=str(new / "splits"), epochs=2)
+    trainer, results = run(_cfg(fake_root, new / "finished", **moved))
+    assert results["anytime"] and trainer.epoch == 2  # loaded, not retrained
+    trainer, results = run(_cfg(fake_root, new / "half", **moved))
+    assert trainer.epoch == 2 and len(_metrics(new / "half")) == 2
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        run(_cfg(fake_root, new / "half", lr=0.3, **moved))
+
+
+def test_cli_resume_needs_out_and_takes_the_recorded_settings(fake_root, tmp_path):
+    from hdkdlib.train import main
+    assert main(["--resume", "--epochs", "1"]) == 2
+    out = tmp_path / "run"
+    assert main(_cli(fake_root, out, epochs="1")[3:]) == 0
+    # --resume with only --out: the recorded settings, not the CLI's defaults (cifar100, msdnet_cifar_anytime, ...)
+    assert main(["--out", str(out), "--resume", "--no-eval"]) == 0
