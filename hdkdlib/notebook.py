@@ -58,8 +58,8 @@ def resolve_data(dataset: str, data_root: str, epochs: int, n_per_class: int = -
         return settings
     root = runs_dir() / "fake-data" / dataset
     if dataset in ("cifar10", "cifar100"):
-        test_file = data.cifar.folder(root, dataset) / data.CIFAR_SPECS[dataset]["cls"].test_list[0][0]
-        if not test_file.is_file():
+        manifest = data.cifar.folder(root, dataset) / data.cifar.FAKE_MANIFEST
+        if not manifest.is_file():  # written last (older fake copies had none: written again)
             k = data.CIFAR_SPECS[dataset]["num_classes"]
             data.write_fake_cifar(root, dataset, n_train=6 * k, n_test=2 * k, seed=0)
         per_class, val = 3, 1

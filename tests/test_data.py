@@ -1,5 +1,6 @@
 import json
 import pickle
+import time
 
 import numpy as np
 import pytest
@@ -31,7 +32,7 @@ def test_fake_cifar_has_the_real_file_layout(tmp_path):
     from torchvision.datasets import CIFAR10
     base = D.write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
     assert sorted(p.name for p in base.iterdir()) == sorted([f for f, _ in CIFAR10.train_list + CIFAR10.test_list]
-                                                            + ["batches.meta"])
+                                                            + ["batches.meta", D.cifar.FAKE_MANIFEST])
     with open(base / "data_batch_1", "rb") as f:
         entry = pickle.load(f, encoding="latin1")
     assert entry["data"].dtype == np.uint8 and entry["data"].shape[1] == 3072 and isinstance(entry["labels"], list)
@@ -45,7 +46,9 @@ def test_missing_dataset_names_the_path_and_the_fix(tmp_path, monkeypatch):
         raise OSError("network unreachable")
 
     monkeypatch.setattr("hdkdlib.data.cifar.download_and_extract_archive", offline)
-    with pytest.raises(D.DatasetError, match=r"download failed .*network unreachable.*unpack it into"):
+    monkeypatch.setattr("hdkdlib.data.cifar.time.sleep", lambda s: None)
+    with pytest.raises(D.DatasetError, match=r"could not download cifar100 from https://.*attempt 3: OSError: network "
+                                             r"unreachable.*unpack it into"):
         D.load_cifar(tmp_path, "cifar100", download_if_missing=True)
 
 
@@ -53,12 +56,92 @@ def test_damaged_cifar_files_are_named(tmp_path):
     base = D.write_fake_cifar(tmp_path, "cifar100", n_train=100, n_test=10)
     raw = (base / "train").read_bytes()
     (base / "train").write_bytes(raw[: len(raw) // 2])
-    with pytest.raises(D.DatasetError, match=r"cannot read .*cifar-100-python/train.*damaged"):
+    with pytest.raises(D.DatasetError, match=r"cifar-100-python/train is not the official CIFAR file .*download again"):
+        D.load_cifar(tmp_path, "cifar100")
+    _relist(base, "train")  # listed as our own file: now it is read, and found truncated
+    with pytest.raises(D.DatasetError, match=r"cannot read .*cifar-100-python/train.*download again"):
         D.load_cifar(tmp_path, "cifar100")
     with open(base / "train", "wb") as f:
         pickle.dump({"data": np.zeros((4, 100), np.uint8), "fine_labels": [0, 1, 2, 3]}, f)
+    _relist(base, "train")
     with pytest.raises(D.DatasetError, match=r"cifar-100-python/train: data shaped \(4, 100\)"):
         D.load_cifar(tmp_path, "cifar100")
+
+
+def _relist(base, name):
+    """Enter a file's current MD5 in the fake-data manifest (as write_fake_cifar does for its own files)."""
+    manifest = json.loads((base / D.cifar.FAKE_MANIFEST).read_text())
+    manifest[name] = D.cifar._md5(base / name)
+    (base / D.cifar.FAKE_MANIFEST).write_text(json.dumps(manifest))
+
+
+class _Payload:
+    """Unpickling this runs os.system(command): what a tampered CIFAR file could carry."""
+
+    def __init__(self, command):
+        self.command = command
+
+    def __reduce__(self):
+        import os
+        return os.system, (self.command,)
+
+
+@pytest.mark.parametrize("target", ["meta", "train"])
+@pytest.mark.parametrize("listed", [False, True])
+def test_cifar_files_carrying_code_cannot_run_it(tmp_path, target, listed):
+    """A meta or batch file with a payload: refused by its MD5, and, even when listed in a forged manifest, by
+    the restricted unpickler. Training on it fails with a clear error; the payload's marker file never appears."""
+    base = D.write_fake_cifar(tmp_path / "data", "cifar100", n_train=100, n_test=20)
+    marker = tmp_path / "payload-ran"
+    with open(base / target, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    entry["payload"] = _Payload(f"touch {marker}")
+    with open(base / target, "wb") as f:
+        pickle.dump(entry, f, protocol=2)
+    if listed:
+        _relist(base, target)
+    message = "refusing to load the global posix.system" if listed else "is not the official CIFAR file"
+    with pytest.raises(D.DatasetError, match=message):
+        D.load_cifar(tmp_path / "data", "cifar100")
+    from hdkdlib.train import main
+    code = main(["--dataset", "cifar100", "--data-root", str(tmp_path / "data"), "--no-download", "--epochs", "1",
+                 "--arch", "toy_mlp", "--device", "cpu", "--split-dir", str(tmp_path / "splits")])
+    assert code == 2 and not marker.exists()
+
+
+def test_a_download_that_never_answers_times_out(tmp_path):
+    """A server that accepts the connection and never answers (a stalled proxy): the download gives up within
+    its timeout and retries, with a message naming the URL, the folder and the offline instructions."""
+    import socket
+    import threading
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(4)
+    accepted = []
+    stop = threading.Event()
+
+    def accept():
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])  # keep the connection open, say nothing
+            except OSError:
+                pass
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.getsockname()[1]}/cifar-100-python.tar.gz"
+    start = time.monotonic()
+    try:
+        with pytest.raises(D.DatasetError, match=rf"could not download cifar100 from {url} .*attempt 2: .*(timed out|"
+                                                 rf"Timeout).*unpack it into {tmp_path}"):
+            D.download_cifar(tmp_path, "cifar100", url=url, timeout=0.5, retries=2, wait=0.1)
+    finally:
+        stop.set()
+        thread.join()
+        for c in accepted:
+            c.close()
+        server.close()
+    assert time.monotonic() - start < 10 and len(accepted) == 2
 
 
 def test_image_folder_round_trip_and_layout_errors(tmp_path):

@@ -1,13 +1,23 @@
 """CIFAR-10 / CIFAR-100 in torchvision's on-disk format, read into uint8 tensors.
 
 File names, URLs and checksums come from torchvision's dataset classes; the download goes
-through torchvision's download utilities. The files are read here (not through the torchvision
-classes) so that the small fake copies the tests write, which cannot match the real checksums,
-exercise the same reading code, and so that a damaged file is reported by name.
+through torchvision's download utilities, with a connect/read timeout and a bounded retry. The files
+are read here (not through the torchvision classes) so that a damaged file is reported by name, and so
+that no file can run code:
+- every file's MD5 is checked against the official release before it is read; files this project wrote
+  itself (the fake copies of `data.write_fake_cifar`) are listed with their MD5s in FAKE_MANIFEST beside
+  them and accepted on that list instead;
+- whatever passes, it is unpickled by a restricted unpickler that admits only the numpy array types the
+  format needs, so even a file with a forged manifest cannot execute anything.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import pickle
+import socket
+import time
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -24,8 +34,26 @@ SPECS: Dict[str, dict] = {
 }
 
 
+FAKE_MANIFEST = "hdkdlib-fake-manifest.json"  # {file name: md5} of the fake files written by data.write_fake_cifar
+
+# The globals a CIFAR pickle may name: numpy's array reconstruction (numpy 1 and 2 module paths) and the codec
+# that Python 3 uses for bytes in protocol-2 pickles. Nothing that can run code.
+_ALLOWED_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+                    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+                    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+
 class DatasetError(RuntimeError):
     """A dataset file is missing, damaged or does not match what was expected."""
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load the global {module}.{name}: a CIFAR file holds only "
+                                     "numpy arrays, lists, strings and numbers")
 
 
 def _spec(name: str) -> dict:
@@ -38,29 +66,67 @@ def folder(root, name: str) -> Path:
     return Path(root) / _spec(name)["cls"].base_folder
 
 
-def download(root, name: str) -> Path:
-    """Download and unpack the archive with torchvision's utilities (checks the archive's MD5)."""
+def download(root, name: str, *, url: str | None = None, timeout: float = 30.0, retries: int = 3,
+             wait: float = 2.0) -> Path:
+    """Download and unpack the archive with torchvision's utilities (which check the archive's MD5). Every
+    connection and read gives up after `timeout` seconds of silence; `retries` attempts in all, `wait`
+    seconds apart. Raises DatasetError naming the URL, the folder and how to place the files by hand."""
     cls = _spec(name)["cls"]
-    download_and_extract_archive(cls.url, str(root), filename=cls.filename, md5=cls.tgz_md5)
-    return folder(root, name)
+    url = url or cls.url
+    errors = []
+    for attempt in range(1, retries + 1):
+        previous = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(timeout)  # torchvision's urlopen takes no timeout: it reads this default
+        try:
+            download_and_extract_archive(url, str(root), filename=cls.filename, md5=cls.tgz_md5)
+            return folder(root, name)
+        except Exception as e:  # offline, a stalled proxy (timeout), refused, a bad archive, a full disk...
+            errors.append(f"attempt {attempt}: {type(e).__name__}: {str(e)[:160]}")
+        finally:
+            socket.setdefaulttimeout(previous)
+        if attempt < retries:
+            time.sleep(wait)
+    raise DatasetError(f"could not download {name} from {url} ({'; '.join(errors)}). Download {cls.url} on a "
+                       f"machine with internet access and unpack it into {Path(root).resolve()} so that "
+                       f"{folder(root, name)}/{cls.train_list[0][0]} exists.")
+
+
+def _expected_md5(root, name: str) -> Dict[str, str]:
+    cls = _spec(name)["cls"]
+    return {f: md5 for f, md5 in cls.train_list + cls.test_list + [[cls.meta["filename"], cls.meta["md5"]]]}
 
 
 def verify_checksums(root, name: str) -> List[str]:
     """Files whose MD5 differs from the official release (empty: the real, intact dataset)."""
-    cls = _spec(name)["cls"]
-    return [f for f, md5 in cls.train_list + cls.test_list + [[cls.meta["filename"], cls.meta["md5"]]]
-            if not check_integrity(str(folder(root, name) / f), md5)]
+    return [f for f, md5 in _expected_md5(root, name).items() if not check_integrity(str(folder(root, name) / f), md5)]
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_file(path: Path, official_md5: str, manifest: Dict[str, str]) -> None:
+    digest = _md5(path)
+    if digest == official_md5 or manifest.get(path.name) == digest:
+        return
+    raise DatasetError(f"{path} is not the official CIFAR file (MD5 {digest}, expected {official_md5}): it was "
+                       f"not read. Delete {path.parent} and download again (download=True), or copy the files "
+                       "of the official archive there.")
 
 
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+            return _RestrictedUnpickler(io.BufferedReader(f), encoding="latin1").load()
     except FileNotFoundError:
         raise
-    except Exception as e:  # truncated or not a pickle at all
-        raise DatasetError(f"cannot read {path}: {type(e).__name__}: {e}. The file is damaged: delete "
-                           f"{path.parent} and download again (or copy the original files there).") from e
+    except Exception as e:  # a refused global, truncated, or not a pickle at all
+        raise DatasetError(f"cannot read {path}: {type(e).__name__}: {e}. Delete {path.parent} and download "
+                           f"again (or copy the original files there).") from e
 
 
 def load(root, name: str = "cifar100", train: bool = True, download_if_missing: bool = False
@@ -71,16 +137,16 @@ def load(root, name: str = "cifar100", train: bool = True, download_if_missing: 
     files = [f for f, _ in (cls.train_list if train else cls.test_list)]
     missing = [f for f in files + [cls.meta["filename"]] if not (base / f).is_file()]
     if missing and download_if_missing:
-        try:
-            download(root, name)
-        except Exception as e:  # offline, proxy, disk full...
-            raise DatasetError(f"{name} is not in {base} and the download failed ({type(e).__name__}: {e}). "
-                               f"Download {cls.url} elsewhere and unpack it into {Path(root).resolve()} so that "
-                               f"{base}/{files[0]} exists.") from e
+        download(root, name)  # raises DatasetError with the URL, the folder and what to do offline
         missing = [f for f in files + [cls.meta["filename"]] if not (base / f).is_file()]
     if missing:
         raise DatasetError(f"{name} not found: missing {', '.join(str(base / f) for f in missing)}. "
                            f"Pass download=True, or download {cls.url} and unpack it into {Path(root).resolve()}.")
+    manifest_path = base / FAKE_MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    expected = _expected_md5(root, name)
+    for f in files + [cls.meta["filename"]]:  # every file checked before any is unpickled
+        _check_file(base / f, expected[f], manifest)
     images, labels = [], []
     for f in files:
         entry = _unpickle(base / f)
