@@ -20,8 +20,9 @@ env: $(STAMP)
 run: $(STAMP)
 	mkdir -p $(NOTEBOOK_OUT)
 	for nb in notebooks/[0-9]*.ipynb; do \
-		echo "== $$nb"; \
+		echo "== $$nb"; start=$$(date +%s); \
 		$(PY) -m papermill --cwd notebooks "$$nb" "$(NOTEBOOK_OUT)/$$(basename $$nb)" || exit 1; \
+		echo "== $$nb: $$(( $$(date +%s) - start )) s"; \
 	done
 	@echo "executed notebooks: $(NOTEBOOK_OUT)/   figures: figures/"
 

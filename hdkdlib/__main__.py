@@ -19,6 +19,8 @@ def info(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.name not in models.names():
         parser.error(f"unknown model {args.name!r}; valid names: {', '.join(models.names())}")
+    if args.num_classes is not None and args.num_classes < 1:
+        parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
     num_classes = args.num_classes or cost.default_num_classes(args.name)
     model = models.build(args.name, num_classes)
     input_shape = model.input_shape

@@ -97,6 +97,21 @@ def of_named(name: str, num_classes: int | None = None, convention: str = "msdne
     return [{**row, "mflops": row["flops"] / 1e6} for row in per_exit(model, model.input_shape, convention)]
 
 
+SI_PREFIXES = ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1.0, ""))
+
+
+def si_scale(value: float) -> tuple:
+    """(divisor, prefix) for showing `value` (or a range whose largest value it is) with an SI prefix."""
+    magnitude = abs(float(value))
+    return next(((d, p) for d, p in SI_PREFIXES if magnitude >= d), (1.0, ""))
+
+
+def format_cost(value: float, unit: str = "FLOPs", digits: int = 3) -> str:
+    """497 -> '497 FLOPs', 15.14e6 -> '15.1 MFLOPs', 2.5e9 -> '2.5 GFLOPs': an SI prefix from the magnitude."""
+    divisor, prefix = si_scale(value)
+    return f"{value / divisor:.{digits}g} {prefix}{unit}"
+
+
 def _sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -53,6 +54,13 @@ def per_exit_metrics(model, batches: Iterable) -> Dict[str, List[float]]:
     return {"loss": (loss / n).tolist(), "top1": (top1.double() / n).tolist(), "top5": (top5.double() / n).tolist()}
 
 
+def _as_tensors(probs, targets):
+    """Tensors, numpy arrays and nested lists alike: converted once, at the door."""
+    probs = probs if torch.is_tensor(probs) else torch.as_tensor(np.asarray(probs, dtype=np.float64))
+    targets = targets if torch.is_tensor(targets) else torch.as_tensor(np.asarray(targets, dtype=np.int64))
+    return probs, targets
+
+
 def _check_probs(probs: torch.Tensor, targets: torch.Tensor, name: str):
     if probs.dim() != 3:
         raise ValueError(f"{name}_probs must be [K, N, C] softmax outputs, got shape {list(probs.shape)}")
@@ -69,6 +77,7 @@ def _check_probs(probs: torch.Tensor, targets: torch.Tensor, name: str):
 
 def anytime(probs: torch.Tensor, targets: torch.Tensor, exit_flops: Optional[Sequence[float]] = None) -> List[Dict]:
     """One row per exit: exit, top1, top5 (fractions) and, if given, its cumulative flops."""
+    probs, targets = _as_tensors(probs, targets)
     _check_probs(probs, targets, "test")
     if exit_flops is not None and len(exit_flops) != probs.shape[0]:
         raise ValueError(f"{probs.shape[0]} exits but {len(exit_flops)} exit_flops")
@@ -112,6 +121,7 @@ def apply_thresholds(probs: torch.Tensor, targets: torch.Tensor, thresholds: Seq
                      exit_flops: Sequence[float]) -> Dict:
     """Each sample leaves at the first exit whose confidence (max probability) reaches its threshold;
     the last exit takes whatever is left. Accuracy, exit fractions and expected flops per sample."""
+    probs, targets = _as_tensors(probs, targets)
     _check_probs(probs, targets, "test")
     K, N, _ = probs.shape
     if len(thresholds) != K or len(exit_flops) != K:
@@ -136,13 +146,19 @@ def budgeted(val_probs, val_targets, test_probs, test_targets, exit_flops, ps=No
     """MSDNet's budgeted batch classification: for each p, thresholds fitted on validation and applied to
     test. One dict per p: p, thresholds, exit_fractions, accuracy (fraction), and the expected cost per test
     sample under `cost_key` ("flops"; with per-exit times from cost.latency as exit_flops, e.g. "ms")."""
+    (val_probs, val_targets), (test_probs, test_targets) = (_as_tensors(val_probs, val_targets),
+                                                            _as_tensors(test_probs, test_targets))
     _check_probs(val_probs, val_targets, "val")
     _check_probs(test_probs, test_targets, "test")
+    ps = default_ps() if ps is None else [float(p) for p in np.asarray(ps, dtype=np.float64).ravel()]
+    bad = [p for p in ps if not (p > 0 and math.isfinite(p))]
+    if bad:
+        raise ValueError(f"ps must be finite and > 0 (the budget parameter p of the p^k exit shares), got {bad[0]}")
     K = val_probs.shape[0]
     if test_probs.shape[0] != K or len(exit_flops) != K:
         raise ValueError(f"exit counts differ: val {K}, test {test_probs.shape[0]}, exit_flops {len(exit_flops)}")
     rows = []
-    for p in (ps if ps is not None else default_ps()):
+    for p in ps:
         thresholds = fit_thresholds(val_probs, exit_shares(p, K))
         result = apply_thresholds(test_probs, test_targets, thresholds, exit_flops)
         result.pop("exit_index")
@@ -160,6 +176,7 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
     K = model.num_exits
     if len(thresholds) != K:
         raise ValueError(f"{K} exits but {len(thresholds)} thresholds")
+    model.check_input(x)  # as model(x) would
     preds = torch.empty(len(x), dtype=torch.long, device=x.device)
     exits = torch.empty(len(x), dtype=torch.long, device=x.device)
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)

@@ -3,11 +3,15 @@
 A notebook's `parameters` cell declares each parameter with its type, `epochs: int = 1`; papermill
 injects plain assignments after it (`epochs = 300`). The cell after that calls
 `check_parameters(globals())`, which compares every declared parameter's current value with its
-declared type and stops the run with a message naming the parameter when they disagree.
+declared type and stops the run with a message naming the parameter when they disagree, and stops it
+too when a parameter the notebook does not declare was passed (a misspelt `-p epoch 300`).
 """
 from __future__ import annotations
 
 from typing import Any, Dict
+
+
+_PLAIN = (bool, int, float, str, list, dict, tuple, type(None))
 
 
 def _type_name(t) -> str:
@@ -22,6 +26,13 @@ def check_parameters(namespace: Dict[str, Any], choices: Dict[str, tuple] | None
     declared = namespace.get("__annotations__", {})
     if not declared:
         raise RuntimeError("no annotated parameters found: declare them in the parameters cell as `name: type = value`")
+    # papermill injects plain assignments; a plain value under a name the parameters cell does not declare is a
+    # misspelt parameter (`-p epoch 300`), which would otherwise be ignored without a word
+    unknown = sorted(n for n, v in namespace.items() if n not in declared and not n.startswith("_")
+                     and n not in ("In", "Out") and isinstance(v, _PLAIN))
+    if unknown:
+        raise NameError(f"unknown parameter{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: this notebook "
+                        f"declares {', '.join(declared)}")
     params = {}
     for name, expected in declared.items():
         value = namespace.get(name)

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 
+from .cost import si_scale
 from .paths import figures_dir
 
 
@@ -86,9 +87,11 @@ def anytime_curves(table: pd.DataFrame, ax=None, metric: str = "top1", title: st
     """Accuracy of every exit against its cumulative cost, one line per method (or run).
     `table`: columns method, exit, flops and `metric` (fractions), e.g. from evaluation.load_results."""
     ax = ax or plt.gca()
-    frame = table.assign(mflops=table["flops"] / 1e6, accuracy=100 * table[metric])
-    sns.lineplot(data=frame, x="mflops", y="accuracy", hue="method", marker="o", ax=ax, errorbar="sd")
-    ax.set_xlabel("cumulative MFLOPs of the exit")
+    divisor, prefix = si_scale(table["flops"].max())
+    frame = table.assign(cost=table["flops"] / divisor, accuracy=100 * table[metric])
+    sns.lineplot(data=frame, x="cost", y="accuracy", hue="method", marker="o", ax=ax, errorbar="sd")
+    ax.set_xlabel(f"cumulative {prefix}FLOPs of the exit")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(6))
     ax.set_ylabel(f"{metric} accuracy (%)")
     ax.set_title(title)
     return ax
@@ -99,10 +102,12 @@ def budgeted_curves(curves: Dict[str, List[Dict]], ax=None, title: str = "Budget
     Rows with "ms" (budgets in measured time, results.json's budgeted_ms) are drawn in ms per image."""
     ax = ax or plt.gca()
     in_ms = any("ms" in rows[0] for rows in curves.values() if rows)
+    divisor, prefix = (1.0, "") if in_ms else si_scale(max(r["flops"] for rows in curves.values() for r in rows))
     for name, rows in curves.items():
-        x = [r["ms"] for r in rows] if in_ms else [r["flops"] / 1e6 for r in rows]
+        x = [r["ms"] for r in rows] if in_ms else [r["flops"] / divisor for r in rows]
         ax.plot(x, [100 * r["accuracy"] for r in rows], marker=".", label=name)
-    ax.set_xlabel("average ms per test image (measured)" if in_ms else "average MFLOPs per test image")
+    ax.xaxis.set_major_locator(plt.MaxNLocator(6))
+    ax.set_xlabel("average ms per test image (measured)" if in_ms else f"average {prefix}FLOPs per test image")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.legend()

@@ -10,11 +10,12 @@ import matplotlib.pyplot as plt
 from IPython.display import display
 
 from . import evaluation, plots
+from .cost import format_cost
 
 
 def _summary(result, exit_flops) -> str:
     frac = " ".join(f"{100 * f:.0f}%" for f in result["exit_fractions"])
-    return (f"accuracy {100 * result['accuracy']:.2f}% | mean cost {result['flops'] / 1e6:.2f} MFLOPs "
+    return (f"accuracy {100 * result['accuracy']:.2f}% | mean cost {format_cost(result['flops'])} "
             f"({100 * result['flops'] / exit_flops[-1]:.0f}% of the full network) | leaving per exit: {frac}")
 
 

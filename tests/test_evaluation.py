@@ -216,3 +216,12 @@ def test_latency_is_cumulative_per_image_and_budgets_take_any_cost():
     for a, b in zip(ms, flops):  # the same thresholds and exits, priced in another unit
         assert a["accuracy"] == b["accuracy"] and a["ms"] == pytest.approx(b["flops"] / 1e6)
         assert "flops" not in a
+
+
+def test_cost_units_follow_the_magnitude():
+    cases = {1e2: "100 FLOPs", 497: "497 FLOPs", 4.97e3: "4.97 kFLOPs", 15.14e6: "15.1 MFLOPs", 75.94e6: "75.9 MFLOPs",
+             1.36e9: "1.36 GFLOPs", 1e10: "10 GFLOPs", 999: "999 FLOPs", 1000: "1 kFLOPs"}
+    for value, text in cases.items():
+        assert cost.format_cost(value) == text
+    assert cost.format_cost(3.2e6, unit="params") == "3.2 Mparams"
+    assert cost.si_scale(5e5) == (1e3, "k")

@@ -16,9 +16,11 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9]*.ipynb"))
 
 
 def test_notebooks_exist_and_are_ordered():
+    """01..06 in story order: each file's number is its place, with no gap and no repeat."""
     names = [p.name for p in NOTEBOOKS]
-    assert names and names[0] == "01_toy_dense_kd.ipynb"
-    assert names == sorted(names)
+    assert [int(n[:2]) for n in names] == list(range(1, len(names) + 1))
+    assert names[:3] == ["01_toy_dense_kd.ipynb", "02_multi_exit_models.ipynb", "03_cifar100.ipynb"]
+    assert len(names) == 6
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
@@ -52,6 +54,10 @@ def test_check_parameters_accepts_right_types_and_names_the_wrong_one():
         check_parameters({**ns, "epochs": True})
     with pytest.raises(ValueError, match="parameter 'method' is 'foo'; valid values: ce, hdkd"):
         check_parameters({**ns, "method": "foo"}, choices={"method": ("ce", "hdkd")})
+    # a misspelt name (papermill -p epoch 300) is refused, listing what the notebook declares; imports are not
+    with pytest.raises(NameError, match="unknown parameter 'epoch': this notebook declares epochs, lr, method, fast"):
+        check_parameters({**ns, "epoch": 300, "pd": pytest, "In": [], "_": 3})
+    assert check_parameters({**ns, "pd": pytest, "check_parameters": check_parameters, "In": [""], "Out": {}})
 
 
 def _run(tmp_path, **parameters):
@@ -87,6 +93,7 @@ def test_papermill_runs_toy_notebook_with_a_parameter_and_writes_figures(tmp_pat
     ("04_imagenet.ipynb", "seed", "1.5", "parameter 'seed' must be int, got float 1.5"),
     ("05_ablations.ipynb", "methods", "ce,foo", "parameter 'methods': unknown ['foo']"),
     ("06_exit_thresholds.ipynb", "method", "x", "parameter 'method' is 'x'"),
+    ("03_cifar100.ipynb", "epoch", "300", "unknown parameter 'epoch': this notebook declares epochs, method"),
 ])
 def test_bad_parameters_stop_at_the_check_cell(tmp_path, name, parameter, value, message):
     out = tmp_path / "out.ipynb"

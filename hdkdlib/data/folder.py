@@ -31,6 +31,11 @@ def _check_layout(root: Path, split: str, reference_split: Optional[str] = "trai
     classes = sorted(d.name for d in base.iterdir() if d.is_dir())
     if not classes:
         raise DatasetError(f"{base} has no class folders: expected {base}/<class>/<image>")
+    empty = [c for c in classes if not any(f.is_file() for f in (base / c).iterdir())]
+    if empty:
+        more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
+        raise DatasetError(f"class folder {base / empty[0]} holds no images{more}: every class folder needs at least "
+                           "one image file (.jpg, .png, ...) directly inside it; remove the empty folder or fill it")
     ref = root / reference_split if reference_split else None
     if ref is not None and ref != base and ref.is_dir():
         expected = sorted(d.name for d in ref.iterdir() if d.is_dir())

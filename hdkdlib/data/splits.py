@@ -78,6 +78,12 @@ def default_path(dataset: str, labels, val_per_class: int, train_per_class: Opti
     return folder / f"{dataset}-{labels_fingerprint(labels)[:8]}-val{val_per_class}-{tag}-seed{seed}.json"
 
 
+# A split is drawn from the labels and its seed alone, so regenerating reproduces the committed one exactly.
+_REGENERATE = ("if it is committed, restore it (git checkout -- {path}); otherwise delete it and it is drawn again "
+               "from the labels and the seed, identical to before. Regenerating is safe unless runs already "
+               "trained with a different file: those runs record the split's checksum in their config.json")
+
+
 def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class: Optional[int] = None,
                    seed: int = 0, path: Optional[os.PathLike] = None, folder: Optional[os.PathLike] = None) -> Dict:
     """Read the split file if it exists (checking it against `labels`), else draw it and write it
@@ -87,10 +93,10 @@ def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class:
         try:
             split = json.loads(path.read_text())
         except json.JSONDecodeError as e:
-            raise DatasetError(f"split file {path} is not valid JSON ({e}); restore it from git") from e
+            raise DatasetError(f"split file {path} is not valid JSON ({e}); {_REGENERATE.format(path=path)}") from e
         if split.get("checksum") != _checksum(split):
             raise DatasetError(f"split file {path}: its indices do not match its checksum (edited by hand?); "
-                               "restore it from git")
+                               f"{_REGENERATE.format(path=path)}")
         if split.get("labels_sha256") != labels_fingerprint(labels):
             raise DatasetError(f"split file {path} was drawn from other labels than this dataset's "
                                f"({split.get('n_total')} images then, {len(labels)} now): wrong data root, or a "

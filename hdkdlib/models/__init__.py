@@ -5,6 +5,8 @@ Every model is a `MultiExitNet`: `model(x)` returns the list of K logits and
 """
 from __future__ import annotations
 
+import difflib
+import inspect
 from typing import Callable, Dict, List
 
 from .backbone import BackboneExits, resnet_exits
@@ -40,8 +42,12 @@ def build(name: str, num_classes: int, **options) -> MultiExitNet:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     try:
         return _REGISTRY[name](num_classes, **options)
-    except TypeError as e:  # an option the constructor does not know
-        raise TypeError(f"model {name!r}: {e}") from e
+    except TypeError as e:  # an option the constructor does not know: suggest the nearest real one
+        bad = [k for k in options if f"'{k}'" in str(e)]
+        known = {p for f in (MSDNet.__init__, BackboneExits.__init__, ToyMLP.__init__, resnet_exits)
+                 for p in inspect.signature(f).parameters if p not in ("self", "num_classes", "kwargs")}
+        close = difflib.get_close_matches(bad[0], sorted(known), n=1, cutoff=0.5) if bad else []
+        raise TypeError(f"model {name!r}: {e}" + (f"; did you mean {close[0]}=?" if close else "")) from e
 
 
 __all__ = ["build", "names", "evaluating", "MultiExitNet", "MSDNet", "BackboneExits", "ToyMLP", "resnet_exits", "scale_grad"]

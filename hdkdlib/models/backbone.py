@@ -79,7 +79,13 @@ class BackboneExits(MultiExitNet):
 
     def __init__(self, backbone: nn.Module, exit_nodes: Sequence[str], num_classes: int, *,
                  input_shape=(3, 224, 224), make_head=PooledLinear, gradient_equilibrium: bool = False):
+        if isinstance(exit_nodes, str):
+            raise ValueError(f"exit_nodes must be a list of node names, got the string {exit_nodes!r}: "
+                             f"write exit_nodes=[{exit_nodes!r}]")
         exit_nodes = list(exit_nodes)
+        repeated = sorted({n for n in exit_nodes if exit_nodes.count(n) > 1})
+        if repeated:
+            raise ValueError(f"exit_nodes names {', '.join(repeated)} more than once: one exit per node")
         _, eval_nodes = get_graph_node_names(backbone)
 
         def position(name):  # a module path ("layer1") stands for the last node inside it, as in torchvision

@@ -79,6 +79,8 @@ class MultiExitNet(nn.Module):
     def run_exit(self, k: int, state):
         """Stage k on `state` (the input for k = 0) and head k: returns (new state, logits). Early-exit
         inference calls it on the samples still running, indexing the state's tensors by sample."""
+        if k == 0 and isinstance(state, torch.Tensor):
+            self.check_input(state)  # the same check as model(x): a wrong size fails here, by name
         return self._exit(k, state)
 
     def _exit(self, k: int, state):

@@ -130,6 +130,17 @@ class Classifier(nn.Module):
         return self.linear(self.features(x).flatten(1))
 
 
+def _head_output_size(size: int, imagenet: bool, n_scales: int) -> int:
+    """Side of a head's pooled output for `size` px inputs: the stem (ImageNet: /4), a /2 per coarser scale,
+    the head's two stride-2 convolutions (ceil), then 2x2 average pooling (floor). The Linear needs 1."""
+    side = size
+    for _ in range(2 if imagenet else 0):
+        side = -(-side // 2)
+    for _ in range(n_scales - 1 + 2):
+        side = -(-side // 2)
+    return side // 2
+
+
 def block_steps(n_blocks: int, step_mode: str, step: int, base: int) -> List[int]:
     """Layers per block: `base` first, then `step` each ('even') or step*i + 1 ('lin_grow')."""
     if step_mode not in ("even", "lin_grow"):
@@ -179,6 +190,11 @@ class MSDNet(MultiExitNet):
         super().__init__(nn.ModuleList(stages), nn.ModuleList(heads), gradient_equilibrium=gradient_equilibrium)
         self.steps = steps
         self.input_size = input_size or (224 if imagenet else 32)
+        valid = [s for s in range(8, 1025) if _head_output_size(s, imagenet, n_scales) == 1]
+        if self.input_size not in valid:
+            raise ValueError(f"this MSDNet takes images of {valid[0]}-{valid[-1]} px (input_size), got "
+                             f"{self.input_size}: its heads pool the coarsest scale to 1x1 only in that range. Resize "
+                             "the images, or use a network made for the size (msdnet_imagenet_* for 224 px)")
         self.input_shape = (3, self.input_size, self.input_size)
         self.reset_parameters()
 
