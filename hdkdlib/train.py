@@ -17,7 +17,6 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -25,132 +24,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import bilevel, cost, data, evaluation, models, objectives, runinfo
-from .paths import runs_dir
-from . import runfolder
+from . import bilevel, cost, data, evaluation, models, objectives, runfolder, runinfo
+# The settings live in hdkdlib.config, dataset dispatch and loaders in hdkdlib.data.bundle; these names stay
+# importable from here (notebooks, older scripts).
+from .config import DATASETS, LEGACY_VALUES, RECIPES, TrainConfig, argparser, config_from_dict, stored_config
+from .config import to_argv as cli_args
+from .data.bundle import DataBundle, build_data
 from .runfolder import RunFolder, RunFolderBusy
 
-# The settings live in hdkdlib.config; these names stay importable from here (notebooks, older scripts).
-from .config import (DATASETS, LEGACY_VALUES, RECIPES, TrainConfig, argparser, config_from_dict,  # noqa: E402,F401
-                     stored_config, to_argv as cli_args)
+__all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "run", "load_run", "main", "cli_args", "config_from_dict",
+           "stored_config", "objective_options", "DataBundle", "build_data", "DATASETS", "RECIPES", "LEGACY_VALUES"]
 
 IMAGENET_RECIPE = RECIPES["imagenet"]
-
-
-# --- data -------------------------------------------------------------------------------------------
-@dataclass
-class DataBundle:
-    train: object          # .batches(epoch, start) and len(): the augmented training stream
-    val_stream: object     # .batch_at(epoch, b): held-out batches for the weight update (never augmented)
-    val: object            # evaluation batches of the held-out split
-    test: object           # evaluation batches of the test split
-    num_classes: int
-    input_shape: tuple
-    split: Dict = field(repr=False, default_factory=dict)
-    mean: tuple = ()
-    std: tuple = ()
-
-
-def _tensor_data(cfg: TrainConfig):
-    root = Path(cfg.data_root)
-    if cfg.dataset in ("cifar10", "cifar100"):
-        x, y, _ = data.load_cifar(root, cfg.dataset, train=True, download_if_missing=cfg.download)
-        xt, yt, _ = data.load_cifar(root, cfg.dataset, train=False, download_if_missing=cfg.download)
-        spec = data.CIFAR_SPECS[cfg.dataset]
-        return x, y, xt, yt, spec["num_classes"], spec["mean"], spec["std"]
-    if cfg.dataset == "synthetic":
-        x, y = data.synthetic_images(6000, num_classes=10, seed=0)        # same classes (pattern_seed 0),
-        xt, yt = data.synthetic_images(1000, num_classes=10, seed=1)      # other samples for the test set
-        return x, y, xt, yt, 10, None, None
-    test_split = "test" if (root / "test").is_dir() else "val"
-    x, y, classes = data.folder_to_tensor(root, "train")
-    xt, yt, _ = data.folder_to_tensor(root, test_split)
-    return x, y, xt, yt, len(classes), None, None
-
-
-def build_data(cfg: TrainConfig, device, rank: int = 0, world_size: int = 1) -> DataBundle:
-    if cfg.dataset == "folder":
-        return _folder_data(cfg, device, rank, world_size)
-    x, y, xt, yt, k, mean, std = _tensor_data(cfg)
-    val_per_class = cfg.val_per_class or max(1, 5000 // k)
-    split_dir = cfg.split_dir or (str(runs_dir() / "splits") if cfg.dataset == "synthetic" else None)
-    split = data.splits.load_or_create(y.numpy(), dataset=cfg.dataset, val_per_class=val_per_class,
-                                       train_per_class=cfg.n_per_class or None, seed=cfg.split_seed,
-                                       folder=split_dir)  # generated data: its splits are not versioned
-    tr, va = data.splits.as_tensors(split)
-    if mean is None:  # statistics of the training images themselves (folder32, synthetic)
-        pixels = x[tr].float() / 255
-        mean, std = tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist())
-    common = dict(mean=mean, std=std, device=device, channels_last=cfg.channels_last)
-    if len(tr) < cfg.batch_size * world_size:
-        raise ValueError(f"{len(tr)} training images but a global batch of {cfg.batch_size * world_size}: "
-                         "lower batch_size or use more data")
-    train = data.GpuLoader(x[tr], y[tr], cfg.batch_size, train=True, seed=cfg.seed, rank=rank,
-                           world_size=world_size, **common)
-    stream = data.GpuLoader(x[va], y[va], min(cfg.batch_size, len(va) // world_size), train=True, pad=0, flip=False,
-                            seed=cfg.seed + 1, rank=rank, world_size=world_size, **common)
-    val = data.GpuLoader(x[va], y[va], cfg.eval_batch_size, train=False, **common)
-    test = data.GpuLoader(xt, yt, cfg.eval_batch_size, train=False, **common)
-    return DataBundle(train, stream, val, test, k, tuple(x.shape[1:]), split, tuple(mean), tuple(std))
-
-
-class _HostLoader:
-    """Image-folder batches through a DataLoader, sharded across ranks like the GpuLoader."""
-
-    def __init__(self, dataset, indices, batch_size, *, train, seed, workers, device, rank, world_size,
-                 channels_last):
-        self.dataset, self.indices, self.batch_size = dataset, torch.as_tensor(indices), batch_size
-        self.train, self.seed, self.workers, self.device = train, seed, workers, device
-        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
-
-    def __len__(self):
-        g = self.batch_size * self.world_size
-        return len(self.indices) // g if self.train else -(-len(self.indices) // g)
-
-    def _order(self, epoch):
-        if not self.train:
-            return self.indices
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return self.indices[torch.randperm(len(self.indices), generator=g)]
-
-    def batches(self, epoch, start=0):
-        order, g = self._order(epoch), self.batch_size * self.world_size
-        mine = [order[b * g + self.rank * self.batch_size: b * g + (self.rank + 1) * self.batch_size]
-                for b in range(start, len(self))]
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, torch.cat(mine).tolist()),
-                                             batch_size=self.batch_size, num_workers=self.workers,
-                                             pin_memory=self.device.type == "cuda")
-        for x, y in loader:
-            x = x.to(self.device, non_blocking=True)
-            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y.to(self.device)
-
-    def batch_at(self, epoch, b):
-        """Batch b of `epoch`; consecutive calls share one DataLoader (its workers start once per epoch)."""
-        if getattr(self, "_cursor", None) != (epoch, b):
-            self._iterator = self.batches(epoch, start=b)
-        self._cursor = (epoch, b + 1)
-        return next(self._iterator)
-
-    def __iter__(self):
-        return self.batches(0)
-
-
-def _folder_data(cfg, device, rank, world_size) -> DataBundle:
-    root = Path(cfg.data_root)
-    train_aug = data.image_folder(root, "train")
-    train_plain = data.image_folder(root, "train", train=False)
-    test = data.image_folder(root, "test" if (root / "test").is_dir() else "val", train=False)
-    k = len(train_aug.classes)
-    split = data.splits.load_or_create(train_aug.targets, dataset=f"folder-{root.name}",
-                                       val_per_class=cfg.val_per_class or 50, train_per_class=cfg.n_per_class or None,
-                                       seed=cfg.split_seed, folder=cfg.split_dir or None)
-    common = dict(seed=cfg.seed, workers=cfg.workers, device=device, channels_last=cfg.channels_last)
-    train = _HostLoader(train_aug, split["train"], cfg.batch_size, train=True, rank=rank, world_size=world_size, **common)
-    stream = _HostLoader(train_plain, split["val"], cfg.batch_size, train=True, rank=rank, world_size=world_size,
-                         **{**common, "seed": cfg.seed + 1})
-    val = _HostLoader(train_plain, split["val"], cfg.eval_batch_size, train=False, rank=0, world_size=1, **common)
-    test_all = _HostLoader(test, range(len(test)), cfg.eval_batch_size, train=False, rank=0, world_size=1, **common)
-    return DataBundle(train, stream, val, test_all, k, (3, 224, 224), split, data.IMAGENET_MEAN, data.IMAGENET_STD)
 
 
 def objective_options(cfg: TrainConfig) -> Dict:
@@ -621,7 +506,10 @@ def main(argv=None) -> int:
         hint = ""
         if recorded is not None and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError)):
             hint = f" (the last good checkpoint in {recorded.path} is kept: continue with the same command plus --resume)"
-        print(f"hdkdlib.train: error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{e}{hint}",
+        message = str(e)
+        if "Original Traceback" in message:  # raised in a DataLoader worker: keep the original error's line
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"hdkdlib.train: error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{message}{hint}",
               file=sys.stderr)
         return 2
     finally:

@@ -13,7 +13,7 @@ def _cli_config(argv):
     """The TrainConfig the training CLI builds from argv (without training)."""
     from hdkdlib.train import _parser
     given = {k: v for k, v in vars(_parser(argv).parse_args(argv)).items()
-             if v is not None and k not in ("resume", "no_eval")}
+             if v is not None and k not in ("resume", "no_eval", "debug")}
     return config_from_dict(given)
 
 

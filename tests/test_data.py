@@ -217,7 +217,7 @@ def test_split_file_is_reused_and_checked(tmp_path):
     content = json.loads(path.read_text())
     content["val"][0] += 1
     path.write_text(json.dumps(content))
-    with pytest.raises(D.DatasetError, match=r"toy.json: its indices do not match its checksum"):
+    with pytest.raises(D.DatasetError, match=r"toy.json: its indices do not match its checksum .*restore it \(git checkout -- .*toy.json\); otherwise delete it and it is drawn again"):
         splits.load_or_create(LABELS, dataset="toy", val_per_class=10, path=path)
     assert json.loads(path.read_text()) == content  # a failed load never rewrites the file
     with pytest.raises(ValueError, match="class 0 has 100 images; the split needs 10 for validation \\+ 95"):
@@ -286,3 +286,12 @@ def test_synthetic_images_are_learnable_and_difficulty_matters():
 
     easy, hard = centroid_accuracy(0.1), centroid_accuracy(0.9)
     assert easy > 0.6 and easy > hard > 0.2
+
+
+def test_an_empty_class_folder_is_named_with_the_fix(tmp_path):
+    D.write_fake_image_folder(tmp_path, classes=["a", "b", "c"], n_per_class=(2, 1))
+    for f in (tmp_path / "train" / "b").iterdir():
+        f.unlink()
+    with pytest.raises(D.DatasetError, match=r"class folder .*train/b holds no images: every class folder needs at "
+                                             r"least one image file"):
+        D.folder_to_tensor(tmp_path, "train")

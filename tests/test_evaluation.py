@@ -225,3 +225,19 @@ def test_cost_units_follow_the_magnitude():
         assert cost.format_cost(value) == text
     assert cost.format_cost(3.2e6, unit="params") == "3.2 Mparams"
     assert cost.si_scale(5e5) == (1e3, "k")
+
+
+def test_evaluation_takes_arrays_and_lists_alike_and_refuses_bad_budgets():
+    import numpy as np
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 40, 5, generator=g, dtype=torch.float64), 2)
+    y = torch.randint(0, 5, (40,), generator=g)
+    flops = [1.0, 2.0, 3.0]
+    reference = E.budgeted(probs, y, probs, y, flops)
+    for convert in (lambda t: t.numpy(), lambda t: t.tolist()):
+        assert E.budgeted(convert(probs), convert(y), convert(probs), convert(y), flops) == reference
+        assert E.anytime(convert(probs), convert(y)) == E.anytime(probs, y)
+    assert E.budgeted(probs, y, probs, y, flops, ps=np.array([0.5, 1.0])) == [reference[9], reference[19]]
+    for bad in ([0], [-1.0], [float("nan")]):
+        with pytest.raises(ValueError, match="ps must be finite and > 0"):
+            E.budgeted(probs, y, probs, y, flops, ps=bad)

@@ -200,3 +200,30 @@ def test_bad_input_messages():
         models.BackboneExits(torchvision.models.resnet18(), ["layer9"], 10)
     out = subprocess.run([sys.executable, "-m", "hdkdlib", "info", "nope"], capture_output=True, text=True)
     assert out.returncode != 0 and "valid names" in out.stderr
+    bad = subprocess.run([sys.executable, "-m", "hdkdlib", "info", "toy_mlp", "--num-classes", "0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "--num-classes must be >= 1, got 0" in bad.stderr
+
+
+def test_input_sizes_are_checked_at_every_entry_point():
+    from hdkdlib import evaluation
+    with pytest.raises(ValueError, match=r"takes images of 17-48 px \(input_size\), got 224.*msdnet_imagenet"):
+        models.build("msdnet_cifar_anytime", 10, input_size=224)
+    assert models.build("msdnet_cifar_anytime", 10, input_size=48).input_size == 48  # inside the range: built
+    model = models.build("msdnet_cifar_budget", 10).eval()
+    small = torch.randn(2, 3, 28, 28)
+    for call in (lambda: model(small), lambda: model.run_exit(0, small),
+                 lambda: evaluation.early_exit_predict(model, small, [0.5] * 5)):
+        with pytest.raises(ValueError, match=r"takes images shaped \[N, 3, 32, 32\], got \[2, 3, 28, 28\]"):
+            call()
+
+
+def test_backbone_exit_nodes_are_checked():
+    import torchvision
+    net = torchvision.models.resnet18()
+    with pytest.raises(ValueError, match="exit_nodes names layer1 more than once"):
+        models.BackboneExits(net, ["layer1", "layer2", "layer1"], 10)
+    with pytest.raises(ValueError, match=r"got the string 'layer1': write exit_nodes=\['layer1'\]"):
+        models.BackboneExits(net, "layer1", 10)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'nodes'; did you mean exit_nodes=?"):
+        models.build("resnet18_exits", 10, nodes=["layer1"])

@@ -210,7 +210,7 @@ def test_cli_args_reproduce_the_config(fake_root, tmp_path):
     from hdkdlib.train import _parser, cli_args, config_from_dict
     cfg = _cfg(fake_root, tmp_path, bf16=True, lr_milestones=(1, 2), temperature=2.0).validate()
     parsed = {k: v for k, v in vars(_parser().parse_args(cli_args(cfg))).items()
-              if v is not None and k not in ("resume", "no_eval")}
+              if v is not None and k not in ("resume", "no_eval", "debug")}
     assert config_from_dict(parsed) == cfg
 
 
@@ -228,7 +228,7 @@ def test_quick_mode_resolution(tmp_path, monkeypatch):
 
 
 def test_image_folder_batches_are_seeded_sharded_and_resumable(tmp_path):
-    from hdkdlib.train import _HostLoader
+    from hdkdlib.data.bundle import HostLoader as _HostLoader
     data.write_fake_image_folder(tmp_path, classes=list("abcd"), n_per_class=(6, 2))
     ds = data.image_folder(tmp_path, "train", train=False)
 

@@ -1,0 +1,138 @@
+"""What a training run reads: the dataset named by the settings, its versioned split, and the loaders.
+
+    build_data(cfg, device, rank, world_size) -> DataBundle(train, val_stream, val, test, ...)
+
+CIFAR-style data (cifar10, cifar100, folder32, synthetic) are held on the device as uint8 and augmented there
+(GpuLoader); ImageNet-style folders stream through a DataLoader (HostLoader), sharded across ranks with the
+same per-epoch seeding. The held-out validation split and any limited-data subset come from split files
+(hdkdlib.data.splits); the test split is only ever evaluated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+from ..paths import runs_dir
+from . import splits
+from .cifar import SPECS as CIFAR_SPECS, load as load_cifar
+from .fake import synthetic_images
+from .folder import IMAGENET_MEAN, IMAGENET_STD, folder_to_tensor, image_folder
+from .gpu import GpuLoader
+
+
+@dataclass
+class DataBundle:
+    train: object          # .batches(epoch, start) and len(): the augmented training stream
+    val_stream: object     # .batch_at(epoch, b): held-out batches for the weight update (never augmented)
+    val: object            # evaluation batches of the held-out split
+    test: object           # evaluation batches of the test split
+    num_classes: int
+    input_shape: tuple
+    split: Dict = field(repr=False, default_factory=dict)
+    mean: tuple = ()
+    std: tuple = ()
+
+
+def _tensor_data(cfg):
+    root = Path(cfg.data_root)
+    if cfg.dataset in ("cifar10", "cifar100"):
+        x, y, _ = load_cifar(root, cfg.dataset, train=True, download_if_missing=cfg.download)
+        xt, yt, _ = load_cifar(root, cfg.dataset, train=False, download_if_missing=cfg.download)
+        spec = CIFAR_SPECS[cfg.dataset]
+        return x, y, xt, yt, spec["num_classes"], spec["mean"], spec["std"]
+    if cfg.dataset == "synthetic":
+        x, y = synthetic_images(6000, num_classes=10, seed=0)        # same classes (pattern_seed 0),
+        xt, yt = synthetic_images(1000, num_classes=10, seed=1)      # other samples for the test set
+        return x, y, xt, yt, 10, None, None
+    test_split = "test" if (root / "test").is_dir() else "val"
+    x, y, classes = folder_to_tensor(root, "train")
+    xt, yt, _ = folder_to_tensor(root, test_split)
+    return x, y, xt, yt, len(classes), None, None
+
+
+def build_data(cfg, device, rank: int = 0, world_size: int = 1) -> DataBundle:
+    if cfg.dataset == "folder":
+        return _folder_data(cfg, device, rank, world_size)
+    x, y, xt, yt, k, mean, std = _tensor_data(cfg)
+    val_per_class = cfg.val_per_class or max(1, 5000 // k)
+    split_dir = cfg.split_dir or (str(runs_dir() / "splits") if cfg.dataset == "synthetic" else None)
+    split = splits.load_or_create(y.numpy(), dataset=cfg.dataset, val_per_class=val_per_class,
+                                       train_per_class=cfg.n_per_class or None, seed=cfg.split_seed,
+                                       folder=split_dir)  # generated data: its splits are not versioned
+    tr, va = splits.as_tensors(split)
+    if mean is None:  # statistics of the training images themselves (folder32, synthetic)
+        pixels = x[tr].float() / 255
+        mean, std = tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist())
+    common = dict(mean=mean, std=std, device=device, channels_last=cfg.channels_last)
+    if len(tr) < cfg.batch_size * world_size:
+        raise ValueError(f"{len(tr)} training images but a global batch of {cfg.batch_size * world_size}: "
+                         "lower batch_size or use more data")
+    train = GpuLoader(x[tr], y[tr], cfg.batch_size, train=True, seed=cfg.seed, rank=rank,
+                           world_size=world_size, **common)
+    stream = GpuLoader(x[va], y[va], min(cfg.batch_size, len(va) // world_size), train=True, pad=0, flip=False,
+                            seed=cfg.seed + 1, rank=rank, world_size=world_size, **common)
+    val = GpuLoader(x[va], y[va], cfg.eval_batch_size, train=False, **common)
+    test = GpuLoader(xt, yt, cfg.eval_batch_size, train=False, **common)
+    return DataBundle(train, stream, val, test, k, tuple(x.shape[1:]), split, tuple(mean), tuple(std))
+
+
+class HostLoader:
+    """Image-folder batches through a DataLoader, sharded across ranks like the GpuLoader."""
+
+    def __init__(self, dataset, indices, batch_size, *, train, seed, workers, device, rank, world_size,
+                 channels_last):
+        self.dataset, self.indices, self.batch_size = dataset, torch.as_tensor(indices), batch_size
+        self.train, self.seed, self.workers, self.device = train, seed, workers, device
+        self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
+
+    def __len__(self):
+        g = self.batch_size * self.world_size
+        return len(self.indices) // g if self.train else -(-len(self.indices) // g)
+
+    def _order(self, epoch):
+        if not self.train:
+            return self.indices
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return self.indices[torch.randperm(len(self.indices), generator=g)]
+
+    def batches(self, epoch, start=0):
+        order, g = self._order(epoch), self.batch_size * self.world_size
+        mine = [order[b * g + self.rank * self.batch_size: b * g + (self.rank + 1) * self.batch_size]
+                for b in range(start, len(self))]
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, torch.cat(mine).tolist()),
+                                             batch_size=self.batch_size, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda")
+        for x, y in loader:
+            x = x.to(self.device, non_blocking=True)
+            yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y.to(self.device)
+
+    def batch_at(self, epoch, b):
+        """Batch b of `epoch`; consecutive calls share one DataLoader (its workers start once per epoch)."""
+        if getattr(self, "_cursor", None) != (epoch, b):
+            self._iterator = self.batches(epoch, start=b)
+        self._cursor = (epoch, b + 1)
+        return next(self._iterator)
+
+    def __iter__(self):
+        return self.batches(0)
+
+
+def _folder_data(cfg, device, rank, world_size) -> DataBundle:
+    root = Path(cfg.data_root)
+    train_aug = image_folder(root, "train")
+    train_plain = image_folder(root, "train", train=False)
+    test = image_folder(root, "test" if (root / "test").is_dir() else "val", train=False)
+    k = len(train_aug.classes)
+    split = splits.load_or_create(train_aug.targets, dataset=f"folder-{root.name}",
+                                       val_per_class=cfg.val_per_class or 50, train_per_class=cfg.n_per_class or None,
+                                       seed=cfg.split_seed, folder=cfg.split_dir or None)
+    common = dict(seed=cfg.seed, workers=cfg.workers, device=device, channels_last=cfg.channels_last)
+    train = HostLoader(train_aug, split["train"], cfg.batch_size, train=True, rank=rank, world_size=world_size, **common)
+    stream = HostLoader(train_plain, split["val"], cfg.batch_size, train=True, rank=rank, world_size=world_size,
+                         **{**common, "seed": cfg.seed + 1})
+    val = HostLoader(train_plain, split["val"], cfg.eval_batch_size, train=False, rank=0, world_size=1, **common)
+    test_all = HostLoader(test, range(len(test)), cfg.eval_batch_size, train=False, rank=0, world_size=1, **common)
+    return DataBundle(train, stream, val, test_all, k, (3, 224, 224), split, IMAGENET_MEAN, IMAGENET_STD)
