@@ -130,9 +130,13 @@ def _folder_data(cfg, device, rank, world_size) -> DataBundle:
                                        val_per_class=cfg.val_per_class or 50, train_per_class=cfg.n_per_class or None,
                                        seed=cfg.split_seed, folder=cfg.split_dir or None)
     common = dict(seed=cfg.seed, workers=cfg.workers, device=device, channels_last=cfg.channels_last)
+    if len(split["train"]) < cfg.batch_size * world_size:
+        raise ValueError(f"{len(split['train'])} training images but a global batch of {cfg.batch_size * world_size}: "
+                         "lower batch_size or use more data")
     train = HostLoader(train_aug, split["train"], cfg.batch_size, train=True, rank=rank, world_size=world_size, **common)
-    stream = HostLoader(train_plain, split["val"], cfg.batch_size, train=True, rank=rank, world_size=world_size,
-                         **{**common, "seed": cfg.seed + 1})
+    # the weight update's held-out batches: as large as the training batch, or all the held-out images there are
+    stream = HostLoader(train_plain, split["val"], min(cfg.batch_size, len(split["val"]) // world_size), train=True,
+                        rank=rank, world_size=world_size, **{**common, "seed": cfg.seed + 1})
     val = HostLoader(train_plain, split["val"], cfg.eval_batch_size, train=False, rank=0, world_size=1, **common)
     test_all = HostLoader(test, range(len(test)), cfg.eval_batch_size, train=False, rank=0, world_size=1, **common)
     return DataBundle(train, stream, val, test_all, k, (3, 224, 224), split, IMAGENET_MEAN, IMAGENET_STD)
