@@ -365,3 +365,20 @@ def test_cli_resume_needs_out_and_takes_the_recorded_settings(fake_root, tmp_pat
     assert main(_cli(fake_root, out, epochs="1")[3:]) == 0
     # --resume with only --out: the recorded settings, not the CLI's defaults (cifar100, msdnet_cifar_anytime, ...)
     assert main(["--out", str(out), "--resume", "--no-eval"]) == 0
+
+
+def test_cli_bad_inputs_are_one_line_errors(fake_root, tmp_path, capsys):
+    from hdkdlib.train import main
+    base = ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
+            "--arch", "toy_mlp", "--epochs", "1", "--n-per-class", "24", "--val-per-class", "6", "--no-progress"]
+    cases = [(["--device", "gpu"], "unknown device 'gpu': use auto, cpu, cuda or cuda:N"),
+             (["--alpha", "5"], r"alpha must lie in [0, 1]"),
+             (["--meta-traverse", "0"], "meta_traverse must lie in (0, 1]"),
+             (["--meta-schedule", "cosine"], "unknown meta_schedule 'cosine'; valid: per_run, fixed"),
+             (["--meta-interval", "500", "--device", "cpu"], "meta_interval 500 is longer than an epoch"),
+             (["--compile", "network", "--compile-mode", "fast", "--device", "cpu", "--out", str(tmp_path / "c")],
+              "Unrecognized mode=fast")]
+    for extra, message in cases:
+        assert main(base + extra) == 2, extra
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("hdkdlib.train: error:") and message in err[0], (extra, err)
