@@ -75,7 +75,10 @@ def measure_path(model, path, x, repeats) -> dict:
                          "time_ratio": t / forward})
         rows.append({"exit": "all", "time_ratio": rows[-1]["time_ratio"]})
         probs = torch.stack([torch.softmax(z.float(), 1) for z in net(xin)]).cpu()
-        thresholds = evaluation.fit_thresholds(probs, evaluation.exit_shares(1.0, K))
+        # thresholds from other images (as from a validation split): fitted on these very probabilities, a
+        # threshold would equal a sample's confidence, and rounding in a smaller batch could flip that sample
+        calibration = torch.stack([torch.softmax(z.float(), 1) for z in net(xin.flip(0).roll(1, dims=-1))]).cpu()
+        thresholds = evaluation.fit_thresholds(calibration, evaluation.exit_shares(1.0, K))
         mixed = evaluation.early_exit_predict(net, xin, thresholds, batch_size=n, exit_flops=flops)
         t_mixed = _timed(lambda: evaluation.early_exit_predict(net, xin, thresholds, batch_size=n), device, repeats)
         simulated = evaluation.apply_thresholds(probs, torch.zeros(n, dtype=torch.long), thresholds, flops)
