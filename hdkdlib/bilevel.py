@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from .distributed import mean_over_ranks as _mean_over_ranks
 from .objectives import LEARNED, Objective, ValidationLoss, ce_terms
 
 METHODS = ("exact", "finite_difference")
@@ -111,16 +112,6 @@ def _check(model, objective, train_batch, val_batch, lr, method):
             raise ValueError(f"empty {name} batch: the hypergradient needs at least one sample")
     if lr <= 0:
         raise ValueError(f"lr must be > 0 (the unrolled step is the method; lr = 0 gives a zero hypergradient), got {lr}")
-
-
-def _mean_over_ranks(tensors):
-    """Average across DistributedDataParallel ranks (identity in a single process)."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        for t in tensors:
-            dist.all_reduce(t)
-            t.div_(dist.get_world_size())
-    return tensors
 
 
 def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_batch, val_batch, *, lr, momentum,

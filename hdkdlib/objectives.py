@@ -165,6 +165,14 @@ class LearnedWeights(Objective):
             return self.total * torch.softmax(self.gamma, dim=0)
         return F.softplus(self.gamma)
 
+    def fix_weights(self, named: Dict[str, float], source: str = "the given weights") -> None:
+        """Set the weights by term name (as `named_weights()` gives them, scale included) and stop learning them:
+        the "frozen" ablation. The names must be this objective's terms, in order."""
+        if list(named) != self.term_names:
+            raise ValueError(f"{source} has terms {list(named)}, this objective {self.term_names}")
+        self.set_weights([named[n] / self.scale for n in self.term_names])
+        self.gamma.requires_grad_(False)
+
     @torch.no_grad()
     def set_weights(self, weights: Sequence[float], min_weight: float = 1e-12) -> None:
         """Set the parameters so that weights() returns `weights` (each clamped to at least min_weight)."""

@@ -12,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import signal
 import sys
 import time
@@ -21,10 +20,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from . import bilevel, cost, data, evaluation, models, objectives, runfolder, runinfo
+from . import bilevel, cost, data, distributed, evaluation, models, objectives, runfolder, runinfo
 # The settings live in hdkdlib.config, dataset dispatch and loaders in hdkdlib.data.bundle; these names stay
 # importable from here (notebooks, older scripts).
 from .config import DATASETS, LEGACY_VALUES, RECIPES, TrainConfig, argparser, config_from_dict, stored_config
@@ -57,18 +55,6 @@ class TrainingInterrupted(RuntimeError):
     pass
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"unknown device {name!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' asked for, but no CUDA device is available: use --device cpu (or auto)")
-    return device
-
-
 # Settings that may differ when a run is resumed: where things are and how fast they run, not what is computed.
 RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "download", "data_root", "compile",
                      "compile_mode", "threads", "split_dir"}  # the split is compared by its checksum, not its path
@@ -79,16 +65,11 @@ class Trainer:
         self.cfg = cfg.validate()
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        self.rank, self.world_size = 0, 1
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            self._init_distributed()
-        self.device = _resolve_device(cfg.device)
-        if self.device.type == "cuda" and self.world_size > 1:
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(self.device)
+        self.rank, self.world_size, self.device = distributed.setup(cfg.device)
         torch.manual_seed(cfg.seed)
         self.data = data_bundle or build_data(cfg, self.device, self.rank, self.world_size)
-        self.model = models.build(cfg.arch, self.data.num_classes, **self._arch_options()).to(self.device)
+        self.model = models.build(cfg.arch, self.data.num_classes, input_shape=self.data.input_shape,
+                                  gradient_equilibrium=cfg.gradient_equilibrium).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.init_from:
@@ -135,22 +116,6 @@ class Trainer:
         return bilevel.per_run_meta_lr(math.ceil(self.cfg.epochs * steps_per_epoch / self.cfg.meta_interval),
                                        self.cfg.meta_traverse)
 
-    def _init_distributed(self):
-        backend = "nccl" if torch.cuda.is_available() and self.cfg.device != "cpu" else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend)
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-
-    def _arch_options(self) -> Dict:
-        options = {"gradient_equilibrium": self.cfg.gradient_equilibrium}
-        if self.cfg.arch == "toy_mlp":
-            options["in_features"] = math.prod(self.data.input_shape)
-        elif self.cfg.arch.startswith("msdnet") and self.data.input_shape[-1] != (224 if "imagenet" in self.cfg.arch else 32):
-            options["input_size"] = self.data.input_shape[-1]
-        elif self.cfg.arch.startswith("resnet"):
-            options["input_shape"] = self.data.input_shape
-        return options
-
     def _objective_options(self) -> Dict:
         return objective_options(self.cfg)
 
@@ -161,13 +126,7 @@ class Trainer:
             raise FileNotFoundError(f"init_from: no finished network at {path} (train the first stage there first)")
         self.model.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
         if self.cfg.train_heads_only:
-            for p in self.model.stages.parameters():
-                p.requires_grad_(False)
-            for m in self.model.heads.modules():
-                if hasattr(m, "reset_parameters") and m is not self.model.heads:
-                    m.reset_parameters()
-            if hasattr(self.model, "reset_parameters"):  # MSDNet's own initialisation rule, heads only
-                self.model.reset_parameters(self.model.heads)
+            self.model.freeze_stages_and_reset_heads()
 
     def _freeze_weights(self, path: Path) -> None:
         """Start from another run's final learned weights and keep them fixed (no bilevel update)."""
@@ -177,11 +136,7 @@ class Trainer:
             weights = json.loads(path.read_text())["weights"]
         except (OSError, KeyError, json.JSONDecodeError) as e:
             raise ValueError(f"freeze_weights_from: cannot read final weights from {path} ({e})") from e
-        if list(weights) != self.objective.term_names:
-            raise ValueError(f"freeze_weights_from: {path} has terms {list(weights)}, this objective "
-                             f"{self.objective.term_names}")
-        self.objective.set_weights([weights[n] / self.objective.scale for n in self.objective.term_names])
-        self.objective.gamma.requires_grad_(False)
+        self.objective.fix_weights(weights, source=f"freeze_weights_from: {path}")
 
     def _zero_accumulators(self):
         K = self.model.num_exits
@@ -240,8 +195,7 @@ class Trainer:
                 print(f"hdkdlib.train: nothing to resume in {f.path}: starting a new run there", file=sys.stderr)
             if not f.exists():
                 f.write_config(self._config_record())
-        if self.world_size > 1:
-            dist.barrier()  # the other ranks decide once rank 0 has checked (and perhaps reset) the folder
+        distributed.barrier()  # the other ranks decide once rank 0 has checked (and perhaps reset) the folder
         return resume and self.run_dir.resumable()
 
     # -- checkpoints
@@ -489,16 +443,14 @@ def main(argv=None) -> int:
     if resume and recorded.exists():
         # --resume continues the run with its recorded settings; options given on the command line must agree
         values = {**stored_config(recorded.config()["config"]), **given}
+    finished = False
     try:
         trainer = Trainer(config_from_dict(values))
         trainer.fit(resume=resume)
         if not no_eval and trainer.rank == 0:
             results = trainer.evaluate()
             print(" ".join(f"exit{r['exit']}={100 * r['top1']:.2f}" for r in results["anytime"]))
-        if dist.is_initialized():
-            # Leave together: a rank tearing down its gloo group while rank 0 still evaluates was seen to
-            # abort once in CI (std::terminate in the idle rank). torchrun ends the others if a rank fails.
-            dist.barrier()
+        finished = True
     except TrainingInterrupted as e:
         print(f"hdkdlib.train: {e}", file=sys.stderr)
         return 130
@@ -516,8 +468,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        distributed.teardown(wait=finished)
     return 0
 
 

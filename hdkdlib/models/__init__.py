@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import math
 from typing import Callable, Dict, List
 
 from .backbone import BackboneExits, resnet_exits
@@ -34,12 +35,24 @@ def names() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def build(name: str, num_classes: int, **options) -> MultiExitNet:
-    """Build a registered multi-exit model; options override the configuration's values."""
+def _shape_options(name: str, input_shape) -> Dict:
+    """How each family takes the shape of one input sample."""
+    if name == "toy_mlp":
+        return {"in_features": math.prod(input_shape)}
+    if name.startswith("msdnet"):
+        return {"input_size": input_shape[-1]}
+    return {"input_shape": tuple(input_shape)}
+
+
+def build(name: str, num_classes: int, *, input_shape=None, **options) -> MultiExitNet:
+    """Build a registered multi-exit model; options override the configuration's values. input_shape, one
+    sample's shape such as (3, 32, 32), sizes the network for its data (each family says how)."""
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(names())}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+    if input_shape is not None:
+        options = {**_shape_options(name, input_shape), **options}
     try:
         return _REGISTRY[name](num_classes, **options)
     except TypeError as e:  # an option the constructor does not know: suggest the nearest real one

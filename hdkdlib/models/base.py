@@ -76,6 +76,17 @@ class MultiExitNet(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Overridden by networks that accept only some input sizes."""
 
+    def freeze_stages_and_reset_heads(self) -> None:
+        """IMTA's second stage: the stages stop learning (call `self.stages.eval()` in training too, so their
+        BatchNorm statistics stay) and every head starts again from its initialisation."""
+        for p in self.stages.parameters():
+            p.requires_grad_(False)
+        for m in self.heads.modules():
+            if hasattr(m, "reset_parameters") and m is not self.heads:
+                m.reset_parameters()
+        if hasattr(self, "reset_parameters"):  # a network's own initialisation rule (MSDNet), heads only
+            self.reset_parameters(self.heads)
+
     def run_exit(self, k: int, state):
         """Stage k on `state` (the input for k = 0) and head k: returns (new state, logits). Early-exit
         inference calls it on the samples still running, indexing the state's tensors by sample."""
