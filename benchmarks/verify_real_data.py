@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from hdkdlib import evaluation, objectives, plots, runfolder, train
+from hdkdlib import config, evaluation, objectives, plots, runfolder, train
 from hdkdlib.runfolder import RunFolder
 from hdkdlib.paths import atomic_write_text
 
@@ -59,11 +59,8 @@ def variant(run: str) -> str:
 
 def configs(args) -> list:
     """One config per (method, seed); paths relative to the project root, which is the working directory."""
-    base = dict(dataset="folder32", data_root=portable(args.data_root), arch=args.arch, epochs=int(args.epochs),
-                batch_size=args.batch_size, lr=args.lr, device=args.device, val_per_class=args.val_per_class,
-                n_per_class=args.n_per_class, meta_interval=args.meta_interval, bf16=args.bf16, compile=args.compile,
-                compile_mode=args.compile_mode, progress=args.progress and args.jobs == 1,
-                split_dir=portable(args.split_dir))
+    base = dict(dataset="folder32", data_root=portable(args.data_root), epochs=int(args.epochs),
+                progress=args.progress and args.jobs == 1, split_dir=portable(args.split_dir))
     extra = args.train_options
     fixed = sorted(set(extra) & {"dataset", "data_root", "method", "seed", "out"})
     if fixed:
@@ -90,11 +87,18 @@ def epochs_within(minutes: float, throughput: dict, methods, seeds, train_images
     return int(min(max(minutes * 60 // seconds_per_epoch, bounds[0]), bounds[1]))
 
 
+def probe(args) -> train.TrainConfig:
+    """The settings every run shares (the training options given, then the recipe's values)."""
+    return train.TrainConfig(**{"dataset": "folder32", **args.train_options})
+
+
 def train_images(args) -> int:
     classes = [d for d in (Path(args.data_root) / "train").iterdir() if d.is_dir()]
-    if args.n_per_class:
-        return args.n_per_class * len(classes)
-    return sum(1 for d in classes for f in d.iterdir() if f.is_file()) - args.val_per_class * len(classes)
+    cfg = probe(args)
+    if cfg.n_per_class:
+        return cfg.n_per_class * len(classes)
+    val_per_class = cfg.val_per_class or max(1, 5000 // len(classes))  # the dataset's rule (data.bundle)
+    return sum(1 for d in classes for f in d.iterdir() if f.is_file()) - val_per_class * len(classes)
 
 
 def resolve_epochs(args) -> int:
@@ -111,7 +115,7 @@ def resolve_epochs(args) -> int:
         raise SystemExit(f"--epochs auto needs the speeds in {path}: run benchmarks/train_throughput.py first")
     n = train_images(args)
     epochs = epochs_within(args.minutes, json.loads(path.read_text()), args.methods, args.seeds, n,
-                           args.meta_interval, args.batch_size)
+                           probe(args).meta_interval, probe(args).batch_size)
     print(f"epochs auto: {epochs} ({len(args.methods)} methods x {len(args.seeds)} seeds, {n} training images, "
           f"{args.minutes} minutes at the speeds in {path})", flush=True)
     return epochs
@@ -190,28 +194,27 @@ def began(run: Path, record: dict) -> str:
 
 
 def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> list:
-    """Markdown rows: per learned-weight variant and baseline, the per-exit test top-1 difference of runs with the
+    """Markdown lines: per learned-weight variant and baseline, the per-exit test top-1 difference of runs with the
     same seed (same split and initial network), mean ± sd over the seeds both have."""
     seed = table["run"].str.rsplit("-seed", n=1).str[1].astype(int)
     top1 = (100 * table.assign(seed=seed).pivot_table(index=["variant", "seed"], columns="exit", values="top1"))
     variants = sorted(v for v in top1.index.get_level_values(0).unique() if v.split("-")[0] in objectives.LEARNED)
-    lines = []
+    rows = []
     for v in variants:
         for b in (b for b in baselines if b in top1.index.get_level_values(0)):
             seeds = sorted(set(top1.loc[v].index) & set(top1.loc[b].index))
             if not seeds:
                 continue
             d = top1.loc[v].loc[seeds] - top1.loc[b].loc[seeds]
-            d["mean"] = d.mean(axis=1)
-            if not lines:
-                lines = ["", "Paired differences of test top-1 (points), same seed = same split and initial network; "
-                             "mean ± sd over seeds:", "",
-                         "| difference | seeds | " + " | ".join(f"exit {k}" for k in exits) + " | mean over exits |",
-                         "|---|---|" + "---|" * (len(exits) + 1)]
-            cells = [f"{d[c].mean():+.2f} ± {d[c].std(ddof=1):.2f}" if len(seeds) > 1 else f"{d[c].mean():+.2f}"
-                     for c in list(exits) + ["mean"]]
-            lines.append(f"| {v} − {b} | {len(seeds)} | " + " | ".join(cells) + " |")
-    return lines
+            d["mean over exits"] = d.mean(axis=1)
+            cells = {(f"exit {c}" if c != "mean over exits" else c):
+                     (f"{d[c].mean():+.2f} ± {d[c].std(ddof=1):.2f}" if len(seeds) > 1 else f"{d[c].mean():+.2f}")
+                     for c in d.columns}
+            rows.append({"difference": f"{v} − {b}", "seeds": len(seeds), **cells})
+    if not rows:
+        return []
+    return ["", "Paired differences of test top-1 (points), same seed = same split and initial network; "
+                "mean ± sd over seeds:", "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)]
 
 
 def summarize(results: Path, epochs_full: int = 300) -> str:
@@ -231,34 +234,33 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     out = [f"## {results.name}", ""]
     if meta.get("note"):
         out += [meta["note"], ""]
+    per_exit = (acc.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if pd.notna(r["std"]) else f"{r['mean']:.2f}",
+                          axis=1).unstack("exit").rename(columns=lambda k: f"exit {k}"))
+    per_exit.insert(0, "seeds", acc["count"].groupby(level=0).first().astype(int))
+    per_exit["mean"] = acc["mean"].groupby(level=0).mean().map(lambda v: f"{v:.2f}")
     out += ["Per-exit test top-1 (%), mean ± standard deviation over seeds:", "",
-            "| run | seeds | " + " | ".join(f"exit {k}" for k in exits) + " | mean |",
-            "|---|---|" + "---|" * (len(exits) + 1)]
-    for name, group in acc.groupby(level=0):
-        cells = [f"{m:.2f} ± {s:.2f}" if pd.notna(s) else f"{m:.2f}" for m, s in zip(group["mean"], group["std"])]
-        out.append(f"| {name} | {int(group['count'].iloc[0])} | " + " | ".join(cells)
-                   + f" | {group['mean'].mean():.2f} |")
+            per_exit.rename_axis("run").reset_index().to_markdown(index=False, disable_numparse=True)]
     out += paired_differences(table, exits)
     learned = {n: r for n, r in records.items() if r["config"]["method"] in objectives.LEARNED}
     for name in sorted({variant(n) for n in learned}):
         mats = [plots.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if variant(n) == name]
-        mean = np.mean(mats, axis=0)
+        matrix = pd.DataFrame(np.mean(mats, axis=0), index=pd.Index(exits, name="exit"), columns=exits)
         out += ["", f"Final learned weights of {name} (mean over {len(mats)} seeds): row = student exit, "
                     "diagonal = its CE weight, column j > row = weight of KD from exit j:", "",
-                "| exit | " + " | ".join(str(k) for k in exits) + " |", "|---|" + "---|" * len(exits)]
-        out += [f"| {i + 1} | " + " | ".join("" if np.isnan(v) else f"{v:.3f}" for v in row) + " |"
-                for i, row in enumerate(mean)]
-    out += ["", f"Per run (epoch: median epoch wall time, training only; at once: runs that shared the device; "
-                f"{epochs_full} epochs: the epoch time {epochs_full} times):", "",
-            f"| run | device | torch | at once | epochs | epoch | train wall | {epochs_full} epochs | images/s | commit |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+                matrix.map(lambda v: "" if np.isnan(v) else f"{v:.3f}").reset_index().to_markdown(index=False, disable_numparse=True)]
+    per_run = []
     for name, r in records.items():
         rows = RunFolder(results / name).metrics()
         epoch = _median([row["epoch_seconds"] for row in rows])
-        out.append(f"| {name} | {r['device']} | {r['packages']['torch']} | {at_once.get(name, '?')} | {len(rows)} | "
-                   f"{epoch:.1f} s | "
-                   f"{sum(row['epoch_seconds'] for row in rows) / 60:.1f} min | {epoch * epochs_full / 3600:.2f} h | "
-                   f"{_median([row['images_per_s'] for row in rows]):.0f} | {began(results / name, r)} |")
+        per_run.append({"run": name, "device": r["device"], "torch": r["packages"]["torch"],
+                        "at once": at_once.get(name, "?"), "epochs": len(rows), "epoch": f"{epoch:.1f} s",
+                        "train wall": f"{sum(row['epoch_seconds'] for row in rows) / 60:.1f} min",
+                        f"{epochs_full} epochs": f"{epoch * epochs_full / 3600:.2f} h",
+                        "images/s": f"{_median([row['images_per_s'] for row in rows]):.0f}",
+                        "commit": began(results / name, r)})
+    out += ["", f"Per run (epoch: median epoch wall time, training only; at once: runs that shared the device; "
+                f"{epochs_full} epochs: the epoch time {epochs_full} times):", "",
+            pd.DataFrame(per_run).to_markdown(index=False, disable_numparse=True)]
     out += ["", "Commands:", "", "```"]
     out += [f"{inv['command']}    # {inv['started']}: {', '.join(inv['runs'])}" for inv in invocations]
     for name, r in records.items():
@@ -320,19 +322,10 @@ def main(argv=None) -> int:
     p.add_argument("--minutes", type=float, default=16.0, help="with --epochs auto: training time for all runs")
     p.add_argument("--throughput", default=str(ROOT / "benchmarks" / "train_throughput.json"),
                    help="with --epochs auto: the speeds, from benchmarks/train_throughput.py")
-    p.add_argument("--arch", default="msdnet_cifar_anytime")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--val-per-class", type=int, default=500)
-    p.add_argument("--n-per-class", type=int, default=0, help="training images per class (0: all the rest)")
-    p.add_argument("--meta-interval", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--bf16", action="store_true")
-    p.add_argument("--compile", default="", choices=["", "network", "step"])
-    p.add_argument("--compile-mode", default="default", help="reduce-overhead: CUDA graphs on a GPU")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, as separate processes")
     p.add_argument("--progress", action="store_true", help="progress bars (with --jobs 1)")
-    p.add_argument("--split-dir", default=str(ROOT / "runs" / "verify" / "splits"))
+    p.add_argument("--split-dir", default=str(ROOT / "runs" / "verify" / "splits"),
+                   help="split files of these images (derived from them: kept out of data/splits/, never committed)")
     p.add_argument("--runs", default=str(ROOT / "runs" / "verify"))
     p.add_argument("--results", default=str(RESULTS), help="results root: README.md here, runs in <results>/<name>/")
     p.add_argument("--name", default="cifar10", help="results sub-folder of this set of runs")
@@ -340,9 +333,10 @@ def main(argv=None) -> int:
     p.add_argument("--tag", default="", help="run names become <method>-<tag>-seed<k>")
     p.add_argument("--summarize-only", action="store_true")
     args, rest = p.parse_known_args(argv)
-    train_options = vars(train._parser().parse_args(rest))  # typed and checked by the training CLI's own parser
-    args.train_options = {k: v for k, v in train_options.items()
-                          if v is not None and k not in ("resume", "no_eval", "debug")}
+    # every other option is a training setting: typed, checked and explained by hdkdlib.config's parser
+    train_options = vars(config.argparser(dataset="folder32", prog="verify_real_data.py (training options)")
+                         .parse_args(rest))
+    args.train_options = {k: v for k, v in train_options.items() if v is not None}
     if args.jobs < 1:
         p.error("--jobs must be >= 1")
     if args.epochs != "auto" and not args.epochs.isdigit():

@@ -20,6 +20,11 @@ def _fake_cifar_folder(root: Path) -> Path:
     return root
 
 
+def _cells(line: str) -> list:
+    """The stripped cells of one markdown table row."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
 def test_throughput_benchmark_smoke(tmp_path):
     out = tmp_path / "tp.json"
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--device", "cpu",
@@ -63,12 +68,17 @@ def test_real_data_verification_script_parallel_equals_inline(tmp_path):
     assert tagged["config"]["temperature"] == 2.0
 
     summary = (tmp_path / "results" / "parallel" / "SUMMARY.md").read_text()
+    rows = [_cells(l) for l in summary.splitlines() if l.startswith("|") and not l.startswith("|-")]
     ce = np.array([parallel["ce-seed0"], parallel["ce-seed1"]]) * 100
-    row = next(l for l in summary.splitlines() if l.startswith("| ce | 2 |"))
-    assert row.split(" | ")[2] == f"{ce[:, 0].mean():.2f} ± {ce[:, 0].std(ddof=1):.2f}"
-    assert any(l.startswith("| hdkd-T2 | 1 |") for l in summary.splitlines())
+    row = next(r for r in rows if r[:2] == ["ce", "2"])
+    assert row[2] == f"{ce[:, 0].mean():.2f} ± {ce[:, 0].std(ddof=1):.2f}"
+    assert any(r[:2] == ["hdkd-T2", "1"] for r in rows)
+    hdkd = np.array([parallel["hdkd-seed0"], parallel["hdkd-seed1"]]) * 100
+    paired = next(r for r in rows if r[0] == "hdkd − ce")
+    diff = hdkd[:, 0] - ce[:, 0]  # the same seeds paired
+    assert paired[1] == "2" and paired[2] == f"{diff.mean():+.2f} ± {diff.std(ddof=1):.2f}"
     assert "Final learned weights of hdkd (mean over 2 seeds)" in summary and "Final learned weights of hdkd-T2" in summary
-    at_once = {l.split(" | ")[0][2:]: l.split(" | ")[3] for l in summary.splitlines() if "-seed" in l and "| cpu" in l}
+    at_once = {r[0]: r[3] for r in rows if "-seed" in r[0] and len(r) > 3 and r[1].startswith("cpu")}
     assert at_once == {"ce-seed0": "2", "ce-seed1": "2", "hdkd-seed0": "2", "hdkd-seed1": "2", "hdkd-T2-seed0": "1"}
     commands = [l for l in summary.splitlines() if l.startswith("python benchmarks/verify_real_data.py")]
     assert len(commands) == 2 and "--jobs 2" in commands[0] and "--tag T2" in commands[1]
