@@ -12,7 +12,6 @@ that no file can run code:
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import pickle
@@ -24,7 +23,7 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
-from torchvision.datasets.utils import check_integrity, download_and_extract_archive
+from torchvision.datasets.utils import calculate_md5, check_integrity, download_and_extract_archive
 
 SPECS: Dict[str, dict] = {
     "cifar10": dict(cls=CIFAR10, num_classes=10, label_key="labels", names_key="label_names",
@@ -102,11 +101,7 @@ def verify_checksums(root, name: str) -> List[str]:
 
 
 def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return calculate_md5(str(path))
 
 
 def _check_file(path: Path, official_md5: str, manifest: Dict[str, str]) -> None:
