@@ -61,7 +61,7 @@ def measure(arch, method, meta_interval, batch_size, variant, device, steps, war
     cfg = TrainConfig(arch=arch, method=method, meta_interval=meta_interval, batch_size=batch_size, device=str(device),
                       bf16=v["bf16"], channels_last=v["channels_last"], compile=v["compile"],
                       compile_mode="reduce-overhead" if v["graphs"] and v["compile"] else "default",
-                      progress=False)
+                      progress=False, threads=torch.get_num_threads())  # the variant's threads, never auto
     try:
         trainer = Trainer(cfg, data_bundle=bundle(batch_size, device, num_classes=num_classes,
                                                   channels_last=v["channels_last"]))

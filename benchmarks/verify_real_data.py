@@ -105,9 +105,9 @@ def resolve_epochs(args) -> int:
     """--epochs N, or `auto`: the epochs of runs already begun in --runs, else what fits --minutes."""
     if args.epochs != "auto":
         return int(args.epochs)
-    begun = sorted(Path(args.runs).glob("*/config.json"))
+    begun = [f for f in map(RunFolder, sorted(Path(args.runs).glob("*/"))) if f.exists()]
     if begun:
-        epochs = json.loads(begun[0].read_text())["config"]["epochs"]
+        epochs = begun[0].config()["config"]["epochs"]
         print(f"epochs auto: {epochs}, as the runs already begun in {args.runs}", flush=True)
         return epochs
     path = Path(args.throughput)
@@ -220,12 +220,12 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
 def summarize(results: Path, epochs_full: int = 300) -> str:
     """Markdown section for one results folder: per-exit test top-1 (mean and spread over seeds), learned
     weights, and per run its device, torch version, epoch time and command. Also writes anytime.png."""
-    files = sorted(results.glob("*/results.json"))
-    if not files:
+    folders = [f for f in map(RunFolder, sorted(results.glob("*/"))) if f.evaluated()]
+    if not folders:
         raise SystemExit(f"no results under {results}")
-    table = evaluation.load_results([str(p) for p in files])
+    table = evaluation.load_results([str(f.path) for f in folders])
     table["variant"] = table["run"].map(variant)
-    records = {p.parent.name: json.loads(p.read_text()) for p in files}
+    records = {f.path.name: f.results() for f in folders}
     meta = json.loads((results / "RUNS.json").read_text()) if (results / "RUNS.json").exists() else {}
     invocations = meta.get("invocations", [])
     at_once = {run: inv["jobs"] for inv in invocations for run in inv["runs"]}  # the last invocation that trained it
@@ -276,8 +276,8 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     plt.close(fig)
     for name in sorted({variant(n) for n in learned}):  # how the weights moved from their start, every seed
         runs = sorted(n for n in learned if variant(n) == name)
-        cfg = train.config_from_dict(train.stored_config(learned[runs[0]]["config"]))
-        start = objectives.build(cfg.method, len(exits), **train.objective_options(cfg)).named_weights()
+        cfg = config.config_from_dict(config.stored_config(learned[runs[0]]["config"]))
+        start = objectives.build(cfg.method, len(exits), **cfg.objective_options()).named_weights()
         axes = plots.weights_by_student([learned[n]["weights_history"] for n in runs], len(exits), initial=start,
                                         title=f"{name}: learned loss weights per epoch (epoch 0: the start), "
                                               f"{len(runs)} seed{'s' * (len(runs) > 1)}")

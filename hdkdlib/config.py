@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -92,13 +93,15 @@ class TrainConfig:
     meta_method: str = _opt("finite_difference", "hypergradient: finite_difference or exact")
     val_loss: str = _opt("balanced", "validation objective of the weight update: balanced or ce")
     alpha: float = _opt(0.5, "balanced validation loss: share of the plain CE, in [0, 1]")
-    freeze_weights_from: str = _opt("", "a results.json: its final learned weights, kept fixed (the frozen ablation)")
+    freeze_weights_from: str = _opt("", "a finished run folder (or its results.json): its final learned "
+                                              "weights, kept fixed (the frozen ablation)")
     init_from: str = _opt("", "a finished run folder: start from its final network")
     train_heads_only: bool = _opt(False, "IMTA's second stage: stages frozen, heads re-initialised and trained")
     # engine
     seed: int = _opt(0, "seed of the network initialisation and the batch order")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
-    threads: int = _opt(0, "CPU threads for torch; 0: torch's default")
+    threads: int = _opt(0, "CPU threads for torch; 0: auto (1 for small models or a busy machine, else the idle "
+                           "cores)")
     bf16: bool = _opt(False, "bf16 autocast (fast on GPUs and on CPUs with AVX-512 BF16 or AMX; emulated, slow, "
                              "elsewhere)")
     channels_last: bool = _opt(False, "channels-last memory format")
@@ -171,6 +174,24 @@ class TrainConfig:
     def lr_at(self, epoch: int) -> float:
         return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones())
 
+    def meta_lr_for(self, steps_per_epoch: int) -> float:
+        """The weight learning rate: meta_lr, or (per_run) the one that gives this run's length a set reach."""
+        if self.meta_interval > steps_per_epoch:
+            raise ValueError(f"meta_interval {self.meta_interval} is longer than an epoch ({steps_per_epoch} steps): "
+                             f"use 1..{steps_per_epoch}")
+        if self.meta_schedule == "fixed":
+            return self.meta_lr
+        return bilevel.per_run_meta_lr(math.ceil(self.epochs * steps_per_epoch / self.meta_interval), self.meta_traverse)
+
+    def objective_options(self) -> Dict:
+        """The options objectives.build gets from these settings (also: the weights a run starts from)."""
+        options = {"temperature": self.temperature} if self.temperature else {}
+        if self.method in objectives.LEARNED:
+            options.update(weight_map=self.weight_map, seed=self.seed, min_init_weight=self.min_init_weight)
+            if self.init:
+                options["init"] = self.init
+        return options
+
 
 # Settings added after runs were already made, with the value that reproduces how those runs trained: a run
 # folder whose config.json lacks one resumes with this value, not with today's default.
@@ -217,6 +238,16 @@ def argparser(dataset: str = "cifar100", recipe: str = "", prog: str = "python -
         else:
             p.add_argument(flag, type=type(value), default=None, help=help_text)
     return p
+
+
+def argparser_for(argv: List[str], **kwargs) -> argparse.ArgumentParser:
+    """argparser() showing the defaults of the --dataset and --recipe that argv gives (what that run gets)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--dataset", default="cifar100")
+    pre.add_argument("--recipe", default="")
+    known, _ = pre.parse_known_args(argv)
+    return argparser(known.dataset if known.dataset in DATASETS else "cifar100",
+                     known.recipe if known.recipe in RECIPES else "", **kwargs)
 
 
 def to_argv(cfg: TrainConfig) -> List[str]:

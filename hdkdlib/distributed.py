@@ -1,6 +1,8 @@
 """Devices and processes: which device a run uses, the process group under torchrun, and averages over ranks.
 
     rank, world_size, device = distributed.setup("auto")   # one process: (0, 1, cuda or cpu)
+    start, stop = distributed.shard(n, rank, world_size)     # this rank's block of an evaluation split
+    probs = distributed.gather_rows(local_probs, dim=1)      # the blocks again, in order: as one process
     ...
     distributed.teardown(wait=True)                          # every rank waits for the others, then leaves
 
@@ -10,6 +12,8 @@ CPUs and NCCL on GPUs, one GPU per local rank.
 from __future__ import annotations
 
 import os
+import time
+from contextlib import contextmanager
 from typing import List, Tuple
 
 import torch
@@ -70,3 +74,81 @@ def mean_over_ranks(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
             dist.all_reduce(t)
             t.div_(dist.get_world_size())
     return tensors
+
+
+def sum_over_ranks(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Sum each tensor across ranks, in place (the identity in a single process)."""
+    if active():
+        for t in tensors:
+            moved = t.to(_collective_device())
+            dist.all_reduce(moved)
+            t.copy_(moved)
+    return tensors
+
+
+def shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
+    """This rank's contiguous block [start, stop) of n items: blocks of ceil(n / world_size), the last ones
+    shorter (or empty). Consecutive blocks in rank order are the items in order, so gathering restores it."""
+    size = -(-n // world_size)
+    return min(rank * size, n), min((rank + 1) * size, n)
+
+
+def gather_rows(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """Every rank's tensor concatenated along dim in rank order; the blocks may differ in length along dim
+    (padded for the collective, trimmed after). The identity in a single process."""
+    if not active():
+        return t
+    home, t = t.device, t.to(_collective_device())
+    world = dist.get_world_size()
+    sizes = torch.zeros(world, dtype=torch.long, device=t.device)
+    sizes[dist.get_rank()] = t.shape[dim]
+    dist.all_reduce(sizes)
+    longest = int(sizes.max())
+    pad = list(t.shape)
+    pad[dim] = longest - t.shape[dim]
+    padded = torch.cat([t, t.new_zeros(pad)], dim).contiguous()
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([p.narrow(dim, 0, int(k)) for p, k in zip(parts, sizes)], dim).to(home)
+
+
+def _collective_device() -> torch.device:
+    """NCCL moves only CUDA tensors; gloo CPU ones."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+@contextmanager
+def cpu_threads(n: int):
+    """torch's CPU thread count set to n for the block, then restored (n = 0: left as it is)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+SMALL_STEP_FLOPS = 1e8  # forward FLOPs per step below which torch's operations are too small to share
+
+
+def idle_cores(seconds: float = 0.2) -> float:
+    """Cores idle over the next `seconds` (Linux /proc/stat; elsewhere: all of them)."""
+    def sample():
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return values[3] + values[4], sum(values)  # idle + iowait, total
+    try:
+        (idle0, total0), _, (idle1, total1) = sample(), time.sleep(seconds), sample()
+    except (OSError, ValueError, IndexError):
+        return float(os.cpu_count() or 1)
+    return (os.cpu_count() or 1) * (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def auto_threads(step_flops: float) -> int:
+    """CPU threads for a training run (its `threads` 0). One for a small model: its operations are too small to
+    share, and on a busy machine a second thread makes each step wait for a core. Otherwise the cores idle now,
+    at most torch's default. benchmarks/threads.py measured both (benchmarks/RESULTS.md)."""
+    if step_flops < SMALL_STEP_FLOPS:
+        return 1
+    return max(1, min(torch.get_num_threads(), round(idle_cores())))

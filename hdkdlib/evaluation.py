@@ -4,6 +4,7 @@
   budgeted     MSDNet's budgeted batch classification: thresholds fitted on validation, applied to test
   apply_thresholds   the same for thresholds a user picks
   early_exit_predict real early exit: runs exit by exit and only continues with the samples still running
+  network_results    what a run's results.json records of its network (anytime, budgeted in FLOPs and ms)
   write_results / load_results   results.json in every run folder, many runs into one pandas table
 """
 from __future__ import annotations
@@ -19,13 +20,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import cost, runinfo
+from .distributed import gather_rows, sum_over_ranks
 from .models import evaluating
 from .runfolder import RESULTS, RunFolder
 
 
 # --- predictions ----------------------------------------------------------------------------------------
 def predict(model, batches: Iterable, *, dtype=torch.float32):
-    """Softmax probabilities of every exit: ([K, N, C] on the CPU, targets [N])."""
+    """Softmax probabilities of every exit: ([K, N, C] on the CPU, targets [N]). A loader sharded across ranks
+    (`batches.sharded`) gives every rank the whole split, gathered in order: the same as one process."""
     probs, targets = [], []
     with evaluating(model):
         for x, y in batches:
@@ -33,11 +37,15 @@ def predict(model, batches: Iterable, *, dtype=torch.float32):
             targets.append(y.cpu())
     if not probs:
         raise ValueError("empty split: no batches to evaluate")
-    return torch.cat(probs, 1), torch.cat(targets)
+    probs, targets = torch.cat(probs, 1), torch.cat(targets)
+    if getattr(batches, "sharded", False):
+        probs, targets = gather_rows(probs, dim=1), gather_rows(targets)
+    return probs, targets
 
 
 def per_exit_metrics(model, batches: Iterable) -> Dict[str, List[float]]:
-    """Per-exit mean CE loss, top-1 and top-5 accuracy (fractions), streamed batch by batch."""
+    """Per-exit mean CE loss, top-1 and top-5 accuracy (fractions), streamed batch by batch (summed over ranks
+    when the loader is sharded across them)."""
     loss = top1 = top5 = None
     n = 0
     with evaluating(model):
@@ -51,6 +59,10 @@ def per_exit_metrics(model, batches: Iterable) -> Dict[str, List[float]]:
             n += len(y)
     if n == 0:
         raise ValueError("empty split: no batches to evaluate")
+    if getattr(batches, "sharded", False):
+        total = torch.tensor(n, device=loss.device)
+        loss, top1, top5, total = sum_over_ranks([loss, top1, top5, total])
+        n = int(total)
     return {"loss": (loss / n).tolist(), "top1": (top1.double() / n).tolist(), "top5": (top5.double() / n).tolist()}
 
 
@@ -203,6 +215,19 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
     if exit_flops is not None:
         out["flops"] = float(torch.tensor(list(exit_flops), dtype=torch.float64)[exits.cpu()].sum())
     return out
+
+
+def network_results(model, val, test, exit_flops: Sequence[float], input_shape, device,
+                    latency_batch: int = 256) -> Dict:
+    """The evaluation a run folder's results.json records, from predictions (probs, targets) of the held-out and
+    test splits: anytime on test; budgeted with thresholds fitted on the held-out split and applied to test, in
+    FLOPs and in time (each exit's cost measured on this device, ms per image, eager)."""
+    exit_ms = [1000 * t for t in cost.latency(model, input_shape, batch_size=latency_batch, device=device)]
+    return {"anytime": anytime(*test, exit_flops), "budgeted": budgeted(*val, *test, exit_flops),
+            "budgeted_ms": budgeted(*val, *test, exit_ms, cost_key="ms"), "exit_flops": list(exit_flops),
+            "exit_ms": exit_ms, "exit_ms_measured_on": {"device": runinfo.device_name(torch.device(device)),
+                                                        "batch_size": latency_batch, "threads": torch.get_num_threads(),
+                                                        "unit": "ms per image, eager"}}
 
 
 # --- results store ------------------------------------------------------------------------------------

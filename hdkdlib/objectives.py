@@ -94,6 +94,10 @@ class Objective(nn.Module):
     def named_weights(self) -> Dict[str, float]:
         return dict(zip(self.term_names, (self.scale * self.weights().detach()).tolist()))
 
+    def fix_weights(self, named: Dict[str, float], source: str = "the given weights") -> None:
+        raise ValueError(f"{source} needs a method with learned weights ({', '.join(LEARNED)}), not "
+                         f"{type(self).__name__}")
+
     def after_step(self, logits: Sequence[torch.Tensor]) -> None:
         """Called once per real training step (DBT anneals its temperature here)."""
 

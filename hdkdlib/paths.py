@@ -45,3 +45,16 @@ def atomic_write_text(path, text: str) -> Path:
     tmp.write_text(text)
     os.replace(tmp, path)
     return path
+
+
+def display_path(path) -> str:
+    """A path as notebooks print it, without the machine's folders: relative to the project ("runs/..."), or
+    to $HDKD_RUNS / $HDKD_DATA / $HDKD_FIGURES, or to the home folder ("~/..."); else as given."""
+    path = Path(path).resolve()
+    places = [(project_root(), "")] + [(Path(os.environ[v]).resolve(), f"${v}/") for v in
+                                       ("HDKD_RUNS", "HDKD_DATA", "HDKD_FIGURES") if os.environ.get(v)]
+    for base, prefix in sorted(places, key=lambda p: -len(str(p[0]))):  # the innermost place first
+        if path.is_relative_to(base):
+            return prefix + str(path.relative_to(base))
+    home = Path.home().resolve()
+    return "~/" + str(path.relative_to(home)) if path.is_relative_to(home) else str(path)

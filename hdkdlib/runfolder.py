@@ -21,10 +21,17 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .config import stored_config
 from .paths import atomic_write_text
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 CHECKPOINT, PREVIOUS, MODEL, LOCK = "checkpoint.pt", "checkpoint.prev.pt", "model.pt", ".lock"
+
+
+# Settings that may differ when a run is resumed: where things are and how fast they run, not what is computed.
+# Places are compared by what they hold: the split by its checksum, not its path (a moved clone resumes).
+RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "download", "data_root", "compile",
+                     "compile_mode", "threads", "split_dir"}
 
 
 class RunFolderBusy(RuntimeError):
@@ -50,6 +57,10 @@ class RunFolder:
         """Trained and evaluated: model.pt and results.json are both there."""
         return self.file(MODEL).is_file() and self.file(RESULTS).is_file()
 
+    def evaluated(self) -> bool:
+        """results.json is there (also in a copy of the run's metrics without its weights, as in results/)."""
+        return self.file(RESULTS).is_file()
+
     def trained(self) -> bool:
         return self.file(MODEL).is_file()
 
@@ -60,6 +71,45 @@ class RunFolder:
     def config(self) -> Optional[Dict]:
         """The record config.json holds (None if the run never began)."""
         return json.loads(self.file(CONFIG).read_text()) if self.exists() else None
+
+    def settings_differ(self, record: Dict) -> List[str]:
+        """Where the run here differs from a new config record ({"config": settings, "split": {"checksum"}}): every
+        setting that changes what is computed (RESUMABLE_CHANGES may differ), and the split by its checksum."""
+        here = self.config()
+        old, new = stored_config(here["config"]), record["config"]
+        differ = sorted(k for k in set(old) | set(new)
+                        if k not in RESUMABLE_CHANGES and json.dumps(old.get(k)) != json.dumps(new.get(k)))
+        old_split, new_split = here.get("split", {}).get("checksum"), record.get("split", {}).get("checksum")
+        if old_split and new_split and old_split != new_split:
+            differ.append("split (checksum)")
+        return differ
+
+    def check_settings(self, record: Dict) -> None:
+        """A ValueError naming the settings in which the run here differs from a new config record."""
+        differ = self.settings_differ(record)
+        if differ:
+            raise ValueError(f"run folder {self.path} holds a run with other settings ({', '.join(differ)}): run with "
+                             "its settings (--resume takes them from its config.json) or choose another out folder")
+
+    def begin(self, record: Dict, resume: Optional[bool], say=print) -> None:
+        """Check this folder against a new run's config record, then begin the run here. resume: True (asked to
+        continue: say so when there is nothing to continue), None (continue what is there), False (a run that
+        reached a checkpoint is an error). A folder holding other settings is an error; one whose run stopped
+        before its first checkpoint holds nothing but its config, and starts afresh in every case."""
+        if self.exists():
+            self.check_settings(record)
+            if self.resumable() and resume is False:
+                state = "a finished run (load it with train.run(cfg) or train.load_run)" if self.trained() else \
+                    "an interrupted run: continue it with the same command plus --resume (Python: train.run(cfg))"
+                raise FileExistsError(f"run folder {self.path} holds {state}, or choose another out folder")
+            if not self.resumable():
+                say(f"{self.path} holds a run that stopped before its first checkpoint: starting it again from the "
+                    "beginning")
+                self.restart()
+        elif resume is True:
+            say(f"nothing to resume in {self.path}: starting a new run there")
+        if not self.exists():
+            self.write_config(record)
 
     # --- the lock -----------------------------------------------------------------------------------------
     def acquire(self) -> None:
@@ -111,6 +161,17 @@ class RunFolder:
     def write_results(self, results: Dict) -> Path:
         return atomic_write_text(self.file(RESULTS), json.dumps(results, indent=1, default=float))
 
+    def with_history(self, results: Dict) -> Dict:
+        """An evaluation's results, completed from this folder: the code that trained is the one config.json
+        recorded when the run began (the evaluating code goes to evaluated_with), and the weights' history."""
+        began, provenance = self.config(), ("git_commit", "packages", "device")
+        results = {**results, "evaluated_with": {k: results.get(k) for k in provenance},
+                   **{k: began.get(k) for k in provenance}}
+        history = self.metrics()
+        if history:
+            results["weights_history"] = [row["weights"] for row in history]
+        return results
+
     def restart(self) -> None:
         """Forget a run that never reached its first checkpoint (it has nothing to lose but its config)."""
         if self.resumable() or self.trained():
@@ -146,3 +207,26 @@ class RunFolder:
 
     def load_model(self, device) -> Dict:
         return torch.load(self.file(MODEL), map_location=device, weights_only=True)
+
+
+def final_network(path, device) -> Dict:
+    """The state dict of a finished run's network: a run folder's model.pt, or a model.pt given directly."""
+    folder = RunFolder(path) if Path(path).is_dir() else RunFolder(Path(path).parent)
+    file = folder.file(MODEL) if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"no finished network at {file} (train that run to the end first)")
+    return torch.load(file, map_location=device, weights_only=True)
+
+
+def final_weights(path) -> Dict[str, float]:
+    """The final learned weights in a results.json (or the run folder holding one), as {term name: weight}."""
+    path = Path(path)
+    path = path / RESULTS if path.is_dir() else path
+    try:
+        weights = json.loads(path.read_text())["weights"]
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read final weights from {path} ({type(e).__name__}: {e}): give a finished run's "
+                         "results.json") from e
+    if not isinstance(weights, dict) or not all(isinstance(v, (int, float)) for v in weights.values()):
+        raise ValueError(f"{path}: 'weights' must map term names to numbers")
+    return weights

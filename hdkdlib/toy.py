@@ -6,9 +6,10 @@ import math
 from typing import Dict, List
 
 import torch
-from tqdm.auto import tqdm
+from tqdm import tqdm  # text bars: a finished bar stays a line of text (a widget bar dies with its kernel)
 
 from . import bilevel
+from .distributed import cpu_threads
 from .models import evaluating
 from .objectives import Objective
 
@@ -34,9 +35,13 @@ def accuracy(model, x, y) -> List[float]:
 
 def fit(model, objective: Objective, train, val=None, *, steps: int = 500, lr: float = 0.1, momentum: float = 0.9,
         weight_decay: float = 1e-4, meta_interval: int = 1, meta_lr: float = 0.01, meta_method: str = "finite_difference",
-        val_loss: str = "balanced", seed: int = 0, log_every: int = 10, progress: bool = True) -> Dict[str, list]:
+        val_loss: str = "balanced", seed: int = 0, log_every: int = 10, progress: bool = True,
+        threads: int = 1) -> Dict[str, list]:
     """Full-batch SGD on `train`; if the objective has learned weights, the bilevel step on `val`
-    every `meta_interval` steps. Returns the history: step, train loss, per-exit val accuracy, weights."""
+    every `meta_interval` steps. Returns the history: step, train loss, per-exit val accuracy, weights.
+
+    threads: torch's CPU threads during the fit (0: leave torch's setting). A toy model's operations are too
+    small to share: one thread is faster, and far faster on a busy machine (benchmarks/threads.py)."""
     torch.manual_seed(seed)
     learned = bool(list(objective.parameters()))
     if learned and val is None:
@@ -45,21 +50,22 @@ def fit(model, objective: Objective, train, val=None, *, steps: int = 500, lr: f
     meta = bilevel.MetaStep(model, objective, lr=meta_lr, method=meta_method, val_loss=val_loss) if learned else None
     history: Dict[str, list] = {"step": [], "loss": [], "val_accuracy": [], "weights": []}
     model.train()
-    for step in tqdm(range(1, steps + 1), desc=type(objective).__name__, disable=not progress, leave=False):
-        if meta is not None and step % meta_interval == 0:
-            loss, logits = meta.step(train, val, opt)
-        else:
-            opt.zero_grad(set_to_none=True)
-            logits = model(train[0])
-            loss = objective(logits, train[1])
-            loss.backward()
-        opt.step()
-        objective.after_step(logits)
-        if step % log_every == 0 or step == steps:
-            history["step"].append(step)
-            history["loss"].append(float(loss.detach()))
-            history["val_accuracy"].append(accuracy(model, *val) if val is not None else None)
-            history["weights"].append(objective.named_weights())
+    with cpu_threads(threads):
+        for step in tqdm(range(1, steps + 1), desc=type(objective).__name__, disable=not progress):
+            if meta is not None and step % meta_interval == 0:
+                loss, logits = meta.step(train, val, opt)
+            else:
+                opt.zero_grad(set_to_none=True)
+                logits = model(train[0])
+                loss = objective(logits, train[1])
+                loss.backward()
+            opt.step()
+            objective.after_step(logits)
+            if step % log_every == 0 or step == steps:
+                history["step"].append(step)
+                history["loss"].append(float(loss.detach()))
+                history["val_accuracy"].append(accuracy(model, *val) if val is not None else None)
+                history["weights"].append(objective.named_weights())
     return history
 
 

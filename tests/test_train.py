@@ -49,7 +49,7 @@ def test_interrupt_and_resume_is_bit_identical(fake_root, tmp_path):
     def step_then_signal(x, y):
         loss = original(x, y)
         if broken.step == stop_at:
-            broken._handle_signal(signal.SIGTERM, None)  # what the installed handler does on SIGTERM
+            broken.request_stop(signal.SIGTERM)  # what the installed handler does on SIGTERM
         return loss
 
     broken.train_step = step_then_signal
@@ -150,14 +150,17 @@ def test_results_and_config_record(fake_root, tmp_path):
     assert len(saved["weights_history"]) == 1 and res["split"]["checksum"]
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["lr"] == 0.05 and "cpu" in cfg["device"]
+    assert cfg["config"]["threads"] == 0 and cfg["threads_used"] == 1  # auto: the toy MLP trains on one thread
+    Trainer(_cfg(fake_root, "", threads=2))
+    assert torch.get_num_threads() == 2  # an explicit count is kept
 
 
 def test_two_process_ddp_equals_one_process_with_the_global_batch(fake_root, tmp_path):
     common = ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
               "--arch", "toy_mlp", "--method", "hdkd", "--n-per-class", "24", "--val-per-class", "6", "--epochs", "2",
-              "--lr", "0.05", "--meta-schedule", "fixed", "--meta-lr", "0.01", "--device", "cpu", "--no-progress", "--no-eval"]
+              "--lr", "0.05", "--meta-schedule", "fixed", "--meta-lr", "0.01", "--device", "cpu", "--no-progress"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    single = subprocess.run([sys.executable, "-m", "hdkdlib.train", *common, "--batch-size", "16",
+    single = subprocess.run([sys.executable, "-m", "hdkdlib.train", *common, "--no-eval", "--batch-size", "16",
                              "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
     assert single.returncode == 0, single.stderr[-2000:]
     double = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -170,6 +173,14 @@ def test_two_process_ddp_equals_one_process_with_the_global_batch(fake_root, tmp
     for k in a["model"]:
         torch.testing.assert_close(a["model"][k], b["model"][k], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(a["objective"]["gamma"], b["objective"]["gamma"], rtol=1e-4, atol=1e-5)
+    # the evaluation was sharded across the two ranks and gathered: it equals one process's on the same network
+    from hdkdlib.train import load_run
+    sharded = json.loads((tmp_path / "two" / "results.json").read_text())
+    whole = load_run(tmp_path / "two", device="cpu").evaluate(write=False)
+    assert [r["top1"] for r in sharded["anytime"]] == pytest.approx([r["top1"] for r in whole["anytime"]], abs=1e-9)
+    for key in ("accuracy", "flops"):
+        assert [r[key] for r in sharded["budgeted"]] == pytest.approx([r[key] for r in whole["budgeted"]], rel=1e-9)
+    assert sharded["world_size"] == 2 and len(sharded["budgeted"]) == len(whole["budgeted"]) > 0
 
 
 def test_run_reuses_a_finished_run_and_freezing_keeps_weights_fixed(fake_root, tmp_path):
@@ -341,7 +352,7 @@ def test_a_moved_run_folder_is_loaded_or_resumed_where_it_now_lives(fake_root, t
     def stop_in_epoch_2(x, y):
         loss = original(x, y)
         if half.epoch == 1:
-            half._handle_signal(signal.SIGTERM, None)
+            half.request_stop(signal.SIGTERM)
         return loss
     half.train_step = stop_in_epoch_2
     with pytest.raises(TrainingInterrupted):

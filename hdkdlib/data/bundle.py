@@ -4,7 +4,8 @@
 
 CIFAR-style data (cifar10, cifar100, folder32, synthetic) are held on the device as uint8 and augmented there
 (GpuLoader); ImageNet-style folders stream through a DataLoader (HostLoader), sharded across ranks with the
-same per-epoch seeding. The held-out validation split and any limited-data subset come from split files
+same per-epoch seeding. Under torchrun each rank evaluates its block of the validation and test splits, and
+hdkdlib.evaluation gathers the blocks. The held-out validation split and any limited-data subset come from split files
 (hdkdlib.data.splits); the test split is only ever evaluated.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Dict
 
 import torch
 
+from ..distributed import shard
 from ..paths import runs_dir
 from . import splits
 from .cifar import SPECS as CIFAR_SPECS, load as load_cifar
@@ -74,8 +76,8 @@ def build_data(cfg, device, rank: int = 0, world_size: int = 1) -> DataBundle:
                            world_size=world_size, **common)
     stream = GpuLoader(x[va], y[va], min(cfg.batch_size, len(va) // world_size), train=True, pad=0, flip=False,
                             seed=cfg.seed + 1, rank=rank, world_size=world_size, **common)
-    val = GpuLoader(x[va], y[va], cfg.eval_batch_size, train=False, **common)
-    test = GpuLoader(xt, yt, cfg.eval_batch_size, train=False, **common)
+    val = GpuLoader(x[va], y[va], cfg.eval_batch_size, train=False, rank=rank, world_size=world_size, **common)
+    test = GpuLoader(xt, yt, cfg.eval_batch_size, train=False, rank=rank, world_size=world_size, **common)
     return DataBundle(train, stream, val, test, k, tuple(x.shape[1:]), split, tuple(mean), tuple(std))
 
 
@@ -84,7 +86,14 @@ class HostLoader:
 
     def __init__(self, dataset, indices, batch_size, *, train, seed, workers, device, rank, world_size,
                  channels_last):
-        self.dataset, self.indices, self.batch_size = dataset, torch.as_tensor(indices), batch_size
+        indices = torch.as_tensor(indices)
+        self.sharded = not train and world_size > 1  # evaluation: this rank's block, gathered by evaluation
+        if self.sharded:
+            if len(indices) < world_size:
+                raise ValueError(f"{len(indices)} evaluation images cannot be shared by {world_size} processes")
+            start, stop = shard(len(indices), rank, world_size)
+            indices, rank, world_size = indices[start:stop], 0, 1
+        self.dataset, self.indices, self.batch_size = dataset, indices, batch_size
         self.train, self.seed, self.workers, self.device = train, seed, workers, device
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
 
@@ -137,6 +146,8 @@ def _folder_data(cfg, device, rank, world_size) -> DataBundle:
     # the weight update's held-out batches: as large as the training batch, or all the held-out images there are
     stream = HostLoader(train_plain, split["val"], min(cfg.batch_size, len(split["val"]) // world_size), train=True,
                         rank=rank, world_size=world_size, **{**common, "seed": cfg.seed + 1})
-    val = HostLoader(train_plain, split["val"], cfg.eval_batch_size, train=False, rank=0, world_size=1, **common)
-    test_all = HostLoader(test, range(len(test)), cfg.eval_batch_size, train=False, rank=0, world_size=1, **common)
+    val = HostLoader(train_plain, split["val"], cfg.eval_batch_size, train=False, rank=rank, world_size=world_size,
+                     **common)
+    test_all = HostLoader(test, range(len(test)), cfg.eval_batch_size, train=False, rank=rank,
+                          world_size=world_size, **common)
     return DataBundle(train, stream, val, test_all, k, (3, 224, 224), split, IMAGENET_MEAN, IMAGENET_STD)

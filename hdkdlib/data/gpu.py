@@ -11,11 +11,20 @@ from typing import Iterator, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from ..distributed import shard
+
 
 class GpuLoader:
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, batch_size: int, *, mean: Sequence[float],
                  std: Sequence[float], train: bool = True, pad: int = 4, flip: bool = True, seed: int = 0,
                  drop_last: bool = None, device=None, channels_last: bool = False, rank: int = 0, world_size: int = 1):
+        # Evaluation under torchrun: each rank takes its block of the split, and evaluation gathers the blocks
+        self.sharded = not train and world_size > 1
+        if self.sharded:
+            if len(labels) < world_size:
+                raise ValueError(f"{len(labels)} evaluation images cannot be shared by {world_size} processes")
+            start, stop = shard(len(labels), rank, world_size)
+            images, labels, rank, world_size = images[start:stop], labels[start:stop], 0, 1
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
         if len(images) != len(labels) or len(images) == 0:
@@ -32,7 +41,7 @@ class GpuLoader:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.channels_last = channels_last
-        # Distributed: every rank draws the same epoch plan and takes its slice of each global batch,
+        # Distributed training: every rank draws the same epoch plan and takes its slice of each global batch,
         # so W ranks with batch B see exactly what one process with batch W*B sees.
         self.rank, self.world_size = rank, world_size
         self.epoch = 0

@@ -1,0 +1,64 @@
+"""hdkdlib.runfolder on its own: beginning a run in a folder, and the readers other runs' files go through."""
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from hdkdlib import runfolder
+from hdkdlib.config import TrainConfig
+from hdkdlib.runfolder import RunFolder
+
+
+def _record(**settings):
+    cfg = TrainConfig(dataset="synthetic", arch="toy_mlp", **settings).validate()
+    return {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "split": {"checksum": "abc"}}
+
+
+def test_begin_with_resume_true_none_false(tmp_path):
+    said = []
+    folder = RunFolder(tmp_path / "run")
+    folder.begin(_record(), resume=None, say=said.append)  # a new folder: begun without a word
+    assert folder.exists() and said == []
+    RunFolder(tmp_path / "new").begin(_record(), resume=True, say=said.append)
+    assert said == [f"nothing to resume in {tmp_path / 'new'}: starting a new run there"]
+
+    folder.save_checkpoint({"epoch": 0, "batch": 3})
+    with pytest.raises(FileExistsError, match="an interrupted run: continue it with the same command plus --resume"):
+        folder.begin(_record(), resume=False)
+    folder.begin(_record(), resume=None)  # continue what is there
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        folder.begin(_record(lr=0.2), resume=True)
+    folder.begin(_record(out="elsewhere", threads=1, split_dir="moved"), resume=True)  # places and speed may change
+    other_split = {**_record(), "split": {"checksum": "def"}}
+    with pytest.raises(ValueError, match=r"split \(checksum\)"):
+        folder.begin(other_split, resume=True)
+
+
+def test_a_folder_that_never_reached_a_checkpoint_starts_again(tmp_path):
+    said = []
+    folder = RunFolder(tmp_path / "run")
+    folder.begin(_record(), resume=None)
+    folder.append_metrics({"epoch": 1, "weights": {}})
+    folder.begin(_record(), resume=False, say=said.append)
+    assert "stopped before its first checkpoint" in said[0] and folder.metrics() == [] and folder.exists()
+
+
+def test_final_weights_and_network_readers(tmp_path):
+    folder = RunFolder(tmp_path / "done")
+    folder.begin(_record(), resume=None)
+    folder.write_results({"weights": {"ce1": 0.5, "kd2->1": 0.25}})
+    assert runfolder.final_weights(folder.path) == runfolder.final_weights(folder.file(runfolder.RESULTS)) \
+        == {"ce1": 0.5, "kd2->1": 0.25}
+    assert folder.evaluated() and not folder.trained()
+    folder.file(runfolder.RESULTS).write_text('{"weights": {"ce1": "x"}}')
+    with pytest.raises(ValueError, match="'weights' must map term names to numbers"):
+        runfolder.final_weights(folder.path)
+    folder.file(runfolder.RESULTS).write_text("{not json")
+    with pytest.raises(ValueError, match=r"cannot read final weights from .*results\.json \(JSONDecodeError"):
+        runfolder.final_weights(folder.path)
+    with pytest.raises(FileNotFoundError, match="no finished network at .*model.pt"):
+        runfolder.final_network(folder.path, "cpu")
+    folder.save_model({"w": torch.ones(2)})
+    assert torch.equal(runfolder.final_network(folder.path, "cpu")["w"], torch.ones(2))
+    assert torch.equal(runfolder.final_network(folder.file(runfolder.MODEL), "cpu")["w"], torch.ones(2))
