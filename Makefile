@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 NOTEBOOK_OUT ?= runs/notebooks
 
-.PHONY: env run test notebooks strip clean-runs
+.PHONY: env run test test-browser notebooks strip clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,7 +28,13 @@ run: $(STAMP)
 
 # Tests: the unit tests and every notebook under nbval (stored outputs compared where kept).
 test: $(STAMP)
-	$(PY) -m pytest --nbval --nbval-current-env tests notebooks
+	$(PY) -m pytest --nbval --nbval-current-env tests notebooks --ignore=tests/browser
+
+# Notebook 06 in JupyterLab and headless Chromium (needs `apt-get install chromium chromium-driver`);
+# screenshots in runs/browser/. Not part of `make test`: CI machines have no browser.
+test-browser: $(STAMP)
+	$(PY) -m pip install -q -e ".[dev,browser]"
+	$(PY) -m pytest -p no:cacheprovider tests/browser
 
 # Strip volatile outputs and widget state before committing a notebook you edited. Execution counts
 # stay (nbval needs them on the cells whose outputs are kept: metadata keep_output).

@@ -162,9 +162,32 @@ def test_threshold_explorer_updates_with_the_sliders(trained_toy):
     result = box.result()
     assert result["exit_fractions"][-1] == pytest.approx(1.0)
     assert f"{100 * result['accuracy']:.2f}%" in box.children[-2].value
+    picture = box.children[-1].value
     sliders[0].value = 0.0  # everybody leaves at exit 1
     assert box.result()["exit_fractions"][0] == pytest.approx(1.0)
     assert "leaving per exit: 100%" in box.children[-2].value
+    assert box.children[-1].value != picture and box.children[-1].value[:4] == b"\x89PNG"  # the histogram too
+
+
+def test_static_copy_shows_the_state_as_image_and_text_and_the_live_widget_hides_it():
+    import base64
+    import re
+
+    from hdkdlib import widgets
+    probs = torch.softmax(torch.randn(3, 40, 4, generator=torch.Generator().manual_seed(0)) * 3, 2)
+    targets = torch.arange(40) % 4
+    flops = [2.0e3, 4.0e3, 8.0e3]
+    thresholds = [0.7, 0.9, float("-inf")]
+    result = E.apply_thresholds(probs, targets, thresholds, flops)
+    bundle = widgets.static_copy(result, flops, thresholds)
+    page = bundle["text/html"]
+    png = re.search(r'<img src="data:image/png;base64,([^"]+)"', page).group(1)
+    assert base64.b64decode(png)[:4] == b"\x89PNG"
+    assert widgets.summary(result, flops) in bundle["text/plain"] and "thresholds 0.70, 0.90" in bundle["text/plain"]
+    assert f"accuracy {100 * result['accuracy']:.2f}%" in page and "kFLOPs" in page  # a cost of thousands: kFLOPs
+    assert widgets.RUN_THE_CELLS in page and f'class="{widgets.STATIC_CLASS}"' in page
+    box = widgets.threshold_explorer(probs, targets, flops, thresholds=thresholds, show=False)
+    assert f".{widgets.STATIC_CLASS} {{display: none}}" in box.children[0].value  # only while the widget renders
 
 
 def _msdnet_with_statistics(seed=0):

@@ -106,3 +106,70 @@ def test_bad_parameters_stop_at_the_check_cell(tmp_path, name, parameter, value,
     failed = [i for i, c in enumerate(cells) if any(o.get("output_type") == "error" for o in c.get("outputs", []))]
     tagged = [i for i, c in enumerate(cells) if "injected-parameters" in c["metadata"].get("tags", [])]
     assert failed == [tagged[0] + 1]  # the first cell after the parameters: nothing ran before the check
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    """Notebooks 01, 03 and 06 executed by papermill as `make run` does (quick parameters where they exist)."""
+    tmp = tmp_path_factory.mktemp("executed")
+    env = {**os.environ, "HDKD_RUNS": str(tmp / "runs"), "HDKD_FIGURES": str(tmp / "figures")}
+    out = {}
+    for name, params in (("01_toy_dense_kd.ipynb", ["-p", "steps", "100"]), ("03_cifar100.ipynb", []),
+                         ("06_exit_thresholds.ipynb", ["-p", "steps", "200"])):
+        out[name] = tmp / name
+        result = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / name), str(out[name]),
+                                 "--cwd", str(ROOT / "notebooks"), *params], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def test_executed_notebooks_hold_no_machine_paths_or_echoed_values(executed):
+    """No output names a folder of this machine (the checkout, the runs folder, the home folder) or echoes a
+    return value such as the paths plots.save returns."""
+    machine = [str(ROOT), str(Path.home()), str(next(iter(executed.values())).parent)]
+    for name, path in executed.items():
+        for i, cell in enumerate(json.loads(path.read_text())["cells"]):
+            for output in cell.get("outputs", []):
+                text = json.dumps({k: v for k, v in output.get("data", {}).items() if not k.startswith("image/")}) \
+                    + "".join(output.get("text", ""))
+                assert "PosixPath(" not in text, f"{name} cell {i} echoes a path: {text[:200]}"
+                for folder in machine:
+                    assert folder not in text, f"{name} cell {i} names the machine folder {folder}: {text[:300]}"
+
+
+def test_notebook_06_as_static_html_shows_the_explorer_state(executed, tmp_path):
+    """nbconvert's HTML of the executed notebook, read without running any script (GitHub, an e-mailed report):
+    the explorer's histogram is an <img> and its numbers are text, beside the note saying to run the cells."""
+    import html.parser
+    import re
+
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--output-dir", str(tmp_path),
+                    str(executed["06_exit_thresholds.ipynb"])], check=True, capture_output=True)
+    page = (tmp_path / "06_exit_thresholds.html").read_text()
+
+    class Visible(html.parser.HTMLParser):  # what a browser shows with scripts off: everything outside <script>
+        def __init__(self):
+            super().__init__()
+            self.depth, self.images, self.text, self.in_copy = 0, [], [], 0
+
+        def handle_starttag(self, tag, attrs):
+            attrs = dict(attrs)
+            self.depth += tag == "script"
+            if self.depth == 0 and "hdkd-static-copy" in (attrs.get("class") or ""):
+                self.in_copy += 1
+            if self.depth == 0 and self.in_copy and tag == "img":
+                self.images.append(attrs.get("src", ""))
+
+        def handle_endtag(self, tag):
+            self.depth -= tag == "script"
+
+        def handle_data(self, data):
+            if self.depth == 0 and self.in_copy:
+                self.text.append(data)
+
+    seen = Visible()
+    seen.feed(page)
+    assert seen.images and seen.images[0].startswith("data:image/png;base64,")
+    text = " ".join(seen.text)
+    assert re.search(r"accuracy \d+\.\d\d% \| mean cost [\d.]+ k?FLOPs", text), text[:300]
+    assert "run the notebook's cells to use the sliders" in text

@@ -44,9 +44,11 @@ def kernel():
 
 def test_slider_update_from_the_frontend_updates_the_summary(kernel):
     kernel.execute(CODE)
-    states = {}  # the latest state of every widget model, as a frontend would hold it
+    states, displays = {}, []  # the latest state of every widget model, as a frontend would hold it
     for m in _drain(kernel):
-        if m["msg_type"] == "comm_open":
+        if m["msg_type"] == "display_data":
+            displays.append(m["content"]["data"])
+        elif m["msg_type"] == "comm_open":
             states[m["content"]["comm_id"]] = dict(m["content"]["data"]["state"])
         elif m["msg_type"] == "comm_msg" and m["content"]["data"].get("method") == "update":
             states[m["content"]["comm_id"]].update(m["content"]["data"]["state"])
@@ -54,11 +56,18 @@ def test_slider_update_from_the_frontend_updates_the_summary(kernel):
     labels = [cid for cid, s in states.items() if "accuracy" in str(s.get("value", ""))]
     assert len(sliders) == 2 and len(labels) == 1
     assert "leaving per exit: 0% 0% 100%" in states[labels[0]]["value"]  # thresholds 1.0: all reach the end
+    # two outputs: the widget, then its static copy (image and the same line) for readers without a kernel
+    assert len(displays) == 2 and "application/vnd.jupyter.widget-view+json" in displays[0]
+    assert "<img src=\"data:image/png;base64," in displays[1]["text/html"]
+    assert "leaving per exit: 0% 0% 100%" in displays[1]["text/plain"]
+    images = [cid for cid, s in states.items() if s.get("_model_name") == "ImageModel"]
+    assert len(images) == 1
 
     msg = kernel.session.msg("comm_msg", {"comm_id": sliders[0],
                                           "data": {"method": "update", "state": {"value": 0.0}, "buffer_paths": []}})
     kernel.shell_channel.send(msg)
-    updates = [m for m in _drain(kernel, timeout=30) if m["msg_type"] == "comm_msg"
-               and m["content"]["comm_id"] == labels[0]]
+    replies = [m for m in _drain(kernel, timeout=30) if m["msg_type"] == "comm_msg"]
+    updates = [m for m in replies if m["content"]["comm_id"] == labels[0]]
     assert updates, "the summary label did not update"
     assert "leaving per exit: 100% 0% 0%" in updates[-1]["content"]["data"]["state"]["value"]
+    assert any(m["content"]["comm_id"] == images[0] for m in replies), "the histogram image did not update"
