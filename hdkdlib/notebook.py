@@ -49,6 +49,18 @@ def check_parameters(namespace: Dict[str, Any], choices: Dict[str, tuple] | None
     return params
 
 
+def use_idle_cores() -> int:
+    """Set torch's CPU threads to the cores idle now (at least 1, at most torch's default) and return the count.
+    On a busy machine every thread beyond the idle cores makes each operation wait for a core: 2-5x slower
+    steps were measured on 2 cores (benchmarks/RESULTS.md). Training runs choose again when they start."""
+    import torch
+
+    from .distributed import idle_cores
+    threads = max(1, min(torch.get_num_threads(), round(idle_cores())))
+    torch.set_num_threads(threads)
+    return threads
+
+
 QUICK_EPOCHS = 5  # with data_root "auto", runs shorter than this are quick demos on small fake data
 
 

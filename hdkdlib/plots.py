@@ -55,7 +55,8 @@ def weight_trajectories(history: Dict[str, list], ax=None, top: int | None = Non
                 ls="-" if name.startswith("ce") else "--")
     ax.set_xlabel("step")
     ax.set_ylabel("weight")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=1 + len(frame.columns) // 12, loc="center left", bbox_to_anchor=(1.01, 0.5),
+              frameon=False)  # beside the plot, never over the curves
     return ax
 
 
@@ -173,5 +174,6 @@ def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exit
     for ax in axes[:num_exits]:
         ax.set_xlabel("epoch")
         ax.set_ylabel("weight")
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
     axes[0].figure.tight_layout()
     return axes

@@ -173,3 +173,26 @@ def test_notebook_06_as_static_html_shows_the_explorer_state(executed, tmp_path)
     text = " ".join(seen.text)
     assert re.search(r"accuracy \d+\.\d\d% \| mean cost [\d.]+ k?FLOPs", text), text[:300]
     assert "run the notebook's cells to use the sliders" in text
+
+
+def test_use_idle_cores_sets_torch_threads_to_the_idle_cores(monkeypatch):
+    import torch
+
+    from hdkdlib import distributed, notebook
+    before = torch.get_num_threads()
+    try:
+        with distributed.cpu_threads(2):
+            monkeypatch.setattr(distributed, "idle_cores", lambda seconds=0.2: 0.7)  # one core busy of two
+            assert notebook.use_idle_cores() == 1 and torch.get_num_threads() == 1
+            torch.set_num_threads(2)
+            monkeypatch.setattr(distributed, "idle_cores", lambda seconds=0.2: 6.0)  # never above torch's default
+            assert notebook.use_idle_cores() == 2 and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_notebook_picks_its_threads_after_the_check(path):
+    nb = nbformat.read(path, as_version=4)
+    tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])][0]
+    assert "\nuse_idle_cores()" in nb.cells[tagged + 1].source

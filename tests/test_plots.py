@@ -1,0 +1,50 @@
+"""Figures a reader can read: no legend over the data, whole-number epochs, few ticks with the cost's unit."""
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pytest  # noqa: E402
+
+from hdkdlib import cost, plots  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close():
+    yield
+    plt.close("all")
+
+
+def _extent(artist, fig):
+    fig.canvas.draw()
+    return artist.get_window_extent(fig.canvas.get_renderer())
+
+
+def test_weight_trajectories_legend_sits_beside_the_curves():
+    names = ["ce1", "ce2", "ce3", "ce4", "kd1<-2", "kd1<-3", "kd1<-4", "kd2<-3", "kd2<-4", "kd3<-4"]
+    history = {"step": [10, 20, 30], "weights": [{n: 0.1 * (i + 1) * s for i, n in enumerate(names)} for s in (1, 2, 3)]}
+    fig, ax = plt.subplots(figsize=(5, 3))
+    plots.weight_trajectories(history, ax=ax)
+    legend, axes = _extent(ax.get_legend(), fig), _extent(ax, fig)
+    assert legend.x0 >= axes.x1  # right of the plotting area: it covers no curve
+
+
+def test_weights_by_student_epochs_are_whole_numbers():
+    initial = {"ce1": 0.5, "ce2": 0.5, "kd1<-2": 0.5}
+    axes = plots.weights_by_student([[{"ce1": 0.6, "ce2": 0.4, "kd1<-2": 0.3}]], 2, initial=initial)
+    fig = axes[0].figure
+    fig.canvas.draw()
+    ticks = [t for t in axes[0].get_xticks() if axes[0].get_xlim()[0] <= t <= axes[0].get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+@pytest.mark.parametrize("flops", [[497.0, 1.4e3, 3.8e3], [15.1e6, 40e6, 75.9e6], [0.34e9, 1.36e9, 2.9e9]])
+def test_budgeted_curve_ticks_are_few_and_in_the_unit_of_the_cost(flops):
+    rows = [{"p": p, "accuracy": 0.5 + 0.1 * i, "flops": f} for i, (p, f) in enumerate(zip((0.1, 1.0, 1.9), flops))]
+    fig, ax = plt.subplots(figsize=(4, 3))
+    plots.budgeted_curves({"hdkd": rows}, ax=ax)
+    fig.canvas.draw()
+    _, prefix = cost.si_scale(max(flops))
+    assert f"average {prefix}FLOPs per test image" == ax.get_xlabel()
+    low, high = ax.get_xlim()
+    labels = [t.get_text() for t, x in zip(ax.get_xticklabels(), ax.get_xticks()) if low <= x <= high]
+    assert 2 <= len(labels) <= 7 and all(len(label) <= 5 for label in labels)  # readable, not 0.00050.0010...
