@@ -335,10 +335,11 @@ def main(argv=None) -> int:
             raise
         message = str(e)  # raised in a DataLoader worker: keep the original error's line
         message = message.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in message else message
-        kept = recorded is not None and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError))
-        say(f"error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{message}" + (
-            f" (the last good checkpoint in {recorded.path} is kept: continue with the same command plus --resume)"
-            if kept else ""))
+        if isinstance(e, PermissionError):
+            message += " (the file system refused: choose an --out, --data-root or --split-dir you may use)"
+        elif recorded and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError)):
+            message += f" (the last good checkpoint in {recorded.path} is kept: continue with the same command plus --resume)"
+        say(f"error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{message}")
         return 2
     finally:
         distributed.teardown(wait=finished)

@@ -393,3 +393,26 @@ def test_cli_bad_inputs_are_one_line_errors(fake_root, tmp_path, capsys):
         assert main(base + extra) == 2, extra
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("hdkdlib.train: error:") and message in err[0], (extra, err)
+
+
+def test_cli_out_folder_that_cannot_be_written_is_a_one_line_error(fake_root, tmp_path, capsys, monkeypatch):
+    """A read-only --out: one line naming the folder and what to do; nothing is trained or written."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    if os.geteuid() == 0:  # root writes anywhere: let the file system refuse as it does for everyone else
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if str(self).startswith(str(read_only)):
+                raise PermissionError(13, "Permission denied", str(self))
+            return real_mkdir(self, *args, **kwargs)
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+    out = read_only / "run"
+    code = main(["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
+                 "--arch", "toy_mlp", "--epochs", "1", "--n-per-class", "24", "--val-per-class", "6", "--device", "cpu",
+                 "--no-progress", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("hdkdlib.train: error: PermissionError:") and str(out) in err[0]
+    assert "choose an --out" in err[0] and not out.exists()
