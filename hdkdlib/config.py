@@ -68,7 +68,8 @@ class TrainConfig:
     method: str = _opt("hdkd", "objective: " + ", ".join(objectives.names()))
     temperature: float = _opt(0.0, "KD temperature; 0: the objective's own default")
     init: str = _opt("", "learned-weight initialisation (dbt, ds, uniform, random); '': the objective's default")
-    weight_map: str = _opt("softmax", "learned weights: softmax (w = total * softmax(gamma)) or softplus")
+    weight_map: str = _opt("softmax", "learned weights: softmax (w = total * softmax(gamma)), softplus (free "
+                                         "total) or softplus_total (softplus normalised to the initial total)")
     gradient_equilibrium: bool = _opt(False, "IMTA's gradient equilibrium")
     # optimisation
     epochs: Optional[int] = _opt(None, "training epochs (recipe)")

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHT_MAPS = ("softmax", "softplus")
+WEIGHT_MAPS = ("softmax", "softplus", "softplus_total")
 INITS = ("dbt", "ds", "uniform", "random")
 
 
@@ -151,8 +151,10 @@ class FixedWeights(Objective):
 
 
 class LearnedWeights(Objective):
-    """w = total * softmax(gamma) (default: the weights redistribute a fixed total, which the
-    initialisation sets) or w = softplus(gamma). Both keep every weight positive and let it approach 0."""
+    """w = total * softmax(gamma) (default: the weights redistribute a fixed total, which the initialisation
+    sets), w = softplus(gamma) (free: the total may grow), or w = total * softplus(gamma) / sum(softplus(gamma))
+    ("softplus_total": a fixed total without softmax's exponential competition; Adam's steps in gamma change a
+    large weight by a shrinking fraction). All keep every weight positive and let it approach 0."""
 
     def __init__(self, num_exits, term_names, init_weights: Sequence[float], *, weight_map: str = "softmax",
                  min_init_weight: float = 1e-3, scale: float = 1.0):
@@ -167,7 +169,8 @@ class LearnedWeights(Objective):
     def weights(self):
         if self.weight_map == "softmax":
             return self.total * torch.softmax(self.gamma, dim=0)
-        return F.softplus(self.gamma)
+        w = F.softplus(self.gamma)
+        return self.total * w / w.sum() if self.weight_map == "softplus_total" else w
 
     def fix_weights(self, named: Dict[str, float], source: str = "the given weights") -> None:
         """Set the weights by term name (as `named_weights()` gives them, scale included) and stop learning them:
@@ -183,10 +186,10 @@ class LearnedWeights(Objective):
         w = torch.tensor(list(weights), dtype=torch.float64).clamp_min(min_weight)
         if len(w) != len(self.gamma):
             raise ValueError(f"{len(w)} weights for {len(self.gamma)} terms ({', '.join(self.term_names)})")
+        self.total.fill_(float(w.sum()))
         if self.weight_map == "softmax":
-            self.total.fill_(float(w.sum()))
             self.gamma.copy_(w.log().to(self.gamma.dtype))
-        else:
+        else:  # softplus(gamma) = w: as it is, or normalised to the total it already has
             self.gamma.copy_(torch.log(torch.expm1(w)).to(self.gamma.dtype))
 
 

@@ -134,6 +134,19 @@ def test_learned_weight_initialisations():
         O.build("hdkd", K, init="zeros")
 
 
+def test_softplus_total_keeps_the_initial_total_and_round_trips():
+    obj = O.build("hdkd", 4, weight_map="softplus_total")  # dbt init: CE 0.5, KD from the last 0.5, others 1e-3
+    start = obj.weights().detach().clone()
+    assert float(start.sum()) == pytest.approx(4 * 0.5 + 3 * 0.5 + 3 * 1e-3, rel=1e-6)
+    torch.testing.assert_close(start, O.build("hdkd", 4, weight_map="softplus").weights().detach())
+    with torch.no_grad():
+        obj.gamma.add_(torch.linspace(-3, 3, len(obj.gamma)))  # any parameters: the same total, shares moved
+    assert float(obj.weights().sum()) == pytest.approx(float(start.sum()), rel=1e-6)
+    assert not torch.allclose(obj.weights(), start)
+    obj.set_weights([1.0, 2.0, 3.0, 4.0, 0.5, 0.5, 0.5, 0.5, 0.5, 0.5])  # a new total, kept from then on
+    torch.testing.assert_close(obj.weights(), torch.tensor([1.0, 2, 3, 4, .5, .5, .5, .5, .5, .5]))
+
+
 def test_weights_stay_positive_under_any_parameters():
     for wmap in O.WEIGHT_MAPS:
         obj = O.build("hdkd", 3, weight_map=wmap)

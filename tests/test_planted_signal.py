@@ -54,7 +54,7 @@ def _train(init_weights, weight_map, seed=0, steps=STEPS):
     return torch.stack(history)
 
 
-@pytest.mark.parametrize("weight_map", ["softmax", "softplus"])
+@pytest.mark.parametrize("weight_map", ["softmax", "softplus", "softplus_total"])
 def test_a_term_that_hurts_validation_loses_weight(weight_map):
     """Both terms start at weight 1: the wrong-label term must end at most a fifth of the true-label term
     (margin: a 5x fall of their ratio from 1), and be falling already in the first third of the run."""
@@ -64,7 +64,7 @@ def test_a_term_that_hurts_validation_loses_weight(weight_map):
     assert ratio[STEPS // 3] < 0.8, ratio[STEPS // 3]
 
 
-@pytest.mark.parametrize("weight_map", ["softmax", "softplus"])
+@pytest.mark.parametrize("weight_map", ["softmax", "softplus", "softplus_total"])
 def test_a_term_that_helps_validation_wakes_up_from_the_floor(weight_map):
     """The true-label term starts at the 1e-3 floor beside the wrong-label term at 1 (the situation of HDKD's
     dense KD terms under the DBT-like start): it must rise at least 100-fold and overtake the wrong one."""
