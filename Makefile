@@ -36,10 +36,11 @@ test-browser: $(STAMP)
 	$(PY) -m pip install -q -e ".[dev,browser]"
 	$(PY) -m pytest -p no:cacheprovider tests/browser
 
-# Strip volatile outputs and widget state before committing a notebook you edited. Execution counts
-# stay (nbval needs them on the cells whose outputs are kept: metadata keep_output).
+# Strip volatile outputs and widget state before committing a notebook you edited. Execution counts stay
+# only on the cells whose outputs are kept (metadata keep_output): nbval needs them there.
 strip: $(STAMP)
 	$(VENV)/bin/nbstripout --keep-count notebooks/*.ipynb
+	$(PY) -c "import sys; from hdkdlib.notebook import clear_counts_without_outputs as c; [c(p) for p in sys.argv[1:]]" notebooks/*.ipynb
 
 clean-runs:
 	rm -rf $(NOTEBOOK_OUT)

@@ -96,3 +96,18 @@ def resolve_data(dataset: str, data_root: str, epochs: int, n_per_class: int = -
     settings.update(data_root=str(root), split_dir=str(root / "splits"), val_per_class=val,
                     n_per_class=per_class if n_per_class < 0 else n_per_class)
     return settings
+
+
+def clear_counts_without_outputs(path) -> bool:
+    """Remove the execution count ([1]:, [2]: ...) of every code cell that keeps no output, so an unrun notebook
+    shows no numbers; cells whose outputs are kept (nbval compares them) keep theirs, which nbval requires.
+    Returns whether the file changed (`make strip` runs it after nbstripout --keep-count)."""
+    import nbformat
+    nb = nbformat.read(str(path), as_version=4)
+    changed = False
+    for cell in nb.cells:
+        if cell.cell_type == "code" and not cell.outputs and cell.execution_count is not None:
+            cell.execution_count, changed = None, True
+    if changed:
+        nbformat.write(nb, str(path))
+    return changed

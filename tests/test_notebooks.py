@@ -30,6 +30,9 @@ def test_notebook_is_stripped(path):
                             capture_output=True, text=True)
     assert result.returncode == 0, f"{path.name} carries outputs or metadata nbstripout would strip: run `make strip`"
     assert "application/vnd.jupyter.widget-state+json" not in path.read_text()
+    counted = [i for i, c in enumerate(nbformat.read(path, as_version=4).cells)
+               if c.cell_type == "code" and not c.outputs and c.execution_count is not None]
+    assert not counted, f"{path.name}: unrun cells {counted} show execution counts: run `make strip`"
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
