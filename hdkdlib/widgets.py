@@ -53,8 +53,9 @@ def static_copy(result: Dict, exit_flops: Sequence[float], thresholds: Sequence[
     line = summary(result, exit_flops)
     shown = ", ".join(f"{t:.2f}" for t in thresholds[:-1])
     png = base64.b64encode(histogram_png(result["exit_fractions"])).decode("ascii")
+    text, note = html.escape(line, quote=False), html.escape(RUN_THE_CELLS, quote=False)
     page = (f'<div class="{STATIC_CLASS}"><img src="data:image/png;base64,{png}" alt="share of samples per exit"/>'
-            f"<p><b>{html.escape(line, quote=False)}</b> (thresholds {shown})<br/><i>{html.escape(RUN_THE_CELLS, quote=False)}</i></p></div>")
+            f"<p><b>{text}</b> (thresholds {shown})<br/><i>{note}</i></p></div>")
     return {"text/html": page, "text/plain": f"{line} (thresholds {shown})\n{RUN_THE_CELLS}"}
 
 

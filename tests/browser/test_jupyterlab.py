@@ -54,7 +54,8 @@ def lab(tmp_path_factory):
     log = open(root / "jupyterlab.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
                                f"--port={port}", "--IdentityProvider.token=", "--ServerApp.password=",
-                               f"--ServerApp.root_dir={root}", "--LabApp.news_url=", "--ServerApp.disable_check_xsrf=True",
+                               f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
+                               "--ServerApp.disable_check_xsrf=True",  # the test deletes the kernel session over REST
                                *(["--allow-root"] if os.geteuid() == 0 else [])],
                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
@@ -94,8 +95,8 @@ def browser(request):
 
 def _menu(driver, top: str, item: str):
     wait = WebDriverWait(driver, 30)
-    wait.until(EC.element_to_be_clickable((By.XPATH, f"//li[contains(@class,'lm-MenuBar-item')][.//div[text()='{top}']]"))).click()
-    wait.until(EC.element_to_be_clickable((By.XPATH, f"//li[contains(@class,'lm-Menu-item')][.//div[text()='{item}']]"))).click()
+    for kind, label in (("lm-MenuBar-item", top), ("lm-Menu-item", item)):
+        wait.until(EC.element_to_be_clickable((By.XPATH, f"//li[contains(@class,'{kind}')][.//div[text()='{label}']]"))).click()
 
 
 def _accept_dialogs(driver, seconds: float = 5.0):
