@@ -70,8 +70,7 @@ def teardown(wait: bool) -> None:
 def mean_over_ranks(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
     """Average each tensor across ranks, in place (the identity in a single process)."""
     if active():
-        for t in tensors:
-            dist.all_reduce(t)
+        for t in sum_over_ranks(tensors):
             t.div_(dist.get_world_size())
     return tensors
 
@@ -80,9 +79,10 @@ def sum_over_ranks(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
     """Sum each tensor across ranks, in place (the identity in a single process)."""
     if active():
         for t in tensors:
-            moved = t.to(_collective_device())
+            moved = t.to(_collective_device())  # t itself when it already lives there (no copy on the hot path)
             dist.all_reduce(moved)
-            t.copy_(moved)
+            if moved is not t:
+                t.copy_(moved)
     return tensors
 
 
@@ -149,6 +149,9 @@ def auto_threads(step_flops: float) -> int:
     """CPU threads for a training run (its `threads` 0). One for a small model: its operations are too small to
     share, and on a busy machine a second thread makes each step wait for a core. Otherwise the cores idle now,
     at most torch's default. benchmarks/threads.py measured both (benchmarks/RESULTS.md)."""
-    if step_flops < SMALL_STEP_FLOPS:
-        return 1
+    return 1 if step_flops < SMALL_STEP_FLOPS else idle_threads()
+
+
+def idle_threads() -> int:
+    """The cores idle now as a thread count: at least 1, at most torch's default."""
     return max(1, min(torch.get_num_threads(), round(idle_cores())))

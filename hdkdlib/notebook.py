@@ -55,8 +55,8 @@ def use_idle_cores() -> int:
     steps were measured on 2 cores (benchmarks/RESULTS.md). Training runs choose again when they start."""
     import torch
 
-    from .distributed import idle_cores
-    threads = max(1, min(torch.get_num_threads(), round(idle_cores())))
+    from .distributed import idle_threads
+    threads = idle_threads()
     torch.set_num_threads(threads)
     return threads
 
