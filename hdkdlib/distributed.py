@@ -93,6 +93,13 @@ def shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
     return min(rank * size, n), min((rank + 1) * size, n)
 
 
+def evaluation_block(n: int, rank: int, world_size: int) -> slice:
+    """This rank's share of an n-image evaluation split (shard), as a slice; every rank must get at least one."""
+    if n < world_size:
+        raise ValueError(f"{n} evaluation images cannot be shared by {world_size} processes")
+    return slice(*shard(n, rank, world_size))
+
+
 def gather_rows(t: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Every rank's tensor concatenated along dim in rank order; the blocks may differ in length along dim
     (padded for the collective, trimmed after). The identity in a single process."""

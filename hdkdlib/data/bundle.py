@@ -16,7 +16,7 @@ from typing import Dict
 
 import torch
 
-from ..distributed import shard
+from ..distributed import evaluation_block
 from ..paths import runs_dir
 from . import splits
 from .cifar import SPECS as CIFAR_SPECS, load as load_cifar
@@ -89,10 +89,7 @@ class HostLoader:
         indices = torch.as_tensor(indices)
         self.sharded = not train and world_size > 1  # evaluation: this rank's block, gathered by evaluation
         if self.sharded:
-            if len(indices) < world_size:
-                raise ValueError(f"{len(indices)} evaluation images cannot be shared by {world_size} processes")
-            start, stop = shard(len(indices), rank, world_size)
-            indices, rank, world_size = indices[start:stop], 0, 1
+            indices, rank, world_size = indices[evaluation_block(len(indices), rank, world_size)], 0, 1
         self.dataset, self.indices, self.batch_size = dataset, indices, batch_size
         self.train, self.seed, self.workers, self.device = train, seed, workers, device
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last

@@ -11,7 +11,7 @@ from typing import Iterator, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..distributed import shard
+from ..distributed import evaluation_block
 
 
 class GpuLoader:
@@ -21,10 +21,8 @@ class GpuLoader:
         # Evaluation under torchrun: each rank takes its block of the split, and evaluation gathers the blocks
         self.sharded = not train and world_size > 1
         if self.sharded:
-            if len(labels) < world_size:
-                raise ValueError(f"{len(labels)} evaluation images cannot be shared by {world_size} processes")
-            start, stop = shard(len(labels), rank, world_size)
-            images, labels, rank, world_size = images[start:stop], labels[start:stop], 0, 1
+            block = evaluation_block(len(labels), rank, world_size)
+            images, labels, rank, world_size = images[block], labels[block], 0, 1
         if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
         if len(images) != len(labels) or len(images) == 0:
