@@ -217,6 +217,24 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
                 "mean ± sd over seeds:", "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)]
 
 
+def validation_rows(results: Path, names) -> list:
+    """Markdown lines: per variant, the last epoch's validation top-1 per exit, mean ± sd over seeds. The held-out
+    split is where settings are chosen (the test table is for reporting); the learned-weight methods also fit
+    their weights to it, so it flatters them against the baselines, but not one such variant against another."""
+    rows = [{"variant": variant(n), "run": n, "exit": k + 1, "top1": 100 * v}
+            for n in names for k, v in enumerate(RunFolder(results / n).metrics()[-1]["val_top1"])]
+    val = pd.DataFrame(rows)
+    per_seed = val.groupby(["variant", "run"]).top1.mean()
+    acc = val.groupby(["variant", "exit"]).top1.agg(["mean", "std"])
+    table = acc.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if pd.notna(r["std"]) else f"{r['mean']:.2f}",
+                      axis=1).unstack("exit").rename(columns=lambda k: f"exit {k}")
+    table["mean over exits"] = per_seed.groupby(level=0).agg(
+        lambda s: f"{s.mean():.2f} ± {s.std(ddof=1):.2f}" if len(s) > 1 else f"{s.mean():.2f}")
+    return ["", "Per-exit validation top-1 (%) after the last epoch, mean ± sd over seeds (the held-out split on "
+                "which settings are chosen; learned-weight methods also fit their weights to it):", "",
+            table.rename_axis("run").reset_index().to_markdown(index=False, disable_numparse=True)]
+
+
 def summarize(results: Path, epochs_full: int = 300) -> str:
     """Markdown section for one results folder: per-exit test top-1 (mean and spread over seeds), learned
     weights, and per run its device, torch version, epoch time and command. Also writes anytime.png."""
@@ -241,6 +259,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     out += ["Per-exit test top-1 (%), mean ± standard deviation over seeds:", "",
             per_exit.rename_axis("run").reset_index().to_markdown(index=False, disable_numparse=True)]
     out += paired_differences(table, exits)
+    out += validation_rows(results, list(records))
     learned = {n: r for n, r in records.items() if r["config"]["method"] in objectives.LEARNED}
     for name in sorted({variant(n) for n in learned}):
         mats = [plots.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if variant(n) == name]

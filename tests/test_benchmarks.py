@@ -77,6 +77,15 @@ def test_real_data_verification_script_parallel_equals_inline(tmp_path):
     paired = next(r for r in rows if r[0] == "hdkd − ce")
     diff = hdkd[:, 0] - ce[:, 0]  # the same seeds paired
     assert paired[1] == "2" and paired[2] == f"{diff.mean():+.2f} ± {diff.std(ddof=1):.2f}"
+    # the validation table: the last epoch's val_top1 of each run (metrics.jsonl), mean over seeds
+    def last_val(run):
+        rows = (tmp_path / "results" / "parallel" / run / "metrics.jsonl").read_text().splitlines()
+        return np.array(json.loads(rows[-1])["val_top1"]) * 100
+    val = np.array([last_val("ce-seed0"), last_val("ce-seed1")])
+    val_section = summary[summary.index("Per-exit validation top-1"):]
+    val_row = next(_cells(l) for l in val_section.splitlines() if l.startswith("| ce "))
+    assert val_row[1] == f"{val[:, 0].mean():.2f} ± {val[:, 0].std(ddof=1):.2f}"
+    assert val_row[-1] == f"{val.mean(1).mean():.2f} ± {val.mean(1).std(ddof=1):.2f}"
     assert "Final learned weights of hdkd (mean over 2 seeds)" in summary and "Final learned weights of hdkd-T2" in summary
     at_once = {r[0]: r[3] for r in rows if "-seed" in r[0] and len(r) > 3 and r[1].startswith("cpu")}
     assert at_once == {"ce-seed0": "2", "ce-seed1": "2", "hdkd-seed0": "2", "hdkd-seed1": "2", "hdkd-T2-seed0": "1"}
