@@ -34,13 +34,14 @@ HYPERGRAD_NORMS = ("lr", "none")
 META_SCHEDULES = ("per_run", "fixed")
 
 
-def per_run_meta_lr(meta_steps: int, traverse: float = 0.25, span: float = math.log(1e3),
+def per_run_meta_lr(meta_steps: int, traverse: float, span: float = math.log(1e3),
                     max_lr: float = 0.1) -> float:
     """The weight learning rate at which Adam can move a weight parameter gamma by `span` (default: a factor
     of 1,000 in the weight, from the 1e-3 floor to 1) within `traverse` of the run's `meta_steps` weight
     steps. Adam's step is about lr per step while the hypergradient keeps its sign, whatever its size, so
     this gives every run length the same reach: a fixed lr of 1e-3 reaches 1.2 in a 15-epoch CPU pilot
-    (1,170 steps) and 210 in a paper-length CIFAR run. Capped at `max_lr`, so that very short runs (smoke
+    (1,170 steps) and 210 in a paper-length CIFAR run. The run's setting (TrainConfig.meta_traverse) owns the
+    default traverse. Capped at `max_lr`, so that very short runs (smoke
     tests, quick notebooks) do not throw the weights about."""
     if meta_steps < 1:
         raise ValueError(f"meta_steps must be >= 1, got {meta_steps}")

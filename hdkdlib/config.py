@@ -85,8 +85,10 @@ class TrainConfig:
     meta_interval: int = _opt(1, "training steps per weight update (1..steps per epoch)")
     meta_schedule: str = _opt("per_run", "weight lr: per_run (gamma can move log(1000) within meta_traverse of the "
                                          "run's weight steps) or fixed (meta_lr)")
-    meta_traverse: float = _opt(0.25, "per_run: fraction of the weight steps in (0, 1] within which a weight can "
-                                      "move 1000-fold")
+    # 1 (the slowest per-run step) was chosen on the CPU study's validation split over 0.25 (the first default),
+    # the pilot's fixed step and three weight maps: results/cifar10-cpu-study/NOTES.md
+    meta_traverse: float = _opt(1.0, "per_run: fraction of the weight steps in (0, 1] within which a weight can "
+                                     "move 1000-fold")
     meta_lr: float = _opt(1e-3, "weight lr (Adam) with meta_schedule fixed")
     hypergrad_norm: str = _opt("lr", "lr: hypergradient divided by the network's current lr (no stall after lr "
                                      "drops); none: raw")
@@ -197,6 +199,23 @@ class TrainConfig:
 # Settings added after runs were already made, with the value that reproduces how those runs trained: a run
 # folder whose config.json lacks one resumes with this value, not with today's default.
 LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none", "nesterov": False, "recipe": ""}
+
+
+# Defaults changed after runs were made under the former value: a run folder that began under it (and has
+# something to continue) keeps it when the new settings hold today's default (RunFolder.former_defaults).
+FORMER_DEFAULTS = {"meta_traverse": 0.25}
+
+# The weight update's settings: they change nothing in a run whose loss weights are fixed (a fixed-weight method,
+# or learned weights frozen from another run), so a changed default of theirs must not stop such a run resuming.
+WEIGHT_UPDATE_SETTINGS = ("meta_interval", "meta_schedule", "meta_traverse", "meta_lr", "hypergrad_norm",
+                          "meta_method", "val_loss", "alpha")
+
+
+def unused_settings(values: Dict) -> set:
+    """The settings that cannot change what a run with these (completed) settings computes."""
+    if values.get("method") not in objectives.LEARNED or values.get("freeze_weights_from"):
+        return set(WEIGHT_UPDATE_SETTINGS)
+    return {"meta_lr"} if values.get("meta_schedule") == "per_run" else {"meta_traverse"}
 
 
 def stored_config(values: Dict) -> Dict:

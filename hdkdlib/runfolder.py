@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .config import stored_config
+from .config import FORMER_DEFAULTS, TrainConfig, stored_config, unused_settings
 from .paths import atomic_write_text
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
@@ -74,15 +74,28 @@ class RunFolder:
 
     def settings_differ(self, record: Dict) -> List[str]:
         """Where the run here differs from a new config record ({"config": settings, "split": {"checksum"}}): every
-        setting that changes what is computed (RESUMABLE_CHANGES may differ), and the split by its checksum."""
+        setting that changes what is computed (RESUMABLE_CHANGES, and settings unused by both, may differ), and
+        the split by its checksum."""
         here = self.config()
         old, new = stored_config(here["config"]), record["config"]
+        free = RESUMABLE_CHANGES | (unused_settings(old) & unused_settings(new))
         differ = sorted(k for k in set(old) | set(new)
-                        if k not in RESUMABLE_CHANGES and json.dumps(old.get(k)) != json.dumps(new.get(k)))
+                        if k not in free and json.dumps(old.get(k)) != json.dumps(new.get(k)))
         old_split, new_split = here.get("split", {}).get("checksum"), record.get("split", {}).get("checksum")
         if old_split and new_split and old_split != new_split:
             differ.append("split (checksum)")
         return differ
+
+    def former_defaults(self, cfg: TrainConfig) -> Dict:
+        """The settings whose default changed since the run here began under the former one, where cfg holds
+        today's: what cfg takes to continue (or load) the run as it began. Empty for a new folder, or one
+        that never reached a checkpoint (it starts afresh, with today's defaults)."""
+        if not (self.resumable() or self.trained()):
+            return {}
+        here = stored_config(self.config()["config"])
+        return {k: here[k] for k, former in FORMER_DEFAULTS.items()
+                if k not in unused_settings(here) and json.dumps(here.get(k)) == json.dumps(former)
+                and getattr(cfg, k) == getattr(TrainConfig, k)}
 
     def check_settings(self, record: Dict) -> None:
         """A ValueError naming the settings in which the run here differs from a new config record."""

@@ -39,8 +39,13 @@ class TrainingInterrupted(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_bundle: Optional[DataBundle] = None):
+        former = RunFolder(cfg.out).former_defaults(cfg) if cfg.out else {}
+        cfg = dataclasses.replace(cfg, **former)  # a run begun under a former default continues as it began
         self.cfg = cfg.validate()
         self.rank, self.world_size, self.device = distributed.setup(cfg.device)
+        if former and self.rank == 0:
+            say(f"run folder {cfg.out} began under a former default ({', '.join(f'{k} {v}' for k, v in former.items())}): "
+                "continuing with it; choose another out folder for today's")
         torch.manual_seed(cfg.seed)
         self.data = data_bundle or build_data(cfg, self.device, self.rank, self.world_size)
         self.model = models.build(cfg.arch, self.data.num_classes, input_shape=self.data.input_shape,

@@ -41,7 +41,7 @@ def _train(init_weights, weight_map, seed=0, steps=STEPS):
     model = models.build("toy_mlp", CLASSES, in_features=FEATURES, width=32, num_exits=2)
     objective = TrueVsWrongLabels(2, init_weights, weight_map=weight_map, min_init_weight=1e-3)
     sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-    meta = bilevel.MetaStep(model, objective, lr=bilevel.per_run_meta_lr(steps), val_loss="balanced")
+    meta = bilevel.MetaStep(model, objective, lr=bilevel.per_run_meta_lr(steps, 0.25), val_loss="balanced")
     (x, y), (xv, yv) = _blobs(512, seed + 1), _blobs(256, seed + 2)
     g = torch.Generator().manual_seed(seed)
     history = [objective.weights().detach().clone()]
@@ -97,8 +97,8 @@ def test_without_lr_normalisation_an_lr_drop_stalls_the_weights():
 
 def test_per_run_meta_lr_and_its_bad_inputs():
     assert bilevel.per_run_meta_lr(1000, 0.5) == pytest.approx(math.log(1e3) / 500)
-    assert bilevel.per_run_meta_lr(4000) == pytest.approx(math.log(1e3) / 1000)
-    assert bilevel.per_run_meta_lr(10) == 0.1  # capped: short runs do not throw the weights about
+    assert bilevel.per_run_meta_lr(4000, 0.25) == pytest.approx(math.log(1e3) / 1000)
+    assert bilevel.per_run_meta_lr(10, 1.0) == 0.1  # capped: short runs do not throw the weights about
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ValueError, match=r"meta_traverse must lie in \(0, 1\]"):
             bilevel.per_run_meta_lr(100, bad)

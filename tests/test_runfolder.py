@@ -62,3 +62,23 @@ def test_final_weights_and_network_readers(tmp_path):
     folder.save_model({"w": torch.ones(2)})
     assert torch.equal(runfolder.final_network(folder.path, "cpu")["w"], torch.ones(2))
     assert torch.equal(runfolder.final_network(folder.file(runfolder.MODEL), "cpu")["w"], torch.ones(2))
+
+
+def test_settings_a_run_does_not_use_may_change_its_default(tmp_path):
+    """A run folder begun under another default of a setting the run never uses (the weight update's, for fixed
+    weights; meta_traverse under a fixed weight lr; meta_lr under the per-run one) still resumes; a setting
+    the run does use is still refused."""
+    def differ(old, new):
+        folder = RunFolder(tmp_path / f"run{len(list(tmp_path.iterdir()))}")
+        folder.begin(_record(**old), resume=None)
+        return folder.settings_differ(_record(**new))
+
+    weight_update = {"meta_traverse": 0.25, "meta_interval": 2, "val_loss": "ce", "alpha": 0.3, "hypergrad_norm": "none"}
+    assert differ({"method": "ce", **weight_update}, {"method": "ce"}) == []
+    assert differ({"method": "dbt", "meta_schedule": "fixed", "meta_lr": 0.01}, {"method": "dbt"}) == []
+    assert differ({"method": "hdkd", "meta_traverse": 0.25}, {"method": "hdkd"}) == ["meta_traverse"]
+    assert differ({"method": "hdkd", **weight_update}, {"method": "hdkd"}) == sorted(weight_update)
+    fixed = {"method": "hdkd", "meta_schedule": "fixed"}
+    assert differ({**fixed, "meta_traverse": 0.25}, fixed) == []
+    assert differ({**fixed, "meta_lr": 0.01}, fixed) == ["meta_lr"]
+    assert differ({"method": "ce", "lr": 0.2}, {"method": "hdkd"}) == ["lr", "method"]

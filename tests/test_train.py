@@ -291,7 +291,7 @@ def test_weight_lr_is_set_per_run_and_meta_interval_must_fit_an_epoch(fake_root,
     from hdkdlib import bilevel
     trainer = Trainer(_cfg(fake_root, "", epochs=4, meta_schedule="per_run", meta_lr=1e-3))
     steps = len(trainer.data.train)
-    assert trainer.meta.optimizer.param_groups[0]["lr"] == pytest.approx(bilevel.per_run_meta_lr(4 * steps, 0.25))
+    assert trainer.meta.optimizer.param_groups[0]["lr"] == pytest.approx(bilevel.per_run_meta_lr(4 * steps, 1.0))
     assert trainer.meta.hypergrad_norm == "lr"
     legacy = Trainer(_cfg(fake_root, "", meta_schedule="fixed", meta_lr=0.003, hypergrad_norm="none"))
     assert legacy.meta.optimizer.param_groups[0]["lr"] == 0.003 and legacy.meta.hypergrad_norm == "none"
@@ -376,6 +376,48 @@ def test_cli_resume_needs_out_and_takes_the_recorded_settings(fake_root, tmp_pat
     assert main(_cli(fake_root, out, epochs="1")[3:]) == 0
     # --resume with only --out: the recorded settings, not the CLI's defaults (cifar100, msdnet_cifar_anytime, ...)
     assert main(["--out", str(out), "--resume", "--no-eval"]) == 0
+
+
+def test_a_run_begun_under_a_former_default_continues_as_it_began(fake_root, tmp_path, capsys):
+    """meta_traverse's default went from 0.25 to 1. A run folder begun at 0.25 (as every HDKD run before the
+    change) is continued, and once finished loaded, at 0.25 by settings that hold today's default, and says so;
+    it ends as the same run never interrupted. An explicit other value is refused."""
+    from hdkdlib import train
+    from hdkdlib.runfolder import RunFolder
+    former = dict(epochs=2, meta_schedule="per_run", meta_lr=TrainConfig.meta_lr, meta_traverse=0.25)
+    assert TrainConfig.meta_traverse == 1.0
+    full = Trainer(_cfg(fake_root, tmp_path / "full", **former))
+    full.fit()
+
+    broken = Trainer(_cfg(fake_root, tmp_path / "run", **former))
+    original = broken.train_step
+
+    def step_then_signal(x, y):
+        loss = original(x, y)
+        if broken.step == 5:
+            broken.request_stop(signal.SIGTERM)
+        return loss
+
+    broken.train_step = step_then_signal
+    with pytest.raises(TrainingInterrupted):
+        broken.fit()
+    today = _cfg(fake_root, tmp_path / "run", **{**former, "meta_traverse": TrainConfig.meta_traverse})
+    capsys.readouterr()
+    resumed = Trainer(today)
+    assert "began under a former default (meta_traverse 0.25): continuing with it" in capsys.readouterr().err
+    resumed.fit(resume=True)
+    assert resumed.cfg.meta_traverse == 0.25 and torch.equal(full.objective.gamma, resumed.objective.gamma)
+    assert _metrics(tmp_path / "full") == _metrics(tmp_path / "run")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["meta_traverse"] == 0.25
+
+    trainer, _ = train.run(today)  # finished: loaded as it is, not retrained
+    assert trainer.cfg.meta_traverse == 0.25 and RunFolder(tmp_path / "run").finished()
+    with pytest.raises(ValueError, match=r"other settings \(meta_traverse\)"):
+        train.run(_cfg(fake_root, tmp_path / "run", **{**former, "meta_traverse": 0.5}))
+    # a folder that never reached a checkpoint starts afresh, with today's default
+    fresh = RunFolder(tmp_path / "begun")
+    fresh.begin(Trainer(_cfg(fake_root, tmp_path / "begun", **former))._config_record(), resume=None)
+    assert fresh.former_defaults(today) == {}
 
 
 def test_cli_bad_inputs_are_one_line_errors(fake_root, tmp_path, capsys):
