@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,24 +38,30 @@ def _metrics(out):
     return rows
 
 
+def _interrupt(trainer, when):
+    """Train until when(trainer) holds after a step, then stop as the SIGTERM handler does; the error raised."""
+    original = trainer.train_step
+
+    def step_then_signal(x, y):
+        loss = original(x, y)
+        if when(trainer):
+            trainer.request_stop(signal.SIGTERM)
+        return loss
+
+    trainer.train_step = step_then_signal
+    with pytest.raises(TrainingInterrupted) as stopped:
+        trainer.fit()
+    return stopped.value
+
+
 def test_interrupt_and_resume_is_bit_identical(fake_root, tmp_path):
     full = Trainer(_cfg(fake_root, tmp_path / "full"))
     full.fit()
 
     broken = Trainer(_cfg(fake_root, tmp_path / "resumed"))
-    steps_per_epoch = len(broken.data.train)
-    stop_at = steps_per_epoch + 4  # mid-epoch 2
-    original = broken.train_step
-
-    def step_then_signal(x, y):
-        loss = original(x, y)
-        if broken.step == stop_at:
-            broken.request_stop(signal.SIGTERM)  # what the installed handler does on SIGTERM
-        return loss
-
-    broken.train_step = step_then_signal
-    with pytest.raises(TrainingInterrupted, match="epoch 2, batch 4; checkpoint saved.*--resume"):
-        broken.fit()
+    stop_at = len(broken.data.train) + 4  # mid-epoch 2
+    stopped = _interrupt(broken, lambda t: t.step == stop_at)
+    assert re.search("epoch 2, batch 4; checkpoint saved.*--resume", str(stopped)), stopped
     ckpt = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 4, stop_at)
 
@@ -346,17 +353,7 @@ def test_a_moved_run_folder_is_loaded_or_resumed_where_it_now_lives(fake_root, t
     shutil.copytree(fake_root / "splits", old / "splits")
     cfg = dict(split_dir=str(old / "splits"), epochs=2)
     run(_cfg(fake_root, old / "finished", **cfg))
-    half = Trainer(_cfg(fake_root, old / "half", **cfg))
-    original = half.train_step
-
-    def stop_in_epoch_2(x, y):
-        loss = original(x, y)
-        if half.epoch == 1:
-            half.request_stop(signal.SIGTERM)
-        return loss
-    half.train_step = stop_in_epoch_2
-    with pytest.raises(TrainingInterrupted):
-        half.fit()
+    _interrupt(Trainer(_cfg(fake_root, old / "half", **cfg)), lambda t: t.epoch == 1)  # in epoch 2
     new = tmp_path / "moved"
     shutil.copytree(old, new)
     shutil.rmtree(old)
@@ -389,18 +386,7 @@ def test_a_run_begun_under_a_former_default_continues_as_it_began(fake_root, tmp
     full = Trainer(_cfg(fake_root, tmp_path / "full", **former))
     full.fit()
 
-    broken = Trainer(_cfg(fake_root, tmp_path / "run", **former))
-    original = broken.train_step
-
-    def step_then_signal(x, y):
-        loss = original(x, y)
-        if broken.step == 5:
-            broken.request_stop(signal.SIGTERM)
-        return loss
-
-    broken.train_step = step_then_signal
-    with pytest.raises(TrainingInterrupted):
-        broken.fit()
+    _interrupt(Trainer(_cfg(fake_root, tmp_path / "run", **former)), lambda t: t.step == 5)
     today = _cfg(fake_root, tmp_path / "run", **{**former, "meta_traverse": TrainConfig.meta_traverse})
     capsys.readouterr()
     resumed = Trainer(today)
