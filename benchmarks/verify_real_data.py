@@ -217,6 +217,12 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
                 "mean ± sd over seeds:", "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)]
 
 
+def per_exit_cells(acc: pd.DataFrame) -> pd.DataFrame:
+    """A (variant, exit) frame of mean and std as a table: a row per variant, "mean ± sd" per exit column."""
+    return (acc.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if pd.notna(r["std"]) else f"{r['mean']:.2f}",
+                      axis=1).unstack("exit").rename(columns=lambda k: f"exit {k}"))
+
+
 def validation_rows(results: Path, names) -> list:
     """Markdown lines: per variant, the last epoch's validation top-1 per exit, mean ± sd over seeds. The held-out
     split is where settings are chosen (the test table is for reporting); the learned-weight methods also fit
@@ -225,9 +231,7 @@ def validation_rows(results: Path, names) -> list:
             for n in names for k, v in enumerate(RunFolder(results / n).metrics()[-1]["val_top1"])]
     val = pd.DataFrame(rows)
     per_seed = val.groupby(["variant", "run"]).top1.mean()
-    acc = val.groupby(["variant", "exit"]).top1.agg(["mean", "std"])
-    table = acc.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if pd.notna(r["std"]) else f"{r['mean']:.2f}",
-                      axis=1).unstack("exit").rename(columns=lambda k: f"exit {k}")
+    table = per_exit_cells(val.groupby(["variant", "exit"]).top1.agg(["mean", "std"]))
     table["mean over exits"] = per_seed.groupby(level=0).agg(
         lambda s: f"{s.mean():.2f} ± {s.std(ddof=1):.2f}" if len(s) > 1 else f"{s.mean():.2f}")
     return ["", "Per-exit validation top-1 (%) after the last epoch, mean ± sd over seeds (the held-out split on "
@@ -252,8 +256,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     out = [f"## {results.name}", ""]
     if meta.get("note"):
         out += [meta["note"], ""]
-    per_exit = (acc.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if pd.notna(r["std"]) else f"{r['mean']:.2f}",
-                          axis=1).unstack("exit").rename(columns=lambda k: f"exit {k}"))
+    per_exit = per_exit_cells(acc)
     per_exit.insert(0, "seeds", acc["count"].groupby(level=0).first().astype(int))
     per_exit["mean"] = acc["mean"].groupby(level=0).mean().map(lambda v: f"{v:.2f}")
     out += ["Per-exit test top-1 (%), mean ± standard deviation over seeds:", "",
