@@ -267,7 +267,8 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     for name in sorted({variant(n) for n in learned}):
         mats = [plots.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if variant(n) == name]
         matrix = pd.DataFrame(np.mean(mats, axis=0), index=pd.Index(exits, name="exit"), columns=exits)
-        out += ["", f"Final learned weights of {name} (mean over {len(mats)} seeds): row = student exit, "
+        seeds = f"mean over {len(mats)} seeds" if len(mats) > 1 else "one seed"
+        out += ["", f"Final learned weights of {name} ({seeds}): row = student exit, "
                     "diagonal = its CE weight, column j > row = weight of KD from exit j:", "",
                 matrix.map(lambda v: "" if np.isnan(v) else f"{v:.3f}").reset_index().to_markdown(index=False, disable_numparse=True)]
     per_run = []
