@@ -106,11 +106,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     img = _fake_cifar_folder(tmp_path / "img")
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out", str(out),
-           "--data-root", str(img), "--budget", "1200"]  # a bound, not a target: room for a busy machine
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=1500)
+           "--data-root", str(img), "--budget", "3000"]  # a bound, not a target: each part gets a share of it, and
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)  # a busy CPU ran early_exit past 144 s
     assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
     files = sorted(f.name for f in out.iterdir())
-    assert files == ["device.json", "early_exit.json", "gpu_check.log", "results.tgz", "train_throughput.json"]
+    parts = "\n".join(line for line in (out / "gpu_check.log").read_text().splitlines() if line.startswith("== ("))
+    assert files == ["device.json", "early_exit.json", "gpu_check.log", "results.tgz", "train_throughput.json"], parts
     assert json.loads((out / "device.json").read_text())["dry_run"] is True
     rows = json.loads((out / "train_throughput.json").read_text())["rows"]
     assert {(r["mode"], r["method"], r["meta_interval"]) for r in rows} == {
