@@ -193,6 +193,14 @@ def began(run: Path, record: dict) -> str:
     return commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
 
 
+def mean_sd(values: pd.Series, sign: str = "") -> str:
+    """The cell of a per-seed quantity: "mean ± sd" (sample sd), or the mean alone for one seed; sign "+" for
+    differences."""
+    if len(values) > 1:
+        return f"{values.mean():{sign}.2f} ± {values.std(ddof=1):.2f}"
+    return f"{values.mean():{sign}.2f}"
+
+
 def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> list:
     """Markdown lines: per learned-weight variant and baseline, the per-exit test top-1 difference of runs with the
     same seed (same split and initial network), mean ± sd over the seeds both have."""
@@ -207,9 +215,7 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
                 continue
             d = top1.loc[v].loc[seeds] - top1.loc[b].loc[seeds]
             d["mean over exits"] = d.mean(axis=1)
-            cells = {(f"exit {c}" if c != "mean over exits" else c):
-                     (f"{d[c].mean():+.2f} ± {d[c].std(ddof=1):.2f}" if len(seeds) > 1 else f"{d[c].mean():+.2f}")
-                     for c in d.columns}
+            cells = {(f"exit {c}" if c != "mean over exits" else c): mean_sd(d[c], "+") for c in d.columns}
             rows.append({"difference": f"{v} − {b}", "seeds": len(seeds), **cells})
     if not rows:
         return []
@@ -217,10 +223,9 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
                 "mean ± sd over seeds:", "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)]
 
 
-def per_exit_cells(acc: pd.DataFrame) -> pd.DataFrame:
-    """A (variant, exit) frame of mean and std as a table: a row per variant, "mean ± sd" per exit column."""
-    return (acc.apply(lambda r: f"{r['mean']:.2f} ± {r['std']:.2f}" if pd.notna(r["std"]) else f"{r['mean']:.2f}",
-                      axis=1).unstack("exit").rename(columns=lambda k: f"exit {k}"))
+def per_exit_cells(rows: pd.DataFrame) -> pd.DataFrame:
+    """Rows of (variant, exit, top1 in %) as a table: a row per variant, "mean ± sd" over seeds per exit column."""
+    return rows.groupby(["variant", "exit"]).top1.agg(mean_sd).unstack("exit").rename(columns=lambda k: f"exit {k}")
 
 
 def validation_rows(results: Path, names) -> list:
@@ -231,9 +236,8 @@ def validation_rows(results: Path, names) -> list:
             for n in names for k, v in enumerate(RunFolder(results / n).metrics()[-1]["val_top1"])]
     val = pd.DataFrame(rows)
     per_seed = val.groupby(["variant", "run"]).top1.mean()
-    table = per_exit_cells(val.groupby(["variant", "exit"]).top1.agg(["mean", "std"]))
-    table["mean over exits"] = per_seed.groupby(level=0).agg(
-        lambda s: f"{s.mean():.2f} ± {s.std(ddof=1):.2f}" if len(s) > 1 else f"{s.mean():.2f}")
+    table = per_exit_cells(val)
+    table["mean over exits"] = per_seed.groupby(level=0).agg(mean_sd)
     return ["", "Per-exit validation top-1 (%) after the last epoch, mean ± sd over seeds (the held-out split on "
                 "which settings are chosen; learned-weight methods also fit their weights to it):", "",
             table.rename_axis("run").reset_index().to_markdown(index=False, disable_numparse=True)]
@@ -252,11 +256,12 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     invocations = meta.get("invocations", [])
     at_once = {run: inv["jobs"] for inv in invocations for run in inv["runs"]}  # the last invocation that trained it
     exits = sorted(table.exit.unique())
-    acc = table.assign(top1=100 * table.top1).groupby(["variant", "exit"]).top1.agg(["mean", "std", "count"])
+    percent = table.assign(top1=100 * table.top1)
+    acc = percent.groupby(["variant", "exit"]).top1.agg(["mean", "count"])
     out = [f"## {results.name}", ""]
     if meta.get("note"):
         out += [meta["note"], ""]
-    per_exit = per_exit_cells(acc)
+    per_exit = per_exit_cells(percent)
     per_exit.insert(0, "seeds", acc["count"].groupby(level=0).first().astype(int))
     per_exit["mean"] = acc["mean"].groupby(level=0).mean().map(lambda v: f"{v:.2f}")
     out += ["Per-exit test top-1 (%), mean ± standard deviation over seeds:", "",
