@@ -39,7 +39,8 @@ class TrainingInterrupted(RuntimeError):
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, data_bundle: Optional[DataBundle] = None):
-        former = RunFolder(cfg.out).former_defaults(cfg) if cfg.out else {}
+        self.run_dir = RunFolder(cfg.out) if cfg.out else None            # read by every rank
+        former = self.run_dir.former_defaults(cfg) if self.run_dir else {}
         cfg = dataclasses.replace(cfg, **former)  # a run begun under a former default continues as it began
         self.cfg = cfg.validate()
         self.rank, self.world_size, self.device = distributed.setup(cfg.device)
@@ -84,7 +85,6 @@ class Trainer:
             torch.set_num_threads(cfg.threads or distributed.auto_threads(self.exit_flops[-1] * cfg.batch_size))
         self.epoch = self.batch = self.step = self.meta_steps = 0
         self._acc = self._zero_accumulators()
-        self.run_dir = RunFolder(cfg.out) if cfg.out else None            # read by every rank
         self.folder = self.run_dir if self.rank == 0 else None              # written by rank 0 only
         self._stop_signal = None
 
