@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pandas as pd
@@ -201,22 +202,37 @@ def mean_sd(values: pd.Series, sign: str = "") -> str:
     return f"{values.mean():{sign}.2f}"
 
 
+def baseline_of(variant_name: str, baseline: str, variants) -> Optional[str]:
+    """The baseline run set a variant is paired with: the baseline with the variant's tag when it was run
+    (dbt-n100 pairs with ce-n100: the same protocol), else the untagged baseline (hdkd-T3 with ce)."""
+    tag = variant_name.split("-", 1)[1] if "-" in variant_name else ""
+    for name in ([f"{baseline}-{tag}"] if tag else []) + [baseline]:
+        if name in variants and name != variant_name:
+            return name
+    return None
+
+
 def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> list:
-    """Markdown lines: per learned-weight variant and baseline, the per-exit test top-1 difference of runs with the
-    same seed (same split and initial network), mean ± sd over the seeds both have."""
+    """Markdown lines: the per-exit test top-1 difference of runs with the same seed (same split and initial
+    network), mean ± sd over the seeds both have: every variant against CE (dbt − ce is the positive control of
+    distillation), and learned-weight variants against DBT too."""
     seed = table["run"].str.rsplit("-seed", n=1).str[1].astype(int)
     top1 = (100 * table.assign(seed=seed).pivot_table(index=["variant", "seed"], columns="exit", values="top1"))
-    variants = sorted(v for v in top1.index.get_level_values(0).unique() if v.split("-")[0] in objectives.LEARNED)
+    variants = set(top1.index.get_level_values(0))
     rows = []
-    for v in variants:
-        for b in (b for b in baselines if b in top1.index.get_level_values(0)):
-            seeds = sorted(set(top1.loc[v].index) & set(top1.loc[b].index))
+    for v in sorted(variants, key=lambda v: (v.split("-")[0] in objectives.LEARNED, v)):
+        method = v.split("-")[0]
+        for b in baselines:
+            if method == b or (b != "ce" and method not in objectives.LEARNED):
+                continue
+            base = baseline_of(v, b, variants)
+            seeds = sorted(set(top1.loc[v].index) & set(top1.loc[base].index)) if base else []
             if not seeds:
                 continue
-            d = top1.loc[v].loc[seeds] - top1.loc[b].loc[seeds]
+            d = top1.loc[v].loc[seeds] - top1.loc[base].loc[seeds]
             d["mean over exits"] = d.mean(axis=1)
             cells = {(f"exit {c}" if c != "mean over exits" else c): mean_sd(d[c], "+") for c in d.columns}
-            rows.append({"difference": f"{v} − {b}", "seeds": len(seeds), **cells})
+            rows.append({"difference": f"{v} − {base}", "seeds": len(seeds), **cells})
     if not rows:
         return []
     return ["", "Paired differences of test top-1 (points), same seed = same split and initial network; "
@@ -241,6 +257,13 @@ def validation_rows(results: Path, names) -> list:
     return ["", "Per-exit validation top-1 (%) after the last epoch, mean ± sd over seeds (the held-out split on "
                 "which settings are chosen; learned-weight methods also fit their weights to it):", "",
             table.rename_axis("run").reset_index().to_markdown(index=False, disable_numparse=True)]
+
+
+def fit_reached(rows) -> str:
+    """The last epoch's training top-1 (%) of the first and the last exit: whether the run fit its data (the
+    training batches are augmented and the network is in train mode, so this is a slight underestimate)."""
+    first, last = rows[-1]["train_top1"][0], rows[-1]["train_top1"][-1]
+    return f"{100 * first:.1f} / {100 * last:.1f}"
 
 
 def summarize(results: Path, epochs_full: int = 300) -> str:
@@ -285,6 +308,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
                         "train wall": f"{sum(row['epoch_seconds'] for row in rows) / 60:.1f} min",
                         f"{epochs_full} epochs": f"{epoch * epochs_full / 3600:.2f} h",
                         "images/s": f"{_median([row['images_per_s'] for row in rows]):.0f}",
+                        "train top-1 (first / last exit)": fit_reached(rows),
                         "commit": began(results / name, r)})
     out += ["", f"Per run (epoch: median epoch wall time, training only; at once: runs that shared the device; "
                 f"{epochs_full} epochs: the epoch time {epochs_full} times):", "",

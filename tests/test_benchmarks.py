@@ -8,6 +8,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 from hdkdlib import data
 
@@ -139,11 +140,42 @@ def test_gpu_check_without_cuda_says_so():
     assert done.returncode == 2 and "no CUDA device here" in done.stdout
 
 
-def test_epochs_within_a_time_budget():
+def _verify_module():
     spec = importlib.util.spec_from_file_location("verify_real_data", ROOT / "benchmarks" / "verify_real_data.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    epochs_within = module.epochs_within
+    return module
+
+
+def test_paired_differences_pair_each_protocol_with_its_own_baseline():
+    """dbt-n100 is paired with ce-n100, not with ce-n50 or an untagged ce; hdkd-T3 with the untagged ce and dbt;
+    the cells are mean ± sd over the seeds both variants have (hand-computed here)."""
+    module = _verify_module()
+    top1 = {("ce-n100", 0): [0.50, 0.60], ("ce-n100", 1): [0.52, 0.58], ("dbt-n100", 0): [0.55, 0.61],
+            ("dbt-n100", 1): [0.56, 0.60], ("ce-n50", 0): [0.10, 0.10], ("dbt-n50", 0): [0.20, 0.30],
+            ("ce", 0): [0.40, 0.40], ("dbt", 0): [0.45, 0.40], ("hdkd-T3", 0): [0.50, 0.50]}
+    table = pd.DataFrame([{"run": f"{v}-seed{s}", "variant": v, "exit": k + 1, "top1": t}
+                          for (v, s), values in top1.items() for k, t in enumerate(values)])
+    lines = module.paired_differences(table, [1, 2])
+    rows = {c[0]: c[1:] for c in map(_cells, lines[-1].splitlines()[2:])}
+    assert set(rows) == {"dbt-n100 − ce-n100", "dbt-n50 − ce-n50", "dbt − ce", "hdkd-T3 − ce", "hdkd-T3 − dbt"}
+    d1, d2 = np.array([5.0, 4.0]), np.array([1.0, 2.0])  # exit 1 and exit 2 of dbt-n100 − ce-n100 at seeds 0, 1
+    mean_over_exits = (d1 + d2) / 2
+    assert rows["dbt-n100 − ce-n100"] == ["2", f"{d1.mean():+.2f} ± {d1.std(ddof=1):.2f}",
+                                          f"{d2.mean():+.2f} ± {d2.std(ddof=1):.2f}",
+                                          f"{mean_over_exits.mean():+.2f} ± {mean_over_exits.std(ddof=1):.2f}"]
+    assert rows["dbt-n50 − ce-n50"] == ["1", "+10.00", "+20.00", "+15.00"]
+    assert rows["hdkd-T3 − dbt"] == ["1", "+5.00", "+10.00", "+7.50"]
+
+
+def test_fit_reached_reads_the_last_epoch():
+    module = _verify_module()
+    rows = [{"train_top1": [0.1, 0.2, 0.3]}, {"train_top1": [0.912, 0.5, 0.9876]}]
+    assert module.fit_reached(rows) == "91.2 / 98.8"
+
+
+def test_epochs_within_a_time_budget():
+    epochs_within = _verify_module().epochs_within
     rows = [dict(method="ce", meta_interval=None, batch_size=64, mode="step+graph", images_per_s=1000.0),
             dict(method="hdkd", meta_interval=1, batch_size=64, mode="step+graph", images_per_s=500.0),
             dict(method="hdkd", meta_interval=10, batch_size=64, mode="step+graph", images_per_s=900.0),
