@@ -224,6 +224,42 @@ def test_split_file_is_reused_and_checked(tmp_path):
         splits.make_split(LABELS, val_per_class=10, train_per_class=95)
 
 
+def _rechecksummed(path, edit):
+    """The split file at path, edited and given a matching checksum with the project's own function (what a
+    careless script or a hostile user can do)."""
+    content = json.loads(path.read_text())
+    edit(content)
+    content["checksum"] = splits._checksum(content)
+    path.write_text(json.dumps(content))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda s: s["train"].append(s["val"][0]), r"index \d+ is in both 'train' and 'val' \(validation images would leak"),
+    (lambda s: s["val"].append(s["val"][3]), r"'val' holds index \d+ more than once"),
+    (lambda s: s["train"].insert(0, -1), r"'train' holds index -1, outside \[0, 999\]"),
+    (lambda s: s["train"].append(1000), r"'train' holds index 1000, outside \[0, 999\]"),
+    (lambda s: s["val"].append(1.5), r"'val' holds 1.5, not an integer index"),
+    (lambda s: s["val"].append(True), r"'val' holds True, not an integer index"),
+    (lambda s: s.update(train={"0": 1}), r"'train' must be a list of image indices, not dict"),
+])
+def test_split_contents_are_checked_even_with_a_matching_checksum(tmp_path, edit, message):
+    path = tmp_path / "toy.json"
+    splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=50, path=path)
+    _rechecksummed(path, edit)
+    before = path.read_text()
+    with pytest.raises(D.DatasetError, match=rf"^split file .*toy.json: {message}.*restore it \(git checkout"):
+        splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=50, path=path)
+    assert path.read_text() == before  # a refused file is left as it is, for the user to look at
+
+
+def test_a_split_file_that_holds_no_split_is_one_line(tmp_path):
+    path = tmp_path / "toy.json"
+    for text in ("[1, 2, 3]", '{"train": [1]}'):
+        path.write_text(text)
+        with pytest.raises(D.DatasetError, match=r"toy.json does not hold a split \(a JSON object with index lists"):
+            splits.load_or_create(LABELS, dataset="toy", val_per_class=10, path=path)
+
+
 # --- GPU-resident loader (runs on CPU here) ---------------------------------------------------------
 def _loader(seed=0, n=200, **kw):
     x = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))

@@ -94,6 +94,9 @@ def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class:
             split = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise DatasetError(f"split file {path} is not valid JSON ({e}); {_REGENERATE.format(path=path)}") from e
+        if not isinstance(split, dict) or not isinstance(split.get("val"), list):
+            raise DatasetError(f"split file {path} does not hold a split (a JSON object with index lists 'train' and "
+                               f"'val'); {_REGENERATE.format(path=path)}")
         if split.get("checksum") != _checksum(split):
             raise DatasetError(f"split file {path}: its indices do not match its checksum (edited by hand?); "
                                f"{_REGENERATE.format(path=path)}")
@@ -101,10 +104,40 @@ def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class:
             raise DatasetError(f"split file {path} was drawn from other labels than this dataset's "
                                f"({split.get('n_total')} images then, {len(labels)} now): wrong data root, or a "
                                "different copy of the dataset. Use the dataset it was made for, or pass another path.")
+        check_contents(split, len(labels), path)
         return split
     split = make_split(labels, val_per_class=val_per_class, train_per_class=train_per_class, seed=seed, dataset=dataset)
     atomic_write_text(path, json.dumps(split, separators=(",", ":")))  # never a half-written split file
     return split
+
+
+def check_contents(split: Dict, n_total: int, path) -> None:
+    """The index lists themselves, whatever the checksum says (a file edited and re-checksummed, or written by
+    other code): each a list of integer indices in [0, n_total), none twice, and no image in both train and
+    val (leakage). One DatasetError naming the file, the list and the first offending entry."""
+    fix = _REGENERATE.format(path=path)
+    seen = {}
+    for name in ("train", "val"):
+        values = split.get(name)
+        if not isinstance(values, list):
+            raise DatasetError(f"split file {path}: '{name}' must be a list of image indices, not "
+                               f"{type(values).__name__}; {fix}")
+        bad = next((v for v in values if not isinstance(v, int) or isinstance(v, bool)), None)
+        if bad is not None:
+            raise DatasetError(f"split file {path}: '{name}' holds {bad!r}, not an integer index; {fix}")
+        bad = next((v for v in values if not 0 <= v < n_total), None)
+        if bad is not None:
+            raise DatasetError(f"split file {path}: '{name}' holds index {bad}, outside [0, {n_total - 1}] for "
+                               f"this dataset's {n_total} images; {fix}")
+        counts = np.bincount(np.asarray(values, dtype=np.int64), minlength=n_total)
+        if counts.max(initial=0) > 1:
+            raise DatasetError(f"split file {path}: '{name}' holds index {int(np.argmax(counts > 1))} more than once; "
+                               f"{fix}")
+        seen[name] = counts > 0
+    both = np.flatnonzero(seen["train"] & seen["val"])
+    if len(both):
+        raise DatasetError(f"split file {path}: index {int(both[0])} is in both 'train' and 'val' (validation images "
+                           f"would leak into training); {fix}")
 
 
 def as_tensors(split: Dict):
