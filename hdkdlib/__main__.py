@@ -5,7 +5,9 @@ import argparse
 import json
 import sys
 
-from . import cost, models
+from . import cli, cost, models
+
+MAX_CLASSES = 100_000  # ImageNet-21k has 21,841
 
 
 def info(argv=None) -> int:
@@ -19,8 +21,9 @@ def info(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.name not in models.names():
         parser.error(f"unknown model {args.name!r}; valid names: {', '.join(models.names())}")
-    if args.num_classes is not None and args.num_classes < 1:
-        parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.num_classes is not None and not 1 <= args.num_classes <= MAX_CLASSES:
+        parser.error(f"--num-classes must lie in [1, {MAX_CLASSES:,}] (more classes than any image dataset has would "
+                     f"only build an enormous head), got {args.num_classes}")
     num_classes = args.num_classes or cost.default_num_classes(args.name)
     model = models.build(args.name, num_classes)
     input_shape = model.input_shape
@@ -45,4 +48,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

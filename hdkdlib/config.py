@@ -131,6 +131,10 @@ class TrainConfig:
             raise ValueError(f"unknown arch {self.arch!r}; valid: {', '.join(models.names())}")
         if self.method not in objectives.names():
             raise ValueError(f"unknown method {self.method!r}; valid: {', '.join(objectives.names())}")
+        for f in dataclasses.fields(self):  # nan and inf parse as floats, and fail many steps later
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         for name in ("epochs", "batch_size", "meta_interval", "eval_batch_size", "check_every"):
@@ -162,8 +166,12 @@ class TrainConfig:
                              f"got {self.alpha}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be > 0 (or 0: the objective's default), got {self.temperature}")
-        if self.momentum < 0 or (self.nesterov and self.momentum == 0):
-            raise ValueError(f"momentum must be >= 0 and > 0 with nesterov, got {self.momentum}")
+        if not 0 <= self.momentum < 1 or (self.nesterov and self.momentum == 0):
+            raise ValueError(f"momentum must lie in [0, 1) (and be > 0 with nesterov), got {self.momentum}")
+        if self.weight_decay < 0 or self.lr_gamma <= 0:
+            raise ValueError(f"weight_decay must be >= 0 and lr_gamma > 0, got {self.weight_decay} and {self.lr_gamma}")
+        if self.workers < 0:
+            raise ValueError(f"workers must be >= 0 (0: load in the main process), got {self.workers}")
         if self.train_heads_only and not self.init_from:
             raise ValueError("train_heads_only needs init_from: the run whose network the heads are trained on")
         if self.compile not in ("", "network", "step"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -237,9 +238,13 @@ def final_weights(path) -> Dict[str, float]:
     path = path / RESULTS if path.is_dir() else path
     try:
         weights = json.loads(path.read_text())["weights"]
-    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read final weights from {path} ({type(e).__name__}: {e}): give a finished run's "
-                         "results.json") from e
-    if not isinstance(weights, dict) or not all(isinstance(v, (int, float)) for v in weights.values()):
+    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        kind = "not a JSON text file" if isinstance(e, UnicodeDecodeError) else f"{type(e).__name__}: {e}"
+        raise ValueError(f"cannot read final weights from {path} ({kind}): give a finished run's results.json") from e
+    if not isinstance(weights, dict):
         raise ValueError(f"{path}: 'weights' must map term names to numbers")
+    for name, value in weights.items():  # a negative CE weight would silently maximise that loss
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise ValueError(f"{path}: 'weights' must map term names to numbers, each finite and >= 0, but {name!r} "
+                             f"is {value!r}: give a finished run's results.json")
     return weights

@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm  # text bars: a finished bar stays a line of text (a widget bar dies with its kernel)
 
-from . import bilevel, cost, data, distributed, evaluation, models, objectives, runfolder, runinfo
+from . import bilevel, cli, cost, data, distributed, evaluation, models, objectives, runfolder, runinfo
 # Settings live in hdkdlib.config, data in hdkdlib.data.bundle; these names stay importable from here.
 from .config import TrainConfig, argparser_for, config_from_dict, stored_config
 from .config import to_argv as cli_args
@@ -352,4 +352,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli.run(main))

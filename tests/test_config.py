@@ -84,3 +84,43 @@ def test_argparser_defaults_are_none_so_only_given_values_override():
     args = vars(argparser().parse_args(["--epochs", "3"]))
     assert args["epochs"] == 3 and all(v is None for k, v in args.items() if k != "epochs")
     assert set(RECIPES) == {"msdnet_cifar", "paper_cifar", "dbt_cifar", "imagenet"}
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("lr", float("nan"), "lr must be a finite number, got nan"),
+    ("lr", float("inf"), "lr must be a finite number, got inf"),
+    ("momentum", float("nan"), "momentum must be a finite number"),
+    ("temperature", float("nan"), "temperature must be a finite number"),
+    ("weight_decay", float("-inf"), "weight_decay must be a finite number"),
+    ("momentum", 1.0, r"momentum must lie in \[0, 1\)"),
+    ("momentum", -0.1, r"momentum must lie in \[0, 1\)"),
+    ("weight_decay", -1e-4, "weight_decay must be >= 0"),
+    ("workers", -1, r"workers must be >= 0 \(0: load in the main process\), got -1"),
+])
+def test_numbers_that_parse_but_make_no_sense_are_refused_before_anything_runs(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**{name: value}).validate()
+
+
+def test_cli_refuses_nan_before_writing_the_run_folder(tmp_path):
+    out = tmp_path / "run"
+    result = subprocess.run([sys.executable, "-m", "hdkdlib.train", "--dataset", "synthetic", "--arch", "toy_mlp",
+                             "--lr", "nan", "--out", str(out), "--device", "cpu"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.strip().splitlines() == [
+        "hdkdlib.train: error: lr must be a finite number, got nan"]
+    assert not out.exists()
+
+
+def test_info_is_quiet_on_a_closed_pipe_and_bounds_the_classes():
+    piped = subprocess.run(f"{sys.executable} -m hdkdlib info msdnet_cifar_anytime --json | head -c 1",
+                           shell=True, capture_output=True, text=True)
+    assert piped.stdout == "[" and piped.stderr == ""
+    # a reader that is gone before the first line (the child needs seconds to import torch): EPIPE on write
+    proc = subprocess.Popen([sys.executable, "-m", "hdkdlib", "info", "toy_mlp"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait() == 141 and stderr == "", stderr
+    big = subprocess.run([sys.executable, "-m", "hdkdlib", "info", "toy_mlp", "--num-classes", "1000000"],
+                         capture_output=True, text=True)
+    assert big.returncode == 2 and r"--num-classes must lie in [1, 100,000]" in big.stderr

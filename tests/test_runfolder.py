@@ -54,6 +54,14 @@ def test_final_weights_and_network_readers(tmp_path):
     folder.file(runfolder.RESULTS).write_text('{"weights": {"ce1": "x"}}')
     with pytest.raises(ValueError, match="'weights' must map term names to numbers"):
         runfolder.final_weights(folder.path)
+    for bad in ("-0.5", "true", "NaN", "Infinity"):  # json.loads reads NaN and Infinity
+        folder.file(runfolder.RESULTS).write_text('{"weights": {"ce1": 1.0, "ce2": %s}}' % bad)
+        with pytest.raises(ValueError, match=r"results\.json: 'weights' must map term names to numbers, each finite "
+                                             r"and >= 0, but 'ce2' is"):
+            runfolder.final_weights(folder.path)
+    folder.file(runfolder.RESULTS).write_bytes(b"\x80\x02binary pickle\xff")
+    with pytest.raises(ValueError, match=r"cannot read final weights from .*results\.json \(not a JSON text file\)"):
+        runfolder.final_weights(folder.path)
     folder.file(runfolder.RESULTS).write_text("{not json")
     with pytest.raises(ValueError, match=r"cannot read final weights from .*results\.json \(JSONDecodeError"):
         runfolder.final_weights(folder.path)
