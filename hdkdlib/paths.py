@@ -6,7 +6,9 @@ notebook writes to the same place.
 """
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 from pathlib import Path
 
 
@@ -37,14 +39,48 @@ def runs_dir() -> Path:
     return _folder("runs", "HDKD_RUNS")
 
 
-def atomic_write_text(path, text: str) -> Path:
-    """Write via a temporary file and a rename: readers see the old file or the new one, never half of one."""
+class DiskFull(OSError):
+    """No space left while writing a file: one line naming it and what to do."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def atomic_write(path, write, before_replace=None) -> Path:
+    """write(tmp) fills a temporary file, then a rename puts it in place: readers see the old file or the new one,
+    never half of one. On any failure the temporary file is removed (a full disk stays no fuller) and the old
+    file is untouched; a full disk becomes DiskFull. before_replace() runs once the new file is complete."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        if before_replace is not None:
+            before_replace()
+        os.replace(tmp, path)
+    except BaseException as e:
+        full = _disk_full(e, path.parent)  # asked before the partial file is removed and frees its space
+        tmp.unlink(missing_ok=True)
+        if full:
+            raise DiskFull(errno.ENOSPC, f"no space left on device while writing {path.name} in {path.parent}: "
+                                         "free space or choose another --out") from e
+        raise
     return path
+
+
+def _disk_full(error: BaseException, folder: Path) -> bool:
+    """ENOSPC, or a writer that hides it (torch.save raises "unexpected pos ..." from its zip writer) while the
+    folder's file system has under 1 MiB left."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return isinstance(error, (OSError, RuntimeError)) and shutil.disk_usage(folder).free < 2 ** 20
+    except OSError:
+        return False
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def display_path(path) -> str:

@@ -17,13 +17,15 @@ import fcntl
 import json
 import math
 import os
+import pickle
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
 from .config import FORMER_DEFAULTS, TrainConfig, stored_config, unused_settings
-from .paths import atomic_write_text
+from .paths import atomic_write, atomic_write_text
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 CHECKPOINT, PREVIOUS, MODEL, LOCK = "checkpoint.pt", "checkpoint.prev.pt", "model.pt", ".lock"
@@ -37,6 +39,15 @@ RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "dow
 
 class RunFolderBusy(RuntimeError):
     pass
+
+
+class RunFolderDamaged(ValueError):
+    """A record in the run folder cannot be read: resuming would fail the same way, so the message says what to
+    do instead."""
+
+
+def _warn(message: str) -> None:
+    print(f"hdkdlib: {message}", file=sys.stderr)
 
 
 class RunFolder:
@@ -71,7 +82,19 @@ class RunFolder:
 
     def config(self) -> Optional[Dict]:
         """The record config.json holds (None if the run never began)."""
-        return json.loads(self.file(CONFIG).read_text()) if self.exists() else None
+        if not self.exists():
+            return None
+        return self._read_json(CONFIG, "restore it from a copy (without it the run's settings are unknown), or "
+                                       "start again in a new out folder")
+
+    def _read_json(self, name: str, fix: str):
+        try:
+            record = json.loads(self.file(name).read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise RunFolderDamaged(f"{name} in {self.path} is unreadable ({type(e).__name__}: {e}): {fix}") from None
+        if not isinstance(record, dict):
+            raise RunFolderDamaged(f"{name} in {self.path} holds a {type(record).__name__}, not a record: {fix}")
+        return record
 
     def settings_differ(self, record: Dict) -> List[str]:
         """Where the run here differs from a new config record ({"config": settings, "split": {"checksum"}}): every
@@ -112,9 +135,11 @@ class RunFolder:
         before its first checkpoint holds nothing but its config, and starts afresh in every case."""
         if self.exists():
             self.check_settings(record)
-            if self.resumable() and resume is False:
-                state = "a finished run (load it with train.run(cfg) or train.load_run)" if self.trained() else \
-                    "an interrupted run: continue it with the same command plus --resume (Python: train.run(cfg))"
+            if (self.resumable() or self.trained()) and resume is False:
+                state = ("a finished run (load it with train.run(cfg) or train.load_run)" if self.finished() else
+                         "a run trained but not evaluated: rerun with --resume to evaluate it (Python: train.run(cfg))"
+                         if self.trained() else
+                         "an interrupted run: continue it with the same command plus --resume (Python: train.run(cfg))")
                 raise FileExistsError(f"run folder {self.path} holds {state}, or choose another out folder")
             if not self.resumable():
                 say(f"{self.path} holds a run that stopped before its first checkpoint: starting it again from the "
@@ -161,16 +186,13 @@ class RunFolder:
         return atomic_write_text(self.file(METRICS), "".join(json.dumps(l) + "\n" for l in lines))
 
     def save_checkpoint(self, state: Dict) -> None:
-        tmp = self.file(CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        if self.file(CHECKPOINT).exists():
-            os.replace(self.file(CHECKPOINT), self.file(PREVIOUS))  # the last good one stays
-        os.replace(tmp, self.file(CHECKPOINT))
+        def keep_previous():  # only once the new one is complete: a failed write leaves both as they were
+            if self.file(CHECKPOINT).exists():
+                os.replace(self.file(CHECKPOINT), self.file(PREVIOUS))
+        atomic_write(self.file(CHECKPOINT), lambda tmp: torch.save(state, tmp), before_replace=keep_previous)
 
     def save_model(self, state_dict: Dict) -> None:
-        tmp = self.file(MODEL + ".tmp")
-        torch.save(state_dict, tmp)
-        os.replace(tmp, self.file(MODEL))
+        atomic_write(self.file(MODEL), lambda tmp: torch.save(state_dict, tmp))
 
     def write_results(self, results: Dict) -> Path:
         return atomic_write_text(self.file(RESULTS), json.dumps(results, indent=1, default=float))
@@ -194,12 +216,36 @@ class RunFolder:
             self.file(name).unlink(missing_ok=True)
 
     # --- readers ------------------------------------------------------------------------------------------
-    def metrics(self) -> List[Dict]:
+    def metrics(self, say=_warn) -> List[Dict]:
+        """The epochs' lines. A last line cut short (a crash or a copy mid-write; our own writes are atomic) is
+        dropped with a warning: that epoch's metrics are lost, its training is not. Any other unreadable line
+        is an error naming it."""
         path = self.file(METRICS)
-        return [json.loads(l) for l in path.read_text().splitlines() if l.strip()] if path.exists() else []
+        if not path.exists():
+            return []
+        text = path.read_text(errors="replace")
+        lines = text.splitlines()
+        rows = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
+                    raise ValueError("not an epoch's record")
+            except ValueError as e:
+                if number == len(lines) and not text.endswith("\n"):
+                    say(f"warning: the last line of {path} is cut short (an interrupted write or copy): dropped; "
+                        "that epoch's metrics are lost, training continues from the checkpoint")
+                    break
+                raise RunFolderDamaged(f"{METRICS} in {self.path}: line {number} is unreadable ({e}): delete that line "
+                                       "(only that epoch's metrics are lost) and run again") from None
+            rows.append(row)
+        return rows
 
     def results(self) -> Dict:
-        return json.loads(self.file(RESULTS).read_text())
+        return self._read_json(RESULTS, "delete it and run the same command with --resume: the run is evaluated "
+                                        "again from model.pt")
 
     def load_checkpoint(self, device, say=print) -> Dict:
         """checkpoint.pt, or checkpoint.prev.pt when the newer one cannot be read (after saying so)."""
@@ -211,7 +257,7 @@ class RunFolder:
             try:
                 state = torch.load(path, map_location=device, weights_only=True)
             except Exception as e:  # a truncated or corrupt file: any unpickling or zip error
-                errors.append(f"{path.name}: {type(e).__name__}: {str(e)[:200]}")
+                errors.append(f"{path.name} not loaded: " + _why_unreadable(e))
                 continue
             if errors:
                 say(f"warning: {errors[0]}; resuming from {path.name} (epoch {state['epoch']}, batch {state['batch']})")
@@ -221,6 +267,13 @@ class RunFolder:
 
     def load_model(self, device) -> Dict:
         return torch.load(self.file(MODEL), map_location=device, weights_only=True)
+
+
+def _why_unreadable(error: Exception) -> str:
+    """torch.load's refusal in our words: its own text, cut short, reads as if the file were loaded unsafely."""
+    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
+        return "it holds objects other than tensors (a modified or foreign file); it was not executed"
+    return f"truncated or corrupt ({type(error).__name__})"
 
 
 def final_network(path, device) -> Dict:

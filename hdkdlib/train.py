@@ -23,7 +23,8 @@ from . import bilevel, cli, cost, data, distributed, evaluation, models, objecti
 from .config import TrainConfig, argparser_for, config_from_dict, stored_config
 from .config import to_argv as cli_args
 from .data.bundle import DataBundle, build_data
-from .runfolder import RunFolder, RunFolderBusy
+from .paths import DiskFull
+from .runfolder import RunFolder, RunFolderBusy, RunFolderDamaged
 
 __all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "run", "load_run", "main", "cli_args", "config_from_dict",
            "DataBundle", "build_data"]
@@ -138,6 +139,20 @@ class Trainer:
             self.meta.val_loss.load_state_dict(state["val_loss"])
         self.epoch, self.batch, self.step, self.meta_steps = (state[k] for k in ("epoch", "batch", "step", "meta_steps"))
         self._acc = {k: v.to(self.device) for k, v in state["accumulators"].items()}
+
+    def load_finished(self) -> None:
+        """A finished run's final state: its last checkpoint (network, weights, their optimizers), or, with the
+        checkpoints deleted or unreadable, model.pt and the final weights in results.json."""
+        if self.run_dir.resumable():
+            try:
+                return self.load_checkpoint()
+            except RuntimeError as e:
+                say(f"{e}; loading model.pt and the weights in results.json instead")
+        self.model.load_state_dict(self.run_dir.load_model(self.device))
+        if list(self.objective.parameters()):
+            named = self.run_dir.results()["weights"]
+            self.objective.set_weights([named[n] / self.objective.scale for n in self.objective.term_names])
+        self.epoch = self.cfg.epochs
 
     # -- training
     def _val_batch(self):  # the held-out stream continues across epochs and resumes
@@ -294,7 +309,7 @@ def run(cfg: TrainConfig, evaluate: bool = True, data_bundle: Optional[DataBundl
     folder = trainer.run_dir
     if folder is not None and folder.finished():
         folder.check_settings(trainer._config_record())
-        trainer.load_checkpoint()  # the final network (as in model.pt) and the weights' state
+        trainer.load_finished()
         return trainer, folder.results()
     trainer.fit(resume=resume)
     return trainer, (trainer.evaluate() if evaluate else None)
@@ -320,11 +335,11 @@ def main(argv=None) -> int:
         say("error: --resume needs --out, the run folder to continue")
         return 2
     recorded = RunFolder(given["out"]) if given.get("out") else None
-    if resume and recorded.exists():
-        # --resume continues the run with its recorded settings; options given on the command line must agree
-        values = {**stored_config(recorded.config()["config"]), **given}
     finished = False
     try:
+        if resume and recorded.exists():
+            # --resume continues the run with its recorded settings; options given on the command line must agree
+            values = {**stored_config(recorded.config()["config"]), **given}
         trainer = Trainer(config_from_dict(values))
         trainer.fit(resume=resume)
         results = None if no_eval else trainer.evaluate()
@@ -342,9 +357,9 @@ def main(argv=None) -> int:
         message = message.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in message else message
         if isinstance(e, PermissionError):
             message += " (the file system refused: choose an --out, --data-root or --split-dir you may use)"
-        elif recorded and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError)):
+        elif recorded and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError, RunFolderDamaged)):
             message += f" (the last good checkpoint in {recorded.path} is kept: continue with the same command plus --resume)"
-        say(f"error: {type(e).__name__ + ': ' if isinstance(e, OSError) else ''}{message}")
+        say(f"error: {type(e).__name__ + ': ' if isinstance(e, OSError) and not isinstance(e, DiskFull) else ''}{message}")
         return 2
     finally:
         distributed.teardown(wait=finished)

@@ -1,16 +1,20 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from hdkdlib import data
+from hdkdlib import data, train
+from hdkdlib.paths import DiskFull
+from hdkdlib.runfolder import RunFolder, RunFolderDamaged
 from hdkdlib.train import TrainConfig, Trainer, TrainingInterrupted, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,8 +100,8 @@ def test_real_sigterm_writes_a_checkpoint_and_exits(fake_root, tmp_path):
 
 def test_run_folder_guards(fake_root, tmp_path):
     out = tmp_path / "run"
-    Trainer(_cfg(fake_root, out, epochs=1)).fit()
-    with pytest.raises(FileExistsError, match="holds a finished run"):
+    Trainer(_cfg(fake_root, out, epochs=1)).fit()  # trained, not evaluated: as if killed during the evaluation
+    with pytest.raises(FileExistsError, match="holds a run trained but not evaluated: rerun with --resume to evaluate"):
         Trainer(_cfg(fake_root, out, epochs=1)).fit()
     with pytest.raises(ValueError, match=r"holds a run with other settings \(lr\)"):
         Trainer(_cfg(fake_root, out, epochs=1, lr=0.2)).fit(resume=True)
@@ -444,3 +448,123 @@ def test_cli_out_folder_that_cannot_be_written_is_a_one_line_error(fake_root, tm
     assert code == 2 and len(err) == 1, err
     assert err[0].startswith("hdkdlib.train: error: PermissionError:") and str(out) in err[0]
     assert "choose an --out" in err[0] and not out.exists()
+
+
+# --- run folders that survive torn files and full disks (issue 27) ------------------------------------------
+def _train_cli(fake_root, out, *extra):
+    argv = ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
+            "--arch", "toy_mlp", "--method", "hdkd", "--n-per-class", "24", "--val-per-class", "6",
+            "--batch-size", "16", "--lr", "0.05", "--eval-batch-size", "64", "--device", "cpu",
+            "--meta-schedule", "fixed", "--meta-lr", "0.01", "--check-every", "5", "--no-progress", "--out", str(out),
+            *extra]  # the settings of _cfg
+    return subprocess.run([sys.executable, "-m", "hdkdlib.train", *argv], capture_output=True, text=True)
+
+
+def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_continues(fake_root, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(_cfg(fake_root, out, epochs=3))
+    _interrupt(trainer, lambda t: t.epoch == 2)
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])  # epoch 2's line cut mid-write
+    result = _train_cli(fake_root, out, "--epochs", "3", "--resume")
+    assert result.returncode == 0, result.stderr
+    warnings = [l for l in result.stderr.splitlines() if "cut short" in l]
+    assert len(warnings) == 1 and "metrics.jsonl" in warnings[0] and "dropped" in warnings[0]
+    assert [r["epoch"] for r in _metrics(out)] == [1, 3]  # epoch 2 trained; only its line is lost
+    assert json.loads(lines[0])["train_top1"] == _metrics(out)[0]["train_top1"]
+
+
+def test_unreadable_records_are_one_line_that_names_the_file_and_never_advises_the_same_step(fake_root, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(_cfg(fake_root, out, epochs=3))
+    _interrupt(trainer, lambda t: t.epoch == 2)
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text(metrics[0][:-5] + "\n" + metrics[1] + "\n")  # a damaged middle line
+    result = _train_cli(fake_root, out, "--epochs", "3", "--resume")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "metrics.jsonl in" in result.stderr and "line 1 is unreadable" in result.stderr
+    assert "delete that line" in result.stderr and "--resume" not in result.stderr
+    (out / "metrics.jsonl").write_text("\n".join(metrics) + "\n")
+    config_text = (out / "config.json").read_text()
+    (out / "config.json").write_text(config_text[:40])  # torn config.json
+    result = _train_cli(fake_root, out, "--epochs", "3", "--resume")
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert "config.json in" in result.stderr and "is unreadable" in result.stderr and "Traceback" not in result.stderr
+    (out / "config.json").write_text(config_text)
+    assert _train_cli(fake_root, out, "--epochs", "3", "--resume").returncode == 0  # nothing was lost meanwhile
+    (out / "results.json").write_text('{"anytime": [')
+    with pytest.raises(RunFolderDamaged, match=r"results.json in .* is unreadable .*delete it and run the same command "
+                                               r"with --resume: the run is evaluated again from model.pt"):
+        train.run(_cfg(fake_root, out, epochs=3))
+
+
+def test_a_finished_run_opens_from_model_and_results_alone(fake_root, tmp_path):
+    out = tmp_path / "run"
+    trainer, results = train.run(_cfg(fake_root, out, epochs=1))
+    named, state = trainer.objective.named_weights(), {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).unlink(missing_ok=True)
+    again, results_again = train.run(_cfg(fake_root, out, epochs=1))
+    assert results_again["anytime"] == results["anytime"] and again.objective.named_weights() == pytest.approx(named, rel=1e-6)
+    assert all(torch.equal(v, state[k]) for k, v in again.model.state_dict().items())
+    (out / "checkpoint.pt").write_bytes(b"not a checkpoint")  # unreadable: the same, after saying so
+    again, _ = train.run(_cfg(fake_root, out, epochs=1))
+    assert all(torch.equal(v, state[k]) for k, v in again.model.state_dict().items())
+
+
+def test_a_run_killed_during_its_evaluation_says_so_and_resume_finishes_it(fake_root, tmp_path):
+    out = tmp_path / "run"
+    Trainer(_cfg(fake_root, out, epochs=1)).fit()  # model.pt written, results.json not: killed while evaluating
+    result = _train_cli(fake_root, out, "--epochs", "1")
+    assert result.returncode == 2 and "a run trained but not evaluated: rerun with --resume to evaluate" in result.stderr
+    result = _train_cli(fake_root, out, "--epochs", "1", "--resume")
+    assert result.returncode == 0 and RunFolder(out).finished(), result.stderr
+
+
+def test_a_full_disk_is_one_line_removes_the_partial_file_and_keeps_the_last_checkpoint(fake_root, tmp_path,
+                                                                                        monkeypatch):
+    out = tmp_path / "run"
+    trainer = Trainer(_cfg(fake_root, out, epochs=2))
+    _interrupt(trainer, lambda t: t.epoch == 1)
+    good = (out / "checkpoint.pt").read_bytes()
+    real_save = torch.save
+
+    def save_until_full(obj, f, *args, **kwargs):  # what torch.save does on a full disk: a partial file, then
+        real_save(obj, f, *args, **kwargs)          # "[enforce fail at inline_container.cc] unexpected pos"
+        Path(f).write_bytes(Path(f).read_bytes()[:1000])
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 404864 vs 404752")
+
+    monkeypatch.setattr(torch, "save", save_until_full)
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, used=10 ** 9, free=4096))
+    resumed = Trainer(_cfg(fake_root, out, epochs=2))
+    with pytest.raises(DiskFull) as caught:
+        resumed.fit(resume=True)
+    assert str(caught.value) == (f"no space left on device while writing checkpoint.pt in {out}: "
+                                 "free space or choose another --out")
+    assert (out / "checkpoint.pt").read_bytes() == good
+    assert sorted(p.name for p in out.iterdir() if "tmp" in p.name or p.name.endswith(".new")) == []
+    monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command goes on from the kept checkpoint
+    resumed = Trainer(_cfg(fake_root, out, epochs=2))
+    resumed.fit(resume=True)
+    assert resumed.epoch == 2
+
+
+def test_a_refused_checkpoint_says_in_our_words_that_it_was_not_loaded(fake_root, tmp_path):
+    out = tmp_path / "run"
+    trainer = Trainer(_cfg(fake_root, out, epochs=2))
+    _interrupt(trainer, lambda t: t.epoch == 1)
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("this ran",))
+
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    state["extra"] = Payload()
+    torch.save(state, out / "checkpoint.pt")
+    said = []
+    resumed = Trainer(_cfg(fake_root, out, epochs=2))
+    state = resumed.run_dir.load_checkpoint("cpu", say=said.append)
+    assert state["epoch"] == 1 and len(said) == 1
+    assert said[0].startswith("warning: checkpoint.pt not loaded: it holds objects other than tensors (a modified or "
+                              "foreign file); it was not executed; resuming from checkpoint.prev.pt")
