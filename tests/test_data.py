@@ -1,4 +1,5 @@
 import json
+import os
 import pickle
 import time
 
@@ -9,6 +10,7 @@ from PIL import Image
 
 from hdkdlib import data as D, models
 from hdkdlib.data import splits
+from hdkdlib.data.folder import read_image
 
 
 def _arrays(n, k, seed):
@@ -166,6 +168,90 @@ def test_image_folder_round_trip_and_layout_errors(tmp_path):
         D.folder_to_tensor(tmp_path, "train")
     with pytest.raises(D.DatasetError, match=r"image folder .*test not found"):
         D.image_folder(tmp_path, "test")
+
+
+def _tree(root, layout):
+    """Write {split/class/name: uint8 HxWx3 array} as PNG files under root."""
+    for name, img in layout.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(root / name)
+
+
+def _img(value):
+    return np.full((4, 4, 3), value, dtype=np.uint8)
+
+
+def test_an_extra_class_in_a_split_is_named_not_shifted_into_every_label(tmp_path):
+    _tree(tmp_path, {"train/ant/0.png": _img(1), "train/cat/0.png": _img(2),
+                     "val/ant/0.png": _img(3), "val/bee/0.png": _img(4), "val/cat/0.png": _img(5)})
+    with pytest.raises(D.DatasetError, match=r"val has class folders that .*train lacks: bee: every split needs "
+                                             r"exactly the training split's classes"):
+        D.image_folder(tmp_path, "val")
+
+
+def test_hidden_entries_are_neither_classes_nor_images(tmp_path):
+    _tree(tmp_path, {"train/ant/0.png": _img(1), "train/bee/0.png": _img(2),
+                     "train/.ipynb_checkpoints/0.png": _img(9), "train/__MACOSX/0.png": _img(9),
+                     "train/ant/._0.png": _img(9), "train/bee/.hidden/1.png": _img(9)})
+    (tmp_path / "train" / "ant" / ".DS_Store").write_bytes(b"\0\0")
+    x, y, classes = D.folder_to_tensor(tmp_path, "train")
+    assert classes == ["ant", "bee"] and y.tolist() == [0, 1] and x[:, 0, 0, 0].tolist() == [1, 2]
+
+
+def test_folder_links_are_not_followed_and_no_file_counts_twice(tmp_path):
+    _tree(tmp_path, {"train/cat/0.png": _img(1), "train/cat/1.png": _img(2), "train/dog/0.png": _img(3)})
+    os.symlink("../cat", tmp_path / "train" / "cat" / "loop")            # a loop: cat/loop/loop/... -> cat
+    os.symlink("0.png", tmp_path / "train" / "cat" / "same.png")         # the same file under a second name
+    tree = D.image_folder(tmp_path, "train")
+    assert [os.path.basename(p) for p, _ in tree.samples] == ["0.png", "1.png", "0.png"]
+    assert tree.targets == [0, 0, 1]
+
+
+def test_an_image_in_two_splits_is_refused(tmp_path):
+    _tree(tmp_path, {"train/cat/0.png": _img(1), "train/cat/1.png": _img(2), "test/cat/9.png": _img(3)})
+    os.symlink(tmp_path / "train" / "cat" / "1.png", tmp_path / "test" / "cat" / "copy.png")
+    from hdkdlib.data.folder import check_disjoint
+    with pytest.raises(D.DatasetError, match=r"image .*test/cat/copy.png is also in the train split .*must not share"):
+        check_disjoint(tmp_path, ("train", "test"))
+
+
+@pytest.mark.parametrize("mode, make, expected", [
+    ("L", lambda: Image.new("L", (2, 2), 77), (77, 77, 77)),
+    ("1", lambda: Image.new("1", (2, 2), 1), (255, 255, 255)),
+    ("P", lambda: _palette_image(), (200, 10, 30)),
+    ("RGBA", lambda: Image.new("RGBA", (2, 2), (10, 20, 30, 128)), (10, 20, 30)),
+    ("LA", lambda: Image.new("LA", (2, 2), (90, 5)), (90, 90, 90)),
+    ("CMYK", lambda: Image.new("CMYK", (2, 2), (0, 255, 255, 0)), (255, 0, 0)),
+    ("CMYK", lambda: Image.new("CMYK", (2, 2), (10, 20, 30, 40)), (207, 198, 190)),  # (255-c)(255-k)/255
+    ("I;16", lambda: Image.fromarray(np.full((2, 2), 32896, dtype=np.uint16)), (128, 128, 128)),  # 32896/257
+    ("I;16", lambda: Image.fromarray(np.full((2, 2), 65535, dtype=np.uint16)), (255, 255, 255)),
+    ("I", lambda: Image.fromarray(np.full((2, 2), 1028, dtype=np.int32), "I"), (4, 4, 4)),
+])
+def test_every_image_mode_decodes_to_the_right_8_bit_rgb_pixel(tmp_path, mode, make, expected):
+    image = make()
+    assert image.mode == mode
+    path = tmp_path / ("x.tiff" if mode in ("CMYK", "I", "LA") else "x.png")
+    image.save(path)
+    assert tuple(np.asarray(read_image(str(path)))[1, 1].tolist()) == expected
+
+
+def _palette_image():
+    image = Image.new("P", (2, 2), 3)
+    image.putpalette([0, 0, 0] * 3 + [200, 10, 30] + [0, 0, 0] * 252)
+    return image
+
+
+def test_a_mode_that_cannot_be_decoded_faithfully_is_refused_by_name(tmp_path):
+    path = tmp_path / "x.tiff"
+    Image.new("F", (2, 2), 0.5).save(path)
+    with pytest.raises(D.DatasetError, match=r"image .*x.tiff: mode F cannot be converted to 8-bit RGB faithfully"):
+        read_image(str(path))
+
+
+def test_holding_out_every_image_of_a_class_says_so(tmp_path):
+    with pytest.raises(ValueError, match=r"class 0 has 100 images, all held out for validation \(val_per_class 100\): "
+                                         r"none is left for training; lower val_per_class"):
+        splits.make_split(LABELS, val_per_class=100)
 
 
 def test_fake_image_folder_writer_and_imagenet_transforms(tmp_path):

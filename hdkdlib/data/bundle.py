@@ -21,7 +21,7 @@ from ..paths import runs_dir
 from . import splits
 from .cifar import SPECS as CIFAR_SPECS, load as load_cifar
 from .fake import synthetic_images
-from .folder import IMAGENET_MEAN, IMAGENET_STD, folder_to_tensor, image_folder
+from .folder import IMAGENET_MEAN, IMAGENET_STD, check_disjoint, folder_to_tensor, image_folder
 from .gpu import GpuLoader
 
 
@@ -52,6 +52,7 @@ def _tensor_data(cfg):
     test_split = "test" if (root / "test").is_dir() else "val"
     x, y, classes = folder_to_tensor(root, "train")
     xt, yt, _ = folder_to_tensor(root, test_split)
+    check_disjoint(root, ("train", test_split))
     return x, y, xt, yt, len(classes), None, None
 
 
@@ -131,6 +132,7 @@ def _folder_data(cfg, device, rank, world_size) -> DataBundle:
     train_aug = image_folder(root, "train")
     train_plain = image_folder(root, "train", train=False)
     test = image_folder(root, "test" if (root / "test").is_dir() else "val", train=False)
+    check_disjoint(root, ("train", "test" if (root / "test").is_dir() else "val"))
     k = len(train_aug.classes)
     split = splits.load_or_create(train_aug.targets, dataset=f"folder-{root.name}",
                                        val_per_class=cfg.val_per_class or 50, train_per_class=cfg.n_per_class or None,

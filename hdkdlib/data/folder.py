@@ -1,6 +1,7 @@
 """Image-folder datasets (`root/{train,val}/<class>/*.jpg`): ImageNet and custom data."""
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -9,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import has_file_allowed_extension
 
 from .cifar import DatasetError
 
@@ -23,43 +25,121 @@ def imagenet_transforms(train: bool, size: int = 224, resize: int = 256):
     return transforms.Compose(head + [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+def _hidden(name: str) -> bool:
+    """Entries that are no class and no image: dot files and folders (.ipynb_checkpoints, .DS_Store) and the
+    __MACOSX folder a zip made on a Mac carries."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _class_folders(base: Path) -> List[str]:
+    return sorted(d.name for d in base.iterdir() if d.is_dir() and not _hidden(d.name))
+
+
 def _check_layout(root: Path, split: str, reference_split: Optional[str] = "train") -> List[str]:
     base = root / split
     if not base.is_dir():
         raise DatasetError(f"image folder {base} not found: expected {root}/{split}/<class>/<image> "
                            "(for ImageNet, the train and val folders of ILSVRC2012 sorted into class folders)")
-    classes = sorted(d.name for d in base.iterdir() if d.is_dir())
+    classes = _class_folders(base)
     if not classes:
         raise DatasetError(f"{base} has no class folders: expected {base}/<class>/<image>")
-    empty = [c for c in classes if not any(f.is_file() for f in (base / c).iterdir())]
+    empty = [c for c in classes if not any(f.is_file() and not _hidden(f.name) for f in (base / c).iterdir())]
     if empty:
         more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
         raise DatasetError(f"class folder {base / empty[0]} holds no images{more}: every class folder needs at least "
                            "one image file (.jpg, .png, ...) directly inside it; remove the empty folder or fill it")
     ref = root / reference_split if reference_split else None
     if ref is not None and ref != base and ref.is_dir():
-        expected = sorted(d.name for d in ref.iterdir() if d.is_dir())
-        missing = sorted(set(expected) - set(classes))
-        if missing:
-            raise DatasetError(f"{base} lacks class folders present in {ref}: {', '.join(missing[:10])}"
-                               + (" ..." if len(missing) > 10 else "") + ": labels would not match")
+        # labels are indices into the sorted class list: one class more or less shifts every label after it
+        expected = _class_folders(ref)
+        for kind, names in ((f"lacks class folders present in {ref}", sorted(set(expected) - set(classes))),
+                            (f"has class folders that {ref} lacks", sorted(set(classes) - set(expected)))):
+            if names:
+                raise DatasetError(f"{base} {kind}: {', '.join(names[:10])}"
+                                   + (" ..." if len(names) > 10 else "") + ": every split needs exactly the training "
+                                   "split's classes, or its labels would not match")
     return classes
 
 
-def _loader(path: str):
+class ImageTree(datasets.ImageFolder):
+    """torchvision's ImageFolder, made safe against trees as people leave them: hidden entries are neither
+    classes nor images; folder links inside a class folder are not followed (a link back to its parent made one
+    class 41 times larger); a file reached twice (through a file link) counts once."""
+
+    def find_classes(self, directory):
+        classes = _class_folders(Path(directory))
+        return classes, {c: i for i, c in enumerate(classes)}
+
+    @staticmethod
+    def make_dataset(directory, class_to_idx=None, extensions=None, is_valid_file=None, allow_empty=False):
+        valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
+        samples, seen = [], set()
+        for name in sorted(class_to_idx):
+            walk = []
+            for folder, dirs, files in os.walk(os.path.join(directory, name)):  # followlinks=False
+                dirs[:] = [d for d in dirs if not _hidden(d)]
+                walk.append((folder, files))
+            for folder, files in sorted(walk):  # torchvision's order
+                for file in sorted(f for f in files if not _hidden(f)):
+                    path = os.path.join(folder, file)
+                    real = os.path.realpath(path)
+                    if valid(path) and real not in seen:
+                        seen.add(real)
+                        samples.append((path, class_to_idx[name]))
+        return samples
+
+
+def check_disjoint(root, split_names) -> None:
+    """No image file in two splits of root: the same file (or a link to it) in train and val would be evaluated
+    on what it trained on."""
+    owner = {}
+    for split in split_names:
+        for path, _ in ImageTree(str(Path(root) / split)).samples:
+            real = os.path.realpath(path)
+            if real in owner and owner[real][0] != split:
+                raise DatasetError(f"image {path} is also in the {owner[real][0]} split ({owner[real][1]}): the splits "
+                                   "must not share files; remove one of them")
+            owner.setdefault(real, (split, path))
+
+
+# Modes whose conversion to 8-bit RGB by Pillow keeps every pixel's value (palettes are looked up, alpha dropped,
+# CMYK and YCbCr converted by formula). 16-bit grey ("I;16", or "I" holding 0..65535) is scaled by 255/65535 here:
+# Pillow's own conversion clips it, and a 16-bit PNG came out almost white.
+_EIGHT_BIT_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBX", "RGBa", "CMYK", "YCbCr", "LA", "La", "PA"}
+_SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+
+
+def to_rgb8(image: Image.Image, path) -> Image.Image:
+    """The image as 8-bit RGB, with its pixel values kept; a mode we cannot convert faithfully is refused."""
+    if image.mode in _EIGHT_BIT_MODES:
+        return image.convert("RGB")
+    if image.mode in _SIXTEEN_BIT_MODES:
+        grey = np.asarray(image).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise DatasetError(f"image {path}: mode {image.mode} with values outside 0..65535 cannot be read as "
+                               "16-bit grey; convert it to 8-bit RGB first")
+        grey = ((grey * 255 + 32767) // 65535).astype(np.uint8)  # round(v * 255 / 65535)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1), "RGB")
+    raise DatasetError(f"image {path}: mode {image.mode} cannot be converted to 8-bit RGB faithfully; convert it "
+                       "(to RGB, or 8- or 16-bit greyscale) first")
+
+
+def read_image(path: str):
     try:
         with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+            return to_rgb8(Image.open(f), path)
+    except DatasetError:
+        raise
     except Exception as e:
         raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
 
-def image_folder(root, split: str = "train", train: Optional[bool] = None, transform=None) -> datasets.ImageFolder:
+def image_folder(root, split: str = "train", train: Optional[bool] = None, transform=None) -> ImageTree:
     """torchvision's ImageFolder over root/split with the ImageNet recipe transforms by default."""
     root = Path(root)
     _check_layout(root, split)
     train = (split == "train") if train is None else train
-    return datasets.ImageFolder(str(root / split), transform=transform or imagenet_transforms(train), loader=_loader)
+    return ImageTree(str(root / split), transform=transform or imagenet_transforms(train), loader=read_image)
 
 
 def folder_to_tensor(root, split: str = "train", workers: int = 8) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
@@ -67,9 +147,9 @@ def folder_to_tensor(root, split: str = "train", workers: int = 8) -> Tuple[torc
     GPU loader. Labels follow the sorted class folders, images the sorted file names."""
     root = Path(root)
     classes = _check_layout(root, split)
-    ds = datasets.ImageFolder(str(root / split), loader=_loader)
+    ds = ImageTree(str(root / split), loader=read_image)
     with ThreadPoolExecutor(workers) as pool:
-        arrays = list(pool.map(lambda s: np.asarray(_loader(s[0])), ds.samples))
+        arrays = list(pool.map(lambda s: np.asarray(read_image(s[0])), ds.samples))
     shapes = {a.shape for a in arrays}
     if len(shapes) != 1:
         raise DatasetError(f"{root / split}: images have different sizes {sorted(shapes)[:4]}; "

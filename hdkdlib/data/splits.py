@@ -53,6 +53,9 @@ def make_split(labels, *, val_per_class: int, train_per_class: Optional[int] = N
         if len(idx) < need:
             raise ValueError(f"class {c} has {len(idx)} images; the split needs {val_per_class} for validation"
                              + (f" + {train_per_class} for training" if train_per_class else ""))
+        if train_per_class is None and len(idx) <= val_per_class:
+            raise ValueError(f"class {c} has {len(idx)} images, all held out for validation (val_per_class "
+                             f"{val_per_class}): none is left for training; lower val_per_class")
         perm = _shuffle(idx, seed, int(c))
         val.append(perm[:val_per_class])
         train.append(perm[val_per_class:val_per_class + train_per_class] if train_per_class else perm[val_per_class:])
