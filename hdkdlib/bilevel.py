@@ -48,6 +48,14 @@ def per_run_meta_lr(meta_steps: int, traverse: float, span: float = math.log(1e3
     if not 0 < traverse <= 1:
         raise ValueError(f"meta_traverse must lie in (0, 1] (a fraction of the run's weight steps), got {traverse}")
     return min(span / (traverse * meta_steps), max_lr)
+def updates_weights_at(step: int, interval: int = 1, warmup_steps: int = 0) -> bool:
+    """Whether training step `step` (from 0) carries a weight update: every `interval` steps once the warm-up is
+    over. The warm-up lets the network learn before a one-step hypergradient judges the terms: early on a
+    distillation term's teacher is as weak as its student, and a short-horizon signal turns such terms down
+    before they could help (DR-MGF waits 100 epochs)."""
+    return step >= warmup_steps and step % interval == 0
+
+
 Batch = Tuple[torch.Tensor, torch.Tensor]
 
 

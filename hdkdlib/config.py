@@ -69,7 +69,9 @@ class TrainConfig:
     temperature: float = _opt(0.0, "KD temperature; 0: the objective's own default")
     init: str = _opt("", "learned-weight initialisation (dbt, ds, uniform, random); '': the objective's default")
     weight_map: str = _opt("softmax", "learned weights: softmax (w = total * softmax(gamma)), softplus (free "
-                                         "total) or softplus_total (softplus normalised to the initial total)")
+                                         "total), softplus_total (softplus normalised to the initial total) or "
+                                         "bounded (each weight within weight_bound of its start)")
+    weight_bound: float = _opt(0.8, "weight_map bounded: the fraction in (0, 1] by which a weight may leave its start")
     gradient_equilibrium: bool = _opt(False, "IMTA's gradient equilibrium")
     # optimisation
     epochs: Optional[int] = _opt(None, "training epochs (recipe)")
@@ -83,6 +85,8 @@ class TrainConfig:
     lr_gamma: float = _opt(0.1, "lr factor at each milestone")
     # bilevel weight update (objectives with learned weights)
     meta_interval: int = _opt(1, "training steps per weight update (1..steps per epoch)")
+    meta_warmup: float = _opt(0.0, "fraction of the run's steps, in [0, 1), before the weights start to learn (they "
+                                   "keep their start meanwhile)")
     meta_schedule: str = _opt("per_run", "weight lr: per_run (gamma can move log(1000) within meta_traverse of the "
                                          "run's weight steps) or fixed (meta_lr)")
     # 1 (the slowest per-run step) was chosen on the CPU study's validation split over 0.25 (the first default),
@@ -159,6 +163,11 @@ class TrainConfig:
             raise ValueError(f"meta_lr {self.meta_lr} is used only with meta_schedule 'fixed' (the default, 'per_run', "
                              "sets the weight lr from the run's length): add meta_schedule='fixed' "
                              "(--meta-schedule fixed), or drop meta_lr and tune meta_traverse")
+        if not 0 <= self.meta_warmup < 1:
+            raise ValueError(f"meta_warmup must lie in [0, 1) (a fraction of the run's steps), got {self.meta_warmup}")
+        if not 0 < self.weight_bound <= 1:
+            raise ValueError(f"weight_bound must lie in (0, 1] (the fraction by which a weight may leave its start), "
+                             f"got {self.weight_bound}")
         if not 0 < self.min_init_weight <= 1:
             raise ValueError(f"min_init_weight must lie in (0, 1], got {self.min_init_weight}")
         if not 0 <= self.alpha <= 1:
@@ -185,20 +194,28 @@ class TrainConfig:
     def lr_at(self, epoch: int) -> float:
         return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones())
 
+    def warmup_steps(self, steps_per_epoch: int) -> int:
+        """Training steps before the first weight update (meta_warmup of the run)."""
+        return int(self.meta_warmup * self.epochs * steps_per_epoch)
+
     def meta_lr_for(self, steps_per_epoch: int) -> float:
-        """The weight learning rate: meta_lr, or (per_run) the one that gives this run's length a set reach."""
+        """The weight learning rate: meta_lr, or (per_run) the one that gives this run's length a set reach (the
+        weight steps after the warm-up)."""
         if self.meta_interval > steps_per_epoch:
             raise ValueError(f"meta_interval {self.meta_interval} is longer than an epoch ({steps_per_epoch} steps): "
                              f"use 1..{steps_per_epoch}")
         if self.meta_schedule == "fixed":
             return self.meta_lr
-        return bilevel.per_run_meta_lr(math.ceil(self.epochs * steps_per_epoch / self.meta_interval), self.meta_traverse)
+        learning = self.epochs * steps_per_epoch - self.warmup_steps(steps_per_epoch)
+        return bilevel.per_run_meta_lr(math.ceil(learning / self.meta_interval), self.meta_traverse)
 
     def objective_options(self) -> Dict:
         """The options objectives.build gets from these settings (also: the weights a run starts from)."""
         options = {"temperature": self.temperature} if self.temperature else {}
         if self.method in objectives.LEARNED:
             options.update(weight_map=self.weight_map, seed=self.seed, min_init_weight=self.min_init_weight)
+            if self.weight_map == "bounded":
+                options["bound"] = self.weight_bound
             if self.init:
                 options["init"] = self.init
         return options
@@ -215,15 +232,17 @@ FORMER_DEFAULTS = {"meta_traverse": 0.25}
 
 # The weight update's settings: they change nothing in a run whose loss weights are fixed (a fixed-weight method,
 # or learned weights frozen from another run), so a changed default of theirs must not stop such a run resuming.
-WEIGHT_UPDATE_SETTINGS = ("meta_interval", "meta_schedule", "meta_traverse", "meta_lr", "hypergrad_norm",
+WEIGHT_UPDATE_SETTINGS = ("meta_interval", "meta_warmup", "meta_schedule", "meta_traverse", "meta_lr", "hypergrad_norm",
                           "meta_method", "val_loss", "alpha")
 
 
 def unused_settings(values: Dict) -> set:
     """The settings that cannot change what a run with these (completed) settings computes."""
+    bound = set() if values.get("weight_map") == "bounded" and values.get("method") in objectives.LEARNED \
+        else {"weight_bound"}
     if values.get("method") not in objectives.LEARNED or values.get("freeze_weights_from"):
-        return set(WEIGHT_UPDATE_SETTINGS)
-    return {"meta_lr"} if values.get("meta_schedule") == "per_run" else {"meta_traverse"}
+        return set(WEIGHT_UPDATE_SETTINGS) | bound
+    return bound | ({"meta_lr"} if values.get("meta_schedule") == "per_run" else {"meta_traverse"})
 
 
 def stored_config(values: Dict) -> Dict:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-WEIGHT_MAPS = ("softmax", "softplus", "softplus_total")
+WEIGHT_MAPS = ("softmax", "softplus", "softplus_total", "bounded")
 INITS = ("dbt", "ds", "uniform", "random")
 
 
@@ -154,19 +154,30 @@ class LearnedWeights(Objective):
     """w = total * softmax(gamma) (default: the weights redistribute a fixed total, which the initialisation
     sets), w = softplus(gamma) (free: the total may grow), or w = total * softplus(gamma) / sum(softplus(gamma))
     ("softplus_total": a fixed total without softmax's exponential competition; Adam's steps in gamma change a
-    large weight by a shrinking fraction). All keep every weight positive and let it approach 0."""
+    large weight by a shrinking fraction). All keep every weight positive and let it approach 0.
+    "bounded" keeps each weight within a trust region around its start, w = start * (1 + bound * tanh(gamma)),
+    bound in (0, 1] (L2W-DEN's form, 1 + eps (w - mean w) with eps 0.8 on CIFAR, made relative): a one-step
+    hypergradient that undervalues a term can lower it by at most that fraction."""
 
     def __init__(self, num_exits, term_names, init_weights: Sequence[float], *, weight_map: str = "softmax",
-                 min_init_weight: float = 1e-3, scale: float = 1.0):
+                 min_init_weight: float = 1e-3, scale: float = 1.0, bound: float = 0.8):
         super().__init__(num_exits, term_names, scale)
         if weight_map not in WEIGHT_MAPS:
             raise ValueError(f"unknown weight_map {weight_map!r}; valid: {', '.join(WEIGHT_MAPS)}")
         self.weight_map = weight_map
+        if weight_map == "bounded":
+            if not 0 < bound <= 1:
+                raise ValueError(f"weight_bound must lie in (0, 1] (the fraction by which a weight may leave its "
+                                 f"start), got {bound}")
+            self.bound = bound
+            self.register_buffer("start", torch.zeros(len(term_names)))
         self.register_buffer("total", torch.zeros(()))
         self.gamma = nn.Parameter(torch.zeros(len(term_names)))
         self.set_weights(init_weights, min_weight=min_init_weight)
 
     def weights(self):
+        if self.weight_map == "bounded":
+            return self.start * (1 + self.bound * torch.tanh(self.gamma))
         if self.weight_map == "softmax":
             return self.total * torch.softmax(self.gamma, dim=0)
         w = F.softplus(self.gamma)
@@ -187,7 +198,10 @@ class LearnedWeights(Objective):
         if len(w) != len(self.gamma):
             raise ValueError(f"{len(w)} weights for {len(self.gamma)} terms ({', '.join(self.term_names)})")
         self.total.fill_(float(w.sum()))
-        if self.weight_map == "softmax":
+        if self.weight_map == "bounded":  # the trust region is centred on the weights set here
+            self.start.copy_(w.to(self.start.dtype))
+            self.gamma.zero_()
+        elif self.weight_map == "softmax":
             self.gamma.copy_(w.log().to(self.gamma.dtype))
         else:  # softplus(gamma) = w: as it is, or normalised to the total it already has
             self.gamma.copy_(torch.log(torch.expm1(w)).to(self.gamma.dtype))

@@ -84,6 +84,7 @@ class Trainer:
         self.exit_flops = cost.exit_flops(self.model, self.data.input_shape)
         if self.device.type == "cpu":  # threads 0: what suits this model and how busy the machine is now
             torch.set_num_threads(cfg.threads or distributed.auto_threads(self.exit_flops[-1] * cfg.batch_size))
+        self.warmup_steps = cfg.warmup_steps(len(self.data.train))  # the weights keep their start until then
         self.epoch = self.batch = self.step = self.meta_steps = 0
         self._acc = self._zero_accumulators()
         self.folder = self.run_dir if self.rank == 0 else None              # written by rank 0 only
@@ -174,7 +175,7 @@ class Trainer:
     def train_step(self, x, y):
         """One optimisation step (with the bilevel weight update every meta_interval steps)."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            if self.meta is not None and self.step % self.cfg.meta_interval == 0:
+            if self.meta is not None and bilevel.updates_weights_at(self.step, self.cfg.meta_interval, self.warmup_steps):
                 loss, logits = self._meta_fn(x, y, *self._val_batch())
                 self.meta_steps += 1
             else:

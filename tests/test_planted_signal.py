@@ -6,6 +6,7 @@ The hurting term is cross-entropy towards systematically wrong labels ((y + 1) m
 cross-entropy towards the true labels. Both are summed over the exits of a small multi-exit MLP on
 Gaussian blobs. Seeds are fixed; each test takes a few seconds on a CPU. Flipping the sign of the
 hypergradient makes every assertion below fail (checked by hand once, see the closing note of issue 13)."""
+import functools
 import math
 
 import pytest
@@ -108,3 +109,82 @@ def test_per_run_meta_lr_and_its_bad_inputs():
         bilevel.MetaStep(model, objective, lr=0.0)
     with pytest.raises(ValueError, match="unknown hypergrad_norm 'grad'; valid: lr, none"):
         bilevel.MetaStep(model, objective, hypergrad_norm="grad")
+
+
+# --- a term whose help comes late: the switches that keep it (issue 23) ----------------------------------------
+class TrueVsLateTeacher(LearnedWeights):
+    """Two terms: CE to the labels, and CE to a "teacher" that is wrong (labels shifted by one class) for the first
+    `late` steps and right afterwards: a distillation term whose teacher becomes good only once the network has
+    trained. A one-step hypergradient sees only the first phase and turns the term down."""
+
+    def __init__(self, num_exits, init_weights, late, **options):
+        super().__init__(num_exits, ["true", "teacher"], init_weights, **options)
+        self.late, self.calls = late, 0
+
+    def term_losses(self, logits, targets, teacher_logits=None):
+        teacher = targets if self.calls >= self.late else (targets + 1) % CLASSES
+        return torch.stack([ce_terms(logits, targets).sum(), ce_terms(logits, teacher).sum()])
+
+
+def _train_late(weight_map="softmax", warmup_steps=0, steps=240, late=120, **options):
+    """The real weight update (MetaStep, Adam, per-run step size over the steps after the warm-up), with the
+    library's rule for which steps update the weights. Returns the teacher term's weight over the steps."""
+    torch.manual_seed(0)
+    model = models.build("toy_mlp", CLASSES, in_features=FEATURES, width=32, num_exits=2)
+    objective = TrueVsLateTeacher(2, [1.0, 1.0], late, weight_map=weight_map, **options)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    meta = bilevel.MetaStep(model, objective, lr=bilevel.per_run_meta_lr(steps - warmup_steps, 0.25), val_loss="balanced")
+    (x, y), (xv, yv) = _blobs(512, 1), _blobs(256, 2)
+    g = torch.Generator().manual_seed(0)
+    history = []
+    for step in range(steps):
+        objective.calls = step
+        i, j = torch.randint(0, len(y), (64,), generator=g), torch.randint(0, len(yv), (64,), generator=g)
+        if bilevel.updates_weights_at(step, 1, warmup_steps):
+            meta.step((x[i], y[i]), (xv[j], yv[j]), sgd)
+        else:
+            sgd.zero_grad()
+            objective(model(x[i]), y[i]).backward()
+        sgd.step()
+        history.append(float(objective.weights()[1].detach()))
+    return torch.tensor(history)
+
+
+@functools.lru_cache(maxsize=1)
+def _no_switch():
+    return _train_late()
+
+
+def test_the_one_step_update_throws_away_a_term_whose_help_comes_late():
+    """The failure the switches are for: without them the teacher term ends far below its start of 1."""
+    w = _no_switch()
+    assert w[119] < 0.2 and w[-1] < 0.5, (w[119], w[-1])
+
+
+def test_a_warm_up_keeps_a_late_term():
+    """Weights untouched during the warm-up (until the teacher is good); afterwards the teacher term is as good as
+    the labels, so nothing pushes it down: it ends at its start, where the update without warm-up threw it away."""
+    w = _train_late(warmup_steps=120)
+    assert torch.all(w[:120] == 1.0)
+    assert w[-1] > 0.95 and w[-1] > _no_switch()[-1] + 0.4, (w[-1], _no_switch()[-1])
+
+
+def test_bounded_weights_cannot_throw_a_term_away():
+    """weight_map bounded (0.5): the teacher term never falls below half its start, and ends above where the
+    unbounded map leaves it."""
+    w = _train_late("bounded", bound=0.5)
+    assert w.min() >= 0.5 - 1e-6 and w[-1] > _no_switch()[-1] + 0.2, (w.min(), w[-1])
+
+
+def test_warm_up_and_bound_options_are_checked():
+    from hdkdlib.config import TrainConfig
+    for bad in (-0.1, 1.0, float("nan")):
+        with pytest.raises(ValueError, match=r"meta_warmup must|meta_warmup must lie in \[0, 1\)"):
+            TrainConfig(meta_warmup=bad).validate()
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match=r"weight_bound must lie in \(0, 1\]"):
+            TrainConfig(weight_bound=bad).validate()
+        with pytest.raises(ValueError, match=r"weight_bound must lie in \(0, 1\]"):
+            TrueVsLateTeacher(2, [1.0, 1.0], 10, weight_map="bounded", bound=bad)
+    assert not bilevel.updates_weights_at(9, 1, 10) and bilevel.updates_weights_at(10, 1, 10)
+    assert [s for s in range(20) if bilevel.updates_weights_at(s, 3, 5)] == [6, 9, 12, 15, 18]

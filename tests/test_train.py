@@ -568,3 +568,23 @@ def test_a_refused_checkpoint_says_in_our_words_that_it_was_not_loaded(fake_root
     assert state["epoch"] == 1 and len(said) == 1
     assert said[0].startswith("warning: checkpoint.pt not loaded: it holds objects other than tensors (a modified or "
                               "foreign file); it was not executed; resuming from checkpoint.prev.pt")
+
+
+def test_meta_warmup_keeps_the_start_then_learns_and_bounded_weights_resume(fake_root, tmp_path):
+    """meta_warmup 0.5 of a 2-epoch run: the weights after epoch 1 are still the start, after epoch 2 they moved;
+    the bounded map trains, checkpoints its trust region's centre and resumes to the same weights."""
+    cfg = _cfg(fake_root, tmp_path / "w", epochs=2, meta_warmup=0.5, meta_schedule="per_run", meta_lr=1e-3)
+    trainer = Trainer(cfg)
+    start = trainer.objective.named_weights()
+    rows = trainer.fit()
+    assert rows[0]["weights"] == pytest.approx(start, abs=0) and rows[1]["weights"] != pytest.approx(start, abs=1e-4)
+    bounded = dict(epochs=2, weight_map="bounded", weight_bound=0.3)
+    whole = Trainer(_cfg(fake_root, tmp_path / "b", **bounded))
+    whole.fit()
+    final = whole.objective.named_weights()
+    assert all(0.7 * start[k] - 1e-6 <= v <= 1.3 * start[k] + 1e-6 for k, v in final.items())
+    parted = Trainer(_cfg(fake_root, tmp_path / "c", **bounded))
+    _interrupt(parted, lambda t: t.epoch == 1)
+    resumed = Trainer(_cfg(fake_root, tmp_path / "c", **bounded))
+    resumed.fit(resume=True)
+    assert resumed.objective.named_weights() == final
