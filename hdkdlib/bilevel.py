@@ -101,6 +101,95 @@ def virtual_step(params: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor]
     return out
 
 
+def adam_virtual_step(params: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], *, lr: float, betas=(0.9, 0.999),
+                      eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False,
+                      state: Optional[Dict[str, Dict]] = None) -> Dict[str, torch.Tensor]:
+    """theta' as torch.optim.Adam (decoupled=False: weight decay added to the gradient) or AdamW (decoupled: the
+    parameter shrunk by lr * wd) would compute it from its state {name: {step, exp_avg, exp_avg_sq}} (empty: the
+    first step); differentiable in grads."""
+    out = {}
+    for n, p in params.items():
+        m, v, t = _adam_moments(n, p, grads[n], betas=betas, weight_decay=0.0 if decoupled else weight_decay, state=state)
+        c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
+        base = p * (1 - lr * weight_decay) if decoupled and weight_decay else p
+        out[n] = base - lr * (m / c1) / ((v / c2).sqrt() + eps)
+    return out
+
+
+def _adam_moments(name, p, g, *, betas, weight_decay, state):
+    s = (state or {}).get(name) or {}
+    g = g + weight_decay * p if weight_decay else g
+    m0, v0 = s.get("exp_avg"), s.get("exp_avg_sq")
+    t = int(s["step"]) + 1 if "step" in s else 1
+    m = (betas[0] * m0 if m0 is not None else 0) + (1 - betas[0]) * g
+    v = (betas[1] * v0 if v0 is not None else 0) + (1 - betas[1]) * g * g
+    return m, v, t
+
+
+class VirtualStep:
+    """One step of the network's optimizer as a function of the gradient, theta' = theta - lr * d(g): SGD (momentum,
+    Nesterov, weight decay), Adam or AdamW, read from the optimizer's settings and state. `apply` gives theta'
+    (differentiable in the gradient, for the exact hypergradient); `tangent` gives (dd/dg)^T v, the direction
+    along which the finite differences probe the training terms (SGD: v itself, times 1 + momentum with
+    Nesterov; Adam: v times the elementwise derivative of its normalised step)."""
+    KINDS = ("SGD", "Adam", "AdamW")
+
+    def __init__(self, kind: str, lr: float, *, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0, momentum_buffer=None, betas=(0.9, 0.999), eps: float = 1e-8, state=None):
+        if kind not in self.KINDS:
+            raise ValueError(f"the bilevel step mirrors {', '.join(self.KINDS)}; got {kind}")
+        self.kind, self.lr, self.momentum, self.nesterov = kind, lr, momentum, nesterov
+        self.weight_decay, self.momentum_buffer, self.betas, self.eps, self.state = \
+            weight_decay, momentum_buffer or {}, tuple(betas), eps, state or {}
+
+    @classmethod
+    def of(cls, optimizer: torch.optim.Optimizer, names: Dict[int, str]) -> "VirtualStep":
+        """The step `optimizer` would take next; names maps id(parameter) to the parameter's name."""
+        kind = type(optimizer).__name__
+        if kind not in cls.KINDS:
+            raise ValueError(f"the bilevel step mirrors the optimizers {', '.join(cls.KINDS)} (their virtual step is "
+                             f"exact); {kind} is not supported: train the network with one of them")
+        group = optimizer.param_groups[0]
+        keys = ("lr", "momentum", "nesterov", "weight_decay", "betas", "eps")
+        if any({k: g.get(k) for k in keys} != {k: group.get(k) for k in keys} for g in optimizer.param_groups):
+            raise ValueError("the bilevel step needs one set of optimizer settings; the parameter groups differ")
+        if group.get("amsgrad") or group.get("maximize"):
+            raise ValueError(f"the bilevel step mirrors plain {kind}: amsgrad and maximize are not supported")
+        state = {names[id(p)]: optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"]
+                 if id(p) in names}
+        if kind == "SGD":
+            return cls(kind, group["lr"], momentum=group.get("momentum", 0.0), nesterov=bool(group.get("nesterov")),
+                       weight_decay=group.get("weight_decay", 0.0),
+                       momentum_buffer={n: s.get("momentum_buffer") for n, s in state.items()})
+        return cls(kind, group["lr"], weight_decay=group.get("weight_decay", 0.0), betas=group["betas"],
+                   eps=group["eps"], state=state)
+
+    def apply(self, params, grads) -> Dict[str, torch.Tensor]:
+        if self.kind == "SGD":
+            return virtual_step(params, grads, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                momentum_buffer=self.momentum_buffer, nesterov=self.nesterov)
+        return adam_virtual_step(params, grads, lr=self.lr, betas=self.betas, eps=self.eps,
+                                 weight_decay=self.weight_decay, decoupled=self.kind == "AdamW", state=self.state)
+
+    def tangent(self, params, grads, v):
+        """(d d / d g)^T v for each parameter (d: the step direction, theta' = [decay] - lr * d)."""
+        if self.kind == "SGD":
+            return [u * (1 + self.momentum) if self.nesterov and self.momentum else u for u in v]
+        out = []
+        wd = 0.0 if self.kind == "AdamW" else self.weight_decay
+        for (n, p), u in zip(params.items(), v):
+            m, s, t = _adam_moments(n, p, grads[n], betas=self.betas, weight_decay=wd, state=self.state)
+            c1, c2 = 1 - self.betas[0] ** t, 1 - self.betas[1] ** t
+            g = grads[n] + wd * p if wd else grads[n]
+            root = (s / c2).sqrt()
+            denom = root + self.eps
+            # d/dg [ (m/c1) / (sqrt(s/c2) + eps) ], with dm/dg = 1 - b1 and d sqrt(s/c2)/dg = (1 - b2) g / (c2 root)
+            dm = (1 - self.betas[0]) / c1 / denom
+            droot = torch.where(root > 0, (1 - self.betas[1]) * g / (c2 * root.clamp_min(1e-30)), torch.zeros_like(g))
+            out.append(u * (dm - (m / c1) / denom ** 2 * droot))
+        return out
+
+
 def _val_loss_fn(val_loss, num_exits) -> nn.Module:
     if isinstance(val_loss, nn.Module):
         return val_loss
@@ -123,21 +212,22 @@ def _check(model, objective, train_batch, val_batch, lr, method):
         raise ValueError(f"lr must be > 0 (the unrolled step is the method; lr = 0 gives a zero hypergradient), got {lr}")
 
 
-def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_batch, val_batch, *, lr, momentum,
-                      weight_decay, momentum_buffer, val_loss, eps, nesterov=False):
+def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_batch, val_batch, *, step: VirtualStep,
+                      val_loss, eps):
     """Finite-difference hypergradient from an already computed training pass (grads, teachers at theta).
 
     Under DDP every rank holds the same theta' (gradients are all-reduced); v and the finite differences
     are averaged across ranks, which gives exactly the single-process result for the global batches."""
-    buffers = _cloned_buffers(model)
+    buffers, lr = _cloned_buffers(model), step.lr
     with torch.no_grad():
-        theta1 = virtual_step(params, grads, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                              momentum_buffer=momentum_buffer, nesterov=nesterov)
+        theta1 = step.apply(params, grads)
     theta1 = {n: t.requires_grad_(True) for n, t in theta1.items()}
     xv, yv = val_batch
     val_logits = _call(model, theta1, buffers, xv)
     lv = val_loss(val_logits, yv)
     v = _mean_over_ranks([g.detach() for g in torch.autograd.grad(lv, list(theta1.values()))])
+    with torch.no_grad():
+        v = step.tangent(params, grads, v)  # the chain rule through the optimizer's step direction
     if eps is None:  # the classic central-difference step: balances truncation (eps^2) and round-off (u/eps)
         eps = torch.finfo(next(iter(params.values())).dtype).eps ** (1 / 3)
     with torch.no_grad():
@@ -154,26 +244,22 @@ def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_bat
     return hyper, [z.detach() for z in val_logits]
 
 
-def _hypergradient(model, objective, train_batch, val_batch, *, lr, momentum, weight_decay, momentum_buffer,
-                   val_loss, method, eps, nesterov=False):
+def _hypergradient(model, objective, train_batch, val_batch, *, step: VirtualStep, val_loss, method, eps):
     """(hypergradient tuple, validation logits at theta') from functional passes on cloned state."""
     params = {n: p.detach().clone().requires_grad_(True) for n, p in _trainable(model).items()}
-    buf = _momentum_buffers(model, momentum_buffer)
     x, y = train_batch
     logits = _call(model, params, _cloned_buffers(model), x)
     loss = objective(logits, y)
     if method == "exact":
         grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        theta1 = virtual_step(params, dict(zip(params, grads)), lr=lr, momentum=momentum,
-                              weight_decay=weight_decay, momentum_buffer=buf, nesterov=nesterov)
+        theta1 = step.apply(params, dict(zip(params, grads)))
         xv, yv = val_batch
         val_logits = _call(model, theta1, _cloned_buffers(model), xv)
         hyper = torch.autograd.grad(val_loss(val_logits, yv), list(objective.parameters()))
         return hyper, [z.detach() for z in val_logits]
     grads = torch.autograd.grad(loss, list(params.values()))
     return _fd_hypergradient(model, objective, params, dict(zip(params, grads)), [z.detach() for z in logits],
-                             train_batch, val_batch, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                             momentum_buffer=buf, val_loss=val_loss, eps=eps, nesterov=nesterov)
+                             train_batch, val_batch, step=step, val_loss=val_loss, eps=eps)
 
 
 def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, val_batch: Batch, *, lr: float,
@@ -187,10 +273,10 @@ def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, va
     trainable parameters. Returns a tensor (or a tuple if the objective has several parameters).
     The model's parameters and buffers are left exactly as they were."""
     _check(model, objective, train_batch, val_batch, lr, method)
-    hyper, _ = _hypergradient(model, objective, train_batch, val_batch, lr=lr, momentum=momentum,
-                              weight_decay=weight_decay, momentum_buffer=momentum_buffer,
-                              val_loss=_val_loss_fn(val_loss, objective.num_exits), method=method, eps=eps,
-                              nesterov=nesterov)
+    step = VirtualStep("SGD", lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
+                       momentum_buffer=_momentum_buffers(model, momentum_buffer))
+    hyper, _ = _hypergradient(model, objective, train_batch, val_batch, step=step,
+                              val_loss=_val_loss_fn(val_loss, objective.num_exits), method=method, eps=eps)
     return hyper[0] if len(hyper) == 1 else tuple(hyper)
 
 
@@ -199,8 +285,8 @@ class MetaStep:
     network optimizer (no second backward), plus the weight update with its own optimizer (Adam).
 
     Use:   loss, logits = meta.step(train_batch, val_batch, optimizer); optimizer.step()
-    The virtual step reads the learning rate, momentum, weight decay and momentum buffers from
-    `optimizer` (torch.optim.SGD), so it mirrors the real update. The network update uses the
+    The virtual step is the one `optimizer` would take (VirtualStep.of: SGD with its momentum buffers, or
+    Adam/AdamW with their moments and step count), so it mirrors the real update; other optimizers are refused. The network update uses the
     gradient at the weights *before* this weight step (a one-step lag, as in DARTS' alternation).
     """
 
@@ -228,17 +314,9 @@ class MetaStep:
             objective.num_exits, kind=val_loss, alpha=alpha)
         self.optimizer = torch.optim.Adam(objective.parameters(), lr=lr, betas=betas)
 
-    def _sgd_state(self, optimizer):
-        group = optimizer.param_groups[0]
-        by_id = {id(p): n for n, p in _trainable(self.module).items()}
-        bufs = {by_id[id(p)]: optimizer.state.get(p, {}).get("momentum_buffer")
-                for g in optimizer.param_groups for p in g["params"] if id(p) in by_id}
-        return dict(lr=group["lr"], momentum=group.get("momentum", 0.0), nesterov=bool(group.get("nesterov", False)),
-                    weight_decay=group.get("weight_decay", 0.0), momentum_buffer=bufs)
-
     def step(self, train_batch: Batch, val_batch: Batch, optimizer: torch.optim.Optimizer):
-        sgd = self._sgd_state(optimizer)
-        _check(self.module, self.objective, train_batch, val_batch, sgd["lr"], self.method)
+        step = VirtualStep.of(optimizer, {id(p): n for n, p in _trainable(self.module).items()})
+        _check(self.module, self.objective, train_batch, val_batch, step.lr, self.method)
         x, y = train_batch
         optimizer.zero_grad(set_to_none=True)
         logits = self.model(x)  # the real pass: BN statistics update as in any training step
@@ -250,13 +328,13 @@ class MetaStep:
         if self.method == "finite_difference":
             hyper, val_logits = _fd_hypergradient(
                 self.module, self.objective, {n: p.detach() for n, p in params.items()}, grads,
-                [z.detach() for z in logits], train_batch, val_batch, val_loss=self.val_loss, eps=self.eps, **sgd)
+                [z.detach() for z in logits], train_batch, val_batch, step=step, val_loss=self.val_loss, eps=self.eps)
         else:  # the reference path: a second, differentiable training pass (slow, for checks and ablations)
-            hyper, val_logits = _hypergradient(self.module, self.objective, train_batch, val_batch,
-                                               val_loss=self.val_loss, method="exact", eps=self.eps, **sgd)
+            hyper, val_logits = _hypergradient(self.module, self.objective, train_batch, val_batch, step=step,
+                                               val_loss=self.val_loss, method="exact", eps=self.eps)
         self.optimizer.zero_grad(set_to_none=True)
         if self.hypergrad_norm == "lr":
-            hyper = [h / sgd["lr"] for h in hyper]
+            hyper = [h / step.lr for h in hyper]
         for p, h in zip(self.objective.parameters(), hyper):
             if self.check_finite and not torch.isfinite(h).all():
                 raise FloatingPointError("non-finite hypergradient: the loss weights were not updated; "

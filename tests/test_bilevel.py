@@ -185,3 +185,62 @@ def test_bad_inputs():
     with pytest.raises(FloatingPointError):
         meta.step(train, val, opt)
     assert torch.isfinite(obj.gamma).all()  # the weights never turn NaN silently
+
+
+# --- the virtual step mirrors Adam and AdamW (issue 26) ---------------------------------------------------------
+def _real_and_virtual(kind, with_state, weight_decay=0.05):
+    torch.manual_seed(0)
+    params = {"a": torch.randn(5, dtype=torch.float64), "b": torch.randn(2, 3, dtype=torch.float64)}
+    grads = {n: torch.randn_like(p) for n, p in params.items()}
+    real = {n: p.clone().requires_grad_() for n, p in params.items()}
+    opt = getattr(torch.optim, kind)(real.values(), lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay)
+    for _ in range(3 if with_state else 0):  # earlier steps leave moments and a step count
+        for p in real.values():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    start = {n: p.detach().clone() for n, p in real.items()}
+    step = bilevel.VirtualStep.of(opt, {id(p): n for n, p in real.items()})
+    virtual = step.apply(start, grads)
+    for n, p in real.items():
+        p.grad = grads[n].clone()
+    opt.step()
+    return virtual, {n: p.detach() for n, p in real.items()}
+
+
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_virtual_step_equals_torch_adam_and_adamw(kind, with_state, weight_decay):
+    virtual, real = _real_and_virtual(kind, with_state, weight_decay)
+    for n in real:
+        torch.testing.assert_close(virtual[n], real[n], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["SGD-nesterov", "Adam", "AdamW"])
+def test_finite_differences_follow_the_optimizers_step_direction(kind):
+    """The finite-difference hypergradient (two forward passes along the step direction's tangent) equals the exact
+    one (autograd through the optimizer's differentiable step), with optimizer state from earlier steps."""
+    model, obj, train, val = _setup("hdkd")
+    if kind == "SGD-nesterov":
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+    else:
+        opt = getattr(torch.optim, kind)(model.parameters(), lr=0.01, weight_decay=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        obj(model(train[0]), train[1]).backward()
+        opt.step()
+    step = bilevel.VirtualStep.of(opt, {id(p): n for n, p in model.named_parameters()})
+    hyper = {method: bilevel._hypergradient(model, obj, train, val, step=step, val_loss=O.ValidationLoss(3, kind="ce"),
+                                            method=method, eps=None)[0][0] for method in bilevel.METHODS}
+    assert hyper["exact"].abs().max() > 1e-6
+    rel = ((hyper["finite_difference"] - hyper["exact"]).norm() / hyper["exact"].norm()).item()
+    assert rel < 1e-3, rel
+
+
+def test_other_optimizers_are_refused_by_name():
+    model, obj, train, val = _setup()
+    meta = bilevel.MetaStep(model, obj)
+    with pytest.raises(ValueError, match=r"mirrors the optimizers SGD, Adam, AdamW .*RMSprop is not supported"):
+        meta.step(train, val, torch.optim.RMSprop(model.parameters(), lr=0.01))
+    with pytest.raises(ValueError, match="amsgrad and maximize are not supported"):
+        meta.step(train, val, torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True))
