@@ -16,12 +16,16 @@ def info(argv=None) -> int:
     parser.add_argument("name", help="one of: " + ", ".join(models.names()))
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classes of the heads (default: 1000 for ImageNet networks, 100 otherwise)")
-    parser.add_argument("--convention", choices=cost.CONVENTIONS, default="msdnet")
+    parser.add_argument("--convention", choices=cost.CONVENTIONS, default=None,
+                        help="msdnet (the reference counter's rules) or macs; default: the network's own (msdnet "
+                             "for MSDNets, macs for exits on torchvision backbones)")
     parser.add_argument("--json", action="store_true", help="print a JSON list of {exit, mflops, params}")
     args = parser.parse_args(argv)
     if args.name not in models.names():
         parser.error(f"unknown model {args.name!r}; valid names: {', '.join(models.names())}")
-    if args.num_classes is not None and not 1 <= args.num_classes <= MAX_CLASSES:
+    if args.num_classes is not None and args.num_classes < 1:
+        parser.error(f"--num-classes must be >= 1, got {args.num_classes}")
+    if args.num_classes is not None and args.num_classes > MAX_CLASSES:
         parser.error(f"--num-classes must lie in [1, {MAX_CLASSES:,}] (more classes than any image dataset has would "
                      f"only build an enormous head), got {args.num_classes}")
     num_classes = args.num_classes or cost.default_num_classes(args.name)
@@ -32,7 +36,8 @@ def info(argv=None) -> int:
     if args.json:
         print(json.dumps(rows))
         return 0
-    print(f"{args.name}  ({num_classes} classes, input {list(input_shape)}, convention {args.convention})")
+    print(f"{args.name}  ({num_classes} classes, input {list(input_shape)}, convention "
+          f"{args.convention or getattr(model, 'cost_convention', 'msdnet')})")
     print(f"{'exit':>4} {'MFLOPs':>10} {'params (M)':>11}")
     for r in rows:
         print(f"{r['exit']:>4} {r['mflops']:>10.2f} {r['params'] / 1e6:>11.3f}")

@@ -6,7 +6,10 @@ Two conventions:
             elements x kernel area, Linear = weights + bias; BatchNorm costs nothing.
   "macs"    multiply-accumulates of convolutions and matrix products, from torch.utils.flop_counter
             (which reports 2 FLOPs per MAC, halved here).
-Both run the model exit by exit, so exit k includes all earlier heads, as the reference does.
+Both run the model exit by exit, so exit k includes all earlier heads, as the reference does. A model's
+own `cost_convention` is its default: MSDNets keep the reference's, to compare with the literature; exits on
+torchvision backbones count MACs, since the reference's rules price a Linear at its weight count whatever
+its input (wrong per token or per position) and give attention and normalisation nothing.
 
 `latency` measures the same thing in time on a device: the cumulative seconds per image up to each exit,
 timed stage by stage. FLOPs ignore memory-bound work (BatchNorm, ReLU, concatenation), which dominates the
@@ -45,12 +48,13 @@ def _msdnet_ops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> floa
     return 0.0
 
 
-def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str = "msdnet") -> List[Dict]:
+def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str | None = None) -> List[Dict]:
     """[{'exit': k, 'flops': cumulative FLOPs, 'params': cumulative parameters}] for k = 1..K.
 
     input_shape is one sample's shape, e.g. (3, 32, 32). Parameters count each module that
     has run by that exit once (so exit k includes earlier heads but no later stage).
     """
+    convention = convention or getattr(model, "cost_convention", "msdnet")
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
     ops = [0.0]
@@ -80,7 +84,7 @@ def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str = "ms
     return rows
 
 
-def exit_flops(model: nn.Module, input_shape: Sequence[int], convention: str = "msdnet") -> List[float]:
+def exit_flops(model: nn.Module, input_shape: Sequence[int], convention: str | None = None) -> List[float]:
     """The K cumulative per-exit FLOPs alone (what the budgeted evaluation needs)."""
     return [row["flops"] for row in per_exit(model, input_shape, convention)]
 
@@ -90,7 +94,7 @@ def default_num_classes(name: str) -> int:
     return 1000 if ("imagenet" in name or name.startswith("resnet")) else 100
 
 
-def of_named(name: str, num_classes: int | None = None, convention: str = "msdnet") -> List[Dict]:
+def of_named(name: str, num_classes: int | None = None, convention: str | None = None) -> List[Dict]:
     """per_exit for a built-in network at its native input size, with MFLOPs added to each row."""
     from . import models  # local: models does not need cost, and cost stays importable on its own
     model = models.build(name, num_classes or default_num_classes(name))

@@ -8,6 +8,8 @@ segments share the backbone's own modules (and parameters).
 """
 from __future__ import annotations
 
+import math
+import sys
 from typing import Dict, List, Sequence
 
 import torch
@@ -69,16 +71,102 @@ class PooledLinear(nn.Sequential):
         super().__init__(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(channels, num_classes))
 
 
+class _ChannelsFirst(nn.Module):
+    def forward(self, x):
+        return x.permute(0, 3, 1, 2)
+
+
+class _Tokens(nn.Module):
+    """The class token (index 0) or the mean over tokens of a [N, L, D] sequence."""
+
+    def __init__(self, use_class_token: bool):
+        super().__init__()
+        self.use_class_token = use_class_token
+
+    def forward(self, x):
+        return x[:, 0] if self.use_class_token else x.mean(dim=1)
+
+
+# Feature layouts an exit node can produce, and the default head for each:
+#   nchw        [N, C, H, W] maps (CNNs)                 -> average pool, linear
+#   nhwc        [N, H, W, C] maps (Swin, channels-last)  -> permute, average pool, linear
+#   tokens_cls  [N, 1 + L, D] with a class token (ViT)   -> class token, LayerNorm, linear
+#   tokens_mean [N, L, D] without one                    -> mean of tokens, LayerNorm, linear
+#   flat        [N, D] pooled features                   -> linear
+LAYOUTS = ("nchw", "nhwc", "tokens_cls", "tokens_mean", "flat")
+
+
+def default_head(layout: str, shape, num_classes: int) -> nn.Module:
+    if layout == "nchw":
+        return PooledLinear(shape[1], num_classes)
+    if layout == "nhwc":
+        return nn.Sequential(_ChannelsFirst(), PooledLinear(shape[3], num_classes))
+    if layout in ("tokens_cls", "tokens_mean"):
+        return nn.Sequential(_Tokens(layout == "tokens_cls"), nn.LayerNorm(shape[2]), nn.Linear(shape[2], num_classes))
+    if layout == "flat":
+        return nn.Linear(shape[1], num_classes)
+    raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
+
+
+def feature_dim(layout: str, shape) -> int:
+    return shape[{"nchw": 1, "nhwc": 3, "tokens_cls": 2, "tokens_mean": 2, "flat": 1}[layout]]
+
+
+def detect_layout(node: str, feature, input_shape, larger=None) -> str:
+    """The layout of one exit node's output, from its shape and the input's: a 4-d map whose spatial dims keep
+    the input's aspect ratio in positions 2, 3 (nchw) or 1, 2 (nhwc); a 3-d token sequence, with a class token
+    when one token more than a square grid. When a map fits both (channels equal to a spatial size), `larger`,
+    the node's output for an input twice the size, tells them apart: the channels stay, the spatial sizes grow.
+    A ValueError names the node when its output fits no layout, or two."""
+    if not torch.is_tensor(feature):
+        raise ValueError(f"exit node {node!r} outputs a {type(feature).__name__}, not a feature map or token sequence: "
+                         "choose a node whose output is one tensor")
+    shape, (H, W) = tuple(feature.shape), tuple(input_shape[-2:])
+    if len(shape) == 2:
+        return "flat"
+    if len(shape) == 3:
+        grid = math.isqrt(shape[1] - 1) if shape[1] > 1 else 0
+        return "tokens_cls" if grid * grid == shape[1] - 1 else "tokens_mean"
+    if len(shape) == 4:
+        def keeps_ratio(h, w):  # the map's aspect ratio is the input's, to within rounding of one cell
+            return h <= H and w <= W and abs(H * w - W * h) <= max(H, W)
+        fits = [name for name, (h, w) in (("nchw", shape[2:4]), ("nhwc", shape[1:3])) if keeps_ratio(h, w)]
+        if len(fits) == 2 and larger is not None and larger.dim() == 4:
+            grown = [a != b for a, b in zip(shape, larger.shape)]
+            fits = [name for name, spatial in (("nchw", [False, False, True, True]), ("nhwc", [False, True, True, False]))
+                    if grown == spatial]
+        if len(fits) == 1:
+            return fits[0]
+        why = "could be [N, C, H, W] or [N, H, W, C]" if fits else "matches neither [N, C, H, W] nor [N, H, W, C]"
+        raise ValueError(f"exit node {node!r} outputs shape {list(shape)}, which {why} for input {list(input_shape)}: "
+                         f"give layout= (one of {', '.join(LAYOUTS)})")
+    raise ValueError(f"exit node {node!r} outputs a {len(shape)}-d tensor {list(shape)}, not a feature map or token "
+                     "sequence: choose another node")
+
+
+def _probe_larger(backbone, gm, input_shape) -> Dict:
+    """The exit features for an input twice the size, or {} when the backbone takes one input size only."""
+    c, h, w = input_shape
+    try:
+        with evaluating(backbone), torch.no_grad():
+            return gm(torch.zeros(1, c, 2 * h, 2 * w))
+    except Exception:  # a fixed-size model (ViT's position embedding, MaxVit's partitions): no second look
+        return {}
+
+
 class BackboneExits(MultiExitNet):
     """A multi-exit model made from `backbone` with an exit after each node in `exit_nodes`.
 
-    Each exit gets global average pooling and a Linear head, or `make_head(channels, num_classes)`.
+    Each exit's head matches the layout of its node's output (LAYOUTS; detected from the shape, or `layout=`:
+    one name for all exits or one per exit), or is `make_head(feature_dim, num_classes)`. Its cost is counted
+    in multiply-accumulates by torch's flop counter (every family's operations, attention included).
     """
 
     head_index = 0
+    cost_convention = "macs"
 
     def __init__(self, backbone: nn.Module, exit_nodes: Sequence[str], num_classes: int, *,
-                 input_shape=(3, 224, 224), make_head=PooledLinear, gradient_equilibrium: bool = False):
+                 input_shape=(3, 224, 224), make_head=None, layout=None, gradient_equilibrium: bool = False):
         if isinstance(exit_nodes, str):
             raise ValueError(f"exit_nodes must be a list of node names, got the string {exit_nodes!r}: "
                              f"write exit_nodes=[{exit_nodes!r}]")
@@ -102,13 +190,33 @@ class BackboneExits(MultiExitNet):
         gm = create_feature_extractor(backbone, return_nodes=exit_nodes)
         segments = _split_graph(gm, exit_nodes)
         stages = nn.ModuleList(_Segment(seg, first=(k == 0)) for k, seg in enumerate(segments))
-        with evaluating(backbone):  # probe the channel count of every exit feature
+        with evaluating(backbone):  # probe the shape of every exit feature
             feats = gm(torch.zeros(1, *input_shape))
-        heads = nn.ModuleList(make_head(feats[n].shape[1], num_classes) for n in exit_nodes)
+        layouts = [layout] * len(exit_nodes) if layout is None or isinstance(layout, str) else list(layout)
+        if len(layouts) != len(exit_nodes):
+            raise ValueError(f"layout gives {len(layouts)} layouts for {len(exit_nodes)} exit nodes")
+        larger = None
+        for k, (node, given) in enumerate(zip(exit_nodes, layouts)):
+            if given is not None and given not in LAYOUTS:
+                raise ValueError(f"unknown layout {given!r} for exit node {node!r}; valid: {', '.join(LAYOUTS)}")
+            try:
+                layouts[k] = given or detect_layout(node, feats[node], input_shape, larger)
+            except ValueError:
+                if larger is not None or "could be" not in str(sys.exc_info()[1]):
+                    raise
+                larger = _probe_larger(backbone, gm, input_shape)  # once, and only for an ambiguous map
+                layouts[k] = detect_layout(node, feats[node], input_shape, larger.get(node) if larger else None)
+            dims = {"nchw": 4, "nhwc": 4, "tokens_cls": 3, "tokens_mean": 3, "flat": 2}[layouts[k]]
+            if not torch.is_tensor(feats[node]) or feats[node].dim() != dims:
+                raise ValueError(f"exit node {node!r}: layout {layouts[k]} needs a {dims}-d output, got "
+                                 f"{list(feats[node].shape) if torch.is_tensor(feats[node]) else type(feats[node]).__name__}")
+        heads = nn.ModuleList(
+            make_head(feature_dim(lay, feats[n].shape), num_classes) if make_head is not None
+            else default_head(lay, feats[n].shape, num_classes) for n, lay in zip(exit_nodes, layouts))
         # The backbone itself is not registered: the segments hold the modules that run, so
         # parameters() leaves out what no exit uses (e.g. a ResNet's own fc layer).
         super().__init__(stages, heads, gradient_equilibrium=gradient_equilibrium)
-        self.exit_nodes = exit_nodes
+        self.exit_nodes, self.layouts = exit_nodes, layouts
         self.input_shape = tuple(input_shape)
 
 
