@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+
+import torch
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -37,7 +39,30 @@ RECIPES: Dict[str, Dict] = {
     # MSDNet's ImageNet code: batch 256, 90 epochs, lr x0.1 every 30
     "imagenet": dict(arch="msdnet_imagenet_step4", batch_size=256, epochs=90, lr_milestones=(30, 60), nesterov=False,
                      n_per_class=0, val_per_class=0),
+    # fine-tuning a torchvision backbone with exits, as such backbones are fine-tuned (DeiT/timm's practice):
+    # AdamW, lr 1e-3 at batch 128, weight decay 0.05, cosine decay after a linear warm-up
+    "finetune": dict(arch="vit_b_16_exits", batch_size=128, epochs=30, lr_milestones=(), nesterov=False,
+                     n_per_class=0, val_per_class=0, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+                     lr_schedule="cosine", warmup_epochs=3),
 }
+
+
+# Values every recipe shares unless it names its own (the SGD setups of MSDNet, the paper and Phuong & Lampert).
+SGD_DEFAULTS = dict(optimizer="sgd", lr=0.1, weight_decay=1e-4, lr_schedule="step", warmup_epochs=0)
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("step", "cosine")
+
+
+def check_weights(arch: str, weights: str) -> None:
+    """A torchvision weights name for the backbone of `arch`, or a ValueError listing the valid ones."""
+    import torchvision
+    family = models.torchvision_arch(arch)
+    if family is None:
+        raise ValueError(f"weights {weights!r}: arch {arch} is not a torchvision backbone with exits "
+                         f"({', '.join(models.BACKBONE_ARCHS)} are)")
+    valid = [str(w) for w in torchvision.models.get_model_weights(family)]
+    if weights not in valid:
+        raise ValueError(f"unknown weights {weights!r} for {family}; valid: {', '.join(valid)}")
 
 
 def default_recipe(dataset: str) -> str:
@@ -76,13 +101,20 @@ class TrainConfig:
     # optimisation
     epochs: Optional[int] = _opt(None, "training epochs (recipe)")
     batch_size: Optional[int] = _opt(None, "images per step and process (recipe)")
-    lr: float = _opt(0.1, "network learning rate (SGD)")
+    optimizer: Optional[str] = _opt(None, "network optimizer (recipe): sgd or adamw")
+    lr: Optional[float] = _opt(None, "network learning rate (recipe)")
     momentum: float = _opt(0.9, "SGD momentum")
     nesterov: Optional[bool] = _opt(None, "Nesterov momentum (recipe; Phuong & Lampert's code uses it)")
-    weight_decay: float = _opt(1e-4, "SGD weight decay")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.999, "AdamW beta2")
+    weight_decay: Optional[float] = _opt(None, "weight decay (recipe; decoupled under AdamW)")
+    lr_schedule: Optional[str] = _opt(None, "step (x lr_gamma at each milestone) or cosine (recipe)")
+    warmup_epochs: Optional[int] = _opt(None, "epochs of linear lr warm-up before the schedule (recipe)")
     lr_milestones: Optional[Tuple[int, ...]] = _opt(None, "epochs where lr *= lr_gamma (recipe; empty: 50%% and 75%% "
                                                           "of the epochs)")
     lr_gamma: float = _opt(0.1, "lr factor at each milestone")
+    weights: str = _opt("", "torchvision weights for a backbone with exits, e.g. ViT_B_16_Weights.IMAGENET1K_V1 "
+                            "(downloaded by torchvision on first use)")
     # bilevel weight update (objectives with learned weights)
     meta_interval: int = _opt(1, "training steps per weight update (1..steps per epoch)")
     meta_warmup: float = _opt(0.0, "fraction of the run's steps, in [0, 1), before the weights start to learn (they "
@@ -124,7 +156,7 @@ class TrainConfig:
         name = self.recipe or default_recipe(self.dataset)
         if name not in RECIPES:
             raise ValueError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
-        for key, value in RECIPES[name].items():
+        for key, value in {**SGD_DEFAULTS, **RECIPES[name]}.items():
             if getattr(self, key) is None:
                 setattr(self, key, value)
 
@@ -183,6 +215,21 @@ class TrainConfig:
             raise ValueError(f"workers must be >= 0 (0: load in the main process), got {self.workers}")
         if self.train_heads_only and not self.init_from:
             raise ValueError("train_heads_only needs init_from: the run whose network the heads are trained on")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
+        if self.optimizer == "sgd" and (self.beta1, self.beta2) != (TrainConfig.beta1, TrainConfig.beta2):
+            raise ValueError(f"beta1 and beta2 are AdamW options: add optimizer adamw (--optimizer adamw), or drop them")
+        if self.optimizer == "adamw" and (self.momentum != TrainConfig.momentum or self.nesterov):
+            raise ValueError("momentum and nesterov are SGD options (AdamW has beta1, beta2): drop them, or use "
+                             "optimizer sgd")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must lie in [0, 1), got {self.beta1} and {self.beta2}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must lie in [0, epochs), got {self.warmup_epochs} of {self.epochs}")
+        if self.weights:
+            check_weights(self.arch, self.weights)
         if self.compile not in ("", "network", "step"):
             raise ValueError(f"compile must be '', 'network' or 'step', got {self.compile!r}")
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
@@ -192,7 +239,21 @@ class TrainConfig:
         return self.lr_milestones or (self.epochs // 2, self.epochs * 3 // 4)
 
     def lr_at(self, epoch: int) -> float:
+        """The network's lr during `epoch` (from 0): a linear warm-up over warmup_epochs, then step or cosine."""
+        if epoch < self.warmup_epochs:
+            return self.lr * (epoch + 1) / (self.warmup_epochs + 1)
+        if self.lr_schedule == "cosine":
+            done = (epoch - self.warmup_epochs) / max(self.epochs - self.warmup_epochs, 1)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * done))
         return self.lr * self.lr_gamma ** sum(epoch >= m for m in self.milestones())
+
+    def make_optimizer(self, parameters):
+        """The network optimizer these settings name (the bilevel step mirrors whichever it is)."""
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(parameters, lr=self.lr, betas=(self.beta1, self.beta2),
+                                     weight_decay=self.weight_decay)
+        return torch.optim.SGD(parameters, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                               nesterov=self.nesterov)
 
     def warmup_steps(self, steps_per_epoch: int) -> int:
         """Training steps before the first weight update (meta_warmup of the run)."""
@@ -223,7 +284,8 @@ class TrainConfig:
 
 # Settings added after runs were already made, with the value that reproduces how those runs trained: a run
 # folder whose config.json lacks one resumes with this value, not with today's default.
-LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none", "nesterov": False, "recipe": ""}
+LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none", "nesterov": False, "recipe": "",
+                 "optimizer": "sgd", "lr_schedule": "step", "warmup_epochs": 0}
 
 
 # Defaults changed after runs were made under the former value: a run folder that began under it (and has

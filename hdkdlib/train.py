@@ -51,7 +51,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.data = data_bundle or build_data(cfg, self.device, self.rank, self.world_size)
         self.model = models.build(cfg.arch, self.data.num_classes, input_shape=self.data.input_shape,
-                                  gradient_equilibrium=cfg.gradient_equilibrium).to(self.device)
+                                  gradient_equilibrium=cfg.gradient_equilibrium,
+                                  **({"weights": cfg.weights} if cfg.weights else {})).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.init_from:  # another run's final network; IMTA's second stage trains new heads on frozen stages
@@ -60,8 +61,7 @@ class Trainer:
                 self.model.freeze_stages_and_reset_heads()
         self.objective = objectives.build(cfg.method, self.model.num_exits, **cfg.objective_options()).to(self.device)
         self.objective.check_inputs = False  # checked every check_every steps instead: no host sync per step
-        self.optimizer = torch.optim.SGD([p for p in self.model.parameters() if p.requires_grad], lr=cfg.lr,
-                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+        self.optimizer = cfg.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
         self.net = self.model
         if cfg.compile:
             self.net = torch.compile(self.model, mode=cfg.compile_mode)
@@ -119,7 +119,10 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "batch": self.batch,
                  "step": self.step, "meta_steps": self.meta_steps,
                  "accumulators": {k: v.cpu() for k, v in self._acc.items()},
-                 "config": {**dataclasses.asdict(self.cfg), "lr_milestones": list(self.cfg.lr_milestones)}}
+                 "config": {**dataclasses.asdict(self.cfg), "lr_milestones": list(self.cfg.lr_milestones)},
+                 "rng": torch.get_rng_state()}  # stochastic depth and dropout draw from it: resume bit-identically
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.meta is not None:
             state["meta_optimizer"] = self.meta.optimizer.state_dict()
             state["val_loss"] = self.meta.val_loss.state_dict()
@@ -139,6 +142,10 @@ class Trainer:
             self.meta.optimizer.load_state_dict(state["meta_optimizer"])
             self.meta.val_loss.load_state_dict(state["val_loss"])
         self.epoch, self.batch, self.step, self.meta_steps = (state[k] for k in ("epoch", "batch", "step", "meta_steps"))
+        if "rng" in state:  # checkpoints from before it was kept resume as they did
+            torch.set_rng_state(state["rng"].cpu())
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self._acc = {k: v.to(self.device) for k, v in state["accumulators"].items()}
 
     def load_finished(self) -> None:

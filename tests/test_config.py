@@ -1,5 +1,6 @@
 """Settings, recipes and the command line: one source of values for Python, the CLI and the notebooks."""
 import dataclasses
+import math
 import subprocess
 import sys
 
@@ -83,7 +84,7 @@ def test_stored_configs_of_older_runs_keep_their_behaviour():
 def test_argparser_defaults_are_none_so_only_given_values_override():
     args = vars(argparser().parse_args(["--epochs", "3"]))
     assert args["epochs"] == 3 and all(v is None for k, v in args.items() if k != "epochs")
-    assert set(RECIPES) == {"msdnet_cifar", "paper_cifar", "dbt_cifar", "imagenet"}
+    assert set(RECIPES) == {"msdnet_cifar", "paper_cifar", "dbt_cifar", "imagenet", "finetune"}
 
 
 @pytest.mark.parametrize("name, value, message", [
@@ -124,3 +125,33 @@ def test_info_is_quiet_on_a_closed_pipe_and_bounds_the_classes():
     big = subprocess.run([sys.executable, "-m", "hdkdlib", "info", "toy_mlp", "--num-classes", "1000000"],
                          capture_output=True, text=True)
     assert big.returncode == 2 and r"--num-classes must lie in [1, 100,000]" in big.stderr
+
+
+def test_optimizer_schedule_and_weights_options():
+    cosine = TrainConfig(recipe="finetune", epochs=10, warmup_epochs=2, lr=1.0).validate()
+    assert cosine.optimizer == "adamw" and cosine.weight_decay == 0.05
+    # warm-up: lr (e + 1) / (w + 1); then 0.5 (1 + cos(pi (e - w) / (E - w)))
+    assert [round(cosine.lr_at(e), 6) for e in (0, 1, 2, 6, 9)] == [round(1 / 3, 6), round(2 / 3, 6), 1.0, 0.5,
+                                                                    round(0.5 * (1 + math.cos(math.pi * 7 / 8)), 6)]
+    step = TrainConfig(epochs=8).validate()
+    assert (step.optimizer, step.lr, step.weight_decay, step.lr_schedule) == ("sgd", 0.1, 1e-4, "step")
+    assert [step.lr_at(e) for e in (3, 4, 6)] == [0.1, pytest.approx(0.01), pytest.approx(0.001)]
+    cases = [(dict(beta1=0.8), "beta1 and beta2 are AdamW options: add optimizer adamw"),
+             (dict(optimizer="adamw", momentum=0.5), "momentum and nesterov are SGD options"),
+             (dict(optimizer="adam"), "unknown optimizer 'adam'; valid: sgd, adamw"),
+             (dict(lr_schedule="linear"), "unknown lr_schedule 'linear'; valid: step, cosine"),
+             (dict(warmup_epochs=300), r"warmup_epochs must lie in \[0, epochs\), got 300 of 300"),
+             (dict(arch="vit_b_16_exits", weights="ViT_B_16_Weights.NOPE"),
+              "unknown weights 'ViT_B_16_Weights.NOPE' for vit_b_16; valid: ViT_B_16_Weights.IMAGENET1K_V1"),
+             (dict(weights="ResNet18_Weights.IMAGENET1K_V1"), "arch msdnet_cifar_anytime is not a torchvision backbone")]
+    for options, message in cases:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**options).validate()
+    assert TrainConfig(arch="resnet18_exits", weights="ResNet18_Weights.IMAGENET1K_V1").validate().weights
+
+
+def test_run_folders_from_before_the_optimizer_settings_resume_as_sgd():
+    old = {k: v for k, v in dataclasses.asdict(TrainConfig().validate()).items()
+           if k not in ("optimizer", "lr_schedule", "warmup_epochs", "beta1", "beta2", "weights")}
+    cfg = config_from_dict(stored_config(old))
+    assert (cfg.optimizer, cfg.lr_schedule, cfg.warmup_epochs, cfg.lr) == ("sgd", "step", 0, 0.1)

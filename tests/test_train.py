@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import re
 import shutil
@@ -588,3 +589,27 @@ def test_meta_warmup_keeps_the_start_then_learns_and_bounded_weights_resume(fake
     resumed = Trainer(_cfg(fake_root, tmp_path / "c", **bounded))
     resumed.fit(resume=True)
     assert resumed.objective.named_weights() == final
+
+
+# --- AdamW, cosine schedules and transformers with exits (issue 26) -------------------------------------------
+def test_a_transformer_with_exits_trains_under_hdkd_with_adamw_and_resumes_bit_identically(tmp_path):
+    """swin_t_exits (channels-last stages) on synthetic 32 px images, recipe finetune (AdamW, cosine after a
+    warm-up): the loss is finite, the learned weights move, and an interrupted run resumes to the same state."""
+    def cfg(out):
+        return TrainConfig(dataset="synthetic", recipe="finetune", arch="swin_t_exits", method="hdkd", epochs=2,
+                           warmup_epochs=1, batch_size=8, n_per_class=2, val_per_class=2, meta_schedule="fixed",
+                           meta_lr=0.01, device="cpu", progress=False, check_every=1, threads=1,
+                           split_dir=str(tmp_path / "splits"), out=str(out))
+    whole = Trainer(cfg(tmp_path / "whole"))
+    assert isinstance(whole.optimizer, torch.optim.AdamW) and whole.model.layouts == ["nhwc"] * 4
+    start = whole.objective.named_weights()
+    rows = whole.fit()
+    assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[-1]["weights"] != start
+    assert [r["lr"] for r in rows] == [pytest.approx(1e-3 / 2), pytest.approx(1e-3)]  # warm-up, then cosine's start
+    parted = Trainer(cfg(tmp_path / "parted"))
+    _interrupt(parted, lambda t: t.epoch == 1)
+    resumed = Trainer(cfg(tmp_path / "parted"))
+    resumed.fit(resume=True)
+    assert resumed.objective.named_weights() == whole.objective.named_weights()
+    for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name

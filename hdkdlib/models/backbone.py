@@ -224,5 +224,31 @@ def resnet_exits(arch: str, num_classes: int, *, weights=None, exit_nodes=("laye
                  **kwargs) -> BackboneExits:
     """A torchvision ResNet with an exit after each stage; its own fc layer is left unused."""
     import torchvision
-    backbone = getattr(torchvision.models, arch)(weights=weights)
+    backbone = getattr(torchvision.models, arch)(weights=weights or None)
+    return BackboneExits(backbone, exit_nodes, num_classes, **kwargs)
+
+
+def vit_exits(arch: str, num_classes: int, *, weights=None, exit_nodes=None, input_shape=(3, 224, 224), **kwargs):
+    """A torchvision ViT with exits after evenly spaced encoder blocks (by default every third of ViT-B's 12: after
+    blocks 3, 6, 9 and 12), heads on the class token. Without weights it is built for the input size given;
+    pretrained weights fix the size they were trained at."""
+    import torchvision
+    size = input_shape[-1]
+    if weights:
+        backbone = getattr(torchvision.models, arch)(weights=weights)
+        if backbone.image_size != size:
+            raise ValueError(f"{arch} weights {weights} take {backbone.image_size} px images, got {size} px: resize the "
+                             f"data to {backbone.image_size} px, or train without weights")
+    else:
+        backbone = getattr(torchvision.models, arch)(image_size=size)
+    depth = len(backbone.encoder.layers)
+    nodes = exit_nodes or [f"encoder.layers.encoder_layer_{i}" for i in range(depth // 4 - 1, depth, depth // 4)]
+    return BackboneExits(backbone, nodes, num_classes, input_shape=input_shape, **kwargs)
+
+
+def swin_exits(arch: str, num_classes: int, *, weights=None, exit_nodes=("features.1", "features.3", "features.5",
+                                                                            "features.7"), **kwargs) -> BackboneExits:
+    """A torchvision Swin Transformer with an exit after each of its four stages (channels-last maps)."""
+    import torchvision
+    backbone = getattr(torchvision.models, arch)(weights=weights or None)
     return BackboneExits(backbone, exit_nodes, num_classes, **kwargs)
