@@ -31,6 +31,31 @@ from .models.base import evaluating
 CONVENTIONS = ("msdnet", "macs")
 
 
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """scaled_dot_product_attention on a CPU: q @ k^T and attn @ v, [B, H, L, d] x [B, H, S, d]."""
+    b, h, l, d = query
+    return 2 * b * h * l * key[-2] * (d + value[-1])
+
+
+def _fast_multi_head_attention_flops(query, key, value, embed_dim, num_heads, *args, out_shape=None, **kwargs) -> int:
+    """nn.MultiheadAttention's inference fast path: the q, k, v and output projections and both attention products,
+    for [B, L, E] queries and [B, S, E] keys."""
+    b, l, e = query
+    s = key[-2]
+    return 2 * b * (2 * l * e * e + 2 * s * e * e + 2 * l * s * e)
+
+
+# Attention kernels torch's counter does not price on a CPU (it knows the CUDA ones): without these, a ViT's
+# attention would cost nothing on a CPU, and nn.MultiheadAttention's inference fast path not even its projections.
+EXTRA_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+               torch.ops.aten._native_multi_head_attention: _fast_multi_head_attention_flops}
+
+
+def flop_counter() -> FlopCounterMode:
+    """torch's flop counter (2 FLOPs per multiply-accumulate) with the CPU attention kernels priced as well."""
+    return FlopCounterMode(display=False, custom_mapping=EXTRA_FLOPS)
+
+
 def _msdnet_ops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> float:
     """Ops for one sample (batch of 1) under the reference counter's rules."""
     if isinstance(module, nn.Conv2d):
@@ -74,7 +99,7 @@ def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str | Non
     rows = []
     try:
         x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
-        with evaluating(model), FlopCounterMode(display=False) as counter:
+        with evaluating(model), flop_counter() as counter:
             for k, _ in enumerate(model.exits(x), start=1):
                 flops = ops[0] if convention == "msdnet" else counter.get_total_flops() / 2
                 rows.append({"exit": k, "flops": float(flops), "params": int(params[0])})
@@ -90,8 +115,9 @@ def exit_flops(model: nn.Module, input_shape: Sequence[int], convention: str | N
 
 
 def default_num_classes(name: str) -> int:
-    """1000 for the ImageNet networks (MSDNet ImageNet, ResNets), 100 (CIFAR-100) for the others."""
-    return 1000 if ("imagenet" in name or name.startswith("resnet")) else 100
+    """1000 for the ImageNet networks (MSDNet ImageNet, the torchvision backbones), 100 (CIFAR-100) for the others."""
+    from . import models
+    return 1000 if ("imagenet" in name or models.torchvision_arch(name)) else 100
 
 
 def of_named(name: str, num_classes: int | None = None, convention: str | None = None) -> List[Dict]:

@@ -6,7 +6,6 @@ import pytest
 import torch
 import torchvision
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import convnext, densenet, maxvit, regnet, resnet, swin_transformer, vision_transformer
 
 from hdkdlib import cost, evaluation, models
@@ -103,7 +102,7 @@ def test_every_family_exits_early_as_simulated_and_costs_what_the_backbone_costs
     # the plain backbone up to the last exit node, counted by torch's own flop counter (its classifier, which a
     # network with exits does not run, left out: mobilenet_v3's is a 1024-wide hidden layer)
     trunk = torchvision.models.feature_extraction.create_feature_extractor(backbone, model.exit_nodes[-1:])
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), cost.flop_counter() as counter:
         trunk(torch.zeros(1, 3, size, size))
     plain = counter.get_total_flops() / 2
     assert plain <= flops[-1] <= 1.03 * plain, (flops[-1], plain)  # our heads add a few percent at most
@@ -115,7 +114,7 @@ def test_swin_stages_are_channels_last_and_priced_as_such():
     backbone, model, size, _ = _built("swin")
     assert [h[-1][-1].in_features for h in model.heads] == [16, 32, 64, 128]
     first = cost.per_exit(model, (3, size, size))[0]["flops"]
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), cost.flop_counter() as counter:
         torchvision.models.feature_extraction.create_feature_extractor(backbone, ["features.1"])(
             torch.zeros(1, 3, size, size))
     assert first >= counter.get_total_flops() / 2  # at least the backbone up to that stage
@@ -142,3 +141,16 @@ def test_layouts_that_do_not_fit_are_caught_with_the_node_named():
     assert detect_layout("n", torch.zeros(1, 8, 8, 8), (3, 32, 32), torch.zeros(1, 8, 16, 16)) == "nchw"
     assert detect_layout("n", torch.zeros(1, 8, 8, 8), (3, 32, 32), torch.zeros(1, 16, 16, 8)) == "nhwc"
     assert detect_layout("n", torch.zeros(1, 16, 32), (3, 32, 32)) == "tokens_mean"
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_attention_is_priced_on_a_cpu(grad):
+    """One ViT encoder block, hand-counted: q, k, v and output projections 4 L E^2, the MLP 2 L E M, and both
+    attention products 2 L^2 E. torch's counter alone prices none of the attention on a CPU (and, under no_grad,
+    where nn.MultiheadAttention takes its fused fast path, not even the projections)."""
+    L, E, M = 17, 32, 64
+    block = vision_transformer.EncoderBlock(num_heads=2, hidden_dim=E, mlp_dim=M, dropout=0.0,
+                                            attention_dropout=0.0).eval()
+    with torch.set_grad_enabled(grad), cost.flop_counter() as counter:
+        block(torch.zeros(1, L, E))
+    assert counter.get_total_flops() / 2 == 4 * L * E * E + 2 * L * E * M + 2 * L * L * E
