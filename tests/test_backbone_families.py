@@ -138,8 +138,8 @@ def test_layouts_that_do_not_fit_are_caught_with_the_node_named():
     assert detect_layout("n", torch.zeros(1, 24, 8, 4), (3, 64, 32)) == "nchw"  # non-square input
     assert detect_layout("n", torch.zeros(1, 8, 4, 24), (3, 64, 32)) == "nhwc"
     # channels equal to a spatial size: the output for an input twice the size tells them apart
-    assert detect_layout("n", torch.zeros(1, 8, 8, 8), (3, 32, 32), torch.zeros(1, 8, 16, 16)) == "nchw"
-    assert detect_layout("n", torch.zeros(1, 8, 8, 8), (3, 32, 32), torch.zeros(1, 16, 16, 8)) == "nhwc"
+    assert detect_layout("n", torch.zeros(1, 8, 8, 8), (3, 32, 32), lambda: torch.zeros(1, 8, 16, 16)) == "nchw"
+    assert detect_layout("n", torch.zeros(1, 8, 8, 8), (3, 32, 32), lambda: torch.zeros(1, 16, 16, 8)) == "nhwc"
     assert detect_layout("n", torch.zeros(1, 16, 32), (3, 32, 32)) == "tokens_mean"
 
 

@@ -9,7 +9,6 @@ segments share the backbone's own modules (and parameters).
 from __future__ import annotations
 
 import math
-import sys
 from typing import Dict, List, Sequence
 
 import torch
@@ -115,8 +114,9 @@ def feature_dim(layout: str, shape) -> int:
 def detect_layout(node: str, feature, input_shape, larger=None) -> str:
     """The layout of one exit node's output, from its shape and the input's: a 4-d map whose spatial dims keep
     the input's aspect ratio in positions 2, 3 (nchw) or 1, 2 (nhwc); a 3-d token sequence, with a class token
-    when one token more than a square grid. When a map fits both (channels equal to a spatial size), `larger`,
-    the node's output for an input twice the size, tells them apart: the channels stay, the spatial sizes grow.
+    when one token more than a square grid. When a map fits both (channels equal to a spatial size), `larger()`,
+    the node's output for an input twice the size (or None), tells them apart: the channels stay, the spatial
+    sizes grow. It is called only then.
     A ValueError names the node when its output fits no layout, or two."""
     if not torch.is_tensor(feature):
         raise ValueError(f"exit node {node!r} outputs a {type(feature).__name__}, not a feature map or token sequence: "
@@ -131,8 +131,9 @@ def detect_layout(node: str, feature, input_shape, larger=None) -> str:
         def keeps_ratio(h, w):  # the map's aspect ratio is the input's, to within rounding of one cell
             return h <= H and w <= W and abs(H * w - W * h) <= max(H, W)
         fits = [name for name, (h, w) in (("nchw", shape[2:4]), ("nhwc", shape[1:3])) if keeps_ratio(h, w)]
-        if len(fits) == 2 and larger is not None and larger.dim() == 4:
-            grown = [a != b for a, b in zip(shape, larger.shape)]
+        bigger = larger() if len(fits) == 2 and larger is not None else None
+        if bigger is not None and bigger.dim() == 4:
+            grown = [a != b for a, b in zip(shape, bigger.shape)]
             fits = [name for name, spatial in (("nchw", [False, False, True, True]), ("nhwc", [False, True, True, False]))
                     if grown == spatial]
         if len(fits) == 1:
@@ -195,17 +196,16 @@ class BackboneExits(MultiExitNet):
         layouts = [layout] * len(exit_nodes) if layout is None or isinstance(layout, str) else list(layout)
         if len(layouts) != len(exit_nodes):
             raise ValueError(f"layout gives {len(layouts)} layouts for {len(exit_nodes)} exit nodes")
-        larger = None
+        probed = []  # the second probe runs once, and only if some map is ambiguous
+
+        def larger_of(node):
+            if not probed:
+                probed.append(_probe_larger(backbone, gm, input_shape))
+            return probed[0].get(node)
         for k, (node, given) in enumerate(zip(exit_nodes, layouts)):
             if given is not None and given not in LAYOUTS:
                 raise ValueError(f"unknown layout {given!r} for exit node {node!r}; valid: {', '.join(LAYOUTS)}")
-            try:
-                layouts[k] = given or detect_layout(node, feats[node], input_shape, larger)
-            except ValueError:
-                if larger is not None or "could be" not in str(sys.exc_info()[1]):
-                    raise
-                larger = _probe_larger(backbone, gm, input_shape)  # once, and only for an ambiguous map
-                layouts[k] = detect_layout(node, feats[node], input_shape, larger.get(node) if larger else None)
+            layouts[k] = given or detect_layout(node, feats[node], input_shape, lambda: larger_of(node))
             dims = {"nchw": 4, "nhwc": 4, "tokens_cls": 3, "tokens_mean": 3, "flat": 2}[layouts[k]]
             if not torch.is_tensor(feats[node]) or feats[node].dim() != dims:
                 raise ValueError(f"exit node {node!r}: layout {layouts[k]} needs a {dims}-d output, got "
