@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from hdkdlib import models, objectives, toy  # noqa: E402
 from hdkdlib.distributed import cpu_threads  # noqa: E402
-from hdkdlib.train import TrainConfig, Trainer  # noqa: E402
+from hdkdlib.train import TrainConfig, prepare  # noqa: E402
 
 
 def _spin(stop):
@@ -51,7 +51,7 @@ def _toy_step():
 def _trainer_step(arch):
     cfg = TrainConfig(dataset="synthetic", arch=arch, method="hdkd", batch_size=64, epochs=1, device="cpu",
                       progress=False, threads=1, meta_schedule="fixed", meta_lr=1e-3)
-    trainer = Trainer(cfg)  # each measurement sets its own thread count
+    trainer = prepare(cfg)  # each measurement sets its own thread count
     batches = list(trainer.data.train.batches(0))
     state = {"i": 0}
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from hdkdlib import data, runinfo
-from hdkdlib.train import DataBundle, TrainConfig, Trainer
+from hdkdlib import data, runinfo, train
+from hdkdlib.train import DataBundle, TrainConfig
 
 CASES = [("ce", 1), ("hdkd", 1), ("hdkd", 10)]
 
@@ -63,7 +63,7 @@ def measure(arch, method, meta_interval, batch_size, variant, device, steps, war
                       compile_mode="reduce-overhead" if v["graphs"] and v["compile"] else "default",
                       progress=False, threads=torch.get_num_threads())  # the variant's threads, never auto
     try:
-        trainer = Trainer(cfg, data_bundle=bundle(batch_size, device, num_classes=num_classes,
+        trainer = train.prepare(cfg, data_bundle=bundle(batch_size, device, num_classes=num_classes,
                                                   channels_last=v["channels_last"]))
         # Whole meta intervals in both windows, so "every 10 steps" times exactly one bilevel step in ten.
         warmup, steps = (-(-n // meta_interval) * meta_interval for n in (warmup, steps))

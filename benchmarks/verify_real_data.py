@@ -35,7 +35,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from hdkdlib import config, evaluation, objectives, plots, runfolder, train
+from hdkdlib import config, evaluation, objectives, plots, resume, runfolder, train
 from hdkdlib.runfolder import RunFolder
 from hdkdlib.paths import atomic_write_text
 
@@ -328,7 +328,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     plt.close(fig)
     for name in sorted({variant(n) for n in learned}):  # how the weights moved from their start, every seed
         runs = sorted(n for n in learned if variant(n) == name)
-        cfg = config.config_from_dict(config.stored_config(learned[runs[0]]["config"]))
+        cfg = config.config_from_dict(resume.stored_config(learned[runs[0]]["config"]))
         start = objectives.build(cfg.method, len(exits), **cfg.objective_options()).named_weights()
         axes = plots.weights_by_student([learned[n]["weights_history"] for n in runs], len(exits), initial=start,
                                         title=f"{name}: learned loss weights per epoch (epoch 0: the start), "

@@ -281,19 +281,19 @@ def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, va
 
 
 class MetaStep:
-    """The trainer's bilevel step: a real training pass whose gradients are left in `.grad` for the
-    network optimizer (no second backward), plus the weight update with its own optimizer (Adam).
+    """The loss weights' update: from a training pass already made (its gradients and teacher logits, given by
+    step.train_step) and a held-out batch, the hypergradient, then a step of the weights' own optimizer (Adam).
 
-    Use:   loss, logits = meta.step(train_batch, val_batch, optimizer); optimizer.step()
-    The virtual step is the one `optimizer` would take (VirtualStep.of: SGD with its momentum buffers, or
-    Adam/AdamW with their moments and step count), so it mirrors the real update; other optimizers are refused. The network update uses the
-    gradient at the weights *before* this weight step (a one-step lag, as in DARTS' alternation).
+    The virtual step is the one the network optimizer would take (VirtualStep.of: SGD with its momentum buffers,
+    or Adam/AdamW with their moments and step count), so it mirrors the real update; other optimizers are
+    refused. The network update uses the gradient at the weights *before* this weight step (a one-step lag, as in
+    DARTS' alternation).
     """
 
     def __init__(self, model: nn.Module, objective: Objective, *, lr: float = 1e-3, betas=(0.5, 0.999),
                  method: str = "finite_difference", val_loss: Union[str, ValidationLoss] = "balanced",
                  alpha: float = 0.5, eps: Optional[float] = None, check_finite: bool = True,
-                 hypergrad_norm: str = "lr"):
+                 hypergrad_norm: str = "lr", device=None):
         if method not in METHODS:
             raise ValueError(f"unknown hypergradient method {method!r}; valid: {', '.join(METHODS)}")
         if hypergrad_norm not in HYPERGRAD_NORMS:
@@ -312,23 +312,35 @@ class MetaStep:
         self.objective, self.method, self.eps, self.check_finite = objective, method, eps, check_finite
         self.val_loss = val_loss if isinstance(val_loss, nn.Module) else ValidationLoss(
             objective.num_exits, kind=val_loss, alpha=alpha)
+        if device is not None:
+            self.val_loss.to(device)
         self.optimizer = torch.optim.Adam(objective.parameters(), lr=lr, betas=betas)
 
-    def step(self, train_batch: Batch, val_batch: Batch, optimizer: torch.optim.Optimizer):
-        step = VirtualStep.of(optimizer, {id(p): n for n, p in _trainable(self.module).items()})
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> Dict:  # the checkpoint's keys since the first runs
+        return {"meta_optimizer": self.optimizer.state_dict(), "val_loss": self.val_loss.state_dict()}
+
+    def load_state_dict(self, state: Dict) -> None:
+        self.optimizer.load_state_dict(state["meta_optimizer"])
+        self.val_loss.load_state_dict(state["val_loss"])
+
+    def parameter_names(self) -> Dict[int, str]:
+        """{id(parameter): name} of the network's trainable parameters (for VirtualStep.of)."""
+        return {id(p): n for n, p in _trainable(self.module).items()}
+
+    def update(self, train_batch: Batch, val_batch: Batch, logits, grads: Dict[str, torch.Tensor],
+               step: VirtualStep):
+        """One weight update from the training pass at theta (its logits, the KD teachers, and its gradients
+        {name: tensor}) and the virtual step the network optimizer will take; returns the hypergradient."""
         _check(self.module, self.objective, train_batch, val_batch, step.lr, self.method)
-        x, y = train_batch
-        optimizer.zero_grad(set_to_none=True)
-        logits = self.model(x)  # the real pass: BN statistics update as in any training step
-        loss = self.objective(logits, y)
-        loss.backward()
-        params = _trainable(self.module)
-        # Read, not copied: nothing below writes to .grad before the network optimizer uses it.
-        grads = {n: p.grad.detach() if p.grad is not None else torch.zeros_like(p) for n, p in params.items()}
         if self.method == "finite_difference":
+            params = {n: p.detach() for n, p in _trainable(self.module).items()}
             hyper, val_logits = _fd_hypergradient(
-                self.module, self.objective, {n: p.detach() for n, p in params.items()}, grads,
-                [z.detach() for z in logits], train_batch, val_batch, step=step, val_loss=self.val_loss, eps=self.eps)
+                self.module, self.objective, params, grads, [z.detach() for z in logits], train_batch, val_batch,
+                step=step, val_loss=self.val_loss, eps=self.eps)
         else:  # the reference path: a second, differentiable training pass (slow, for checks and ablations)
             hyper, val_logits = _hypergradient(self.module, self.objective, train_batch, val_batch, step=step,
                                                val_loss=self.val_loss, method="exact", eps=self.eps)
@@ -343,4 +355,13 @@ class MetaStep:
         self.optimizer.step()
         if self.val_loss.kind == "balanced":
             self.val_loss.update(_mean_over_ranks([ce_terms(val_logits, val_batch[1]).detach()])[0])
-        return loss.detach(), [z.detach() for z in logits]
+        return hyper
+
+    def step(self, train_batch: Batch, val_batch: Batch, optimizer: torch.optim.Optimizer):
+        """step.train_step without the network's update (the caller's optimizer.step() follows): for studies
+        that drive the weight update by hand. Returns (loss, logits), the gradients left in .grad."""
+        from .step import backward_pass, network_gradients
+        loss, logits = backward_pass(self.model, self.objective, *train_batch, optimizer)
+        step = VirtualStep.of(optimizer, self.parameter_names())
+        self.update(train_batch, val_batch, logits, network_gradients(self.module), step)
+        return loss, logits

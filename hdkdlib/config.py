@@ -218,7 +218,7 @@ class TrainConfig:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}")
         if self.optimizer == "sgd" and (self.beta1, self.beta2) != (TrainConfig.beta1, TrainConfig.beta2):
-            raise ValueError(f"beta1 and beta2 are AdamW options: add optimizer adamw (--optimizer adamw), or drop them")
+            raise ValueError("beta1 and beta2 are AdamW options: add optimizer adamw (--optimizer adamw), or drop them")
         if self.optimizer == "adamw" and (self.momentum != TrainConfig.momentum or self.nesterov):
             raise ValueError("momentum and nesterov are SGD options (AdamW has beta1, beta2): drop them, or use "
                              "optimizer sgd")
@@ -280,39 +280,6 @@ class TrainConfig:
             if self.init:
                 options["init"] = self.init
         return options
-
-
-# Settings added after runs were already made, with the value that reproduces how those runs trained: a run
-# folder whose config.json lacks one resumes with this value, not with today's default.
-LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none", "nesterov": False, "recipe": "",
-                 "optimizer": "sgd", "lr_schedule": "step", "warmup_epochs": 0}
-
-
-# Defaults changed after runs were made under the former value: a run folder that began under it (and has
-# something to continue) keeps it when the new settings hold today's default (RunFolder.former_defaults).
-FORMER_DEFAULTS = {"meta_traverse": 0.25}
-
-# The weight update's settings: they change nothing in a run whose loss weights are fixed (a fixed-weight method,
-# or learned weights frozen from another run), so a changed default of theirs must not stop such a run resuming.
-WEIGHT_UPDATE_SETTINGS = ("meta_interval", "meta_warmup", "meta_schedule", "meta_traverse", "meta_lr", "hypergrad_norm",
-                          "meta_method", "val_loss", "alpha")
-
-
-def unused_settings(values: Dict) -> set:
-    """The settings that cannot change what a run with these (completed) settings computes."""
-    bound = set() if values.get("weight_map") == "bounded" and values.get("method") in objectives.LEARNED \
-        else {"weight_bound"}
-    if values.get("method") not in objectives.LEARNED or values.get("freeze_weights_from"):
-        return set(WEIGHT_UPDATE_SETTINGS) | bound
-    return bound | ({"meta_lr"} if values.get("meta_schedule") == "per_run" else {"meta_traverse"})
-
-
-def stored_config(values: Dict) -> Dict:
-    """A run folder's recorded settings, completed: settings added since it began take the value that
-    reproduces its training (LEGACY_VALUES) or else their default."""
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-    missing = {k: LEGACY_VALUES.get(k, v) for k, v in defaults.items() if k not in values}
-    return {**values, **missing}
 
 
 def config_from_dict(values: Dict) -> TrainConfig:

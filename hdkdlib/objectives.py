@@ -340,10 +340,13 @@ def names() -> List[str]:
 def build(name: str, num_exits: int, **options) -> Objective:
     if name not in _REGISTRY:
         raise ValueError(f"unknown objective {name!r}; valid names: {', '.join(names())}")
+    check_inputs = options.pop("check_inputs", True)  # False: the caller checks the loss itself, off the step
     try:
-        return _REGISTRY[name](num_exits, **options)
+        objective = _REGISTRY[name](num_exits, **options)
     except TypeError as e:
         raise TypeError(f"objective {name!r}: {e}") from e
+    objective.check_inputs = check_inputs
+    return objective
 
 
 # --- validation objectives (outer problem of the bilevel step) ----------------------------------------

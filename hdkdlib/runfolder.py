@@ -24,17 +24,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .config import FORMER_DEFAULTS, TrainConfig, stored_config, unused_settings
 from .paths import atomic_write, atomic_write_text
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 CHECKPOINT, PREVIOUS, MODEL, LOCK = "checkpoint.pt", "checkpoint.prev.pt", "model.pt", ".lock"
-
-
-# Settings that may differ when a run is resumed: where things are and how fast they run, not what is computed.
-# Places are compared by what they hold: the split by its checksum, not its path (a moved clone resumes).
-RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "download", "data_root", "compile",
-                     "compile_mode", "threads", "split_dir"}
 
 
 class RunFolderBusy(RuntimeError):
@@ -95,60 +88,6 @@ class RunFolder:
         if not isinstance(record, dict):
             raise RunFolderDamaged(f"{name} in {self.path} holds a {type(record).__name__}, not a record: {fix}")
         return record
-
-    def settings_differ(self, record: Dict) -> List[str]:
-        """Where the run here differs from a new config record ({"config": settings, "split": {"checksum"}}): every
-        setting that changes what is computed (RESUMABLE_CHANGES, and settings unused by both, may differ), and
-        the split by its checksum."""
-        here = self.config()
-        old, new = stored_config(here["config"]), record["config"]
-        free = RESUMABLE_CHANGES | (unused_settings(old) & unused_settings(new))
-        differ = sorted(k for k in set(old) | set(new)
-                        if k not in free and json.dumps(old.get(k)) != json.dumps(new.get(k)))
-        old_split, new_split = here.get("split", {}).get("checksum"), record.get("split", {}).get("checksum")
-        if old_split and new_split and old_split != new_split:
-            differ.append("split (checksum)")
-        return differ
-
-    def former_defaults(self, cfg: TrainConfig) -> Dict:
-        """The settings whose default changed since the run here began under the former one, where cfg holds
-        today's: what cfg takes to continue (or load) the run as it began. Empty for a new folder, or one
-        that never reached a checkpoint (it starts afresh, with today's defaults)."""
-        if not (self.resumable() or self.trained()):
-            return {}
-        here = stored_config(self.config()["config"])
-        return {k: here[k] for k, former in FORMER_DEFAULTS.items()
-                if k not in unused_settings(here) and json.dumps(here.get(k)) == json.dumps(former)
-                and getattr(cfg, k) == getattr(TrainConfig, k)}
-
-    def check_settings(self, record: Dict) -> None:
-        """A ValueError naming the settings in which the run here differs from a new config record."""
-        differ = self.settings_differ(record)
-        if differ:
-            raise ValueError(f"run folder {self.path} holds a run with other settings ({', '.join(differ)}): run with "
-                             "its settings (--resume takes them from its config.json) or choose another out folder")
-
-    def begin(self, record: Dict, resume: Optional[bool], say=print) -> None:
-        """Check this folder against a new run's config record, then begin the run here. resume: True (asked to
-        continue: say so when there is nothing to continue), None (continue what is there), False (a run that
-        reached a checkpoint is an error). A folder holding other settings is an error; one whose run stopped
-        before its first checkpoint holds nothing but its config, and starts afresh in every case."""
-        if self.exists():
-            self.check_settings(record)
-            if (self.resumable() or self.trained()) and resume is False:
-                state = ("a finished run (load it with train.run(cfg) or train.load_run)" if self.finished() else
-                         "a run trained but not evaluated: rerun with --resume to evaluate it (Python: train.run(cfg))"
-                         if self.trained() else
-                         "an interrupted run: continue it with the same command plus --resume (Python: train.run(cfg))")
-                raise FileExistsError(f"run folder {self.path} holds {state}, or choose another out folder")
-            if not self.resumable():
-                say(f"{self.path} holds a run that stopped before its first checkpoint: starting it again from the "
-                    "beginning")
-                self.restart()
-        elif resume is True:
-            say(f"nothing to resume in {self.path}: starting a new run there")
-        if not self.exists():
-            self.write_config(record)
 
     # --- the lock -----------------------------------------------------------------------------------------
     def acquire(self) -> None:

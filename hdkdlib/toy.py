@@ -9,6 +9,7 @@ import torch
 from tqdm import tqdm  # text bars: a finished bar stays a line of text (a widget bar dies with its kernel)
 
 from . import bilevel
+from .step import train_step
 from .distributed import cpu_threads
 from .models import evaluating
 from .objectives import Objective
@@ -52,15 +53,8 @@ def fit(model, objective: Objective, train, val=None, *, steps: int = 500, lr: f
     model.train()
     with cpu_threads(threads):
         for step in tqdm(range(1, steps + 1), desc=type(objective).__name__, disable=not progress):
-            if meta is not None and step % meta_interval == 0:
-                loss, logits = meta.step(train, val, opt)
-            else:
-                opt.zero_grad(set_to_none=True)
-                logits = model(train[0])
-                loss = objective(logits, train[1])
-                loss.backward()
-            opt.step()
-            objective.after_step(logits)
+            due = meta is not None and step % meta_interval == 0
+            loss, logits = train_step(model, objective, opt, train, meta if due else None, val)
             if step % log_every == 0 or step == steps:
                 history["step"].append(step)
                 history["loss"].append(float(loss.detach()))

@@ -20,14 +20,16 @@ from tqdm import tqdm  # text bars: a finished bar stays a line of text (a widge
 
 from . import bilevel, cli, cost, data, distributed, evaluation, models, objectives, runfolder, runinfo
 # Settings live in hdkdlib.config, data in hdkdlib.data.bundle; these names stay importable from here.
-from .config import TrainConfig, argparser_for, config_from_dict, stored_config
+from .config import TrainConfig, argparser_for, config_from_dict
 from .config import to_argv as cli_args
 from .data.bundle import DataBundle, build_data
 from .paths import DiskFull
 from .runfolder import RunFolder, RunFolderBusy, RunFolderDamaged
+from .resume import begin_run, resolve
+from .step import train_step
 
-__all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "run", "load_run", "main", "cli_args", "config_from_dict",
-           "DataBundle", "build_data"]
+__all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "prepare", "run", "load_run", "main", "cli_args",
+           "config_from_dict", "DataBundle", "build_data"]
 
 
 def say(message: str) -> None:
@@ -39,16 +41,12 @@ class TrainingInterrupted(RuntimeError):
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, data_bundle: Optional[DataBundle] = None):
-        self.run_dir = RunFolder(cfg.out) if cfg.out else None            # read by every rank
-        former = self.run_dir.former_defaults(cfg) if self.run_dir else {}
-        cfg = dataclasses.replace(cfg, **former)  # a run begun under a former default continues as it began
-        self.cfg = cfg.validate()
-        self.rank, self.world_size, self.device = distributed.setup(cfg.device)
-        if former and self.rank == 0:
-            say(f"run folder {cfg.out} began under a former default ({', '.join(f'{k} {v}' for k, v in former.items())}): "
-                "continuing with it; choose another out folder for today's")
-        torch.manual_seed(cfg.seed)
+    """The parts of one run (data, network, objective, optimizers, run folder) and its training loop. Build it with
+    prepare(cfg): the settings are taken as given (resume.resolve settles them) and never rewritten here."""
+
+    def __init__(self, cfg: TrainConfig, process: Tuple[int, int, torch.device], data_bundle: Optional[DataBundle] = None):
+        self.cfg, (self.rank, self.world_size, self.device) = cfg, process
+        self.folder = RunFolder(cfg.out) if cfg.out else None  # read by every rank, written by rank 0
         self.data = data_bundle or build_data(cfg, self.device, self.rank, self.world_size)
         self.model = models.build(cfg.arch, self.data.num_classes, input_shape=self.data.input_shape,
                                   gradient_equilibrium=cfg.gradient_equilibrium,
@@ -59,12 +57,11 @@ class Trainer:
             self.model.load_state_dict(runfolder.final_network(cfg.init_from, self.device))
             if cfg.train_heads_only:
                 self.model.freeze_stages_and_reset_heads()
-        self.objective = objectives.build(cfg.method, self.model.num_exits, **cfg.objective_options()).to(self.device)
-        self.objective.check_inputs = False  # checked every check_every steps instead: no host sync per step
+        # the loss is checked every check_every steps instead of every step: no host sync per step
+        self.objective = objectives.build(cfg.method, self.model.num_exits, check_inputs=False,
+                                          **cfg.objective_options()).to(self.device)
         self.optimizer = cfg.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
-        self.net = self.model
-        if cfg.compile:
-            self.net = torch.compile(self.model, mode=cfg.compile_mode)
+        self.net = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -73,27 +70,16 @@ class Trainer:
             self.objective.fix_weights(runfolder.final_weights(cfg.freeze_weights_from),
                                        source=f"freeze_weights_from: {cfg.freeze_weights_from}")
         elif list(self.objective.parameters()):
-            self.meta = bilevel.MetaStep(self.net, self.objective, lr=cfg.meta_lr_for(len(self.data.train)), method=cfg.meta_method,
-                                         val_loss=cfg.val_loss, alpha=cfg.alpha, check_finite=False,
-                                         hypergrad_norm=cfg.hypergrad_norm)
-            self.meta.val_loss.to(self.device)
-        self._plain_fn, self._meta_fn = self._plain_step, self._meta_step
-        if cfg.compile == "step":  # graph breaks at backward() split the step; each part is compiled
-            self._plain_fn = torch.compile(self._plain_step, mode=cfg.compile_mode)
-            self._meta_fn = torch.compile(self._meta_step, mode=cfg.compile_mode)
+            self.meta = bilevel.MetaStep(self.net, self.objective, lr=cfg.meta_lr_for(len(self.data.train)),
+                                         method=cfg.meta_method, val_loss=cfg.val_loss, alpha=cfg.alpha,
+                                         check_finite=False, hypergrad_norm=cfg.hypergrad_norm, device=self.device)
+        # graph breaks at backward() split the step; each part is compiled
+        self._step = torch.compile(train_step, mode=cfg.compile_mode) if cfg.compile == "step" else train_step
         self.exit_flops = cost.exit_flops(self.model, self.data.input_shape)
-        if self.device.type == "cpu":  # threads 0: what suits this model and how busy the machine is now
-            torch.set_num_threads(cfg.threads or distributed.auto_threads(self.exit_flops[-1] * cfg.batch_size))
         self.warmup_steps = cfg.warmup_steps(len(self.data.train))  # the weights keep their start until then
         self.epoch = self.batch = self.step = self.meta_steps = 0
         self._acc = self._zero_accumulators()
-        self.folder = self.run_dir if self.rank == 0 else None              # written by rank 0 only
         self._stop_signal = None
-
-    # -- setup helpers
-    def _zero_accumulators(self):
-        zeros = lambda *shape, dtype=torch.long: torch.zeros(shape, device=self.device, dtype=dtype)
-        return {"loss": zeros(dtype=torch.float64), "correct": zeros(self.model.num_exits), "seen": zeros()}
 
     # -- run folder
     def _config_record(self) -> Dict:
@@ -102,16 +88,11 @@ class Trainer:
                 "threads_used": torch.get_num_threads(),
                 "world_size": self.world_size, "split": {k: self.data.split.get(k) for k in
                                                          ("protocol", "seed", "checksum", "val_per_class", "train_per_class")},
-                "exit_flops": self.exit_flops,
-                "meta_lr_used": self.meta.optimizer.param_groups[0]["lr"] if self.meta is not None else None}
+                "exit_flops": self.exit_flops, "meta_lr_used": self.meta.lr if self.meta is not None else None}
 
-    def _begin(self, resume: Optional[bool]) -> bool:
-        """Rank 0 checks the run folder against these settings and begins the run there (RunFolder.begin); True
-        when training continues from a checkpoint."""
-        if self.folder is not None:
-            self.folder.begin(self._config_record(), resume, say=say)
-        distributed.barrier()  # the other ranks decide once rank 0 has checked (and perhaps reset) the folder
-        return resume is not False and self.run_dir is not None and self.run_dir.resumable()
+    @property
+    def writes(self) -> bool:  # rank 0 alone writes the run folder
+        return self.folder is not None and self.rank == 0
 
     # -- checkpoints
     def state_dict(self) -> Dict:
@@ -124,23 +105,21 @@ class Trainer:
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
         if self.meta is not None:
-            state["meta_optimizer"] = self.meta.optimizer.state_dict()
-            state["val_loss"] = self.meta.val_loss.state_dict()
+            state.update(self.meta.state_dict())
         return state
 
     def save_checkpoint(self) -> None:
-        if self.folder is not None:
+        if self.writes:
             self.folder.save_checkpoint(self.state_dict())
 
     def load_checkpoint(self) -> None:
         """Continue from the run folder's checkpoint (or the previous one, if the newer one is unreadable)."""
-        state = self.run_dir.load_checkpoint(self.device, say=say)
+        state = self.folder.load_checkpoint(self.device, say=say)
         self.model.load_state_dict(state["model"])
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         if self.meta is not None:
-            self.meta.optimizer.load_state_dict(state["meta_optimizer"])
-            self.meta.val_loss.load_state_dict(state["val_loss"])
+            self.meta.load_state_dict(state)
         self.epoch, self.batch, self.step, self.meta_steps = (state[k] for k in ("epoch", "batch", "step", "meta_steps"))
         if "rng" in state:  # checkpoints from before it was kept resume as they did
             torch.set_rng_state(state["rng"].cpu())
@@ -151,43 +130,32 @@ class Trainer:
     def load_finished(self) -> None:
         """A finished run's final state: its last checkpoint (network, weights, their optimizers), or, with the
         checkpoints deleted or unreadable, model.pt and the final weights in results.json."""
-        if self.run_dir.resumable():
+        if self.folder.resumable():
             try:
                 return self.load_checkpoint()
             except RuntimeError as e:
                 say(f"{e}; loading model.pt and the weights in results.json instead")
-        self.model.load_state_dict(self.run_dir.load_model(self.device))
-        if list(self.objective.parameters()):
-            named = self.run_dir.results()["weights"]
+        self.model.load_state_dict(self.folder.load_model(self.device))
+        if list(self.objective.parameters()):  # trained, not yet evaluated: the last epoch's line has them
+            named = self.folder.results()["weights"] if self.folder.evaluated() else self.folder.metrics()[-1]["weights"]
             self.objective.set_weights([named[n] / self.objective.scale for n in self.objective.term_names])
         self.epoch = self.cfg.epochs
 
     # -- training
+    def _zero_accumulators(self):
+        zeros = lambda *shape, dtype=torch.long: torch.zeros(shape, device=self.device, dtype=dtype)
+        return {"loss": zeros(dtype=torch.float64), "correct": zeros(self.model.num_exits), "seen": zeros()}
+
     def _val_batch(self):  # the held-out stream continues across epochs and resumes
         return self.data.val_stream.batch_at(*divmod(self.meta_steps, len(self.data.val_stream)))
 
-    def _plain_step(self, x, y):
-        self.optimizer.zero_grad(set_to_none=True)
-        logits = self.net(x)
-        loss = self.objective(logits, y)
-        loss.backward()
-        self.optimizer.step()
-        return loss.detach(), [z.detach() for z in logits]
-
-    def _meta_step(self, x, y, x_val, y_val):
-        loss, logits = self.meta.step((x, y), (x_val, y_val), self.optimizer)  # leaves the gradients in .grad
-        self.optimizer.step()
-        return loss, logits
-
     def train_step(self, x, y):
-        """One optimisation step (with the bilevel weight update every meta_interval steps)."""
+        """One optimisation step (with the bilevel weight update every meta_interval steps after the warm-up)."""
+        due = self.meta is not None and bilevel.updates_weights_at(self.step, self.cfg.meta_interval, self.warmup_steps)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            if self.meta is not None and bilevel.updates_weights_at(self.step, self.cfg.meta_interval, self.warmup_steps):
-                loss, logits = self._meta_fn(x, y, *self._val_batch())
-                self.meta_steps += 1
-            else:
-                loss, logits = self._plain_fn(x, y)
-        self.objective.after_step(logits)
+            loss, logits = self._step(self.net, self.objective, self.optimizer, (x, y), self.meta if due else None,
+                                      self._val_batch() if due else None)
+        self.meta_steps += due
         self.step += 1
         with torch.no_grad():
             self._acc["loss"] += loss.detach().double() * len(y)
@@ -218,24 +186,29 @@ class Trainer:
         """Stop after the current step, saving a checkpoint (what SIGINT and SIGTERM do during fit)."""
         self._stop_signal = signum
 
-    def fit(self, resume: Optional[bool] = False) -> List[Dict]:
-        """Train to cfg.epochs; returns the per-epoch metrics (also in metrics.jsonl). resume: True or None
-        continue from the run folder's checkpoint (True says so when there is none); with False a folder holding
-        an interrupted run is an error."""
-        if self.folder is not None:
+    def fit(self, action: str = "start") -> List[Dict]:
+        """Carry out resume.resolve's action in the run folder ("start", "continue" from the checkpoint, "evaluate"
+        or "load" a trained run) and train to cfg.epochs; returns the per-epoch metrics (also in metrics.jsonl)."""
+        if self.writes:
             self.folder.acquire()  # no second process trains into this folder meanwhile
         handlers = {}
         try:
-            return self._fit(resume, handlers)
+            return self._fit(action, handlers)
         finally:
             for sig, h in handlers.items():
                 signal.signal(sig, h)
-            if self.folder is not None:
+            if self.writes:
                 self.folder.release()
 
-    def _fit(self, resume: Optional[bool], handlers: Dict) -> List[Dict]:
-        if self._begin(resume):
-            self.load_checkpoint()
+    def _fit(self, action: str, handlers: Dict) -> List[Dict]:
+        if self.writes:
+            begin_run(self.folder, self._config_record(), action)
+        distributed.barrier()  # the other ranks go on once rank 0 has checked (and perhaps reset) the folder
+        if action == "load":
+            self.load_finished()
+            return []
+        if action in ("continue", "evaluate"):  # a trained run whose checkpoints are gone: its final network
+            self.load_checkpoint() if self.folder.resumable() else self.load_finished()
         history = []
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -262,7 +235,7 @@ class Trainer:
                     raise TrainingInterrupted(
                         f"stopped by signal {self._stop_signal} at epoch {self.epoch + 1}, batch {self.batch}; "
                         f"checkpoint saved" + (f" in {self.folder.path}: continue with the same command plus "
-                                               "--resume" if self.folder is not None else ""))
+                                               "--resume" if self.writes else ""))
             bar.close()
             self._check_finite()
             seconds = time.perf_counter() - start
@@ -270,10 +243,10 @@ class Trainer:
             history.append(row)
             self.epoch, self.batch = self.epoch + 1, 0
             self._acc = self._zero_accumulators()
-            if self.folder is not None:
+            if self.writes:
                 self.folder.append_metrics(row)
             self.save_checkpoint()
-        if self.folder is not None:
+        if self.writes:
             self.folder.save_model(self.model.state_dict())
         return history
 
@@ -287,39 +260,45 @@ class Trainer:
         results = {**evaluation.network_results(self.model, val, test, self.exit_flops, self.data.input_shape,
                                                 self.device, latency_batch=min(256, self.cfg.eval_batch_size)),
                    "weights": self.objective.named_weights(), **self._config_record()}
-        if self.folder is not None and self.folder.exists():
+        if self.writes and self.folder.exists():
             results = self.folder.with_history(results)
             if write:
                 self.folder.write_results(results)
         return results
 
 
+def prepare(cfg: TrainConfig, data_bundle: Optional[DataBundle] = None) -> Trainer:
+    """The one place that sets up this process for a run (ranks and device, the seed, CPU threads), then builds
+    the run's Trainer. cfg is taken as given: resume.resolve settles it first for a run folder made earlier."""
+    process = distributed.setup(cfg.device)
+    torch.manual_seed(cfg.seed)
+    trainer = Trainer(cfg, process, data_bundle)
+    if trainer.device.type == "cpu":  # threads 0: what suits this model and how busy the machine is now
+        torch.set_num_threads(cfg.threads or distributed.auto_threads(trainer.exit_flops[-1] * cfg.batch_size))
+    return trainer
+
+
 def load_run(run_dir, device: str = "auto") -> Trainer:
-    """A finished run folder as a Trainer holding its final model (for evaluation and exploration)."""
+    """A trained run folder as a Trainer holding its final model, read-only (for evaluation and exploration)."""
     folder = RunFolder(run_dir)
     if not (folder.exists() and folder.trained()):
         raise FileNotFoundError(f"{folder.path} is not a finished run folder (config.json and model.pt expected)")
-    values = stored_config(folder.config()["config"])
-    cfg = config_from_dict({**values, "device": device, "progress": False, "out": ""})
-    trainer = Trainer(cfg)
+    plan = resolve({"out": str(folder.path), "device": device, "progress": False}, "continue")
+    trainer = prepare(dataclasses.replace(plan.cfg, out=""))  # no folder: evaluating it writes nothing there
     trainer.model.load_state_dict(folder.load_model(trainer.device))
     return trainer
 
 
 def run(cfg: TrainConfig, evaluate: bool = True, data_bundle: Optional[DataBundle] = None,
-        resume: Optional[bool] = None) -> Tuple[Trainer, Optional[Dict]]:
-    """Train (or pick up) the run in cfg.out and evaluate it: what the notebooks call.
-
-    A finished run with the same settings is loaded, not retrained. An interrupted one is continued from its
-    checkpoint (resume=None or True; resume=False makes that an error, as the CLI without --resume), and one
-    that stopped before its first checkpoint starts again. A folder holding other settings is an error."""
-    trainer = Trainer(cfg, data_bundle)
-    folder = trainer.run_dir
-    if folder is not None and folder.finished():
-        folder.check_settings(trainer._config_record())
-        trainer.load_finished()
-        return trainer, folder.results()
-    trainer.fit(resume=resume)
+        resume: str = "auto") -> Tuple[Trainer, Optional[Dict]]:
+    """Train (or pick up) the run in cfg.out and evaluate it: what the notebooks call. resume: "auto" (continue or
+    load what the folder holds), "continue" or "new" (a folder holding a run is an error); see hdkdlib.resume.
+    A finished run with the same settings is loaded, not retrained; a folder holding other settings is an error."""
+    plan = resolve(cfg, resume)
+    trainer = prepare(plan.cfg, data_bundle)
+    trainer.fit(plan.action)
+    if plan.action == "load":
+        return trainer, trainer.folder.results()
     return trainer, (trainer.evaluate() if evaluate else None)
 
 
@@ -338,18 +317,15 @@ def main(argv=None) -> int:
     args = vars(_parser(argv).parse_args(argv))
     resume, no_eval, debug = args.pop("resume"), args.pop("no_eval"), args.pop("debug")
     given = {k: v for k, v in args.items() if v is not None}
-    values = dict(given)
     if resume and not given.get("out"):
         say("error: --resume needs --out, the run folder to continue")
         return 2
     recorded = RunFolder(given["out"]) if given.get("out") else None
     finished = False
     try:
-        if resume and recorded.exists():
-            # --resume continues the run with its recorded settings; options given on the command line must agree
-            values = {**stored_config(recorded.config()["config"]), **given}
-        trainer = Trainer(config_from_dict(values))
-        trainer.fit(resume=resume)
+        plan = resolve(given, "continue" if resume else "new")  # --resume: the recorded settings; given ones agree
+        trainer = prepare(plan.cfg)
+        trainer.fit(plan.action)
         results = None if no_eval else trainer.evaluate()
         if results is not None:
             print(" ".join(f"exit{r['exit']}={100 * r['top1']:.2f}" for r in results["anytime"]))

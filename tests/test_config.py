@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from hdkdlib import config
-from hdkdlib.config import RECIPES, TrainConfig, argparser, config_from_dict, stored_config, to_argv
+from hdkdlib.config import RECIPES, TrainConfig, argparser, config_from_dict, to_argv
+from hdkdlib.resume import LEGACY_VALUES, stored_config
 
 
 def _cli_config(argv):
@@ -78,7 +78,7 @@ def test_stored_configs_of_older_runs_keep_their_behaviour():
     filled = stored_config(old)
     assert (filled["meta_schedule"], filled["hypergrad_norm"], filled["nesterov"]) == ("fixed", "none", False)
     assert config_from_dict(filled).meta_lr == 1e-3
-    assert set(config.LEGACY_VALUES) <= {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(LEGACY_VALUES) <= {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def test_argparser_defaults_are_none_so_only_given_values_override():

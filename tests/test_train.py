@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -16,7 +17,8 @@ import torch
 from hdkdlib import data, train
 from hdkdlib.paths import DiskFull
 from hdkdlib.runfolder import RunFolder, RunFolderDamaged
-from hdkdlib.train import TrainConfig, Trainer, TrainingInterrupted, main
+from hdkdlib.resume import begin_run, resolve
+from hdkdlib.train import TrainConfig, TrainingInterrupted, main
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,6 +36,14 @@ def _cfg(fake_root, out, **kw):
                   eval_batch_size=64, out=str(out), progress=False, device="cpu", check_every=5)
     values.update(kw)
     return TrainConfig(**values)
+
+
+def _resume(cfg):
+    """What --resume does with cfg's run folder: the settings resolved against it, then the run continued."""
+    plan = resolve(cfg, "continue")
+    trainer = train.prepare(plan.cfg)
+    trainer.fit(plan.action)
+    return trainer
 
 
 def _metrics(out):
@@ -60,18 +70,17 @@ def _interrupt(trainer, when):
 
 
 def test_interrupt_and_resume_is_bit_identical(fake_root, tmp_path):
-    full = Trainer(_cfg(fake_root, tmp_path / "full"))
+    full = train.prepare(_cfg(fake_root, tmp_path / "full"))
     full.fit()
 
-    broken = Trainer(_cfg(fake_root, tmp_path / "resumed"))
+    broken = train.prepare(_cfg(fake_root, tmp_path / "resumed"))
     stop_at = len(broken.data.train) + 4  # mid-epoch 2
     stopped = _interrupt(broken, lambda t: t.step == stop_at)
     assert re.search("epoch 2, batch 4; checkpoint saved.*--resume", str(stopped)), stopped
     ckpt = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 4, stop_at)
 
-    resumed = Trainer(_cfg(fake_root, tmp_path / "resumed"))
-    resumed.fit(resume=True)
+    resumed = _resume(_cfg(fake_root, tmp_path / "resumed"))
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(full.objective.gamma, resumed.objective.gamma)
@@ -101,32 +110,31 @@ def test_real_sigterm_writes_a_checkpoint_and_exits(fake_root, tmp_path):
 
 def test_run_folder_guards(fake_root, tmp_path):
     out = tmp_path / "run"
-    Trainer(_cfg(fake_root, out, epochs=1)).fit()  # trained, not evaluated: as if killed during the evaluation
+    train.prepare(_cfg(fake_root, out, epochs=1)).fit()  # trained, not evaluated: as if killed during the evaluation
     with pytest.raises(FileExistsError, match="holds a run trained but not evaluated: rerun with --resume to evaluate"):
-        Trainer(_cfg(fake_root, out, epochs=1)).fit()
+        train.run(_cfg(fake_root, out, epochs=1), resume="new")
     with pytest.raises(ValueError, match=r"holds a run with other settings \(lr\)"):
-        Trainer(_cfg(fake_root, out, epochs=1, lr=0.2)).fit(resume=True)
+        _resume(_cfg(fake_root, out, epochs=1, lr=0.2))
     record = json.loads((out / "config.json").read_text())
     del record["config"]["alpha"]  # a run folder from before a setting existed: its default applies
     (out / "config.json").write_text(json.dumps(record))
-    Trainer(_cfg(fake_root, out, epochs=1, compile="network")).fit(resume=True)  # engine options may change
+    _resume(_cfg(fake_root, out, epochs=1, compile="network"))  # engine options may change
     good = (out / "checkpoint.pt").read_bytes()
     (out / "checkpoint.pt").write_bytes(good[: len(good) // 3])
     (out / "checkpoint.prev.pt").write_bytes(good)
-    resumed = Trainer(_cfg(fake_root, out, epochs=1))
-    resumed.fit(resume=True)  # the truncated checkpoint.pt is skipped, after saying so; the intact .prev is used
+    resumed = _resume(_cfg(fake_root, out, epochs=1))  # the truncated checkpoint.pt is skipped, after saying so; the intact .prev is used
     assert resumed.epoch == 1
     assert (out / "checkpoint.prev.pt").read_bytes() == good  # nothing good was overwritten
     (out / "checkpoint.prev.pt").write_bytes(good[:100])  # both unreadable: a clear error, nothing deleted
     (out / "checkpoint.pt").write_bytes(good[:100])
     with pytest.raises(RuntimeError, match=r"cannot resume .*no readable checkpoint .*checkpoint.pt.*checkpoint.prev.pt"):
-        Trainer(_cfg(fake_root, out, epochs=1)).fit(resume=True)
+        _resume(_cfg(fake_root, out, epochs=1))
     assert (out / "checkpoint.pt").read_bytes() == good[:100]
 
 
 def test_nan_stops_training_without_touching_the_last_good_checkpoint(fake_root, tmp_path):
     out = tmp_path / "run"
-    trainer = Trainer(_cfg(fake_root, out, epochs=3, method="ce"))
+    trainer = train.prepare(_cfg(fake_root, out, epochs=3, method="ce"))
     original = trainer.train_step
 
     def poisoned(x, y):
@@ -153,7 +161,7 @@ def test_config_errors_name_the_setting(fake_root, tmp_path):
 
 def test_results_and_config_record(fake_root, tmp_path):
     out = tmp_path / "run"
-    trainer = Trainer(_cfg(fake_root, out, epochs=1))
+    trainer = train.prepare(_cfg(fake_root, out, epochs=1))
     trainer.fit()
     res = trainer.evaluate()
     saved = json.loads((out / "results.json").read_text())
@@ -163,7 +171,7 @@ def test_results_and_config_record(fake_root, tmp_path):
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["config"]["lr"] == 0.05 and "cpu" in cfg["device"]
     assert cfg["config"]["threads"] == 0 and cfg["threads_used"] == 1  # auto: the toy MLP trains on one thread
-    Trainer(_cfg(fake_root, "", threads=2))
+    train.prepare(_cfg(fake_root, "", threads=2))
     assert torch.get_num_threads() == 2  # an explicit count is kept
 
 
@@ -211,13 +219,13 @@ def test_run_reuses_a_finished_run_and_freezing_keeps_weights_fixed(fake_root, t
     for name, w in results["weights"].items():
         assert res["weights"][name] == pytest.approx(w, rel=1e-5)
     with pytest.raises(ValueError, match="needs a method with learned weights"):
-        Trainer(_cfg(fake_root, tmp_path / "x", method="dkd", freeze_weights_from=str(tmp_path / "a" / "results.json")))
+        train.prepare(_cfg(fake_root, tmp_path / "x", method="dkd", freeze_weights_from=str(tmp_path / "a" / "results.json")))
 
 
 def test_results_name_the_commit_the_run_began_with(fake_root, tmp_path):
     """A run evaluated after the code moved on records the commit it was trained with, and the one that evaluated it."""
     from hdkdlib import runinfo
-    trainer = Trainer(_cfg(fake_root, tmp_path / "run", epochs=1))
+    trainer = train.prepare(_cfg(fake_root, tmp_path / "run", epochs=1))
     trainer.fit()
     record = json.loads((tmp_path / "run" / "config.json").read_text())
     record["git_commit"] = "0123abcd (the commit when the run began)"
@@ -271,9 +279,9 @@ def test_image_folder_batches_are_seeded_sharded_and_resumable(tmp_path):
 
 def test_compiled_step_trains_like_eager(fake_root, tmp_path):
     """compile="step": forward, backward, optimizer and bilevel update under torch.compile."""
-    eager = Trainer(_cfg(fake_root, "", epochs=1))
+    eager = train.prepare(_cfg(fake_root, "", epochs=1))
     eager.fit()
-    compiled = Trainer(_cfg(fake_root, "", epochs=1, compile="step"))
+    compiled = train.prepare(_cfg(fake_root, "", epochs=1, compile="step"))
     compiled.fit()
     assert compiled.meta_steps == eager.meta_steps > 0
     for a, b in zip(eager.model.parameters(), compiled.model.parameters()):
@@ -283,9 +291,9 @@ def test_compiled_step_trains_like_eager(fake_root, tmp_path):
 
 def test_imta_second_stage_trains_new_heads_on_a_frozen_network(fake_root, tmp_path):
     small = dict(arch="msdnet_cifar_budget", n_per_class=8, val_per_class=2, batch_size=16, epochs=1)
-    first = Trainer(_cfg(fake_root, tmp_path / "stage1", method="ce", gradient_equilibrium=True, **small))
+    first = train.prepare(_cfg(fake_root, tmp_path / "stage1", method="ce", gradient_equilibrium=True, **small))
     first.fit()
-    second = Trainer(_cfg(fake_root, tmp_path / "stage2", method="imta_kd", init_from=str(tmp_path / "stage1"),
+    second = train.prepare(_cfg(fake_root, tmp_path / "stage2", method="imta_kd", init_from=str(tmp_path / "stage1"),
                           train_heads_only=True, **small))
     trained = first.model.state_dict()
     start = {k: v.clone() for k, v in second.model.state_dict().items()}
@@ -301,14 +309,14 @@ def test_imta_second_stage_trains_new_heads_on_a_frozen_network(fake_root, tmp_p
 
 def test_weight_lr_is_set_per_run_and_meta_interval_must_fit_an_epoch(fake_root, tmp_path):
     from hdkdlib import bilevel
-    trainer = Trainer(_cfg(fake_root, "", epochs=4, meta_schedule="per_run", meta_lr=1e-3))
+    trainer = train.prepare(_cfg(fake_root, "", epochs=4, meta_schedule="per_run", meta_lr=1e-3))
     steps = len(trainer.data.train)
     assert trainer.meta.optimizer.param_groups[0]["lr"] == pytest.approx(bilevel.per_run_meta_lr(4 * steps, 1.0))
     assert trainer.meta.hypergrad_norm == "lr"
-    legacy = Trainer(_cfg(fake_root, "", meta_schedule="fixed", meta_lr=0.003, hypergrad_norm="none"))
+    legacy = train.prepare(_cfg(fake_root, "", meta_schedule="fixed", meta_lr=0.003, hypergrad_norm="none"))
     assert legacy.meta.optimizer.param_groups[0]["lr"] == 0.003 and legacy.meta.hypergrad_norm == "none"
     with pytest.raises(ValueError, match=f"meta_interval 1000 is longer than an epoch \\({steps} steps\\): use 1..{steps}"):
-        Trainer(_cfg(fake_root, "", meta_interval=1000))
+        train.prepare(_cfg(fake_root, "", meta_interval=1000))
 
 
 def _cli(fake_root, out, *extra, epochs="2"):
@@ -358,7 +366,7 @@ def test_a_moved_run_folder_is_loaded_or_resumed_where_it_now_lives(fake_root, t
     shutil.copytree(fake_root / "splits", old / "splits")
     cfg = dict(split_dir=str(old / "splits"), epochs=2)
     run(_cfg(fake_root, old / "finished", **cfg))
-    _interrupt(Trainer(_cfg(fake_root, old / "half", **cfg)), lambda t: t.epoch == 1)  # in epoch 2
+    _interrupt(train.prepare(_cfg(fake_root, old / "half", **cfg)), lambda t: t.epoch == 1)  # in epoch 2
     new = tmp_path / "moved"
     shutil.copytree(old, new)
     shutil.rmtree(old)
@@ -388,15 +396,16 @@ def test_a_run_begun_under_a_former_default_continues_as_it_began(fake_root, tmp
     from hdkdlib.runfolder import RunFolder
     former = dict(epochs=2, meta_schedule="per_run", meta_lr=TrainConfig.meta_lr, meta_traverse=0.25)
     assert TrainConfig.meta_traverse == 1.0
-    full = Trainer(_cfg(fake_root, tmp_path / "full", **former))
+    full = train.prepare(_cfg(fake_root, tmp_path / "full", **former))
     full.fit()
 
-    _interrupt(Trainer(_cfg(fake_root, tmp_path / "run", **former)), lambda t: t.step == 5)
+    _interrupt(train.prepare(_cfg(fake_root, tmp_path / "run", **former)), lambda t: t.step == 5)
     today = _cfg(fake_root, tmp_path / "run", **{**former, "meta_traverse": TrainConfig.meta_traverse})
     capsys.readouterr()
-    resumed = Trainer(today)
+    plan = resolve(today, "continue")
     assert "began under a former default (meta_traverse 0.25): continuing with it" in capsys.readouterr().err
-    resumed.fit(resume=True)
+    resumed = train.prepare(plan.cfg)
+    resumed.fit(plan.action)
     assert resumed.cfg.meta_traverse == 0.25 and torch.equal(full.objective.gamma, resumed.objective.gamma)
     assert _metrics(tmp_path / "full") == _metrics(tmp_path / "run")
     assert json.loads((tmp_path / "run" / "config.json").read_text())["config"]["meta_traverse"] == 0.25
@@ -405,10 +414,11 @@ def test_a_run_begun_under_a_former_default_continues_as_it_began(fake_root, tmp
     assert trainer.cfg.meta_traverse == 0.25 and RunFolder(tmp_path / "run").finished()
     with pytest.raises(ValueError, match=r"other settings \(meta_traverse\)"):
         train.run(_cfg(fake_root, tmp_path / "run", **{**former, "meta_traverse": 0.5}))
-    # a folder that never reached a checkpoint starts afresh, with today's default
+    # a folder that never reached a checkpoint does not take the former default: today's settings are checked
     fresh = RunFolder(tmp_path / "begun")
-    fresh.begin(Trainer(_cfg(fake_root, tmp_path / "begun", **former))._config_record(), resume=None)
-    assert fresh.former_defaults(today) == {}
+    begin_run(fresh, train.prepare(_cfg(fake_root, fresh.path, **former))._config_record(), "start")
+    with pytest.raises(ValueError, match=r"other settings \(meta_traverse\)"):  # not continued under the former
+        resolve(dataclasses.replace(today, out=str(fresh.path)), "auto")
 
 
 def test_cli_bad_inputs_are_one_line_errors(fake_root, tmp_path, capsys):
@@ -463,7 +473,7 @@ def _train_cli(fake_root, out, *extra):
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_continues(fake_root, tmp_path):
     out = tmp_path / "run"
-    trainer = Trainer(_cfg(fake_root, out, epochs=3))
+    trainer = train.prepare(_cfg(fake_root, out, epochs=3))
     _interrupt(trainer, lambda t: t.epoch == 2)
     metrics = out / "metrics.jsonl"
     lines = metrics.read_text().splitlines()
@@ -478,7 +488,7 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_continue
 
 def test_unreadable_records_are_one_line_that_names_the_file_and_never_advises_the_same_step(fake_root, tmp_path):
     out = tmp_path / "run"
-    trainer = Trainer(_cfg(fake_root, out, epochs=3))
+    trainer = train.prepare(_cfg(fake_root, out, epochs=3))
     _interrupt(trainer, lambda t: t.epoch == 2)
     metrics = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text(metrics[0][:-5] + "\n" + metrics[1] + "\n")  # a damaged middle line
@@ -516,7 +526,7 @@ def test_a_finished_run_opens_from_model_and_results_alone(fake_root, tmp_path):
 
 def test_a_run_killed_during_its_evaluation_says_so_and_resume_finishes_it(fake_root, tmp_path):
     out = tmp_path / "run"
-    Trainer(_cfg(fake_root, out, epochs=1)).fit()  # model.pt written, results.json not: killed while evaluating
+    train.prepare(_cfg(fake_root, out, epochs=1)).fit()  # model.pt written, results.json not: killed while evaluating
     result = _train_cli(fake_root, out, "--epochs", "1")
     assert result.returncode == 2 and "a run trained but not evaluated: rerun with --resume to evaluate" in result.stderr
     result = _train_cli(fake_root, out, "--epochs", "1", "--resume")
@@ -526,7 +536,7 @@ def test_a_run_killed_during_its_evaluation_says_so_and_resume_finishes_it(fake_
 def test_a_full_disk_is_one_line_removes_the_partial_file_and_keeps_the_last_checkpoint(fake_root, tmp_path,
                                                                                         monkeypatch):
     out = tmp_path / "run"
-    trainer = Trainer(_cfg(fake_root, out, epochs=2))
+    trainer = train.prepare(_cfg(fake_root, out, epochs=2))
     _interrupt(trainer, lambda t: t.epoch == 1)
     good = (out / "checkpoint.pt").read_bytes()
     real_save = torch.save
@@ -538,22 +548,20 @@ def test_a_full_disk_is_one_line_removes_the_partial_file_and_keeps_the_last_che
 
     monkeypatch.setattr(torch, "save", save_until_full)
     monkeypatch.setattr(shutil, "disk_usage", lambda path: SimpleNamespace(total=10 ** 9, used=10 ** 9, free=4096))
-    resumed = Trainer(_cfg(fake_root, out, epochs=2))
     with pytest.raises(DiskFull) as caught:
-        resumed.fit(resume=True)
+        _resume(_cfg(fake_root, out, epochs=2))
     assert str(caught.value) == (f"no space left on device while writing checkpoint.pt in {out}: "
                                  "free space or choose another --out")
     assert (out / "checkpoint.pt").read_bytes() == good
     assert sorted(p.name for p in out.iterdir() if "tmp" in p.name or p.name.endswith(".new")) == []
     monkeypatch.setattr(torch, "save", real_save)  # space freed: the same command goes on from the kept checkpoint
-    resumed = Trainer(_cfg(fake_root, out, epochs=2))
-    resumed.fit(resume=True)
+    resumed = _resume(_cfg(fake_root, out, epochs=2))
     assert resumed.epoch == 2
 
 
 def test_a_refused_checkpoint_says_in_our_words_that_it_was_not_loaded(fake_root, tmp_path):
     out = tmp_path / "run"
-    trainer = Trainer(_cfg(fake_root, out, epochs=2))
+    trainer = train.prepare(_cfg(fake_root, out, epochs=2))
     _interrupt(trainer, lambda t: t.epoch == 1)
 
     class Payload:
@@ -564,8 +572,8 @@ def test_a_refused_checkpoint_says_in_our_words_that_it_was_not_loaded(fake_root
     state["extra"] = Payload()
     torch.save(state, out / "checkpoint.pt")
     said = []
-    resumed = Trainer(_cfg(fake_root, out, epochs=2))
-    state = resumed.run_dir.load_checkpoint("cpu", say=said.append)
+    resumed = train.prepare(_cfg(fake_root, out, epochs=2))
+    state = resumed.folder.load_checkpoint("cpu", say=said.append)
     assert state["epoch"] == 1 and len(said) == 1
     assert said[0].startswith("warning: checkpoint.pt not loaded: it holds objects other than tensors (a modified or "
                               "foreign file); it was not executed; resuming from checkpoint.prev.pt")
@@ -575,19 +583,18 @@ def test_meta_warmup_keeps_the_start_then_learns_and_bounded_weights_resume(fake
     """meta_warmup 0.5 of a 2-epoch run: the weights after epoch 1 are still the start, after epoch 2 they moved;
     the bounded map trains, checkpoints its trust region's centre and resumes to the same weights."""
     cfg = _cfg(fake_root, tmp_path / "w", epochs=2, meta_warmup=0.5, meta_schedule="per_run", meta_lr=1e-3)
-    trainer = Trainer(cfg)
+    trainer = train.prepare(cfg)
     start = trainer.objective.named_weights()
     rows = trainer.fit()
     assert rows[0]["weights"] == pytest.approx(start, abs=0) and rows[1]["weights"] != pytest.approx(start, abs=1e-4)
     bounded = dict(epochs=2, weight_map="bounded", weight_bound=0.3)
-    whole = Trainer(_cfg(fake_root, tmp_path / "b", **bounded))
+    whole = train.prepare(_cfg(fake_root, tmp_path / "b", **bounded))
     whole.fit()
     final = whole.objective.named_weights()
     assert all(0.7 * start[k] - 1e-6 <= v <= 1.3 * start[k] + 1e-6 for k, v in final.items())
-    parted = Trainer(_cfg(fake_root, tmp_path / "c", **bounded))
+    parted = train.prepare(_cfg(fake_root, tmp_path / "c", **bounded))
     _interrupt(parted, lambda t: t.epoch == 1)
-    resumed = Trainer(_cfg(fake_root, tmp_path / "c", **bounded))
-    resumed.fit(resume=True)
+    resumed = _resume(_cfg(fake_root, tmp_path / "c", **bounded))
     assert resumed.objective.named_weights() == final
 
 
@@ -600,16 +607,15 @@ def test_a_transformer_with_exits_trains_under_hdkd_with_adamw_and_resumes_bit_i
                            warmup_epochs=1, batch_size=8, n_per_class=2, val_per_class=2, meta_schedule="fixed",
                            meta_lr=0.01, device="cpu", progress=False, check_every=1, threads=1,
                            split_dir=str(tmp_path / "splits"), out=str(out))
-    whole = Trainer(cfg(tmp_path / "whole"))
+    whole = train.prepare(cfg(tmp_path / "whole"))
     assert isinstance(whole.optimizer, torch.optim.AdamW) and whole.model.layouts == ["nhwc"] * 4
     start = whole.objective.named_weights()
     rows = whole.fit()
     assert all(math.isfinite(r["train_loss"]) for r in rows) and rows[-1]["weights"] != start
     assert [r["lr"] for r in rows] == [pytest.approx(1e-3 / 2), pytest.approx(1e-3)]  # warm-up, then cosine's start
-    parted = Trainer(cfg(tmp_path / "parted"))
+    parted = train.prepare(cfg(tmp_path / "parted"))
     _interrupt(parted, lambda t: t.epoch == 1)
-    resumed = Trainer(cfg(tmp_path / "parted"))
-    resumed.fit(resume=True)
+    resumed = _resume(cfg(tmp_path / "parted"))
     assert resumed.objective.named_weights() == whole.objective.named_weights()
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name

@@ -1,0 +1,162 @@
+"""Settings settled before training starts: every rule about run folders made earlier lives here.
+
+    plan = resolve(settings, "auto")     # -> Plan(cfg, action), or one clear error
+    trainer = train.prepare(plan.cfg)    # the Trainer takes plan.cfg as given
+    trainer.fit(plan.action)
+
+Modes (what the caller asks for):
+    "new"       a new run; a folder holding one that reached a checkpoint is an error (the CLI without --resume)
+    "continue"  the run recorded in the folder, with its recorded settings; given ones must agree (--resume)
+    "auto"      continue (or load) what the folder holds, else start (train.run, the notebooks)
+Actions (what the folder then calls for): "start", "continue" (from its checkpoint), "evaluate" (trained, not
+evaluated) and "load" (finished: trained and evaluated).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Dict, NamedTuple, Union
+
+from . import objectives
+from .config import TrainConfig, config_from_dict
+from .runfolder import RunFolder
+
+MODES = ("new", "continue", "auto")
+
+# Settings added after runs were already made, with the value that reproduces how those runs trained: a run
+# folder whose config.json lacks one resumes with this value, not with today's default.
+LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none", "nesterov": False, "recipe": "",
+                 "optimizer": "sgd", "lr_schedule": "step", "warmup_epochs": 0}
+
+# Defaults changed after runs were made under the former value: a run folder that began under it (and has
+# something to continue) keeps it when the new settings hold today's default.
+FORMER_DEFAULTS = {"meta_traverse": 0.25}
+
+# The weight update's settings: they change nothing in a run whose loss weights are fixed (a fixed-weight method,
+# or learned weights frozen from another run), so a changed default of theirs must not stop such a run resuming.
+WEIGHT_UPDATE_SETTINGS = ("meta_interval", "meta_warmup", "meta_schedule", "meta_traverse", "meta_lr", "hypergrad_norm",
+                          "meta_method", "val_loss", "alpha")
+
+# Settings that may differ when a run is resumed: where things are and how fast they run, not what is computed.
+# Places are compared by what they hold: the split by its checksum, not its path (a moved clone resumes).
+RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "download", "data_root", "compile",
+                     "compile_mode", "threads", "split_dir"}
+
+
+class Plan(NamedTuple):
+    cfg: TrainConfig
+    action: str  # start | continue | evaluate | load
+
+
+def say(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank resolves; one says so
+        print(f"hdkdlib.train: {message}", file=sys.stderr)
+
+
+def check_mode(mode) -> str:
+    if mode not in MODES:
+        raise ValueError(f"resume must be one of {', '.join(MODES)}, got {mode!r}")
+    return mode
+
+
+def unused_settings(values: Dict) -> set:
+    """The settings that cannot change what a run with these (completed) settings computes."""
+    bound = set() if values.get("weight_map") == "bounded" and values.get("method") in objectives.LEARNED \
+        else {"weight_bound"}
+    if values.get("method") not in objectives.LEARNED or values.get("freeze_weights_from"):
+        return set(WEIGHT_UPDATE_SETTINGS) | bound
+    return bound | ({"meta_lr"} if values.get("meta_schedule") == "per_run" else {"meta_traverse"})
+
+
+def stored_config(values: Dict) -> Dict:
+    """A run folder's recorded settings, completed: settings added since it began take the value that
+    reproduces its training (LEGACY_VALUES) or else their default."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    missing = {k: LEGACY_VALUES.get(k, v) for k, v in defaults.items() if k not in values}
+    return {**values, **missing}
+
+
+def recorded_config(folder: RunFolder) -> TrainConfig:
+    """The settings a run folder recorded, completed and checked (for loading a finished run elsewhere)."""
+    return config_from_dict(stored_config(folder.config()["config"]))
+
+
+def settings_differ(recorded: Dict, new: Dict) -> list:
+    """The settings that change what is computed in which a run folder's record and new settings differ."""
+    old = stored_config(recorded)
+    free = RESUMABLE_CHANGES | (unused_settings(old) & unused_settings(new))
+    return sorted(k for k in set(old) | set(new) if k not in free and json.dumps(old.get(k)) != json.dumps(new.get(k)))
+
+
+def _former_defaults(recorded: Dict, cfg: TrainConfig) -> Dict:
+    """The settings whose default changed since the run began under the former one, where cfg holds today's."""
+    here = stored_config(recorded)
+    return {k: here[k] for k, former in FORMER_DEFAULTS.items()
+            if k not in unused_settings(here) and json.dumps(here.get(k)) == json.dumps(former)
+            and getattr(cfg, k) == getattr(TrainConfig, k)}
+
+
+def _as_dict(cfg: TrainConfig) -> Dict:
+    return {**dataclasses.asdict(cfg), "lr_milestones": list(cfg.lr_milestones)}
+
+
+def _state(folder: RunFolder) -> str:
+    if folder.finished():
+        return "load"
+    if folder.trained():
+        return "evaluate"
+    return "continue" if folder.resumable() else "start"
+
+
+def resolve(settings: Union[TrainConfig, Dict], mode: str = "auto") -> Plan:
+    """The final settings of the run in settings' out folder, and what to do there; or one clear error."""
+    check_mode(mode)
+    values = _as_dict(settings) if isinstance(settings, TrainConfig) else dict(settings)
+    folder = RunFolder(values["out"]) if values.get("out") else None
+    if mode == "continue" and folder is None:
+        raise ValueError("resuming needs an out folder (--out), the run folder to continue")
+    if folder is None or not folder.exists():
+        if mode == "continue":
+            say(f"nothing to resume in {folder.path}: starting a new run there")
+        return Plan(config_from_dict(values), "start")
+    recorded = folder.config()["config"]
+    if mode == "continue":  # the recorded settings; those given must agree
+        values = {**stored_config(recorded), **values}
+    cfg = config_from_dict(values)
+    action = _state(folder)
+    if action != "start":
+        former = _former_defaults(recorded, cfg)
+        if former:
+            say(f"run folder {cfg.out} began under a former default ({', '.join(f'{k} {v}' for k, v in former.items())}"
+                "): continuing with it; choose another out folder for today's")
+            cfg = dataclasses.replace(cfg, **former).validate()
+    differ = settings_differ(recorded, _as_dict(cfg))
+    if differ:
+        raise ValueError(f"run folder {folder.path} holds a run with other settings ({', '.join(differ)}): run with "
+                         "its settings (--resume takes them from its config.json) or choose another out folder")
+    if action != "start" and mode == "new":
+        state = {"load": "a finished run (load it with train.run(cfg) or train.load_run)",
+                 "evaluate": "a run trained but not evaluated: rerun with --resume to evaluate it (Python: train.run(cfg))",
+                 "continue": "an interrupted run: continue it with the same command plus --resume (Python: "
+                             "train.run(cfg))"}[action]
+        raise FileExistsError(f"run folder {folder.path} holds {state}, or choose another out folder")
+    return Plan(cfg, action)
+
+
+def begin_run(folder: RunFolder, record: Dict, action: str) -> None:
+    """Begin the planned run in its folder (rank 0): the split must be the recorded one (by checksum); a run that
+    stopped before its first checkpoint is forgotten, and a starting run's config.json written."""
+    here = folder.config()
+    if here is not None:
+        old, new = here.get("split", {}).get("checksum"), record.get("split", {}).get("checksum")
+        if old and new and old != new:
+            raise ValueError(f"run folder {folder.path} holds a run with other settings (split (checksum)): run with "
+                             "its settings (--resume takes them from its config.json) or choose another out folder")
+        if action == "start":
+            say(f"{folder.path} holds a run that stopped before its first checkpoint: starting it again from the "
+                "beginning")
+            folder.restart()
+    if action == "start":
+        folder.write_config(record)

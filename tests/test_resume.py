@@ -1,0 +1,72 @@
+"""hdkdlib.resume: settings settled before training starts, and the rules for run folders made earlier."""
+import dataclasses
+import json
+
+import pytest
+
+from hdkdlib import resume
+from hdkdlib.config import TrainConfig
+from hdkdlib.runfolder import RunFolder
+
+
+def _settings(out, **settings):
+    return {"dataset": "synthetic", "arch": "toy_mlp", "out": str(out), **settings}
+
+
+def _record(**settings):
+    cfg = TrainConfig(dataset="synthetic", arch="toy_mlp", **settings).validate()
+    return {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "split": {"checksum": "abc"}}
+
+
+def test_resolve_with_each_mode(tmp_path, capsys):
+    folder = RunFolder(tmp_path / "run")
+    plan = resume.resolve(_settings(folder.path), "auto")  # a new folder: begun without a word
+    assert plan.action == "start" and isinstance(plan.cfg, TrainConfig)
+    resume.begin_run(folder, _record(out=str(folder.path)), plan.action)
+    assert folder.exists() and capsys.readouterr().err == ""
+    assert resume.resolve(_settings(tmp_path / "new"), "continue").action == "start"
+    assert f"nothing to resume in {tmp_path / 'new'}: starting a new run there" in capsys.readouterr().err
+
+    folder.save_checkpoint({"epoch": 0, "batch": 3})
+    with pytest.raises(FileExistsError, match="an interrupted run: continue it with the same command plus --resume"):
+        resume.resolve(_settings(folder.path), "new")
+    assert resume.resolve(_settings(folder.path), "auto").action == "continue"  # continue what is there
+    with pytest.raises(ValueError, match=r"other settings \(lr\)"):
+        resume.resolve(_settings(folder.path, lr=0.2), "continue")
+    moved = resume.resolve(_settings(folder.path, threads=1, split_dir="moved"), "continue")  # places, speed may change
+    assert moved.action == "continue" and moved.cfg.threads == 1
+    only_out = resume.resolve({"out": str(folder.path)}, "continue")  # --resume takes the recorded settings
+    assert (only_out.cfg.dataset, only_out.cfg.arch) == ("synthetic", "toy_mlp")
+    other_split = {**_record(), "split": {"checksum": "def"}}
+    with pytest.raises(ValueError, match=r"split \(checksum\)"):
+        resume.begin_run(folder, other_split, "continue")
+    with pytest.raises(ValueError, match="resume must be one of new, continue, auto, got True"):
+        resume.resolve(_settings(folder.path), True)
+
+
+def test_a_folder_that_never_reached_a_checkpoint_starts_again(tmp_path, capsys):
+    folder = RunFolder(tmp_path / "run")
+    resume.begin_run(folder, _record(), "start")
+    folder.append_metrics({"epoch": 1, "weights": {}})
+    assert resume.resolve(_settings(folder.path), "new").action == "start"
+    resume.begin_run(folder, _record(), "start")
+    assert "stopped before its first checkpoint" in capsys.readouterr().err
+    assert folder.metrics() == [] and folder.exists()
+
+
+def test_settings_a_run_does_not_use_may_change_its_default():
+    """A run folder begun under another default of a setting the run never uses (the weight update's, for fixed
+    weights; meta_traverse under a fixed weight lr; meta_lr under the per-run one) still resumes; a setting
+    the run does use is still refused."""
+    def differ(old, new):
+        return resume.settings_differ(_record(**old)["config"], _record(**new)["config"])
+
+    weight_update = {"meta_traverse": 0.25, "meta_interval": 2, "val_loss": "ce", "alpha": 0.3, "hypergrad_norm": "none"}
+    assert differ({"method": "ce", **weight_update}, {"method": "ce"}) == []
+    assert differ({"method": "dbt", "meta_schedule": "fixed", "meta_lr": 0.01}, {"method": "dbt"}) == []
+    assert differ({"method": "hdkd", "meta_traverse": 0.25}, {"method": "hdkd"}) == ["meta_traverse"]
+    assert differ({"method": "hdkd", **weight_update}, {"method": "hdkd"}) == sorted(weight_update)
+    fixed = {"method": "hdkd", "meta_schedule": "fixed"}
+    assert differ({**fixed, "meta_traverse": 0.25}, fixed) == []
+    assert differ({**fixed, "meta_lr": 0.01}, fixed) == ["meta_lr"]
+    assert differ({"method": "ce", "lr": 0.2}, {"method": "hdkd"}) == ["lr", "method"]
