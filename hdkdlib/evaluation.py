@@ -43,6 +43,12 @@ def predict(model, batches: Iterable, *, dtype=torch.float32):
     return probs, targets
 
 
+def top5_hits(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[K, N, 5] booleans: whether each exit's i-th ranked class (by logits or probabilities [K, N, C]) is the
+    target; column 0 gives top-1, any over the columns top-5 (top-C when there are fewer than 5 classes)."""
+    return scores.topk(min(5, scores.shape[-1]), dim=2).indices == targets.view(1, -1, 1)
+
+
 def per_exit_metrics(model, batches: Iterable) -> Dict[str, List[float]]:
     """Per-exit mean CE loss, top-1 and top-5 accuracy (fractions), streamed batch by batch (summed over ranks
     when the loader is sharded across them)."""
@@ -52,8 +58,7 @@ def per_exit_metrics(model, batches: Iterable) -> Dict[str, List[float]]:
         for x, y in batches:
             logits = torch.stack([z.float() for z in model(x)])                      # [K, B, C]
             ce = torch.stack([F.cross_entropy(z, y, reduction="sum") for z in logits])
-            top = logits.topk(min(5, logits.shape[-1]), dim=2).indices               # [K, B, 5]
-            hit = top == y.view(1, -1, 1)
+            hit = top5_hits(logits, y)
             c1, c5 = hit[..., 0].sum(1), hit.any(2).sum(1)
             loss, top1, top5 = (ce, c1, c5) if loss is None else (loss + ce, top1 + c1, top5 + c5)
             n += len(y)
@@ -93,8 +98,7 @@ def anytime(probs: torch.Tensor, targets: torch.Tensor, exit_flops: Optional[Seq
     _check_probs(probs, targets, "test")
     if exit_flops is not None and len(exit_flops) != probs.shape[0]:
         raise ValueError(f"{probs.shape[0]} exits but {len(exit_flops)} exit_flops")
-    top = probs.topk(min(5, probs.shape[2]), dim=2).indices
-    hit = top == targets.view(1, -1, 1)
+    hit = top5_hits(probs, targets)
     rows = []
     for k in range(probs.shape[0]):
         row = {"exit": k + 1, "top1": hit[k, :, 0].double().mean().item(), "top5": hit[k].any(1).double().mean().item()}

@@ -23,6 +23,7 @@ from .cifar import SPECS as CIFAR_SPECS, load as load_cifar
 from .fake import synthetic_images
 from .folder import IMAGENET_MEAN, IMAGENET_STD, check_disjoint, folder_to_tensor, image_folder
 from .gpu import GpuLoader
+from .order import epoch_generator, num_batches, rank_slice
 
 
 @dataclass
@@ -96,19 +97,16 @@ class HostLoader:
         self.rank, self.world_size, self.channels_last = rank, world_size, channels_last
 
     def __len__(self):
-        g = self.batch_size * self.world_size
-        return len(self.indices) // g if self.train else -(-len(self.indices) // g)
+        return num_batches(len(self.indices), self.batch_size, self.world_size, drop_last=self.train)
 
     def _order(self, epoch):
         if not self.train:
             return self.indices
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return self.indices[torch.randperm(len(self.indices), generator=g)]
+        return self.indices[torch.randperm(len(self.indices), generator=epoch_generator(self.seed, epoch))]
 
     def batches(self, epoch, start=0):
-        order, g = self._order(epoch), self.batch_size * self.world_size
-        mine = [order[b * g + self.rank * self.batch_size: b * g + (self.rank + 1) * self.batch_size]
-                for b in range(start, len(self))]
+        order = self._order(epoch)
+        mine = [order[rank_slice(b, self.batch_size, self.rank, self.world_size)] for b in range(start, len(self))]
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, torch.cat(mine).tolist()),
                                              batch_size=self.batch_size, num_workers=self.workers,
                                              pin_memory=self.device.type == "cuda")

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ..distributed import evaluation_block
+from .order import epoch_generator, num_batches, rank_slice
 
 
 class GpuLoader:
@@ -39,21 +40,19 @@ class GpuLoader:
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.channels_last = channels_last
-        # Distributed training: every rank draws the same epoch plan and takes its slice of each global batch,
-        # so W ranks with batch B see exactly what one process with batch W*B sees.
+        # Distributed training: every rank takes its slice of each global batch of the same plan (data/order.py).
         self.rank, self.world_size = rank, world_size
         self.epoch = 0
 
     def __len__(self) -> int:
-        n, g = len(self.labels), self.batch_size * self.world_size
-        return n // g if self.drop_last else -(-n // g)
+        return num_batches(len(self.labels), self.batch_size, self.world_size, self.drop_last)
 
     def epoch_plan(self, epoch: int):
         """(order, crop offsets [N, 2], flips [N]) of `epoch`; identical for the same seed and epoch."""
         n = len(self.labels)
         if not self.train:
             return torch.arange(n, device=self.device), None, None
-        g = torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + epoch)
+        g = epoch_generator(self.seed, epoch, self.device)
         order = torch.randperm(n, generator=g, device=self.device)
         offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g, device=self.device)
         flips = torch.rand(n, generator=g, device=self.device) < 0.5
@@ -82,8 +81,7 @@ class GpuLoader:
         if getattr(self, "_plan_epoch", None) != epoch:
             self._plan, self._plan_epoch = self.epoch_plan(epoch), epoch
         order, offsets, flips = self._plan
-        first = b * self.batch_size * self.world_size + self.rank * self.batch_size
-        sl = slice(first, first + self.batch_size)
+        sl = rank_slice(b, self.batch_size, self.rank, self.world_size)
         return self.augment(order[sl], offsets[sl] if offsets is not None else None,
                             flips[sl] if flips is not None else None), self.labels[order[sl]]
 
