@@ -8,7 +8,7 @@ too when a parameter the notebook does not declare was passed (a misspelt `-p ep
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, NamedTuple
 
 
 _PLAIN = (bool, int, float, str, list, dict, tuple, type(None))
@@ -111,3 +111,21 @@ def clear_counts_without_outputs(path) -> bool:
     if changed:
         nbformat.write(nb, str(path))
     return changed
+
+
+class Setup(NamedTuple):
+    params: Dict[str, Any]  # the checked parameters
+    data: Dict[str, Any]    # trainer settings of the notebook's data (empty when it trains on none)
+    quick: bool             # a quick demo on small fake data: its numbers mean nothing
+
+
+def set_up(namespace: Dict[str, Any], choices: Dict[str, tuple] | None = None, dataset: str | None = None) -> Setup:
+    """The set-up cell every notebook shares: its parameters checked (check_parameters), torch's threads set to
+    the idle cores (use_idle_cores) and, for a notebook that trains on `dataset`, the data settings its data_root,
+    epochs and n_per_class parameters give (resolve_data)."""
+    params = check_parameters(namespace, choices)
+    use_idle_cores()
+    if dataset is None:
+        return Setup(params, {}, False)
+    data = resolve_data(dataset, params["data_root"], params["epochs"], params.get("n_per_class", -1))
+    return Setup(params, data, data.pop("quick"))

@@ -43,7 +43,7 @@ def test_one_parameters_cell_followed_by_the_check(path):
     declared = pm.inspect_notebook(str(path))
     assert declared, "the parameters cell declares nothing"
     assert all(p["inferred_type_name"] != "None" for p in declared.values()), "declare every parameter's type"
-    assert "check_parameters(globals()" in nb.cells[tagged[0] + 1].source
+    assert "set_up(globals()" in nb.cells[tagged[0] + 1].source  # check_parameters, first thing after it
 
 
 def test_check_parameters_accepts_right_types_and_names_the_wrong_one():
@@ -198,4 +198,4 @@ def test_use_idle_cores_sets_torch_threads_to_the_idle_cores(monkeypatch):
 def test_every_notebook_picks_its_threads_after_the_check(path):
     nb = nbformat.read(path, as_version=4)
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])][0]
-    assert "\nuse_idle_cores()" in nb.cells[tagged + 1].source
+    assert "set_up(globals()" in nb.cells[tagged + 1].source  # set_up calls use_idle_cores

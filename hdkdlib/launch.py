@@ -1,0 +1,30 @@
+"""Launching a run in several processes from Python (a notebook): torchrun, one process per GPU."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from .config import TrainConfig, to_argv
+from .runfolder import RunFolder
+
+
+def torchrun_command(cfg: TrainConfig, nproc: int) -> list:
+    """The command that trains cfg's run in nproc processes, continuing what its folder already holds."""
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    resume = ["--resume"] if cfg.out and RunFolder(cfg.out).exists() else []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "hdkdlib.train", *to_argv(cfg), *resume]
+
+
+def torchrun(cfg: TrainConfig, nproc: int) -> bool:
+    """Train cfg's run with torchrun unless its folder holds it finished; True when it launched one. Raises
+    CalledProcessError when the run fails (its ranks' errors are on the notebook's stderr)."""
+    if not cfg.out:
+        raise ValueError("a torchrun launch needs cfg.out: the run folder the processes train into")
+    if RunFolder(cfg.out).finished():
+        return False
+    command = torchrun_command(cfg, nproc)
+    print(" ".join(command))
+    subprocess.run(command, check=True)
+    return True
