@@ -143,20 +143,3 @@ def resolve(settings: Union[TrainConfig, Dict], mode: str = "auto") -> Plan:
                              "train.run(cfg))"}[action]
         raise FileExistsError(f"run folder {folder.path} holds {state}, or choose another out folder")
     return Plan(cfg, action)
-
-
-def begin_run(folder: RunFolder, record: Dict, action: str) -> None:
-    """Begin the planned run in its folder (rank 0): the split must be the recorded one (by checksum); a run that
-    stopped before its first checkpoint is forgotten, and a starting run's config.json written."""
-    here = folder.config()
-    if here is not None:
-        old, new = here.get("split", {}).get("checksum"), record.get("split", {}).get("checksum")
-        if old and new and old != new:
-            raise ValueError(f"run folder {folder.path} holds a run with other settings (split (checksum)): run with "
-                             "its settings (--resume takes them from its config.json) or choose another out folder")
-        if action == "start":
-            say(f"{folder.path} holds a run that stopped before its first checkpoint: starting it again from the "
-                "beginning")
-            folder.restart()
-    if action == "start":
-        folder.write_config(record)

@@ -23,9 +23,8 @@ from . import bilevel, cli, cost, data, distributed, evaluation, models, objecti
 from .config import TrainConfig, argparser_for, config_from_dict
 from .config import to_argv as cli_args
 from .data.bundle import DataBundle, build_data
-from .paths import DiskFull
 from .runfolder import RunFolder, RunFolderBusy, RunFolderDamaged
-from .resume import begin_run, resolve
+from .resume import resolve
 from .step import train_step
 
 __all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "prepare", "run", "load_run", "main", "cli_args",
@@ -202,7 +201,7 @@ class Trainer:
 
     def _fit(self, action: str, handlers: Dict) -> List[Dict]:
         if self.writes:
-            begin_run(self.folder, self._config_record(), action)
+            self.folder.begin(self._config_record(), action, say=say)
         distributed.barrier()  # the other ranks go on once rank 0 has checked (and perhaps reset) the folder
         if action == "load":
             self.load_finished()
@@ -337,13 +336,8 @@ def main(argv=None) -> int:
             RuntimeError, OSError) as e:
         if debug:
             raise
-        message = str(e)  # raised in a DataLoader worker: keep the original error's line
-        message = message.strip().splitlines()[-1].split(": ", 1)[-1] if "Original Traceback" in message else message
-        if isinstance(e, PermissionError):
-            message += " (the file system refused: choose an --out, --data-root or --split-dir you may use)"
-        elif recorded and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError, RunFolderDamaged)):
-            message += f" (the last good checkpoint in {recorded.path} is kept: continue with the same command plus --resume)"
-        say(f"error: {type(e).__name__ + ': ' if isinstance(e, OSError) and not isinstance(e, DiskFull) else ''}{message}")
+        kept = recorded and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError, RunFolderDamaged))
+        say("error: " + cli.error_line(e, str(recorded.path) if kept else None))
         return 2
     finally:
         distributed.teardown(wait=finished)

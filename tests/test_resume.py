@@ -22,7 +22,7 @@ def test_resolve_with_each_mode(tmp_path, capsys):
     folder = RunFolder(tmp_path / "run")
     plan = resume.resolve(_settings(folder.path), "auto")  # a new folder: begun without a word
     assert plan.action == "start" and isinstance(plan.cfg, TrainConfig)
-    resume.begin_run(folder, _record(out=str(folder.path)), plan.action)
+    folder.begin(_record(out=str(folder.path)), plan.action)
     assert folder.exists() and capsys.readouterr().err == ""
     assert resume.resolve(_settings(tmp_path / "new"), "continue").action == "start"
     assert f"nothing to resume in {tmp_path / 'new'}: starting a new run there" in capsys.readouterr().err
@@ -39,17 +39,17 @@ def test_resolve_with_each_mode(tmp_path, capsys):
     assert (only_out.cfg.dataset, only_out.cfg.arch) == ("synthetic", "toy_mlp")
     other_split = {**_record(), "split": {"checksum": "def"}}
     with pytest.raises(ValueError, match=r"split \(checksum\)"):
-        resume.begin_run(folder, other_split, "continue")
+        folder.begin(other_split, "continue")
     with pytest.raises(ValueError, match="resume must be one of new, continue, auto, got True"):
         resume.resolve(_settings(folder.path), True)
 
 
 def test_a_folder_that_never_reached_a_checkpoint_starts_again(tmp_path, capsys):
     folder = RunFolder(tmp_path / "run")
-    resume.begin_run(folder, _record(), "start")
+    folder.begin(_record(), "start")
     folder.append_metrics({"epoch": 1, "weights": {}})
     assert resume.resolve(_settings(folder.path), "new").action == "start"
-    resume.begin_run(folder, _record(), "start")
+    folder.begin(_record(), "start")
     assert "stopped before its first checkpoint" in capsys.readouterr().err
     assert folder.metrics() == [] and folder.exists()
 

@@ -17,7 +17,7 @@ import torch
 from hdkdlib import data, train
 from hdkdlib.paths import DiskFull
 from hdkdlib.runfolder import RunFolder, RunFolderDamaged
-from hdkdlib.resume import begin_run, resolve
+from hdkdlib.resume import resolve
 from hdkdlib.train import TrainConfig, TrainingInterrupted, main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -416,7 +416,7 @@ def test_a_run_begun_under_a_former_default_continues_as_it_began(fake_root, tmp
         train.run(_cfg(fake_root, tmp_path / "run", **{**former, "meta_traverse": 0.5}))
     # a folder that never reached a checkpoint does not take the former default: today's settings are checked
     fresh = RunFolder(tmp_path / "begun")
-    begin_run(fresh, train.prepare(_cfg(fake_root, fresh.path, **former))._config_record(), "start")
+    fresh.begin(train.prepare(_cfg(fake_root, fresh.path, **former))._config_record(), "start")
     with pytest.raises(ValueError, match=r"other settings \(meta_traverse\)"):  # not continued under the former
         resolve(dataclasses.replace(today, out=str(fresh.path)), "auto")
 
