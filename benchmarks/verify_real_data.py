@@ -330,9 +330,11 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
         runs = sorted(n for n in learned if variant(n) == name)
         cfg = config.config_from_dict(resume.stored_config(learned[runs[0]]["config"]))
         start = objectives.build(cfg.method, len(exits), **cfg.objective_options()).named_weights()
+        accuracy = [[row["train_top1"] for row in RunFolder(results / n).metrics()] for n in runs]
         axes = plots.weights_by_student([learned[n]["weights_history"] for n in runs], len(exits), initial=start,
-                                        title=f"{name}: learned loss weights per epoch (epoch 0: the start), "
-                                              f"{len(runs)} seed{'s' * (len(runs) > 1)}")
+                                        title=f"{name}: learned loss weights per epoch (epoch 0: the start; dotted: "
+                                              f"the exit's training top-1), {len(runs)} seed{'s' * (len(runs) > 1)}",
+                                        train_top1=accuracy if all(accuracy) else None)
         axes[0].figure.savefig(results / f"weights-{name}.png", dpi=110, bbox_inches="tight")
         plt.close(axes[0].figure)
         out += [f"![weights of {name}]({results.name}/weights-{name}.png)", ""]

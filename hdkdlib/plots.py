@@ -137,10 +137,13 @@ def weight_evolution(history: Sequence[Dict[str, float]], ax=None, title: str = 
 
 
 def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exits: int, axes=None,
-                       initial: Dict[str, float] | None = None, title: str = "Learned loss weights by student exit"):
+                       initial: Dict[str, float] | None = None, title: str = "Learned loss weights by student exit",
+                       train_top1: Sequence[Sequence[Sequence[float]]] | None = None):
     """Small multiples, one panel per student exit: its CE weight (solid) and the weight of KD from each later
     exit (dashed, colour = teacher) over the epochs, log scale; one thin line per run (e.g. seed), so runs
-    agreeing show as one bundle. `initial` (the weights before training) is drawn at epoch 0."""
+    agreeing show as one bundle. `initial` (the weights before training) is drawn at epoch 0. `train_top1`
+    (per run, per epoch, per exit: metrics.jsonl's train_top1) adds that exit's training top-1 on a right-hand
+    axis (grey, dotted): whether the KD weights rise once its training CE saturates, or fall before."""
     if axes is None:
         cols = min(4, num_exits)
         rows = -(-num_exits // cols)
@@ -167,6 +170,14 @@ def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exit
                         ls="-" if t.startswith("ce") else "--", lw=1.2, alpha=0.8,
                         label=("CE" if t.startswith("ce") else f"KD from {j + 1}") if history is histories[0] else None)
         ax.set_yscale("log")
+        if train_top1 is not None:
+            right = ax.twinx()
+            for run in train_top1:
+                right.plot(range(1, len(run) + 1), [100 * epoch[i] for epoch in run], color="grey", ls=":", lw=1.2,
+                           label="train top-1" if run is train_top1[0] else None)
+            right.set_ylim(0, 100)
+            right.set_ylabel("train top-1 (%)", fontsize=7, color="grey")
+            right.tick_params(labelsize=7, colors="grey")
         ax.set_title(f"student exit {i + 1}", fontsize=9)
         ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     for ax in axes[num_exits:]:

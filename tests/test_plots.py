@@ -48,3 +48,15 @@ def test_budgeted_curve_ticks_are_few_and_in_the_unit_of_the_cost(flops):
     low, high = ax.get_xlim()
     labels = [t.get_text() for t, x in zip(ax.get_xticklabels(), ax.get_xticks()) if low <= x <= high]
     assert 2 <= len(labels) <= 7 and all(len(label) <= 5 for label in labels)  # readable, not 0.00050.0010...
+
+
+def test_weights_by_student_draws_each_exits_training_accuracy_beside_its_weights():
+    history = [{"ce1": 0.6, "ce2": 0.4, "kd1<-2": 0.3}, {"ce1": 0.5, "ce2": 0.5, "kd1<-2": 0.1}]
+    top1 = [[[0.20, 0.30], [0.90, 0.95]]]  # one run, two epochs, two exits
+    axes = plots.weights_by_student([history], 2, train_top1=top1)
+    for exit_index, ax in enumerate(axes[:2]):
+        twins = [a for a in ax.figure.axes if a is not ax and a.bbox.bounds == ax.bbox.bounds]
+        assert len(twins) == 1 and twins[0].get_ylim() == (0, 100)
+        (line,) = twins[0].get_lines()
+        assert list(line.get_xdata()) == [1, 2]
+        assert list(line.get_ydata()) == pytest.approx([100 * top1[0][0][exit_index], 100 * top1[0][1][exit_index]])
