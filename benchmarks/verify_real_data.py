@@ -22,6 +22,7 @@ Any other option of `python -m hdkdlib.train` (e.g. --temperature 3, --meta-trav
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shlex
@@ -345,12 +346,15 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
 
 def record_invocation(path: Path, args, runs, argv) -> None:
     """RUNS.json: every command that trained runs into this results folder, with how many ran at once."""
-    meta = json.loads(path.read_text()) if path.exists() else {"note": "", "invocations": []}
-    meta["note"] = args.note or meta["note"]
-    meta["invocations"].append({"command": "python benchmarks/verify_real_data.py " + shlex.join(argv),
-                                "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                "epochs": args.epochs, "jobs": min(args.jobs, len(runs)), "runs": runs})
-    atomic_write_text(path, json.dumps(meta, indent=1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:  # two chains started together: both recorded
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = json.loads(path.read_text()) if path.exists() else {"note": "", "invocations": []}
+        meta["note"] = args.note or meta["note"]
+        meta["invocations"].append({"command": "python benchmarks/verify_real_data.py " + shlex.join(argv),
+                                    "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                                    "epochs": args.epochs, "jobs": min(args.jobs, len(runs)), "runs": runs})
+        atomic_write_text(path, json.dumps(meta, indent=1))
 
 
 def write_readme(root: Path = RESULTS) -> Path:

@@ -218,3 +218,30 @@ def test_threads_benchmark_smoke(tmp_path):
     assert [r["machine"] for r in rows] == ["quiet", "busy (1 core taken)"]
     cores = rows[0]["cores"]
     assert all(r["1 thread ms"] > 0 and r[f"{cores} / 1 thread"] > 0 for r in rows)
+
+
+def _record_many(path, tag, n, go):
+    from types import SimpleNamespace
+    module = _verify_module()
+    go.wait(60)  # both chains loaded: they append at the same moments
+    for i in range(n):
+        module.record_invocation(Path(path), SimpleNamespace(note="", epochs=1, jobs=1), [f"{tag}{i}"], [tag, str(i)])
+
+
+def test_two_chains_recording_their_commands_at_once_lose_none(tmp_path):
+    """Two chains started together (ce and dbt) each append to RUNS.json: every invocation is kept."""
+    import multiprocessing
+    import time
+    path, n = tmp_path / "RUNS.json", 150
+    context = multiprocessing.get_context("spawn")
+    go = context.Event()
+    chains = [context.Process(target=_record_many, args=(str(path), tag, n, go)) for tag in ("ce", "dbt")]
+    for chain in chains:
+        chain.start()
+    time.sleep(5)  # not a timing assertion: lets both import the script before they race
+    go.set()
+    for chain in chains:
+        chain.join(120)
+        assert chain.exitcode == 0
+    runs = sorted(r for entry in json.loads(path.read_text())["invocations"] for r in entry["runs"])
+    assert runs == sorted([f"ce{i}" for i in range(n)] + [f"dbt{i}" for i in range(n)])
