@@ -101,6 +101,10 @@ class Objective(nn.Module):
     def after_step(self, logits: Sequence[torch.Tensor]) -> None:
         """Called once per real training step (DBT anneals its temperature here)."""
 
+    def state_for_log(self) -> Dict[str, float]:
+        """What a training log records of this objective besides its weights (an annealed temperature)."""
+        return {}
+
 
 # --- term helpers ---------------------------------------------------------------------------------
 def ce_terms(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
@@ -264,6 +268,9 @@ class _Annealed:
         with torch.no_grad():
             confidence = F.softmax(logits[-1].detach().float() / self.temperature, dim=1).max(1).values.mean()
             self.temperature.mul_(torch.where(confidence > self.threshold, self.growth, 1.0))
+
+    def state_for_log(self) -> Dict[str, float]:
+        return {"temperature": float(self.temperature)}
 
 
 class CESum(_CETerms, FixedWeights):

@@ -176,9 +176,7 @@ class Trainer:
         row = {"epoch": self.epoch + 1, "lr": self.cfg.lr_at(self.epoch), "train_loss": float(acc["loss"]) / seen,
                "train_top1": (acc["correct"].double() / seen).tolist(), "val_loss": val["loss"], "val_top1": val["top1"],
                "val_top5": val["top5"], "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds,
-               "weights": self.objective.named_weights()}
-        if hasattr(self.objective, "temperature") and torch.is_tensor(self.objective.temperature):
-            row["temperature"] = float(self.objective.temperature)
+               "weights": self.objective.named_weights(), **self.objective.state_for_log()}
         return row
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
@@ -213,9 +211,7 @@ class Trainer:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 handlers[sig] = signal.signal(sig, lambda signum, frame: self.request_stop(signum))
         while self.epoch < self.cfg.epochs:
-            self.model.train()
-            if self.cfg.train_heads_only:
-                self.model.stages.eval()  # frozen stages keep their BatchNorm statistics too
+            self.model.train()  # a model with frozen stages keeps them in eval mode (MultiExitNet.train)
             for group in self.optimizer.param_groups:
                 group["lr"] = self.cfg.lr_at(self.epoch)
             start, first_batch = time.perf_counter(), self.batch

@@ -198,3 +198,14 @@ def test_training_with_dense_kd_lowers_the_loss():
     # uniform), so the classification part is what must fall.
     assert O.ce_terms(model(x), y).sum().item() < 0.5 * first
     assert (model(x)[-1].argmax(1) == y).float().mean() > 0.9
+
+
+def test_what_the_training_log_records_besides_the_weights():
+    """DBT's and HDBT's annealed temperature goes into each epoch's metrics line; fixed temperatures do not."""
+    dbt = O.build("dbt", 3)
+    assert dbt.state_for_log() == {"temperature": 1.0}
+    confident = [torch.tensor([[20.0, 0.0]]).repeat(4, 1)] * 3
+    dbt.after_step(confident)
+    assert dbt.state_for_log()["temperature"] == pytest.approx(1.05)
+    assert O.build("hdbt", 3).state_for_log() == {"temperature": 1.0}
+    assert O.build("ce", 3).state_for_log() == {} and O.build("dkd", 3).state_for_log() == {}

@@ -77,8 +77,9 @@ class MultiExitNet(nn.Module):
         """Overridden by networks that accept only some input sizes."""
 
     def freeze_stages_and_reset_heads(self) -> None:
-        """IMTA's second stage: the stages stop learning (call `self.stages.eval()` in training too, so their
+        """IMTA's second stage: the stages stop learning (and stay in eval mode under train(), so their
         BatchNorm statistics stay) and every head starts again from its initialisation."""
+        self.stages_frozen = True
         for p in self.stages.parameters():
             p.requires_grad_(False)
         for m in self.heads.modules():
@@ -86,6 +87,12 @@ class MultiExitNet(nn.Module):
                 m.reset_parameters()
         if hasattr(self, "reset_parameters"):  # a network's own initialisation rule (MSDNet), heads only
             self.reset_parameters(self.heads)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if getattr(self, "stages_frozen", False):
+            self.stages.eval()
+        return self
 
     def run_exit(self, k: int, state):
         """Stage k on `state` (the input for k = 0) and head k: returns (new state, logits). Early-exit
