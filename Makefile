@@ -4,20 +4,30 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# JupyterLab reads packages' setting overrides from this folder of the environment; ours turns on saving the
+# widget state with the notebook (why: hdkdlib/widgets.py). pip's editable install skips data files, so make
+# copies it. A conda environment: `make lab-settings VENV=$CONDA_PREFIX`.
+LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.d/hdkdlib.json
 NOTEBOOK_OUT ?= runs/notebooks
 
-.PHONY: env run test test-browser notebooks strip clean-runs
+.PHONY: env lab-settings run test test-browser notebooks strip clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-env: $(STAMP)
+$(LAB_SETTINGS): notebooks/jupyterlab-settings/hdkdlib.json
+	mkdir -p $(dir $@)
+	cp $< $@
+
+lab-settings: $(LAB_SETTINGS)
+
+env: $(STAMP) $(LAB_SETTINGS)
 
 # Main job: every notebook with its quick default parameters, executed headlessly by papermill.
 # Executed copies go to $(NOTEBOOK_OUT) (ignored by git); figures go to figures/ (ignored too).
-run: $(STAMP)
+run: env
 	mkdir -p $(NOTEBOOK_OUT)
 	for nb in notebooks/[0-9]*.ipynb; do \
 		echo "== $$nb"; start=$$(date +%s); \
@@ -27,12 +37,12 @@ run: $(STAMP)
 	@echo "executed notebooks: $(NOTEBOOK_OUT)/   figures: figures/"
 
 # Tests: the unit tests and every notebook under nbval (stored outputs compared where kept).
-test: $(STAMP)
+test: env
 	$(PY) -m pytest --nbval --nbval-current-env tests notebooks --ignore=tests/browser
 
 # Notebook 06 in JupyterLab and headless Chromium (needs `apt-get install chromium chromium-driver`);
 # screenshots in runs/browser/. Not part of `make test`: CI machines have no browser.
-test-browser: $(STAMP)
+test-browser: env
 	$(PY) -m pip install -q -e ".[dev,browser]"
 	$(PY) -m pytest -p no:cacheprovider tests/browser
 

@@ -118,6 +118,7 @@ def budgeted_curves(curves: Dict[str, List[Dict]], ax=None, title: str = "Budget
 def exit_distribution(fractions: Sequence[float], ax=None, title: str = "Where samples leave"):
     ax = ax or plt.gca()
     ax.bar(range(1, len(fractions) + 1), [100 * f for f in fractions], color=sns.color_palette("deep")[2])
+    ax.set_xticks(range(1, len(fractions) + 1))  # exits are whole numbers
     ax.set_xlabel("exit")
     ax.set_ylabel("share of samples (%)")
     ax.set_title(title)

@@ -1,15 +1,14 @@
 """Interactive threshold explorer: one confidence threshold per exit, with a live summary line (accuracy,
 mean cost, where samples leave) and a live exit histogram.
 
-A notebook is also read where no kernel runs the widget: on GitHub, through nbconvert without widget
-scripts, or reopened the next day ("Error displaying widget: model not found"). So the explorer's output
-comes in two parts:
-- the widget itself (sliders, live line, live histogram);
-- a *static copy* of its initial state, an ordinary display output: the histogram as a PNG image and the
-  summary as text, with one line saying to run the cells to use the sliders.
-The live widget carries a style rule that hides every static copy while it renders, so in a live
-JupyterLab the moving sliders never sit beside a stale line; wherever the widget cannot render, the rule
-is absent and the static copy shows.
+A notebook is also read where no kernel runs the widget: on GitHub, in nbviewer, through nbconvert, in VS
+Code without a kernel. So the explorer displays itself the way Jupyter intends, as *one* output whose mime
+bundle carries three views of the same state, and every front end picks the richest it can render:
+- `application/vnd.jupyter.widget-view+json`: the live widget (JupyterLab with a kernel, or with the widget
+  state saved in the notebook, which our JupyterLab settings turn on: see `jupyterlab-settings.json`);
+- `image/png`: the histogram and the numbers drawn as one picture, at the thresholds shown;
+- `text/plain`: the numbers as one line, for terminals and papermill logs.
+No style rule hides anything: a front end shows one view of the output, never two.
 """
 from __future__ import annotations
 
@@ -25,8 +24,7 @@ from IPython.display import display
 from . import evaluation, plots
 from .cost import format_cost
 
-STATIC_CLASS = "hdkd-static-copy"  # the CSS class of static copies, hidden while a live explorer renders
-RUN_THE_CELLS = "Static copy at the initial thresholds: run the notebook's cells to use the sliders."
+RUN_THE_CELLS = "A picture of the explorer: run the notebook's cells to move the sliders."
 
 
 def summary(result: Dict, exit_flops: Sequence[float]) -> str:
@@ -36,35 +34,63 @@ def summary(result: Dict, exit_flops: Sequence[float]) -> str:
             f"({100 * result['flops'] / exit_flops[-1]:.0f}% of the full network) | leaving per exit: {frac}")
 
 
-def histogram_png(fractions: Sequence[float]) -> bytes:
-    """The exit histogram as PNG bytes (the same figure live and static)."""
-    fig, ax = plt.subplots(figsize=(5, 2.6))
-    plots.exit_distribution(fractions, ax=ax)
-    fig.tight_layout()
+def _png(fig) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     return buffer.getvalue()
 
 
-def static_copy(result: Dict, exit_flops: Sequence[float], thresholds: Sequence[float]) -> Dict[str, str]:
-    """The mime bundle of a static copy: text/html (image, line, note) for JupyterLab, nbconvert and GitHub;
-    text/plain for terminals."""
-    line = summary(result, exit_flops)
+def histogram_png(fractions: Sequence[float]) -> bytes:
+    """The exit histogram as PNG bytes (the live widget's picture)."""
+    fig, ax = plt.subplots(figsize=(5, 2.6))
+    plots.exit_distribution(fractions, ax=ax)
+    fig.tight_layout()
+    return _png(fig)
+
+
+def state_png(result: Dict, exit_flops: Sequence[float], thresholds: Sequence[float]) -> bytes:
+    """The explorer's state as one picture for readers without a kernel: the histogram with each bar's share
+    written on it, the accuracy and cost line, the thresholds, and the note saying how to get the sliders."""
+    fractions = result["exit_fractions"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    plots.exit_distribution(fractions, ax=ax, title="")
+    for k, f in enumerate(fractions):
+        ax.annotate(f"{100 * f:.0f}%", (k + 1, 100 * f), ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 110)
+    line = summary(result, exit_flops).split(" | leaving")[0]
     shown = ", ".join(f"{t:.2f}" for t in thresholds[:-1])
-    png = base64.b64encode(histogram_png(result["exit_fractions"])).decode("ascii")
-    text, note = html.escape(line, quote=False), html.escape(RUN_THE_CELLS, quote=False)
-    page = (f'<div class="{STATIC_CLASS}"><img src="data:image/png;base64,{png}" alt="share of samples per exit"/>'
-            f"<p><b>{text}</b> (thresholds {shown})<br/><i>{note}</i></p></div>")
-    return {"text/html": page, "text/plain": f"{line} (thresholds {shown})\n{RUN_THE_CELLS}"}
+    fig.suptitle(f"{line}\nthresholds per exit: {shown} (the last exit takes the rest)", fontsize=9)
+    fig.text(0.5, 0.01, RUN_THE_CELLS, ha="center", va="bottom", fontsize=8, style="italic")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return _png(fig)
+
+
+class ThresholdExplorer(W.VBox):
+    """The explorer's widget; displaying it gives one output with the three views (module docstring)."""
+
+    def __init__(self, children, sliders, exit_flops, current):
+        super().__init__(children)
+        self._sliders, self._exit_flops, self.result = sliders, exit_flops, current
+
+    def thresholds(self):
+        return [s.value for s in self._sliders] + [float("-inf")]
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)  # the widget view (and ipywidgets' own text/plain)
+        result, thresholds = self.result(), self.thresholds()
+        shown = ", ".join(f"{t:.2f}" for t in thresholds[:-1])
+        bundle["image/png"] = base64.b64encode(state_png(result, self._exit_flops, thresholds)).decode("ascii")
+        bundle["text/plain"] = f"{summary(result, self._exit_flops)} (thresholds {shown})"
+        return bundle
 
 
 def threshold_explorer(probs, targets, exit_flops: Sequence[float], thresholds: Optional[Sequence[float]] = None,
-                       show: bool = True) -> W.VBox:
+                       show: bool = True) -> ThresholdExplorer:
     """Sliders for the thresholds of exits 1..K-1 (the last exit takes the rest) over `probs` [K, N, C].
 
     Returns the widget; `widget.result()` gives the current evaluation.apply_thresholds result. With
-    show=True it is displayed, followed by its static copy (see the module's docstring)."""
+    show=True it is displayed (one output, three views: see the module's docstring)."""
     K = probs.shape[0]
     if len(exit_flops) != K:
         raise ValueError(f"{K} exits but {len(exit_flops)} exit_flops")
@@ -85,12 +111,10 @@ def threshold_explorer(probs, targets, exit_flops: Sequence[float], thresholds: 
 
     for s in sliders:
         s.observe(update, names="value")
-    title = W.HTML(f"<style>.{STATIC_CLASS} {{display: none}}</style><b>Confidence threshold per exit</b> (a "
-                   "sample leaves at the first exit whose max-probability reaches it)")
-    box = W.VBox([title, *sliders, label, image])
-    box.result = current
+    title = W.HTML("<b>Confidence threshold per exit</b> (a sample leaves at the first exit whose "
+                   "max-probability reaches it)")
+    box = ThresholdExplorer([title, *sliders, label, image], sliders, exit_flops, current)
     update()
     if show:
         display(box)
-        display(static_copy(current(), exit_flops, [s.value for s in sliders] + [float("-inf")]), raw=True)
     return box

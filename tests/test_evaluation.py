@@ -169,25 +169,30 @@ def test_threshold_explorer_updates_with_the_sliders(trained_toy):
     assert box.children[-1].value != picture and box.children[-1].value[:4] == b"\x89PNG"  # the histogram too
 
 
-def test_static_copy_shows_the_state_as_image_and_text_and_the_live_widget_hides_it():
+def test_explorer_displays_one_bundle_with_widget_png_and_text_views():
+    """IPython's formatter, as the kernel sends it: one output whose bundle holds the widget view, a PNG of the
+    state (histogram and numbers in one picture) and the numbers as text; front ends pick one of them."""
     import base64
-    import re
+
+    from IPython.core.formatters import DisplayFormatter
 
     from hdkdlib import widgets
     probs = torch.softmax(torch.randn(3, 40, 4, generator=torch.Generator().manual_seed(0)) * 3, 2)
     targets = torch.arange(40) % 4
     flops = [2.0e3, 4.0e3, 8.0e3]
-    thresholds = [0.7, 0.9, float("-inf")]
-    result = E.apply_thresholds(probs, targets, thresholds, flops)
-    bundle = widgets.static_copy(result, flops, thresholds)
-    page = bundle["text/html"]
-    png = re.search(r'<img src="data:image/png;base64,([^"]+)"', page).group(1)
-    assert base64.b64decode(png)[:4] == b"\x89PNG"
-    assert widgets.summary(result, flops) in bundle["text/plain"] and "thresholds 0.70, 0.90" in bundle["text/plain"]
-    assert f"accuracy {100 * result['accuracy']:.2f}%" in page and "kFLOPs" in page  # a cost of thousands: kFLOPs
-    assert widgets.RUN_THE_CELLS in page and f'class="{widgets.STATIC_CLASS}"' in page
-    box = widgets.threshold_explorer(probs, targets, flops, thresholds=thresholds, show=False)
-    assert f".{widgets.STATIC_CLASS} {{display: none}}" in box.children[0].value  # only while the widget renders
+    box = widgets.threshold_explorer(probs, targets, flops, thresholds=[0.7, 0.9, float("-inf")], show=False)
+    data, _ = DisplayFormatter().format(box)
+    assert set(data) == {"application/vnd.jupyter.widget-view+json", "image/png", "text/plain"}
+    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == box.model_id
+    result = E.apply_thresholds(probs, targets, [0.7, 0.9, float("-inf")], flops)
+    assert data["text/plain"] == f"{widgets.summary(result, flops)} (thresholds 0.70, 0.90)"
+    assert "kFLOPs" in data["text/plain"]  # a cost of thousands: kFLOPs
+    picture = base64.b64decode(data["image/png"])
+    assert picture[:4] == b"\x89PNG" and picture == widgets.state_png(result, flops, [0.7, 0.9, float("-inf")])
+    box.children[1].value = 0.0  # the bundle shows the state at the time it is displayed
+    moved, _ = DisplayFormatter().format(box)
+    assert moved["image/png"] != data["image/png"] and "leaving per exit: 100% 0% 0%" in moved["text/plain"]
+    assert all("<style" not in str(child.value) for child in box.children if isinstance(child.value, str))
 
 
 def _msdnet_with_statistics(seed=0):

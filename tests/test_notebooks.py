@@ -1,5 +1,6 @@
 """Notebook hygiene and the papermill contract (parameters cell, type checks, figures)."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -140,42 +141,71 @@ def test_executed_notebooks_hold_no_machine_paths_or_echoed_values(executed):
                     assert folder not in text, f"{name} cell {i} names the machine folder {folder}: {text[:300]}"
 
 
-def test_notebook_06_as_static_html_shows_the_explorer_state(executed, tmp_path):
-    """nbconvert's HTML of the executed notebook, read without running any script (GitHub, an e-mailed report):
-    the explorer's histogram is an <img> and its numbers are text, beside the note saying to run the cells."""
+def _explorer_outputs(notebook: dict) -> list:
+    return [o for c in notebook["cells"] if "threshold_explorer(test_probs" in "".join(c["source"])
+            for o in c.get("outputs", [])]
+
+
+def test_executed_notebook_06_keeps_the_explorer_as_one_output_with_a_png(executed):
+    """papermill's output: the explorer's one output carries the widget view, the PNG and the text, and the
+    widget state it refers to (nbclient saves it), so a reader with or without widgets has something to show."""
+    import base64
+
+    notebook = json.loads(executed["06_exit_thresholds.ipynb"].read_text())
+    outputs = _explorer_outputs(notebook)
+    assert len(outputs) == 1 and outputs[0]["output_type"] == "display_data"
+    data = outputs[0]["data"]
+    assert set(data) == {"application/vnd.jupyter.widget-view+json", "image/png", "text/plain"}
+    assert base64.b64decode(data["image/png"])[:4] == b"\x89PNG"
+    assert re.search(r"accuracy \d+\.\d\d% \| mean cost [\d.]+ k?FLOPs", "".join(data["text/plain"]))
+    state = notebook["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] in state
+
+
+@pytest.mark.parametrize("widget_state", ["saved", "stripped"])
+def test_notebook_06_as_static_html_shows_one_view_of_the_explorer(executed, tmp_path, widget_state):
+    """nbconvert's HTML: with the widget state it embeds the widget (its script renders it from the state);
+    without it (a notebook saved without state, or stripped) it shows the PNG. Never both, never neither."""
     import html.parser
-    import re
 
-    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", "--output-dir", str(tmp_path),
-                    str(executed["06_exit_thresholds.ipynb"])], check=True, capture_output=True)
-    page = (tmp_path / "06_exit_thresholds.html").read_text()
+    notebook = json.loads(executed["06_exit_thresholds.ipynb"].read_text())
+    if widget_state == "stripped":
+        del notebook["metadata"]["widgets"]
+    (tmp_path / "06.ipynb").write_text(json.dumps(notebook))
+    subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", str(tmp_path / "06.ipynb")],
+                   check=True, capture_output=True)
+    picture = _explorer_outputs(notebook)[0]["data"]["image/png"]
 
-    class Visible(html.parser.HTMLParser):  # what a browser shows with scripts off: everything outside <script>
+    class Views(html.parser.HTMLParser):  # the explorer's views in the page: its PNG as an <img>, its widget view
         def __init__(self):
             super().__init__()
-            self.depth, self.images, self.text, self.in_copy = 0, [], [], 0
+            self.png = self.widget = 0
 
         def handle_starttag(self, tag, attrs):
             attrs = dict(attrs)
-            self.depth += tag == "script"
-            if self.depth == 0 and "hdkd-static-copy" in (attrs.get("class") or ""):
-                self.in_copy += 1
-            if self.depth == 0 and self.in_copy and tag == "img":
-                self.images.append(attrs.get("src", ""))
+            self.png += tag == "img" and (attrs.get("src") or "").endswith(picture)
+            self.widget += tag == "script" and attrs.get("type") == "application/vnd.jupyter.widget-view+json"
 
-        def handle_endtag(self, tag):
-            self.depth -= tag == "script"
+    views = Views()
+    views.feed((tmp_path / "06.html").read_text())
+    assert (views.png, views.widget) == ((0, 1) if widget_state == "saved" else (1, 0))
 
-        def handle_data(self, data):
-            if self.depth == 0 and self.in_copy:
-                self.text.append(data)
 
-    seen = Visible()
-    seen.feed(page)
-    assert seen.images and seen.images[0].startswith("data:image/png;base64,")
-    text = " ".join(seen.text)
-    assert re.search(r"accuracy \d+\.\d\d% \| mean cost [\d.]+ k?FLOPs", text), text[:300]
-    assert "run the notebook's cells to use the sliders" in text
+def test_jupyterlab_settings_are_installed_and_name_real_settings():
+    """Our JupyterLab settings (saving widget state) are installed in this environment by `make env`, and each
+    names a setting the installed extension declares, with a value of its type: JupyterLab ignores a typo."""
+    from jupyter_core.paths import jupyter_path
+
+    ours = ROOT / "notebooks" / "jupyterlab-settings" / "hdkdlib.json"
+    installed = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "hdkdlib.json"
+    assert installed.is_file() and installed.read_text() == ours.read_text(), "run `make lab-settings`"
+    types = {bool: "boolean", int: "integer", str: "string", float: "number"}
+    for plugin, values in json.loads(ours.read_text()).items():
+        package, name = plugin.split(":")
+        schemas = [Path(p) / package / "schemas" / package / f"{name}.json" for p in jupyter_path("labextensions")]
+        schema = json.loads(next(p for p in schemas if p.is_file()).read_text())
+        for key, value in values.items():
+            assert schema["properties"][key]["type"] == types[type(value)], (plugin, key)
 
 
 def test_use_idle_cores_sets_torch_threads_to_the_idle_cores(monkeypatch):

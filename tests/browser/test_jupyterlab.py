@@ -1,12 +1,14 @@
 """Notebook 06 in a real browser (`make test-browser`; not part of `make test`: it needs Chromium).
 
 JupyterLab starts on 127.0.0.1 at a free port without a token, serving a copy of notebook 06 (so nothing
-in notebooks/ is touched). Headless Chromium opens it, runs all cells, moves the first threshold slider with
-the keyboard and checks that the live line's accuracy and the histogram image changed, and that the static
-copy is hidden while the live widget renders. Then it reopens the saved notebook without a kernel, as a
-researcher does the next day, and checks that the static copy shows the histogram image, the numbers and
-the line saying to run the cells. Screenshots go to runs/browser/ (ignored by git). JupyterLab is stopped
-by its pid.
+in notebooks/ is touched) and a papermill-executed copy. Headless Chromium opens the copy, runs all cells,
+checks that the explorer's one output renders as the widget alone (its PNG view is not shown beside it),
+moves the first threshold slider with the keyboard and checks that the live line's accuracy and the
+histogram image changed. Then it saves, reopens the notebook without a kernel, as a researcher does the next
+day, and checks that the explorer shows as it was saved (JupyterLab restores it from the widget state our
+settings save). Last it opens the papermill output, which nobody signed and JupyterLab therefore does not
+trust, and checks that the explorer's output shows its PNG. Screenshots go to runs/browser/ (ignored by
+git). JupyterLab is stopped by its pid.
 
 Install Chromium and its driver first (Debian/Ubuntu): apt-get install chromium chromium-driver
 """
@@ -31,6 +33,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = "06_exit_thresholds.ipynb"
+EXECUTED = "06_papermill.ipynb"  # notebook 06 as `make run` leaves it: executed by papermill, not signed
 SHOTS = ROOT / "runs" / "browser"
 
 
@@ -49,8 +52,10 @@ def _get(url):
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
     shutil.copy(ROOT / "notebooks" / NOTEBOOK, root / NOTEBOOK)
-    port = _free_port()
     env = {**os.environ, "HDKD_FIGURES": str(root / "figures"), "HDKD_RUNS": str(root / "runs")}
+    subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / NOTEBOOK), str(root / EXECUTED),
+                    "--cwd", str(ROOT / "notebooks"), "-p", "steps", "200"], check=True, capture_output=True, env=env)
+    port = _free_port()
     log = open(root / "jupyterlab.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
                                f"--port={port}", "--IdentityProvider.token=", "--ServerApp.password=",
@@ -110,14 +115,22 @@ def _accept_dialogs(driver, seconds: float = 5.0):
         time.sleep(0.25)
 
 
-def _open(driver, url):
-    driver.get(f"{url}/lab/tree/{NOTEBOOK}")
+def _open(driver, url, name=NOTEBOOK):
+    driver.get(f"{url}/lab/tree/{name}")
     WebDriverWait(driver, 120).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".jp-Notebook .jp-Cell")))
     _accept_dialogs(driver)
 
 
-def _live_line(driver) -> str:
-    lines = [e.text for e in driver.find_elements(By.CSS_SELECTOR, ".widget-html") if "accuracy" in e.text]
+def _explorer_output(driver):
+    """The output area of the cell that displays the explorer (None until the page has it)."""
+    for cell in driver.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell"):
+        if "threshold_explorer(test_probs" in cell.find_element(By.CSS_SELECTOR, ".jp-InputArea").text:
+            return cell.find_element(By.CSS_SELECTOR, ".jp-OutputArea")
+    return None
+
+
+def _live_line(element) -> str:
+    lines = [e.text for e in element.find_elements(By.CSS_SELECTOR, ".widget-html") if "accuracy" in e.text]
     return lines[0] if lines else ""
 
 
@@ -125,50 +138,77 @@ def _accuracy(line: str) -> float:
     return float(re.search(r"accuracy ([0-9.]+)%", line).group(1))
 
 
-def test_explorer_live_in_jupyterlab_and_static_after_reopening(lab, browser):
+def _idle(driver) -> bool:
+    return "Idle" in driver.find_element(By.ID, "jp-main-statusbar").text
+
+
+def test_explorer_live_then_reopened_as_saved(lab, browser):
     url, root = lab
     wait = WebDriverWait(browser, 240)
+    settings = _get(f"{url}/lab/api/settings/@jupyter-widgets/jupyterlab-manager:plugin")
+    assert settings["schema"]["properties"]["saveState"]["default"] is True, "run `make lab-settings`"
     _open(browser, url)
-    wait.until(lambda d: "Idle" in d.find_element(By.ID, "jp-main-statusbar").text)
+    wait.until(_idle)
     _menu(browser, "Run", "Run All Cells")
-    wait.until(lambda d: _live_line(d) and d.find_elements(By.CSS_SELECTOR, "img.widget-image"))
-    wait.until(lambda d: "Idle" in d.find_element(By.ID, "jp-main-statusbar").text)
+    wait.until(lambda d: _explorer_output(d) and _live_line(_explorer_output(d))
+               and _explorer_output(d).find_elements(By.CSS_SELECTOR, "img.widget-image"))
+    wait.until(_idle)
+    output = _explorer_output(browser)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", output)
     browser.save_screenshot(str(SHOTS / "1-explorer-live.png"))
-    before = _live_line(browser)
-    image = browser.find_elements(By.CSS_SELECTOR, "img.widget-image")[0]
-    picture_before = image.get_attribute("src")
-    static = browser.find_elements(By.CSS_SELECTOR, ".hdkd-static-copy")
-    assert static and all(not s.is_displayed() for s in static), "the static copy shows beside the live widget"
+    # one output, shown as the widget alone: its PNG view is not drawn beside it, and no style rule hides it
+    assert len(output.find_elements(By.CSS_SELECTOR, ".jp-OutputArea-child")) == 1
+    assert not output.find_elements(By.CSS_SELECTOR, ".jp-RenderedImage") and "<style" not in output.get_attribute("innerHTML")
+    before = _live_line(output)
+    picture_before = output.find_element(By.CSS_SELECTOR, "img.widget-image").get_attribute("src")
 
-    handle = browser.find_elements(By.CSS_SELECTOR, ".noUi-handle")[0]
+    handle = output.find_elements(By.CSS_SELECTOR, ".noUi-handle")[0]
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", handle)
     handle.click()
     for _ in range(70):  # exit 1 from 0.80 down to 0.10: far more samples leave there
         handle.send_keys(Keys.ARROW_LEFT)
-    WebDriverWait(browser, 60).until(lambda d: _live_line(d) != before)
-    WebDriverWait(browser, 120).until(lambda d: "Idle" in d.find_element(By.ID, "jp-main-statusbar").text)
-    after = _live_line(browser)
-    assert browser.find_elements(By.CSS_SELECTOR, "img.widget-image")[0].get_attribute("src") != picture_before
+    WebDriverWait(browser, 60).until(lambda d: _live_line(_explorer_output(d)) != before)
+    WebDriverWait(browser, 120).until(_idle)
+    after = _live_line(output)
+    assert output.find_element(By.CSS_SELECTOR, "img.widget-image").get_attribute("src") != picture_before
     browser.save_screenshot(str(SHOTS / "2-explorer-slider-moved.png"))
     assert _accuracy(after) != _accuracy(before), (before, after)
     assert after.split("leaving per exit: ")[1] != before.split("leaving per exit: ")[1]
 
-    # the next day: the notebook saved with its outputs, the kernel gone, the page opened again
+    # the next day: the notebook saved with its outputs and widget state, the kernel gone, the page opened again
     browser.find_element(By.CSS_SELECTOR, ".jp-Notebook").click()
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.CONTROL, "s")
-    WebDriverWait(browser, 60).until(
-        lambda d: "hdkd-static-copy" in (root / NOTEBOOK).read_text() and '"outputs": []' not in
-        json.dumps(json.loads((root / NOTEBOOK).read_text())["cells"][5]))
+
+    def saved(_):
+        nb = json.loads((root / NOTEBOOK).read_text())
+        outputs = [o for c in nb["cells"] if "threshold_explorer(test_probs" in "".join(c["source"])
+                   for o in c.get("outputs", [])]
+        return "widgets" in nb["metadata"] and outputs and "image/png" in outputs[0].get("data", {})
+    WebDriverWait(browser, 60).until(saved)
     for session in _get(f"{url}/api/sessions"):
         urllib.request.urlopen(urllib.request.Request(f"{url}/api/sessions/{session['id']}", method="DELETE"))
     browser.get("about:blank")
     _open(browser, url)
-    wait.until(lambda d: any(s.is_displayed() for s in d.find_elements(By.CSS_SELECTOR, ".hdkd-static-copy")))
-    copy = [s for s in browser.find_elements(By.CSS_SELECTOR, ".hdkd-static-copy") if s.is_displayed()][0]
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", copy)
+    wait.until(lambda d: _explorer_output(d) and _live_line(_explorer_output(d)))
+    output = _explorer_output(browser)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", output)
     time.sleep(1)
-    browser.save_screenshot(str(SHOTS / "3-reopened-static-copy.png"))
-    assert "run the notebook's cells to use the sliders" in copy.text
-    assert _accuracy(copy.text) == _accuracy(before)  # the state the cell left: the initial thresholds
-    picture = copy.find_element(By.TAG_NAME, "img")
-    assert picture.get_attribute("src").startswith("data:image/png;base64,") and picture.size["width"] > 100
+    browser.save_screenshot(str(SHOTS / "3-reopened-as-saved.png"))
+    assert "Error displaying widget" not in output.text
+    assert _live_line(output) == after  # the state the notebook was saved in
+    picture = output.find_element(By.CSS_SELECTOR, "img.widget-image")
+    assert picture.is_displayed() and picture.size["width"] > 100
+
+
+def test_untrusted_papermill_output_shows_the_explorer_png(lab, browser):
+    url, root = lab
+    _open(browser, url, EXECUTED)
+    WebDriverWait(browser, 120).until(
+        lambda d: _explorer_output(d) and _explorer_output(d).find_elements(By.CSS_SELECTOR, ".jp-RenderedImage img"))
+    output = _explorer_output(browser)
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", output)
+    time.sleep(1)
+    browser.save_screenshot(str(SHOTS / "4-papermill-output-png.png"))
+    picture = output.find_element(By.CSS_SELECTOR, ".jp-RenderedImage img")
+    assert picture.get_attribute("src").startswith("data:image/png;base64,") and picture.size["width"] > 300
+    assert not output.find_elements(By.CSS_SELECTOR, ".widget-slider, .jupyter-widgets")  # the PNG alone
