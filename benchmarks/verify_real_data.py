@@ -204,10 +204,12 @@ def mean_sd(values: pd.Series, sign: str = "") -> str:
 
 
 def baseline_of(variant_name: str, baseline: str, variants) -> Optional[str]:
-    """The baseline run set a variant is paired with: the baseline with the variant's tag when it was run
-    (dbt-n100 pairs with ce-n100: the same protocol), else the untagged baseline (hdkd-T3 with ce)."""
-    tag = variant_name.split("-", 1)[1] if "-" in variant_name else ""
-    for name in ([f"{baseline}-{tag}"] if tag else []) + [baseline]:
+    """The baseline run set a variant is paired with: the baseline with the variant's tag, or with the longest
+    prefix of its tag that was run (dbt-n100 pairs with ce-n100, hdkd-n50-w50 with ce-n50: the same protocol,
+    a switch added), else the untagged baseline (hdkd-T3 with ce)."""
+    parts = variant_name.split("-")[1:]
+    for k in range(len(parts), -1, -1):
+        name = "-".join([baseline, *parts[:k]])
         if name in variants and name != variant_name:
             return name
     return None
