@@ -359,7 +359,7 @@ class MetaStep:
     def step(self, train_batch: Batch, val_batch: Batch, optimizer: torch.optim.Optimizer):
         """step.train_step without the network's update (the caller's optimizer.step() follows): for studies
         that drive the weight update by hand. Returns (loss, logits), the gradients left in .grad."""
-        from .step import backward_pass, network_gradients
+        from .step import backward_pass, network_gradients  # here, not on top: step.py imports this module
         loss, logits = backward_pass(self.model, self.objective, *train_batch, optimizer)
         step = VirtualStep.of(optimizer, self.parameter_names())
         self.update(train_batch, val_batch, logits, network_gradients(self.module), step)

@@ -23,6 +23,12 @@ def run(main: Callable[[], int]) -> int:
         return 141
 
 
+def say(message: str) -> None:
+    """A line for the person running the command, on stderr; under torchrun only rank 0 speaks."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"hdkdlib.train: {message}", file=sys.stderr)
+
+
 def error_line(error: BaseException, kept_checkpoint: Optional[str] = None) -> str:
     """An expected failure as one line: the original error of a DataLoader worker, the fix for a refused path,
     and, where a run's last good checkpoint is kept, how to continue from it."""

@@ -282,6 +282,11 @@ class TrainConfig:
         return options
 
 
+def config_to_dict(cfg: TrainConfig) -> Dict:
+    """The settings as config.json and checkpoints record them (JSON types: the milestones as a list)."""
+    return {**dataclasses.asdict(cfg), "lr_milestones": list(cfg.lr_milestones)}
+
+
 def config_from_dict(values: Dict) -> TrainConfig:
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(values) - names)

@@ -43,8 +43,8 @@ def run_order(grid: Dict[str, Dict], root) -> List[str]:
     """The grid's names, each after the runs whose folders its settings name (init_from, freeze_weights_from)."""
     root = Path(root)
     by_folder = {str(root / folder_name(n)): n for n in grid}
-    needs = {n: [by_folder[str(Path(s[k]))] for k in DEPENDS_ON if s.get(k) and str(Path(s[k])) in by_folder]
-             for n, s in grid.items()}
+    named = {n: [str(Path(s[k])) for k in DEPENDS_ON if s.get(k)] for n, s in grid.items()}  # folders it names
+    needs = {n: [by_folder[f] for f in folders if f in by_folder] for n, folders in named.items()}
     order: List[str] = []
 
     def visit(name, path=()):

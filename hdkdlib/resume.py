@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import sys
 from typing import Dict, NamedTuple, Union
 
 from . import objectives
-from .config import TrainConfig, config_from_dict
+from .cli import say
+from .config import TrainConfig, config_from_dict, config_to_dict
 from .runfolder import RunFolder
 
 MODES = ("new", "continue", "auto")
@@ -48,11 +47,6 @@ RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "dow
 class Plan(NamedTuple):
     cfg: TrainConfig
     action: str  # start | continue | evaluate | load
-
-
-def say(message: str) -> None:
-    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank resolves; one says so
-        print(f"hdkdlib.train: {message}", file=sys.stderr)
 
 
 def check_mode(mode) -> str:
@@ -98,10 +92,6 @@ def _former_defaults(recorded: Dict, cfg: TrainConfig) -> Dict:
             and getattr(cfg, k) == getattr(TrainConfig, k)}
 
 
-def _as_dict(cfg: TrainConfig) -> Dict:
-    return {**dataclasses.asdict(cfg), "lr_milestones": list(cfg.lr_milestones)}
-
-
 def _state(folder: RunFolder) -> str:
     if folder.finished():
         return "load"
@@ -113,7 +103,7 @@ def _state(folder: RunFolder) -> str:
 def resolve(settings: Union[TrainConfig, Dict], mode: str = "auto") -> Plan:
     """The final settings of the run in settings' out folder, and what to do there; or one clear error."""
     check_mode(mode)
-    values = _as_dict(settings) if isinstance(settings, TrainConfig) else dict(settings)
+    values = config_to_dict(settings) if isinstance(settings, TrainConfig) else dict(settings)
     folder = RunFolder(values["out"]) if values.get("out") else None
     if mode == "continue" and folder is None:
         raise ValueError("resuming needs an out folder (--out), the run folder to continue")
@@ -132,10 +122,9 @@ def resolve(settings: Union[TrainConfig, Dict], mode: str = "auto") -> Plan:
             say(f"run folder {cfg.out} began under a former default ({', '.join(f'{k} {v}' for k, v in former.items())}"
                 "): continuing with it; choose another out folder for today's")
             cfg = dataclasses.replace(cfg, **former).validate()
-    differ = settings_differ(recorded, _as_dict(cfg))
+    differ = settings_differ(recorded, config_to_dict(cfg))
     if differ:
-        raise ValueError(f"run folder {folder.path} holds a run with other settings ({', '.join(differ)}): run with "
-                         "its settings (--resume takes them from its config.json) or choose another out folder")
+        raise folder.other_settings(differ)
     if action != "start" and mode == "new":
         state = {"load": "a finished run (load it with train.run(cfg) or train.load_run)",
                  "evaluate": "a run trained but not evaluated: rerun with --resume to evaluate it (Python: train.run(cfg))",

@@ -89,6 +89,11 @@ class RunFolder:
             raise RunFolderDamaged(f"{name} in {self.path} holds a {type(record).__name__}, not a record: {fix}")
         return record
 
+    def other_settings(self, differ: List[str]) -> ValueError:
+        """The refusal to run here under settings other than the recorded ones (resume.resolve, begin)."""
+        return ValueError(f"run folder {self.path} holds a run with other settings ({', '.join(differ)}): run with "
+                          "its settings (--resume takes them from its config.json) or choose another out folder")
+
     def begin(self, record: Dict, action: str, say=_warn) -> None:
         """Begin a run planned by resume.resolve here (rank 0): its split must be the recorded one (by checksum);
         a starting run forgets one that stopped before its first checkpoint and writes its config.json."""
@@ -96,9 +101,7 @@ class RunFolder:
         if here is not None:
             old, new = here.get("split", {}).get("checksum"), record.get("split", {}).get("checksum")
             if old and new and old != new:
-                raise ValueError(f"run folder {self.path} holds a run with other settings (split (checksum)): run "
-                                 "with its settings (--resume takes them from its config.json) or choose another out "
-                                 "folder")
+                raise self.other_settings(["split (checksum)"])
             if action == "start":
                 say(f"{self.path} holds a run that stopped before its first checkpoint: starting it again from the "
                     "beginning")

@@ -20,7 +20,8 @@ from tqdm import tqdm  # text bars: a finished bar stays a line of text (a widge
 
 from . import bilevel, cli, cost, data, distributed, evaluation, models, objectives, runfolder, runinfo
 # Settings live in hdkdlib.config, data in hdkdlib.data.bundle; these names stay importable from here.
-from .config import TrainConfig, argparser_for, config_from_dict
+from .cli import say
+from .config import TrainConfig, argparser_for, config_from_dict, config_to_dict
 from .config import to_argv as cli_args
 from .data.bundle import DataBundle, build_data
 from .runfolder import RunFolder, RunFolderBusy, RunFolderDamaged
@@ -29,10 +30,6 @@ from .step import train_step
 
 __all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "prepare", "run", "load_run", "main", "cli_args",
            "config_from_dict", "DataBundle", "build_data"]
-
-
-def say(message: str) -> None:
-    print(f"hdkdlib.train: {message}", file=sys.stderr)
 
 
 class TrainingInterrupted(RuntimeError):
@@ -82,7 +79,7 @@ class Trainer:
 
     # -- run folder
     def _config_record(self) -> Dict:
-        return {"config": dataclasses.asdict(self.cfg), "git_commit": runinfo.git_commit(),
+        return {"config": config_to_dict(self.cfg), "git_commit": runinfo.git_commit(),
                 "packages": runinfo.package_versions(), "device": runinfo.device_name(self.device),
                 "threads_used": torch.get_num_threads(),
                 "world_size": self.world_size, "split": {k: self.data.split.get(k) for k in
@@ -99,7 +96,7 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "epoch": self.epoch, "batch": self.batch,
                  "step": self.step, "meta_steps": self.meta_steps,
                  "accumulators": {k: v.cpu() for k, v in self._acc.items()},
-                 "config": {**dataclasses.asdict(self.cfg), "lr_milestones": list(self.cfg.lr_milestones)},
+                 "config": config_to_dict(self.cfg),
                  "rng": torch.get_rng_state()}  # stochastic depth and dropout draw from it: resume bit-identically
         if self.device.type == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
