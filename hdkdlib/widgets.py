@@ -5,7 +5,7 @@ A notebook is also read where no kernel runs the widget: on GitHub, in nbviewer,
 Code without a kernel. So the explorer displays itself the way Jupyter intends, as *one* output whose mime
 bundle carries three views of the same state, and every front end picks the richest it can render:
 - `application/vnd.jupyter.widget-view+json`: the live widget (JupyterLab with a kernel, or with the widget
-  state saved in the notebook, which our JupyterLab settings turn on: see `jupyterlab-settings.json`);
+  state saved in the notebook, which our JupyterLab settings turn on: `notebooks/jupyterlab-settings/`);
 - `image/png`: the histogram and the numbers drawn as one picture, at the thresholds shown;
 - `text/plain`: the numbers as one line, for terminals and papermill logs.
 No style rule hides anything: a front end shows one view of the output, never two.
@@ -27,11 +27,20 @@ from .cost import format_cost
 RUN_THE_CELLS = "A picture of the explorer: run the notebook's cells to move the sliders."
 
 
+def _accuracy_and_cost(result: Dict, exit_flops: Sequence[float]) -> str:
+    return (f"accuracy {100 * result['accuracy']:.2f}% | mean cost {format_cost(result['flops'])} "
+            f"({100 * result['flops'] / exit_flops[-1]:.0f}% of the full network)")
+
+
 def summary(result: Dict, exit_flops: Sequence[float]) -> str:
     """One line: accuracy, mean cost with its unit, share of the full network's cost, share leaving per exit."""
     frac = " ".join(f"{100 * f:.0f}%" for f in result["exit_fractions"])
-    return (f"accuracy {100 * result['accuracy']:.2f}% | mean cost {format_cost(result['flops'])} "
-            f"({100 * result['flops'] / exit_flops[-1]:.0f}% of the full network) | leaving per exit: {frac}")
+    return f"{_accuracy_and_cost(result, exit_flops)} | leaving per exit: {frac}"
+
+
+def _shown(thresholds: Sequence[float]) -> str:
+    """The thresholds of exits 1..K-1 (the last exit takes the rest: no threshold to show)."""
+    return ", ".join(f"{t:.2f}" for t in thresholds[:-1])
 
 
 def _png(fig) -> bytes:
@@ -58,9 +67,8 @@ def state_png(result: Dict, exit_flops: Sequence[float], thresholds: Sequence[fl
     for k, f in enumerate(fractions):
         ax.annotate(f"{100 * f:.0f}%", (k + 1, 100 * f), ha="center", va="bottom", fontsize=8)
     ax.set_ylim(0, 110)
-    line = summary(result, exit_flops).split(" | leaving")[0]
-    shown = ", ".join(f"{t:.2f}" for t in thresholds[:-1])
-    fig.suptitle(f"{line}\nthresholds per exit: {shown} (the last exit takes the rest)", fontsize=9)
+    fig.suptitle(f"{_accuracy_and_cost(result, exit_flops)}\nthresholds per exit: {_shown(thresholds)} (the last "
+                 "exit takes the rest)", fontsize=9)
     fig.text(0.5, 0.01, RUN_THE_CELLS, ha="center", va="bottom", fontsize=8, style="italic")
     fig.tight_layout(rect=(0, 0.05, 1, 1))
     return _png(fig)
@@ -69,19 +77,22 @@ def state_png(result: Dict, exit_flops: Sequence[float], thresholds: Sequence[fl
 class ThresholdExplorer(W.VBox):
     """The explorer's widget; displaying it gives one output with the three views (module docstring)."""
 
-    def __init__(self, children, sliders, exit_flops, current):
+    def __init__(self, children, sliders, probs, targets, exit_flops):
         super().__init__(children)
-        self._sliders, self._exit_flops, self.result = sliders, exit_flops, current
+        self._sliders, self._probs, self._targets, self._exit_flops = sliders, probs, targets, exit_flops
 
     def thresholds(self):
         return [s.value for s in self._sliders] + [float("-inf")]
 
+    def result(self) -> Dict:
+        """evaluation.apply_thresholds at the sliders' thresholds."""
+        return evaluation.apply_thresholds(self._probs, self._targets, self.thresholds(), self._exit_flops)
+
     def _repr_mimebundle_(self, **kwargs):
         bundle = super()._repr_mimebundle_(**kwargs)  # the widget view (and ipywidgets' own text/plain)
         result, thresholds = self.result(), self.thresholds()
-        shown = ", ".join(f"{t:.2f}" for t in thresholds[:-1])
         bundle["image/png"] = base64.b64encode(state_png(result, self._exit_flops, thresholds)).decode("ascii")
-        bundle["text/plain"] = f"{summary(result, self._exit_flops)} (thresholds {shown})"
+        bundle["text/plain"] = f"{summary(result, self._exit_flops)} (thresholds {_shown(thresholds)})"
         return bundle
 
 
@@ -100,20 +111,17 @@ def threshold_explorer(probs, targets, exit_flops: Sequence[float], thresholds: 
                for k in range(K - 1)]
     label = W.HTML()
     image = W.Image(format="png", layout=W.Layout(width="450px"))
-
-    def current():
-        return evaluation.apply_thresholds(probs, targets, [s.value for s in sliders] + [float("-inf")], exit_flops)
+    title = W.HTML("<b>Confidence threshold per exit</b> (a sample leaves at the first exit whose "
+                   "max-probability reaches it)")
+    box = ThresholdExplorer([title, *sliders, label, image], sliders, probs, targets, exit_flops)
 
     def update(_=None):
-        result = current()
+        result = box.result()
         label.value = f"<b>{html.escape(summary(result, exit_flops), quote=False)}</b>"
         image.value = histogram_png(result["exit_fractions"])
 
     for s in sliders:
         s.observe(update, names="value")
-    title = W.HTML("<b>Confidence threshold per exit</b> (a sample leaves at the first exit whose "
-                   "max-probability reaches it)")
-    box = ThresholdExplorer([title, *sliders, label, image], sliders, exit_flops, current)
     update()
     if show:
         display(box)
