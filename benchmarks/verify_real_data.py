@@ -5,6 +5,7 @@
         --compile step --compile-mode reduce-overhead --jobs 3
     python benchmarks/verify_real_data.py --methods hdkd --tag T3 --temperature 3 ...   # an ablation variant
     python benchmarks/verify_real_data.py --summarize-only           # rebuild results/README.md
+    python benchmarks/verify_real_data.py --merge-from ../worktree   # runs trained in another checkout
 
 Each run trains in runs/verify/<run>/, <run> = <method>[-<tag>]-seed<k> (resumable: rerun the same command
 after an interruption). Its config.json, results.json and metrics.jsonl are copied to results/<name>/<run>/
@@ -278,7 +279,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     table = evaluation.load_results([str(f.path) for f in folders])
     table["variant"] = table["run"].map(variant)
     records = {f.path.name: f.results() for f in folders}
-    meta = json.loads((results / "RUNS.json").read_text()) if (results / "RUNS.json").exists() else {}
+    meta = _read_runs_json(results / "RUNS.json")
     invocations = meta.get("invocations", [])
     at_once = {run: inv["jobs"] for inv in invocations for run in inv["runs"]}  # the last invocation that trained it
     exits = sorted(table.exit.unique())
@@ -351,12 +352,70 @@ def record_invocation(path: Path, args, runs, argv) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:  # two chains started together: both recorded
         fcntl.flock(lock, fcntl.LOCK_EX)
-        meta = json.loads(path.read_text()) if path.exists() else {"note": "", "invocations": []}
+        meta = _read_runs_json(path)
         meta["note"] = args.note or meta["note"]
         meta["invocations"].append({"command": "python benchmarks/verify_real_data.py " + shlex.join(argv),
                                     "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                     "epochs": args.epochs, "jobs": min(args.jobs, len(runs)), "runs": runs})
         atomic_write_text(path, json.dumps(meta, indent=1))
+
+
+def _read_runs_json(path: Path) -> dict:
+    if not path.exists():
+        return {"note": "", "invocations": []}
+    try:
+        meta = json.loads(path.read_text())
+        if not isinstance(meta.get("invocations"), list):
+            raise ValueError("no list of invocations")
+        return meta
+    except (ValueError, AttributeError) as e:
+        raise SystemExit(f"{path} is not a RUNS.json ({e}): restore it from git") from None
+
+
+def merge_from(results: Path, other: Path) -> list:
+    """Bring the finished runs of another checkout's results folder (a worktree at a fixed commit that trained
+    them) into this one: each run's config, results and metrics, and the RUNS.json invocations that trained
+    them (each once). Nothing here is overwritten: a run present in both with other contents stops the merge
+    before anything is copied. Hand-written files (PROTOCOL*.md, NOTES.md) stay this checkout's.
+    Returns the runs copied."""
+    if not other.is_dir():
+        raise SystemExit(f"--merge-from: no results folder {other}: give the checkout whose "
+                         f"results/{results.name}/ holds the runs")
+    if other.resolve() == results.resolve():
+        raise SystemExit(f"--merge-from: {other} is this results folder: give the other checkout")
+    names = (runfolder.CONFIG, runfolder.METRICS, runfolder.RESULTS)  # results last: it marks a finished run
+    theirs = [d for d in sorted(other.iterdir()) if d.is_dir() and (d / runfolder.RESULTS).is_file()]
+    new = []
+    for run in theirs:
+        missing = [n for n in names if not (run / n).is_file()]
+        if missing:
+            raise SystemExit(f"--merge-from: {run} lacks {', '.join(missing)}: finish or collect that run first")
+        mine = results / run.name
+        if not mine.exists():
+            new.append(run)
+        elif any(not (mine / n).is_file() or (mine / n).read_bytes() != (run / n).read_bytes() for n in names):
+            raise SystemExit(f"--merge-from: {run.name} differs between {mine} and {run}; nothing was copied: "
+                             f"keep one by hand")
+    ours_path = results / "RUNS.json"
+    incoming = _read_runs_json(other / "RUNS.json")
+    results.mkdir(parents=True, exist_ok=True)
+    for run in new:  # copied to a temporary name, then renamed: a half-copied run never looks finished
+        part = results / (run.name + ".partial")
+        shutil.rmtree(part, ignore_errors=True)
+        part.mkdir()
+        for n in names:
+            shutil.copy(run / n, part / n)
+        part.rename(results / run.name)
+    with open(ours_path.with_name(ours_path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = _read_runs_json(ours_path)
+        seen = {(i.get("command"), i.get("started")) for i in meta["invocations"]}
+        added = [i for i in incoming["invocations"] if (i.get("command"), i.get("started")) not in seen]
+        if added:
+            meta["invocations"] = sorted(meta["invocations"] + added, key=lambda i: str(i.get("started")))
+            meta["note"] = meta.get("note") or incoming.get("note", "")
+            atomic_write_text(ours_path, json.dumps(meta, indent=1))
+    return [r.name for r in new]
 
 
 def write_readme(root: Path = RESULTS) -> Path:
@@ -392,6 +451,9 @@ def main(argv=None) -> int:
     p.add_argument("--note", default="", help="a sentence placed above this set's table (what it is, what not)")
     p.add_argument("--tag", default="", help="run names become <method>-<tag>-seed<k>")
     p.add_argument("--summarize-only", action="store_true")
+    p.add_argument("--merge-from", metavar="CHECKOUT",
+                   help="copy the finished runs (and their RUNS.json entries) of CHECKOUT/results/<name>/ here, "
+                        "then summarize: for runs trained in a worktree at a fixed commit")
     args, rest = p.parse_known_args(argv)
     # every other option is a training setting: typed, checked and explained by hdkdlib.config's parser
     train_options = vars(config.argparser(dataset="folder32", prog="verify_real_data.py (training options)")
@@ -403,7 +465,10 @@ def main(argv=None) -> int:
         p.error(f"--epochs must be a number or auto, got {args.epochs!r}")
     results = Path(args.results).resolve() / args.name
     failed = []
-    if not args.summarize_only:
+    if args.merge_from:
+        copied = merge_from(results, Path(args.merge_from).resolve() / "results" / args.name)
+        print(f"merged from {args.merge_from}: {', '.join(copied) or 'no new runs'}")
+    elif not args.summarize_only:
         args.epochs = resolve_epochs(args)
         cfgs = configs(args)  # before the chdir: paths given relative to where the script was started
         os.chdir(ROOT)

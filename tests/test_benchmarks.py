@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from hdkdlib import data
 
@@ -249,3 +250,57 @@ def test_two_chains_recording_their_commands_at_once_lose_none(tmp_path):
         assert chain.exitcode == 0
     runs = sorted(r for entry in json.loads(path.read_text())["invocations"] for r in entry["runs"])
     assert runs == sorted([f"ce{i}" for i in range(n)] + [f"dbt{i}" for i in range(n)])
+
+
+def _results_folder(root: Path, runs: dict, invocations: list) -> Path:
+    """A results/<name>/ folder: runs maps a run name to its files' texts; RUNS.json lists the invocations."""
+    for run, files in runs.items():
+        (root / run).mkdir(parents=True)
+        for name, text in files.items():
+            (root / run / name).write_text(text)
+    (root / "RUNS.json").write_text(json.dumps({"note": "", "invocations": invocations}, indent=1))
+    return root
+
+
+def _run_files(tag: str) -> dict:
+    return {"config.json": f'{{"run": "{tag}"}}', "metrics.jsonl": f'{{"epoch": 1, "run": "{tag}"}}\n',
+            "results.json": f'{{"anytime": [], "run": "{tag}"}}'}
+
+
+def test_merge_from_a_worktree_copies_finished_runs_once_and_overwrites_nothing(tmp_path):
+    """--merge-from: the worktree's finished runs and the invocations that trained them arrive once each, in
+    the order they were started; unfinished runs stay behind; a run that differs stops the merge before any copy."""
+    merge_from = _verify_module().merge_from
+    older = {"command": "python benchmarks/verify_real_data.py --seeds 0", "started": "2026-12-01 10:00 UTC",
+             "runs": ["ce-seed0"]}
+    newer = {"command": "python benchmarks/verify_real_data.py --seeds 1", "started": "2026-12-02 10:00 UTC",
+             "runs": ["ce-seed1", "ce-seed2"]}
+    latest = {"command": "python benchmarks/verify_real_data.py --seeds 9", "started": "2026-12-03 10:00 UTC",
+              "runs": ["ce-seed9"]}
+    ours = _results_folder(tmp_path / "main", {"ce-seed0": _run_files("0")}, [older, latest])
+    unfinished = {k: v for k, v in _run_files("2").items() if k != "results.json"}
+    theirs = _results_folder(tmp_path / "worktree",
+                             {"ce-seed0": _run_files("0"), "ce-seed1": _run_files("1"), "ce-seed2": unfinished},
+                             [newer, older])
+    assert merge_from(ours, theirs) == ["ce-seed1"]
+    assert {p.name for p in ours.iterdir() if p.is_dir()} == {"ce-seed0", "ce-seed1"}
+    for name, text in _run_files("1").items():
+        assert (ours / "ce-seed1" / name).read_text() == text
+    assert json.loads((ours / "RUNS.json").read_text())["invocations"] == [older, newer, latest]
+    before = (ours / "RUNS.json").read_text()
+    assert merge_from(ours, theirs) == [] and (ours / "RUNS.json").read_text() == before  # idempotent
+
+    (theirs / "ce-seed3").mkdir()
+    for name, text in _run_files("3").items():
+        (theirs / "ce-seed3" / name).write_text(text)
+    (theirs / "ce-seed0" / "results.json").write_text('{"anytime": [], "run": "another"}')
+    with pytest.raises(SystemExit, match="ce-seed0 differs between .*nothing was copied"):
+        merge_from(ours, theirs)
+    assert not (ours / "ce-seed3").exists() and (ours / "RUNS.json").read_text() == before
+    assert (ours / "ce-seed0" / "results.json").read_text() == _run_files("0")["results.json"]
+    with pytest.raises(SystemExit, match="is this results folder"):
+        merge_from(ours, ours)
+    (theirs / "RUNS.json").write_text("[1, 2]")
+    (theirs / "ce-seed0" / "results.json").write_text(_run_files("0")["results.json"])
+    with pytest.raises(SystemExit, match="is not a RUNS.json .*restore it from git"):
+        merge_from(ours, theirs)

@@ -41,3 +41,24 @@ def test_final_weights_and_network_readers(tmp_path):
     folder.save_model({"w": torch.ones(2)})
     assert torch.equal(runfolder.final_network(folder.path, "cpu")["w"], torch.ones(2))
     assert torch.equal(runfolder.final_network(folder.file(runfolder.MODEL), "cpu")["w"], torch.ones(2))
+
+
+def test_the_recorded_commit_is_dirty_for_code_changes_but_not_for_results(tmp_path, monkeypatch):
+    """Runs trained in a worktree write their metrics into its results/: that must not mark the commit they
+    used as +dirty, while an edited module must."""
+    import subprocess
+    from hdkdlib import runinfo
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    for path in ("hdkdlib/model.py", "results/cifar/RUNS.json"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text("v1\n")
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "start"], check=True)
+    head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.setattr(runinfo, "project_root", lambda: tmp_path)
+    assert runinfo.git_commit() == head
+    (tmp_path / "results/cifar/RUNS.json").write_text("v2\n")
+    assert runinfo.git_commit() == head
+    (tmp_path / "hdkdlib/model.py").write_text("v2\n")
+    assert runinfo.git_commit() == head + "+dirty"
