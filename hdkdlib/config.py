@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 from . import bilevel, models, objectives
 
 DATASETS = ("cifar10", "cifar100", "folder32", "folder", "synthetic")
+FROZEN_AT_START = "init"  # freeze_weights_from: keep the learned weights at their start
 
 RECIPES: Dict[str, Dict] = {
     # MSDNet's CIFAR code: batch 64, 300 epochs, lr x0.1 at 50% and 75%
@@ -133,7 +134,8 @@ class TrainConfig:
     val_loss: str = _opt("balanced", "validation objective of the weight update: balanced or ce")
     alpha: float = _opt(0.5, "balanced validation loss: share of the plain CE, in [0, 1]")
     freeze_weights_from: str = _opt("", "a finished run folder (or its results.json): its final learned "
-                                              "weights, kept fixed (the frozen ablation)")
+                                              "weights, kept fixed (the frozen ablation); init: the weights' start, "
+                                              "kept fixed (the no-learning ablation)")
     init_from: str = _opt("", "a finished run folder: start from its final network")
     train_heads_only: bool = _opt(False, "IMTA's second stage: stages frozen, heads re-initialised and trained")
     # engine

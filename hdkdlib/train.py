@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from tqdm import tqdm  # text bars: a finished bar stays a line of text (a widget bar dies with its kernel)
 
-from . import bilevel, cli, cost, data, distributed, evaluation, models, objectives, runfolder, runinfo
+from . import bilevel, cli, config, cost, data, distributed, evaluation, models, objectives, runfolder, runinfo
 # Settings live in hdkdlib.config, data in hdkdlib.data.bundle; these names stay importable from here.
 from .cli import say
 from .config import TrainConfig, argparser_for, config_from_dict, config_to_dict
@@ -62,7 +62,9 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.meta = None
-        if cfg.freeze_weights_from:  # the frozen ablation: another run's final learned weights, kept fixed
+        if cfg.freeze_weights_from == config.FROZEN_AT_START:  # no learning: what the weight update adds to its start
+            self.objective.fix_weights(self.objective.named_weights(), source="freeze_weights_from: init")
+        elif cfg.freeze_weights_from:  # the frozen ablation: another run's final learned weights, kept fixed
             self.objective.fix_weights(runfolder.final_weights(cfg.freeze_weights_from),
                                        source=f"freeze_weights_from: {cfg.freeze_weights_from}")
         elif list(self.objective.parameters()):

@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hdkdlib import data, train
+from hdkdlib import data, objectives, train
 from hdkdlib.paths import DiskFull
 from hdkdlib.runfolder import RunFolder, RunFolderDamaged
 from hdkdlib.resume import resolve
@@ -220,6 +220,22 @@ def test_run_reuses_a_finished_run_and_freezing_keeps_weights_fixed(fake_root, t
         assert res["weights"][name] == pytest.approx(w, rel=1e-5)
     with pytest.raises(ValueError, match="needs a method with learned weights"):
         train.prepare(_cfg(fake_root, tmp_path / "x", method="dkd", freeze_weights_from=str(tmp_path / "a" / "results.json")))
+
+
+def test_freezing_at_init_keeps_the_start_a_learning_run_moves_from(fake_root, tmp_path):
+    """freeze_weights_from init: the no-learning ablation trains with the weights a learning run starts from
+    (same seed and init), and they stay there; the learning run's own weights leave them."""
+    from hdkdlib.train import run
+    cfg = _cfg(fake_root, tmp_path / "frozen", epochs=1, freeze_weights_from="init")
+    frozen, res = run(cfg)
+    start = objectives.build(cfg.method, frozen.model.num_exits, **cfg.objective_options()).named_weights()
+    assert frozen.meta is None and not any(p.requires_grad for p in frozen.objective.parameters())
+    assert res["weights"] == pytest.approx(start, rel=1e-6)
+    assert [line["weights"] for line in frozen.folder.metrics()] == [pytest.approx(start, rel=1e-6)]
+    _, learned = run(_cfg(fake_root, tmp_path / "learning", epochs=1))
+    assert max(abs(learned["weights"][n] - w) for n, w in start.items()) > 1e-3
+    with pytest.raises(ValueError, match="freeze_weights_from: init needs a method with learned weights"):
+        train.prepare(_cfg(fake_root, tmp_path / "x", method="dbt", freeze_weights_from="init"))
 
 
 def test_results_name_the_commit_the_run_began_with(fake_root, tmp_path):
