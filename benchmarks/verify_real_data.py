@@ -270,6 +270,13 @@ def fit_reached(rows) -> str:
     return f"{100 * first:.1f} / {100 * last:.1f}"
 
 
+def weight_learning_runs(records: dict) -> dict:
+    """The runs whose loss weights learned: a learned-weight method, not frozen (at its start or at another
+    run's weights); their weights get a table and a figure."""
+    return {n: r for n, r in records.items()
+            if r["config"]["method"] in objectives.LEARNED and not r["config"].get("freeze_weights_from")}
+
+
 def summarize(results: Path, epochs_full: int = 300) -> str:
     """Markdown section for one results folder: per-exit test top-1 (mean and spread over seeds), learned
     weights, and per run its device, torch version, epoch time and command. Also writes anytime.png."""
@@ -295,7 +302,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
             per_exit.rename_axis("run").reset_index().to_markdown(index=False, disable_numparse=True)]
     out += paired_differences(table, exits)
     out += validation_rows(results, list(records))
-    learned = {n: r for n, r in records.items() if r["config"]["method"] in objectives.LEARNED}
+    learned = weight_learning_runs(records)
     for name in sorted({variant(n) for n in learned}):
         mats = [plots.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if variant(n) == name]
         matrix = pd.DataFrame(np.mean(mats, axis=0), index=pd.Index(exits, name="exit"), columns=exits)

@@ -173,6 +173,14 @@ def test_paired_differences_pair_each_protocol_with_its_own_baseline():
     assert rows["hdkd-n50-w50 − dbt-n50"] == ["1", "+10.00", "+0.00", "+5.00"]
 
 
+def test_only_runs_whose_weights_learned_get_a_weights_table():
+    records = {"hdkd-seed0": {"config": {"method": "hdkd", "freeze_weights_from": ""}},
+               "hdkd-frozen-seed0": {"config": {"method": "hdkd", "freeze_weights_from": "init"}},
+               "hdkd-old-seed0": {"config": {"method": "hdkd"}},  # begun before the setting existed
+               "dbt-seed0": {"config": {"method": "dbt", "freeze_weights_from": ""}}}
+    assert list(_verify_module().weight_learning_runs(records)) == ["hdkd-seed0", "hdkd-old-seed0"]
+
+
 def test_fit_reached_reads_the_last_epoch():
     module = _verify_module()
     rows = [{"train_top1": [0.1, 0.2, 0.3]}, {"train_top1": [0.912, 0.5, 0.9876]}]
