@@ -93,6 +93,8 @@ class TrainConfig:
     arch: Optional[str] = _opt(None, "network (recipe): " + ", ".join(models.names()))
     method: str = _opt("hdkd", "objective: " + ", ".join(objectives.names()))
     temperature: float = _opt(0.0, "KD temperature; 0: the objective's own default")
+    loss_scale: float = _opt(0.0, "factor on the whole training loss (dbt and learned-weight methods); 0: the "
+                                  "objective's own (dbt: 2*5/exits, Phuong & Lampert's; learned weights: 1)")
     init: str = _opt("", "learned-weight initialisation (dbt, ds, uniform, random); '': the objective's default")
     weight_map: str = _opt("softmax", "learned weights: softmax (w = total * softmax(gamma)), softplus (free "
                                          "total), softplus_total (softplus normalised to the initial total) or "
@@ -207,6 +209,11 @@ class TrainConfig:
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must lie in [0, 1] (the balanced validation loss's share of plain CE), "
                              f"got {self.alpha}")
+        if self.loss_scale < 0:
+            raise ValueError(f"loss_scale must be > 0 (or 0: the objective's own), got {self.loss_scale}")
+        if self.loss_scale and self.method not in ("dbt", *objectives.LEARNED):
+            raise ValueError(f"loss_scale applies to dbt and the learned-weight methods ({', '.join(objectives.LEARNED)}),"
+                             f" not {self.method}: drop it")
         if self.temperature < 0:
             raise ValueError(f"temperature must be > 0 (or 0: the objective's default), got {self.temperature}")
         if not 0 <= self.momentum < 1 or (self.nesterov and self.momentum == 0):
@@ -275,6 +282,8 @@ class TrainConfig:
     def objective_options(self) -> Dict:
         """The options objectives.build gets from these settings (also: the weights a run starts from)."""
         options = {"temperature": self.temperature} if self.temperature else {}
+        if self.loss_scale:  # DBT names it loss_scale; the learned-weight objectives pass scale to LearnedWeights
+            options["scale" if self.method in objectives.LEARNED else "loss_scale"] = self.loss_scale
         if self.method in objectives.LEARNED:
             options.update(weight_map=self.weight_map, seed=self.seed, min_init_weight=self.min_init_weight)
             if self.weight_map == "bounded":

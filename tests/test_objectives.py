@@ -209,3 +209,24 @@ def test_what_the_training_log_records_besides_the_weights():
     assert dbt.state_for_log()["temperature"] == pytest.approx(1.05)
     assert O.build("hdbt", 3).state_for_log() == {"temperature": 1.0}
     assert O.build("ce", 3).state_for_log() == {} and O.build("dkd", 3).state_for_log() == {}
+
+
+def test_loss_scale_multiplies_the_whole_loss_and_lines_hdbt_up_with_dbt():
+    """loss_scale is one factor on the whole loss: with DBT's 2*5/K, HDBT at its start computes DBT's loss exactly
+    (same terms, weights and temperature), so the scale is not a hidden difference between them; for hdkd it
+    multiplies the default loss; bad values and methods without a scale are refused in one line."""
+    from hdkdlib.config import TrainConfig
+    K, torch_gen = 4, torch.Generator().manual_seed(3)
+    logits = [torch.randn(8, 5, generator=torch_gen) for _ in range(K)]
+    y = torch.randint(0, 5, (8,), generator=torch_gen)
+
+    def loss(method, **cfg):
+        return O.build(method, K, **TrainConfig(method=method, **cfg).validate().objective_options())(logits, y)
+    assert torch.allclose(loss("hdbt", loss_scale=2 * 5 / K), loss("dbt"), rtol=1e-6)
+    assert not torch.allclose(loss("hdbt"), loss("dbt"), rtol=1e-3)  # at the learned methods' own scale, 1
+    assert torch.allclose(loss("hdkd", loss_scale=3.0), 3 * loss("hdkd"), rtol=1e-6)
+    assert torch.allclose(loss("dbt", loss_scale=1.0) * 2 * 5 / K, loss("dbt"), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"loss_scale must be > 0 \(or 0: the objective's own\), got -1"):
+        TrainConfig(method="hdkd", loss_scale=-1.0).validate()
+    with pytest.raises(ValueError, match="loss_scale applies to dbt and the learned-weight methods .* not ce"):
+        TrainConfig(method="ce", loss_scale=2.0).validate()
