@@ -238,6 +238,18 @@ def test_freezing_at_init_keeps_the_start_a_learning_run_moves_from(fake_root, t
         train.prepare(_cfg(fake_root, tmp_path / "x", method="dbt", freeze_weights_from="init"))
 
 
+def test_a_warm_up_trains_exactly_as_frozen_weights_until_it_ends(fake_root, tmp_path):
+    """During meta_warmup the weight update is off and nothing else differs: the run matches the no-learning
+    ablation bit for bit (the real-data runs showed this over 60 epochs), and parts ways once the weights learn."""
+    from hdkdlib.train import run
+    warm, _ = run(_cfg(fake_root, tmp_path / "warm", epochs=2, meta_warmup=0.5))
+    frozen, _ = run(_cfg(fake_root, tmp_path / "frozen", epochs=2, freeze_weights_from="init"))
+    w, f = warm.folder.metrics(), frozen.folder.metrics()
+    keys = ("train_loss", "train_top1", "val_loss", "val_top1", "weights")
+    assert [w[0][k] for k in keys] == [f[0][k] for k in keys]
+    assert w[1]["weights"] != f[1]["weights"] and w[1]["train_loss"] != f[1]["train_loss"]
+
+
 def test_results_name_the_commit_the_run_began_with(fake_root, tmp_path):
     """A run evaluated after the code moved on records the commit it was trained with, and the one that evaluated it."""
     from hdkdlib import runinfo
