@@ -23,6 +23,7 @@ Any other option of `python -m hdkdlib.train` (e.g. --temperature 3, --meta-trav
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import json
 import os
@@ -43,6 +44,8 @@ from hdkdlib.paths import atomic_write_text
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "results"
+# What a results folder keeps of a run (never its weights); results.json last: it marks a finished run
+RUN_FILES = (runfolder.CONFIG, runfolder.METRICS, runfolder.RESULTS)
 
 
 def portable(path) -> str:
@@ -132,7 +135,7 @@ def collect(cfg, results: Path) -> None:
     """Copy a finished run's settings and metrics (not its weights) into the results folder."""
     target = results / Path(cfg.out).name
     target.mkdir(parents=True, exist_ok=True)
-    for name in (runfolder.CONFIG, runfolder.RESULTS, runfolder.METRICS):
+    for name in RUN_FILES:
         shutil.copy(RunFolder(cfg.out).file(name), target / name)
 
 
@@ -356,15 +359,25 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
 
 def record_invocation(path: Path, args, runs, argv) -> None:
     """RUNS.json: every command that trained runs into this results folder, with how many ran at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as lock:  # two chains started together: both recorded
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        meta = _read_runs_json(path)
+    with _locked_runs_json(path) as meta:
         meta["note"] = args.note or meta["note"]
         meta["invocations"].append({"command": "python benchmarks/verify_real_data.py " + shlex.join(argv),
                                     "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                                     "epochs": args.epochs, "jobs": min(args.jobs, len(runs)), "runs": runs})
-        atomic_write_text(path, json.dumps(meta, indent=1))
+
+
+@contextlib.contextmanager
+def _locked_runs_json(path: Path):
+    """RUNS.json read under an exclusive lock, written back (atomically) if the block changed it: two chains
+    started together, or a merge beside a running chain, both get recorded."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        meta = _read_runs_json(path)
+        before = json.dumps(meta, indent=1)
+        yield meta
+        if json.dumps(meta, indent=1) != before:
+            atomic_write_text(path, json.dumps(meta, indent=1))
 
 
 def _read_runs_json(path: Path) -> dict:
@@ -390,7 +403,7 @@ def merge_from(results: Path, other: Path) -> list:
                          f"results/{results.name}/ holds the runs")
     if other.resolve() == results.resolve():
         raise SystemExit(f"--merge-from: {other} is this results folder: give the other checkout")
-    names = (runfolder.CONFIG, runfolder.METRICS, runfolder.RESULTS)  # results last: it marks a finished run
+    names = RUN_FILES
     theirs = [d for d in sorted(other.iterdir()) if d.is_dir() and (d / runfolder.RESULTS).is_file()]
     new = []
     for run in theirs:
@@ -413,15 +426,12 @@ def merge_from(results: Path, other: Path) -> list:
         for n in names:
             shutil.copy(run / n, part / n)
         part.rename(results / run.name)
-    with open(ours_path.with_name(ours_path.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        meta = _read_runs_json(ours_path)
+    with _locked_runs_json(ours_path) as meta:
         seen = {(i.get("command"), i.get("started")) for i in meta["invocations"]}
         added = [i for i in incoming["invocations"] if (i.get("command"), i.get("started")) not in seen]
         if added:
             meta["invocations"] = sorted(meta["invocations"] + added, key=lambda i: str(i.get("started")))
             meta["note"] = meta.get("note") or incoming.get("note", "")
-            atomic_write_text(ours_path, json.dumps(meta, indent=1))
     return [r.name for r in new]
 
 
