@@ -15,6 +15,9 @@ and the outer loss L_val(theta') give the hypergradient
 teachers at their values at theta (they are detached in l_k, so they must not move with eps).
 The step along v has length eps (default: cube root of the dtype's machine epsilon, 4.9e-3 in
 float32, close to DARTS' 0.01; 6e-6 in float64).
+`exact` with horizon K > 1 unrolls K virtual steps (the same batch, the optimizer's state carried on) and
+differentiates L_val(theta_K) through all of them: a term whose help needs several steps to reach the validation
+loss gets its credit, where one step sees none of it (the short-horizon bias, Wu et al., ICLR 2018).
 Nothing here changes the model's parameters or buffers: every functional pass runs on clones.
 """
 from __future__ import annotations
@@ -87,7 +90,13 @@ def virtual_step(params: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor]
                  weight_decay: float, momentum_buffer: Dict[str, Optional[torch.Tensor]],
                  nesterov: bool = False) -> Dict[str, torch.Tensor]:
     """theta' as torch.optim.SGD (dampening 0, with or without Nesterov) would compute it; differentiable in grads."""
-    out = {}
+    return _sgd_update(params, grads, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                       momentum_buffer=momentum_buffer, nesterov=nesterov)[0]
+
+
+def _sgd_update(params, grads, *, lr, momentum, weight_decay, momentum_buffer, nesterov):
+    """(theta', the momentum buffers SGD holds after the step)."""
+    out, buffers = {}, {}
     for n, p in params.items():
         d = grads[n]
         if weight_decay:
@@ -95,9 +104,10 @@ def virtual_step(params: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor]
         buf = momentum_buffer.get(n)
         if momentum:
             new_buf = d if buf is None else momentum * buf + d  # SGD's first step starts the buffer at d
+            buffers[n] = new_buf
             d = d + momentum * new_buf if nesterov else new_buf
         out[n] = p - lr * d
-    return out
+    return out, buffers
 
 
 def adam_virtual_step(params: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], *, lr: float, betas=(0.9, 0.999),
@@ -106,13 +116,20 @@ def adam_virtual_step(params: Dict[str, torch.Tensor], grads: Dict[str, torch.Te
     """theta' as torch.optim.Adam (decoupled=False: weight decay added to the gradient) or AdamW (decoupled: the
     parameter shrunk by lr * wd) would compute it from its state {name: {step, exp_avg, exp_avg_sq}} (empty: the
     first step); differentiable in grads."""
-    out = {}
+    return _adam_update(params, grads, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+                        state=state)[0]
+
+
+def _adam_update(params, grads, *, lr, betas, eps, weight_decay, decoupled, state):
+    """(theta', the state {name: {step, exp_avg, exp_avg_sq}} Adam or AdamW holds after the step)."""
+    out, new_state = {}, {}
     for n, p in params.items():
         m, v, t = _adam_moments(n, p, grads[n], betas=betas, weight_decay=0.0 if decoupled else weight_decay, state=state)
         c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
         base = p * (1 - lr * weight_decay) if decoupled and weight_decay else p
         out[n] = base - lr * (m / c1) / ((v / c2).sqrt() + eps)
-    return out
+        new_state[n] = {"step": t, "exp_avg": m, "exp_avg_sq": v}
+    return out, new_state
 
 
 def _adam_moments(name, p, g, *, betas, weight_decay, state):
@@ -164,11 +181,20 @@ class VirtualStep:
                    eps=group["eps"], state=state)
 
     def apply(self, params, grads) -> Dict[str, torch.Tensor]:
+        return self.advance(params, grads)[0]
+
+    def advance(self, params, grads) -> Tuple[Dict[str, torch.Tensor], "VirtualStep"]:
+        """(theta', the step after it): the optimizer's state (momentum buffers, Adam's moments and step count)
+        carried on, differentiable, for a hypergradient through several virtual steps (at this lr)."""
         if self.kind == "SGD":
-            return virtual_step(params, grads, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                                momentum_buffer=self.momentum_buffer, nesterov=self.nesterov)
-        return adam_virtual_step(params, grads, lr=self.lr, betas=self.betas, eps=self.eps,
-                                 weight_decay=self.weight_decay, decoupled=self.kind == "AdamW", state=self.state)
+            out, buffers = _sgd_update(params, grads, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
+                                       momentum_buffer=self.momentum_buffer, nesterov=self.nesterov)
+            return out, VirtualStep("SGD", self.lr, momentum=self.momentum, nesterov=self.nesterov,
+                                    weight_decay=self.weight_decay, momentum_buffer=buffers)
+        out, state = _adam_update(params, grads, lr=self.lr, betas=self.betas, eps=self.eps,
+                                  weight_decay=self.weight_decay, decoupled=self.kind == "AdamW", state=self.state)
+        return out, VirtualStep(self.kind, self.lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps,
+                                state=state)
 
     def tangent(self, params, grads, v):
         """(d d / d g)^T v for each parameter (d: the step direction, theta' = [decay] - lr * d)."""
@@ -195,9 +221,20 @@ def _val_loss_fn(val_loss, num_exits) -> nn.Module:
     return ValidationLoss(num_exits, kind=val_loss)
 
 
-def _check(model, objective, train_batch, val_batch, lr, method):
+def check_horizon(horizon: int, method: str) -> None:
+    """The one-line errors for meta_horizon (the length check against an epoch is TrainConfig's: it knows the epoch)."""
+    if isinstance(horizon, bool) or not isinstance(horizon, int) or horizon < 1:
+        raise ValueError(f"meta_horizon must be an integer >= 1 (virtual steps the hypergradient looks ahead), "
+                         f"got {horizon!r}")
+    if horizon > 1 and method != "exact":
+        raise ValueError(f"meta_horizon {horizon} needs meta_method 'exact' (the finite-difference hypergradient looks "
+                         f"one step ahead): add meta_method='exact' (--meta-method exact), or use meta_horizon 1")
+
+
+def _check(model, objective, train_batch, val_batch, lr, method, horizon=1):
     if method not in METHODS:
         raise ValueError(f"unknown hypergradient method {method!r}; valid: {', '.join(METHODS)}")
+    check_horizon(horizon, method)
     if not list(objective.parameters()):
         raise ValueError(f"{type(objective).__name__} has fixed weights: nothing to learn "
                          f"(objectives with learned weights: {', '.join(LEARNED)})")
@@ -243,17 +280,27 @@ def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_bat
     return hyper, [z.detach() for z in val_logits]
 
 
-def _hypergradient(model, objective, train_batch, val_batch, *, step: VirtualStep, val_loss, method, eps):
-    """(hypergradient tuple, validation logits at theta') from functional passes on cloned state."""
+def _hypergradient(model, objective, train_batch, val_batch, *, step: VirtualStep, val_loss, method, eps,
+                   horizon: int = 1):
+    """(hypergradient tuple, validation logits at the last virtual theta) from functional passes on cloned state.
+
+    exact: autograd through `horizon` virtual steps, theta_k+1 = step_k(theta_k), each on the same training batch
+    (the batches the real steps will draw are not known yet) with the KD teachers at theta_k and the optimizer's
+    state carried on; the validation loss is taken at theta_horizon."""
     params = {n: p.detach().clone().requires_grad_(True) for n, p in _trainable(model).items()}
     x, y = train_batch
-    logits = _call(model, params, _cloned_buffers(model), x)
+    buffers = _cloned_buffers(model)
+    logits = _call(model, params, buffers, x)
     loss = objective(logits, y)
     if method == "exact":
-        grads = torch.autograd.grad(loss, list(params.values()), create_graph=True)
-        theta1 = step.apply(params, dict(zip(params, grads)))
+        theta = params
+        for k in range(horizon):
+            if k:
+                loss = objective(_call(model, theta, buffers, x), y)
+            grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
+            theta, step = step.advance(theta, dict(zip(theta, grads)))
         xv, yv = val_batch
-        val_logits = _call(model, theta1, _cloned_buffers(model), xv)
+        val_logits = _call(model, theta, _cloned_buffers(model), xv)
         hyper = torch.autograd.grad(val_loss(val_logits, yv), list(objective.parameters()))
         return hyper, [z.detach() for z in val_logits]
     grads = torch.autograd.grad(loss, list(params.values()))
@@ -264,18 +311,21 @@ def _hypergradient(model, objective, train_batch, val_batch, *, step: VirtualSte
 def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, val_batch: Batch, *, lr: float,
                   momentum: float = 0.0, weight_decay: float = 0.0, momentum_buffer=None,
                   val_loss: Union[str, nn.Module] = "ce", method: str = "exact",
-                  eps: Optional[float] = None, nesterov: bool = False) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
-    """dL_val(theta')/d(objective.parameters()), theta' one virtual step of SGD on L_tr.
+                  eps: Optional[float] = None, nesterov: bool = False,
+                  horizon: int = 1) -> Union[torch.Tensor, Tuple[torch.Tensor, ...]]:
+    """dL_val(theta')/d(objective.parameters()), theta' one virtual step of SGD on L_tr (`horizon` steps on the
+    same batch with method "exact").
 
     A batch is (inputs, targets); val_loss is "ce" (sum of per-exit CE), "balanced" or a
     ValidationLoss; momentum_buffer is None, {parameter name: tensor} or a list aligned with the
     trainable parameters. Returns a tensor (or a tuple if the objective has several parameters).
     The model's parameters and buffers are left exactly as they were."""
-    _check(model, objective, train_batch, val_batch, lr, method)
+    _check(model, objective, train_batch, val_batch, lr, method, horizon)
     step = VirtualStep("SGD", lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                        momentum_buffer=_momentum_buffers(model, momentum_buffer))
     hyper, _ = _hypergradient(model, objective, train_batch, val_batch, step=step,
-                              val_loss=_val_loss_fn(val_loss, objective.num_exits), method=method, eps=eps)
+                              val_loss=_val_loss_fn(val_loss, objective.num_exits), method=method, eps=eps,
+                              horizon=horizon)
     return hyper[0] if len(hyper) == 1 else tuple(hyper)
 
 
@@ -287,14 +337,19 @@ class MetaStep:
     or Adam/AdamW with their moments and step count), so it mirrors the real update; other optimizers are
     refused. The network update uses the gradient at the weights *before* this weight step (a one-step lag, as in
     DARTS' alternation).
+
+    `horizon` K > 1 (method "exact"): the hypergradient through K virtual steps on the step's training batch, against
+    the short-horizon bias of one step (a term whose help shows only after several steps); about K times the cost.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, *, lr: float = 1e-3, betas=(0.5, 0.999),
                  method: str = "finite_difference", val_loss: Union[str, ValidationLoss] = "balanced",
                  alpha: float = 0.5, eps: Optional[float] = None, check_finite: bool = True,
-                 hypergrad_norm: str = "lr", device=None):
+                 hypergrad_norm: str = "lr", device=None, horizon: int = 1):
         if method not in METHODS:
             raise ValueError(f"unknown hypergradient method {method!r}; valid: {', '.join(METHODS)}")
+        check_horizon(horizon, method)
+        self.horizon = horizon
         if hypergrad_norm not in HYPERGRAD_NORMS:
             raise ValueError(f"unknown hypergrad_norm {hypergrad_norm!r}; valid: {', '.join(HYPERGRAD_NORMS)}")
         if not lr > 0:
@@ -334,7 +389,7 @@ class MetaStep:
                step: VirtualStep):
         """One weight update from the training pass at theta (its logits, the KD teachers, and its gradients
         {name: tensor}) and the virtual step the network optimizer will take; returns the hypergradient."""
-        _check(self.module, self.objective, train_batch, val_batch, step.lr, self.method)
+        _check(self.module, self.objective, train_batch, val_batch, step.lr, self.method, self.horizon)
         if self.method == "finite_difference":
             params = {n: p.detach() for n, p in _trainable(self.module).items()}
             hyper, val_logits = _fd_hypergradient(
@@ -342,7 +397,8 @@ class MetaStep:
                 step=step, val_loss=self.val_loss, eps=self.eps)
         else:  # the reference path: a second, differentiable training pass (slow, for checks and ablations)
             hyper, val_logits = _hypergradient(self.module, self.objective, train_batch, val_batch, step=step,
-                                               val_loss=self.val_loss, method="exact", eps=self.eps)
+                                               val_loss=self.val_loss, method="exact", eps=self.eps,
+                                               horizon=self.horizon)
         self.optimizer.zero_grad(set_to_none=True)
         if self.hypergrad_norm == "lr":
             hyper = [h / step.lr for h in hyper]

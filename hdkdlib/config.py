@@ -133,6 +133,8 @@ class TrainConfig:
                                      "drops); none: raw")
     min_init_weight: float = _opt(1e-3, "floor of learned weights that start at 0 (dbt and ds inits), in (0, 1]")
     meta_method: str = _opt("finite_difference", "hypergradient: finite_difference or exact")
+    meta_horizon: int = _opt(1, "virtual steps the hypergradient looks ahead (1: the paper's one step; K > 1: through "
+                                "K steps on the batch, meta_method exact, about K times the cost; 1..steps per epoch)")
     val_loss: str = _opt("balanced", "validation objective of the weight update: balanced or ce")
     alpha: float = _opt(0.5, "balanced validation loss: share of the plain CE, in [0, 1]")
     freeze_weights_from: str = _opt("", "a finished run folder (or its results.json): its final learned "
@@ -201,6 +203,7 @@ class TrainConfig:
                              "(--meta-schedule fixed), or drop meta_lr and tune meta_traverse")
         if not 0 <= self.meta_warmup < 1:
             raise ValueError(f"meta_warmup must lie in [0, 1) (a fraction of the run's steps), got {self.meta_warmup}")
+        bilevel.check_horizon(self.meta_horizon, self.meta_method)
         if not 0 < self.weight_bound <= 1:
             raise ValueError(f"weight_bound must lie in (0, 1] (the fraction by which a weight may leave its start), "
                              f"got {self.weight_bound}")
@@ -273,6 +276,9 @@ class TrainConfig:
         weight steps after the warm-up)."""
         if self.meta_interval > steps_per_epoch:
             raise ValueError(f"meta_interval {self.meta_interval} is longer than an epoch ({steps_per_epoch} steps): "
+                             f"use 1..{steps_per_epoch}")
+        if self.meta_horizon > steps_per_epoch:
+            raise ValueError(f"meta_horizon {self.meta_horizon} is longer than an epoch ({steps_per_epoch} steps): "
                              f"use 1..{steps_per_epoch}")
         if self.meta_schedule == "fixed":
             return self.meta_lr

@@ -36,7 +36,7 @@ FORMER_DEFAULTS = {"meta_traverse": 0.25}
 # The weight update's settings: they change nothing in a run whose loss weights are fixed (a fixed-weight method,
 # or learned weights frozen from another run), so a changed default of theirs must not stop such a run resuming.
 WEIGHT_UPDATE_SETTINGS = ("meta_interval", "meta_warmup", "meta_schedule", "meta_traverse", "meta_lr", "hypergrad_norm",
-                          "meta_method", "val_loss", "alpha")
+                          "meta_method", "meta_horizon", "val_loss", "alpha")
 
 # Settings that may differ when a run is resumed: where things are and how fast they run, not what is computed.
 # Places are compared by what they hold: the split by its checksum, not its path (a moved clone resumes).

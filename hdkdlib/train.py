@@ -70,7 +70,8 @@ class Trainer:
         elif list(self.objective.parameters()):
             self.meta = bilevel.MetaStep(self.net, self.objective, lr=cfg.meta_lr_for(len(self.data.train)),
                                          method=cfg.meta_method, val_loss=cfg.val_loss, alpha=cfg.alpha,
-                                         check_finite=False, hypergrad_norm=cfg.hypergrad_norm, device=self.device)
+                                         check_finite=False, hypergrad_norm=cfg.hypergrad_norm, device=self.device,
+                                         horizon=cfg.meta_horizon)
         # graph breaks at backward() split the step; each part is compiled
         self._step = torch.compile(train_step, mode=cfg.compile_mode) if cfg.compile == "step" else train_step
         self.exit_flops = cost.exit_flops(self.model, self.data.input_shape)

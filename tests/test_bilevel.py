@@ -244,3 +244,75 @@ def test_other_optimizers_are_refused_by_name():
         meta.step(train, val, torch.optim.RMSprop(model.parameters(), lr=0.01))
     with pytest.raises(ValueError, match="amsgrad and maximize are not supported"):
         meta.step(train, val, torch.optim.Adam(model.parameters(), lr=0.01, amsgrad=True))
+
+
+# --- the hypergradient through K virtual steps (issue 23) --------------------------------------------------------
+def _after_real_steps(model, obj, make_opt, opt_state, train, val, gamma, horizon, teachers=None):
+    """L_val after `horizon` real optimizer steps on the training batch, from a copy of the model and optimizer;
+    with `teachers` (one list of logits per step) the KD terms learn from those instead of the network's own exits.
+    Returns (L_val, the exits' logits at each step)."""
+    import copy
+    net = copy.deepcopy(model)
+    with torch.no_grad():
+        obj.gamma.copy_(gamma)
+    opt = make_opt(net.parameters())
+    opt.load_state_dict(copy.deepcopy(opt_state))
+    seen = []
+    for k in range(horizon):
+        opt.zero_grad()
+        logits = net(train[0])
+        seen.append([z.detach() for z in logits])
+        obj(logits, train[1], teacher_logits=None if teachers is None else teachers[k]).backward()
+        opt.step()
+    obj.zero_grad()
+    with torch.no_grad():
+        return O.ce_terms(net(val[0]), val[1]).sum().item(), seen
+
+
+@pytest.mark.parametrize("objective", ["hmsdnet", "hdkd"])
+@pytest.mark.parametrize("kind", ["SGD", "Adam"])
+@pytest.mark.parametrize("horizon", [1, 3])
+def test_k_step_hypergradient_equals_the_derivative_through_k_real_steps(objective, kind, horizon):
+    """The exact hypergradient with horizon K is dL_val/dgamma after K steps of the real optimizer (state from
+    earlier steps: momentum buffers, Adam's moments and step count) on the same batch, by central differences.
+    The KD teachers are constants of each step's gradient, and so of the hypergradient: the reference keeps them at
+    their values along the unperturbed steps (how gamma moves later teachers is left out, a stated choice)."""
+    import functools
+    model, obj, train, val = _setup(objective)
+    make = functools.partial(torch.optim.SGD, lr=0.1, momentum=0.9, weight_decay=1e-3) if kind == "SGD" else \
+        functools.partial(torch.optim.Adam, lr=0.01, weight_decay=1e-3)
+    opt = make(model.parameters())
+    for _ in range(2):  # earlier steps leave optimizer state
+        opt.zero_grad()
+        obj(model(train[0]), train[1]).backward()
+        opt.step()
+    obj.zero_grad()
+    step = bilevel.VirtualStep.of(opt, {id(p): n for n, p in model.named_parameters()})
+    hyper = bilevel._hypergradient(model, obj, train, val, step=step, val_loss=O.ValidationLoss(3, kind="ce"),
+                                   method="exact", eps=None, horizon=horizon)[0][0]
+    g0, h = obj.gamma.detach().clone(), 1e-6
+    state = opt.state_dict()
+    _, teachers = _after_real_steps(model, obj, make, state, train, val, g0, horizon)
+    reference = torch.zeros_like(g0)
+    for i in range(len(g0)):
+        e = torch.zeros_like(g0)
+        e[i] = h
+        plus, _ = _after_real_steps(model, obj, make, state, train, val, g0 + e, horizon, teachers)
+        minus, _ = _after_real_steps(model, obj, make, state, train, val, g0 - e, horizon, teachers)
+        reference[i] = (plus - minus) / (2 * h)
+    with torch.no_grad():
+        obj.gamma.copy_(g0)
+    assert reference.abs().max() > 1e-4
+    rel = ((hyper - reference).norm() / reference.norm()).item()
+    assert rel < 1e-5, rel
+
+
+def test_horizon_options_are_checked():
+    model, obj, train, val = _setup()
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"meta_horizon must be an integer >= 1"):
+            bilevel.MetaStep(model, obj, method="exact", horizon=bad)
+    with pytest.raises(ValueError, match=r"meta_horizon 2 needs meta_method 'exact'"):
+        bilevel.MetaStep(model, obj, method="finite_difference", horizon=2)
+    with pytest.raises(ValueError, match=r"meta_horizon 3 needs meta_method 'exact'"):
+        bilevel.hypergradient(model, obj, train, val, lr=0.1, method="finite_difference", horizon=3)

@@ -188,3 +188,76 @@ def test_warm_up_and_bound_options_are_checked():
             TrueVsLateTeacher(2, [1.0, 1.0], 10, weight_map="bounded", bound=bad)
     assert not bilevel.updates_weights_at(9, 1, 10) and bilevel.updates_weights_at(10, 1, 10)
     assert [s for s in range(20) if bilevel.updates_weights_at(s, 3, 5)] == [6, 9, 12, 15, 18]
+
+
+# --- a term whose help needs several steps: the longer horizon (issue 23) ---------------------------------------
+class Chain(torch.nn.Module):
+    """Two scalar "exits", a and b, both starting at 0: the smallest network in which one term's help reaches the
+    validation loss only through another term, a step later."""
+    num_exits = 2
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Parameter(torch.zeros(())), torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return [self.a * torch.ones_like(x), self.b * torch.ones_like(x)]
+
+
+class LeadAndFollow(LearnedWeights):
+    """lead = (a - 1)^2 pulls a to 1; follow = (b - a)^2 pulls b towards a. The validation loss (PlantedValidation)
+    wants b at 1 and charges a little for a: lead helps only once follow has carried a's move on to b, one step
+    after lead made it. A one-step hypergradient sees only lead's charge and turns it down."""
+
+    def __init__(self):
+        super().__init__(2, ["lead", "follow"], [1.0, 1.0], weight_map="softplus")
+
+    def term_losses(self, logits, targets, teacher_logits=None):
+        a, b = logits
+        return torch.stack([((a - 1) ** 2).mean(), ((b - a) ** 2).mean()])
+
+
+class PlantedValidation(torch.nn.Module):
+    kind = "planted"  # not "balanced": MetaStep keeps no running exit losses for it
+
+    def forward(self, logits, targets):
+        a, b = logits
+        return ((b - 1) ** 2).mean() + 0.2 * (a ** 2).mean()
+
+
+def _chain_lead_weight(horizon, steps=40):
+    """The lead term's weight over `steps` real steps (SGD lr 0.1, momentum 0.5) with the real MetaStep (Adam on the
+    weights, exact hypergradient through `horizon` virtual steps)."""
+    model, objective = Chain(), LeadAndFollow()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.5)
+    meta = bilevel.MetaStep(model, objective, lr=0.05, method="exact", val_loss=PlantedValidation(), horizon=horizon)
+    batch = (torch.ones(4, 1), torch.zeros(4, dtype=torch.long))
+    history = []
+    for _ in range(steps):
+        meta.step(batch, batch, sgd)
+        sgd.step()
+        history.append(float(objective.weights()[0].detach()))
+    return torch.tensor(history)
+
+
+def test_one_step_sees_only_the_cost_of_a_term_whose_help_comes_a_step_later():
+    """At the start: with one virtual step the lead term's hypergradient is its charge alone (> 0: turn it down;
+    by hand below); with four virtual steps it is < 0, and follow gets credit too."""
+    model, objective = Chain(), LeadAndFollow()
+    batch = (torch.ones(4, 1), torch.zeros(4, dtype=torch.long))
+    hyper = {k: bilevel.hypergradient(model, objective, batch, batch, lr=0.1, momentum=0.5, val_loss=PlantedValidation(),
+                                      method="exact", horizon=k) for k in (1, 4)}
+    # one step from a = b = 0 with w = 1: a' = 0.1 * w * 2 = 0.2, b' = 0; L_val = (b' - 1)^2 + 0.2 a'^2, so
+    # dL/dw = 0.4 * a' * da'/dw = 0.4 * 0.2 * 0.2, times dw/dgamma = sigmoid(gamma) (w = softplus(gamma))
+    dw_dgamma = torch.sigmoid(objective.gamma.detach()[0])
+    assert float(hyper[1][0]) == pytest.approx(2 * 0.2 * 0.2 * 0.2 * float(dw_dgamma), rel=1e-5)
+    assert float(hyper[1][1]) == 0.0  # at the start b = a: follow has no gradient, so no credit at one step
+    assert hyper[4][0] < 0 and hyper[4][1] < 0, hyper[4]
+
+
+def test_a_longer_horizon_keeps_a_term_whose_help_comes_later():
+    """Trained 40 steps: the one-step update ends the lead term below 0.7 of its start; through four virtual steps
+    it ends at or above its start (seen: 0.61 and 1.05)."""
+    one, four = _chain_lead_weight(1), _chain_lead_weight(4)
+    assert one[-1] < 0.7, one[-1]
+    assert four[-1] >= 1.0 and four.min() > 0.95, (four[-1], four.min())

@@ -347,6 +347,20 @@ def test_weight_lr_is_set_per_run_and_meta_interval_must_fit_an_epoch(fake_root,
         train.prepare(_cfg(fake_root, "", meta_interval=1000))
 
 
+def test_meta_horizon_reaches_the_weight_update(fake_root, tmp_path):
+    """meta_horizon 2 (exact) is the trainer's weight update horizon, and one epoch's weights differ from those of the
+    one-step update started alike; with horizon 1 the exact and the default trainer agree in everything else."""
+    runs = {k: train.prepare(_cfg(fake_root, tmp_path / f"h{k}", epochs=1, meta_method="exact", meta_horizon=k))
+            for k in (1, 2)}
+    assert runs[1].meta.horizon == 1 and runs[2].meta.horizon == 2
+    for trainer in runs.values():
+        trainer.fit("start")
+    w1, w2 = (torch.tensor(list(t.objective.named_weights().values())) for t in runs.values())
+    start = torch.tensor(list(train.prepare(_cfg(fake_root, "", epochs=1)).objective.named_weights().values()))
+    assert not torch.equal(w1, start) and not torch.equal(w2, start)
+    assert (w2 - w1).abs().max() > 1e-4, (w2 - w1).abs().max()
+
+
 def _cli(fake_root, out, *extra, epochs="2"):
     return [sys.executable, "-m", "hdkdlib.train", "--dataset", "cifar10", "--data-root", str(fake_root),
             "--split-dir", str(fake_root / "splits"), "--arch", "msdnet_cifar_budget", "--method", "hdkd",
@@ -458,6 +472,10 @@ def test_cli_bad_inputs_are_one_line_errors(fake_root, tmp_path, capsys):
              (["--meta-traverse", "0"], "meta_traverse must lie in (0, 1]"),
              (["--meta-schedule", "cosine"], "unknown meta_schedule 'cosine'; valid: per_run, fixed"),
              (["--meta-interval", "500", "--device", "cpu"], "meta_interval 500 is longer than an epoch"),
+             (["--meta-horizon", "0"], "meta_horizon must be an integer >= 1"),
+             (["--meta-horizon", "2"], "meta_horizon 2 needs meta_method 'exact'"),
+             (["--meta-horizon", "500", "--meta-method", "exact", "--device", "cpu"],
+              "meta_horizon 500 is longer than an epoch"),
              (["--compile", "network", "--compile-mode", "fast", "--device", "cpu", "--out", str(tmp_path / "c")],
               "Unrecognized mode=fast")]
     for extra, message in cases:
