@@ -22,7 +22,17 @@ import torch
 from hdkdlib import data, runinfo, train
 from hdkdlib.train import DataBundle, TrainConfig
 
-CASES = [("ce", 1), ("hdkd", 1), ("hdkd", 10)]
+CASES = [("ce", 1, 0), ("hdkd", 1, 0), ("hdkd", 10, 0)]  # (method, meta interval, horizon; 0: finite differences)
+
+
+def parse_case(spec: str) -> tuple:
+    """'hdkd/10' -> every 10th step a finite-difference weight update; 'hdkd/1/h2' -> every step the exact
+    hypergradient through 2 virtual steps (meta_horizon); 'ce' -> (ce, 1, 0)."""
+    parts = spec.split("/")
+    method, interval, horizon = (parts + ["1", "h0"][len(parts) - 1:])[:3] if len(parts) <= 3 else ("", "", "")
+    if not method or not interval.isdigit() or not (horizon.startswith("h") and horizon[1:].isdigit()):
+        raise SystemExit(f"bad case {spec!r}: METHOD, METHOD/INTERVAL or METHOD/INTERVAL/hK (exact, horizon K)")
+    return method, int(interval), int(horizon[1:])
 
 
 def bundle(batch_size: int, device, n: int = 2048, num_classes: int = 100, channels_last: bool = False) -> DataBundle:
@@ -53,12 +63,15 @@ def parse_variant(spec: str) -> dict:
                 graphs="graph" in parts, threads=int(threads) if threads else None)
 
 
-def measure(arch, method, meta_interval, batch_size, variant, device, steps, warmup, num_classes=100) -> dict:
+def measure(arch, method, meta_interval, batch_size, variant, device, steps, warmup, num_classes=100,
+            horizon=0) -> dict:
     v = parse_variant(variant)
     threads_before = torch.get_num_threads()
     if v["threads"]:
         torch.set_num_threads(v["threads"])
+    meta = dict(meta_method="exact", meta_horizon=horizon) if horizon else {}
     cfg = TrainConfig(arch=arch, method=method, meta_interval=meta_interval, batch_size=batch_size, device=str(device),
+                      **meta,
                       bf16=v["bf16"], channels_last=v["channels_last"], compile=v["compile"],
                       compile_mode="reduce-overhead" if v["graphs"] and v["compile"] else "default",
                       progress=False, threads=torch.get_num_threads())  # the variant's threads, never auto
@@ -86,6 +99,7 @@ def measure(arch, method, meta_interval, batch_size, variant, device, steps, war
     finally:
         torch.set_num_threads(threads_before)
     return {"arch": arch, "method": method, "meta_interval": meta_interval if method != "ce" else None,
+            "meta_horizon": horizon if method != "ce" and horizon else None,
             "batch_size": batch_size, "mode": variant, "threads": v["threads"] or threads_before, "steps": steps,
             "images_per_s": steps * batch_size / seconds, "step_ms": 1000 * seconds / steps,
             "first_step_s": first_step_s,
@@ -121,7 +135,9 @@ def main(argv=None):
                         "net (compile the network), step (compile the whole step), graph (compile mode reduce-overhead: CUDA "
                         f"graphs), e.g. bf16+net@1; 'compile' means step+graph. Default: GPU eager step step+graph; "
                         f"CPU {' '.join(CPU_VARIANTS)}")
-    p.add_argument("--methods", nargs="+", default=None, help="cases as METHOD or hdkd/INTERVAL (default: ce hdkd/1 hdkd/10)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="cases as METHOD, hdkd/INTERVAL or hdkd/INTERVAL/hK (exact hypergradient, horizon K) "
+                        "(default: ce hdkd/1 hdkd/10)")
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--warmup", type=int, default=20)
@@ -134,22 +150,22 @@ def main(argv=None):
                                                                                if device.type == "cuda" else CPU_VARIANTS))]
     for m in modes:
         parse_variant(m)
-    cases = CASES if not args.methods else [(c.split("/")[0], int(c.split("/")[1]) if "/" in c else 1)
-                                            for c in args.methods]
+    cases = CASES if not args.methods else [parse_case(c) for c in args.methods]
     rows, data_rows = [], []
     for bs in args.batch_sizes:
         data_rows.append(measure_data_path(bs, device, max(args.steps, 50)))
         print(f"data path alone           bs {bs:<4} {data_rows[-1]['data_path_images_per_s']:>9.0f} img/s")
     for bs in args.batch_sizes:
-        for method, interval in cases:
+        for method, interval, horizon in cases:
             for mode in modes:
                 rows.append(measure(args.arch, method, interval, bs, mode, device, args.steps, args.warmup,
-                                    args.num_classes))
+                                    args.num_classes, horizon))
                 write_record(args, argv, device, rows, data_rows)  # row by row: a deadline loses nothing measured
                 r = rows[-1]
                 base = next(b for b in rows if b["batch_size"] == bs and b["method"] == method
-                            and b["meta_interval"] == r["meta_interval"])
-                print(f"{r['arch']:<22} bs {bs:<4} {mode:<10} {method:<5} meta/{interval if method != 'ce' else '-':<3} "
+                            and b["meta_interval"] == r["meta_interval"] and b["meta_horizon"] == r["meta_horizon"])
+                exact = f" exact h{horizon}" if r["meta_horizon"] else ""
+                print(f"{r['arch']:<22} bs {bs:<4} {mode:<10} {method:<5} meta/{interval if method != 'ce' else '-':<3}{exact} "
                       f"{r['images_per_s']:>9.0f} img/s {r['step_ms']:>8.1f} ms/step "
                       f"x{r['images_per_s'] / base['images_per_s']:.2f} of {base['mode']}, first step {r['first_step_s']:.1f} s"
                       + (f" {r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else ""))

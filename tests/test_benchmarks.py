@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from hdkdlib import data
 
@@ -38,6 +39,21 @@ def test_throughput_benchmark_smoke(tmp_path):
     assert [(r["method"], r["meta_interval"]) for r in rows] == [("ce", None), ("hdkd", 1), ("hdkd", 10)]
     assert record["data_path"][0]["data_path_images_per_s"] > 0
     assert all(r["images_per_s"] > 0 for r in rows)
+    assert all(r["meta_horizon"] is None for r in rows)  # the default cases: finite differences, one step
+
+
+def test_throughput_cases_name_the_exact_horizon():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from train_throughput import parse_case, measure
+    finally:
+        sys.path.pop(0)
+    assert [parse_case(c) for c in ("ce", "hdkd/10", "hdkd/8/h4")] == [("ce", 1, 0), ("hdkd", 10, 0), ("hdkd", 8, 4)]
+    for bad in ("hdkd/x", "hdkd/1/4", "hdkd/1/h2/3", "/2"):
+        with pytest.raises(SystemExit, match="bad case .*METHOD/INTERVAL/hK"):
+            parse_case(bad)
+    row = measure("toy_mlp", "hdkd", 1, 4, "eager", torch.device("cpu"), steps=1, warmup=1, num_classes=10, horizon=2)
+    assert row["meta_horizon"] == 2 and row["images_per_s"] > 0
 
 
 def test_real_data_verification_script_parallel_equals_inline(tmp_path):
