@@ -29,8 +29,11 @@ def parse_case(spec: str) -> tuple:
     """'hdkd/10' -> every 10th step a finite-difference weight update; 'hdkd/1/h2' -> every step the exact
     hypergradient through 2 virtual steps (meta_horizon); 'ce' -> (ce, 1, 0)."""
     parts = spec.split("/")
-    method, interval, horizon = (parts + ["1", "h0"][len(parts) - 1:])[:3] if len(parts) <= 3 else ("", "", "")
-    if not method or not interval.isdigit() or not (horizon.startswith("h") and horizon[1:].isdigit()):
+    method = parts[0]
+    interval = parts[1] if len(parts) > 1 else "1"
+    horizon = parts[2] if len(parts) > 2 else "h0"
+    horizon_ok = horizon.startswith("h") and horizon[1:].isdigit()
+    if len(parts) > 3 or not method or not interval.isdigit() or not horizon_ok:
         raise SystemExit(f"bad case {spec!r}: METHOD, METHOD/INTERVAL or METHOD/INTERVAL/hK (exact, horizon K)")
     return method, int(interval), int(horizon[1:])
 

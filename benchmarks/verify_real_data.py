@@ -376,8 +376,9 @@ def _locked_runs_json(path: Path):
         meta = _read_runs_json(path)
         before = json.dumps(meta, indent=1)
         yield meta
-        if json.dumps(meta, indent=1) != before:
-            atomic_write_text(path, json.dumps(meta, indent=1))
+        after = json.dumps(meta, indent=1)
+        if after != before:
+            atomic_write_text(path, after)
 
 
 def _read_runs_json(path: Path) -> dict:
@@ -403,17 +404,16 @@ def merge_from(results: Path, other: Path) -> list:
                          f"results/{results.name}/ holds the runs")
     if other.resolve() == results.resolve():
         raise SystemExit(f"--merge-from: {other} is this results folder: give the other checkout")
-    names = RUN_FILES
     theirs = [d for d in sorted(other.iterdir()) if d.is_dir() and (d / runfolder.RESULTS).is_file()]
     new = []
     for run in theirs:
-        missing = [n for n in names if not (run / n).is_file()]
+        missing = [n for n in RUN_FILES if not (run / n).is_file()]
         if missing:
             raise SystemExit(f"--merge-from: {run} lacks {', '.join(missing)}: finish or collect that run first")
         mine = results / run.name
         if not mine.exists():
             new.append(run)
-        elif any(not (mine / n).is_file() or (mine / n).read_bytes() != (run / n).read_bytes() for n in names):
+        elif any(not (mine / n).is_file() or (mine / n).read_bytes() != (run / n).read_bytes() for n in RUN_FILES):
             raise SystemExit(f"--merge-from: {run.name} differs between {mine} and {run}; nothing was copied: "
                              f"keep one by hand")
     ours_path = results / "RUNS.json"
@@ -423,7 +423,7 @@ def merge_from(results: Path, other: Path) -> list:
         part = results / (run.name + ".partial")
         shutil.rmtree(part, ignore_errors=True)
         part.mkdir()
-        for n in names:
+        for n in RUN_FILES:
             shutil.copy(run / n, part / n)
         part.rename(results / run.name)
     with _locked_runs_json(ours_path) as meta:

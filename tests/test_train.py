@@ -348,8 +348,8 @@ def test_weight_lr_is_set_per_run_and_meta_interval_must_fit_an_epoch(fake_root,
 
 
 def test_meta_horizon_reaches_the_weight_update(fake_root, tmp_path):
-    """meta_horizon 2 (exact) is the trainer's weight update horizon, and one epoch's weights differ from those of the
-    one-step update started alike; with horizon 1 the exact and the default trainer agree in everything else."""
+    """meta_horizon 2 (exact) is the trainer's weight update horizon: after one epoch both runs' weights left their
+    start, and those of horizon 2 differ from those of the one-step exact update started alike."""
     runs = {k: train.prepare(_cfg(fake_root, tmp_path / f"h{k}", epochs=1, meta_method="exact", meta_horizon=k))
             for k in (1, 2)}
     assert runs[1].meta.horizon == 1 and runs[2].meta.horizon == 2
