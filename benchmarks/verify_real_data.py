@@ -280,6 +280,31 @@ def weight_learning_runs(records: dict) -> dict:
             if r["config"]["method"] in objectives.LEARNED and not r["config"].get("freeze_weights_from")}
 
 
+EARLY_STUDENTS = 4  # the protocols' "students 1-4": the early exits whose KD weight their rules read
+
+
+def kd_weight_per_student(weights: dict, num_exits: int) -> np.ndarray:
+    """Each student exit's KD weights summed over its teachers (exits 1 .. K-1), as recorded: loss scale included."""
+    matrix = plots.weight_matrix(weights, num_exits)
+    return np.nansum(np.triu(matrix, 1), axis=1)[:-1]
+
+
+def students_kd_rows(final: dict, start: dict, num_exits: int) -> list:
+    """Markdown lines: per run, each student's KD weight at the end, and the mean over students 1-4 at the end,
+    at the start and as a fraction of the start (the quantity the protocols' "keeps distillation" rules read).
+    final: run -> its learned weights; start: run -> the weights it began from."""
+    rows = []
+    for run, weights in final.items():
+        end, begin = kd_weight_per_student(weights, num_exits), kd_weight_per_student(start[run], num_exits)
+        early_end, early_start = end[:EARLY_STUDENTS].mean(), begin[:EARLY_STUDENTS].mean()
+        rows.append({"run": run, **{f"exit {i + 1}": f"{v:.3f}" for i, v in enumerate(end)},
+                     f"students 1-{EARLY_STUDENTS}": f"{early_end:.3f}", "start": f"{early_start:.3f}",
+                     "end / start": f"{early_end / early_start:.0%}"})
+    return ["", "Students' KD weight at the end of each run (per student exit, its KD weights summed over its "
+                "teachers, as recorded: loss scale included):", "",
+            pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)]
+
+
 def summarize(results: Path, epochs_full: int = 300) -> str:
     """Markdown section for one results folder: per-exit test top-1 (mean and spread over seeds), learned
     weights, and per run its device, torch version, epoch time and command. Also writes anytime.png."""
@@ -313,6 +338,12 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
         out += ["", f"Final learned weights of {name} ({seeds}): row = student exit, "
                     "diagonal = its CE weight, column j > row = weight of KD from exit j:", "",
                 matrix.map(lambda v: "" if np.isnan(v) else f"{v:.3f}").reset_index().to_markdown(index=False, disable_numparse=True)]
+    starts = {}
+    for name, r in learned.items():
+        cfg = config.config_from_dict(resume.stored_config(r["config"]))
+        starts[name] = objectives.build(cfg.method, len(exits), **cfg.objective_options()).named_weights()
+    if learned:
+        out += students_kd_rows({n: r["weights"] for n, r in learned.items()}, starts, len(exits))
     per_run = []
     for name, r in records.items():
         rows = RunFolder(results / name).metrics()
@@ -342,8 +373,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     plt.close(fig)
     for name in sorted({variant(n) for n in learned}):  # how the weights moved from their start, every seed
         runs = sorted(n for n in learned if variant(n) == name)
-        cfg = config.config_from_dict(resume.stored_config(learned[runs[0]]["config"]))
-        start = objectives.build(cfg.method, len(exits), **cfg.objective_options()).named_weights()
+        start = starts[runs[0]]
         accuracy = [[row["train_top1"] for row in RunFolder(results / n).metrics()] for n in runs]
         axes = plots.weights_by_student([learned[n]["weights_history"] for n in runs], len(exits), initial=start,
                                         title=f"{name}: learned loss weights per epoch (epoch 0: the start; dotted: "

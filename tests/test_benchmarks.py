@@ -105,6 +105,8 @@ def test_real_data_verification_script_parallel_equals_inline(tmp_path):
     assert val_row[1] == f"{val[:, 0].mean():.2f} ± {val[:, 0].std(ddof=1):.2f}"
     assert val_row[-1] == f"{val.mean(1).mean():.2f} ± {val.mean(1).std(ddof=1):.2f}"
     assert "Final learned weights of hdkd (mean over 2 seeds)" in summary and "Final learned weights of hdkd-T2" in summary
+    kd_section = summary[summary.index("Students' KD weight at the end"):]
+    assert {r[0] for r in map(_cells, kd_section.splitlines()[4:7])} == {"hdkd-seed0", "hdkd-seed1", "hdkd-T2-seed0"}
     at_once = {r[0]: r[3] for r in rows if "-seed" in r[0] and len(r) > 3 and r[1].startswith("cpu")}
     assert at_once == {"ce-seed0": "2", "ce-seed1": "2", "hdkd-seed0": "2", "hdkd-seed1": "2", "hdkd-T2-seed0": "1"}
     commands = [l for l in summary.splitlines() if l.startswith("python benchmarks/verify_real_data.py")]
@@ -195,6 +197,24 @@ def test_only_runs_whose_weights_learned_get_a_weights_table():
                "hdkd-old-seed0": {"config": {"method": "hdkd"}},  # begun before the setting existed
                "dbt-seed0": {"config": {"method": "dbt", "freeze_weights_from": ""}}}
     assert list(_verify_module().weight_learning_runs(records)) == ["hdkd-seed0", "hdkd-old-seed0"]
+
+
+def test_students_kd_weight_sums_each_students_teachers():
+    """The rules' "students' KD weight": per student exit its KD weights summed over its teachers (CE weights and
+    the last exit left out), then the mean over students 1-4 against the same at the start (hand-computed)."""
+    module = _verify_module()
+    num_exits = 6
+    start = {f"ce{i}": 1.0 for i in range(1, 7)}
+    start.update({f"kd{i}<-{j}": 0.1 for i in range(1, 6) for j in range(i + 1, 7)})
+    final = dict(start, **{"kd1<-6": 0.5, "kd1<-2": 0.3, "kd4<-5": 0.0, "kd5<-6": 2.0, "ce1": 9.0})
+    per_student = module.kd_weight_per_student(final, num_exits)
+    np.testing.assert_allclose(per_student, [0.3 + 3 * 0.1 + 0.5, 0.4, 0.3, 0.1, 2.0])
+    lines = module.students_kd_rows({"hdkd-seed0": final}, {"hdkd-seed0": start}, num_exits)
+    header, _, row = (_cells(l) for l in lines[-1].splitlines())
+    assert header == ["run", "exit 1", "exit 2", "exit 3", "exit 4", "exit 5", "students 1-4", "start", "end / start"]
+    early_end, early_start = (1.1 + 0.4 + 0.3 + 0.1) / 4, (0.5 + 0.4 + 0.3 + 0.2) / 4
+    assert row == ["hdkd-seed0", "1.100", "0.400", "0.300", "0.100", "2.000", f"{early_end:.3f}", f"{early_start:.3f}",
+                   f"{early_end / early_start:.0%}"]
 
 
 def test_fit_reached_reads_the_last_epoch():
