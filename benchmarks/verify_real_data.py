@@ -246,6 +246,16 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
                 "mean ± sd over seeds:", "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)]
 
 
+def per_seed_rows(table: pd.DataFrame) -> list:
+    """Markdown lines: per variant and seed, the test top-1 (%) mean over the exits: the number the protocols'
+    per-seed rules read (a paired difference is two cells of one column)."""
+    seed = table["run"].str.rsplit("-seed", n=1).str[1].astype(int)
+    means = (100 * table.assign(seed=seed).groupby(["variant", "seed"]).top1.mean()).unstack("seed")
+    cells = means.map(lambda v: "" if np.isnan(v) else f"{v:.2f}").rename(columns=lambda s: f"seed {s}")
+    return ["", "Test top-1 (%) per seed, mean over the exits:", "",
+            cells.rename_axis(index="run", columns=None).reset_index().to_markdown(index=False, disable_numparse=True)]
+
+
 def per_exit_cells(rows: pd.DataFrame) -> pd.DataFrame:
     """Rows of (variant, exit, top1 in %) as a table: a row per variant, "mean ± sd" over seeds per exit column."""
     return rows.groupby(["variant", "exit"]).top1.agg(mean_sd).unstack("exit").rename(columns=lambda k: f"exit {k}")
@@ -328,6 +338,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     per_exit["mean"] = acc["mean"].groupby(level=0).mean().map(lambda v: f"{v:.2f}")
     out += ["Per-exit test top-1 (%), mean ± standard deviation over seeds:", "",
             per_exit.rename_axis("run").reset_index().to_markdown(index=False, disable_numparse=True)]
+    out += per_seed_rows(table)
     out += paired_differences(table, exits)
     out += validation_rows(results, list(records))
     learned = weight_learning_runs(records)

@@ -191,6 +191,16 @@ def test_paired_differences_pair_each_protocol_with_its_own_baseline():
     assert rows["hdkd-n50-w50 − dbt-n50"] == ["1", "+10.00", "+0.00", "+5.00"]
 
 
+def test_per_seed_table_holds_each_runs_mean_over_exits():
+    module = _verify_module()
+    top1 = {("ce", 0): [0.40, 0.50], ("ce", 3): [0.10, 0.20], ("hdkd-h4", 3): [0.333, 0.334]}
+    table = pd.DataFrame([{"run": f"{v}-seed{s}", "variant": v, "exit": k + 1, "top1": t}
+                          for (v, s), values in top1.items() for k, t in enumerate(values)])
+    header, _, *rows = map(_cells, module.per_seed_rows(table)[-1].splitlines())
+    assert header == ["run", "seed 0", "seed 3"]
+    assert rows == [["ce", "45.00", "15.00"], ["hdkd-h4", "", "33.35"]]
+
+
 def test_only_runs_whose_weights_learned_get_a_weights_table():
     records = {"hdkd-seed0": {"config": {"method": "hdkd", "freeze_weights_from": ""}},
                "hdkd-frozen-seed0": {"config": {"method": "hdkd", "freeze_weights_from": "init"}},
