@@ -238,6 +238,23 @@ def test_freezing_at_init_keeps_the_start_a_learning_run_moves_from(fake_root, t
         train.prepare(_cfg(fake_root, tmp_path / "x", method="dbt", freeze_weights_from="init"))
 
 
+def test_a_loss_scale_under_sgd_is_the_lr_times_it_with_weight_decay_over_it(fake_root, tmp_path):
+    """With SGD (momentum, weight decay, step schedule) a factor s on the loss trains exactly as lr x s and weight
+    decay / s: the trainer has no step that depends on the lr's absolute size. So CE "at DBT's loss scale" (where
+    ce takes no loss_scale) is CE with --lr 0.1 s --weight-decay 1e-4 / s (issue 23's step-size control)."""
+    from hdkdlib.train import run
+    s = 2.0
+    common = dict(method="dbt", epochs=2, optimizer="sgd", lr_schedule="step", lr_milestones=(1,), warmup_epochs=0)
+    scaled, _ = run(_cfg(fake_root, tmp_path / "scaled", loss_scale=s, lr=0.05, weight_decay=1e-3, **common))
+    stepped, _ = run(_cfg(fake_root, tmp_path / "stepped", loss_scale=1.0, lr=0.05 * s, weight_decay=1e-3 / s,
+                          **common))
+    for p, q in zip(scaled.model.parameters(), stepped.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    assert [r["val_top1"] for r in scaled.folder.metrics()] == [r["val_top1"] for r in stepped.folder.metrics()]
+    plain, _ = run(_cfg(fake_root, tmp_path / "plain", loss_scale=1.0, lr=0.05, weight_decay=1e-3, **common))
+    assert max((p - q).abs().max() for p, q in zip(plain.model.parameters(), scaled.model.parameters())) > 1e-3
+
+
 def test_a_warm_up_trains_exactly_as_frozen_weights_until_it_ends(fake_root, tmp_path):
     """During meta_warmup the weight update is off and nothing else differs: the run matches the no-learning
     ablation bit for bit (the real-data runs showed this over 60 epochs), and parts ways once the weights learn."""
