@@ -207,16 +207,14 @@ def mean_sd(values: pd.Series, sign: str = "") -> str:
     return f"{values.mean():{sign}.2f}"
 
 
-def baseline_of(variant_name: str, baseline: str, variants) -> Optional[str]:
-    """The baseline run set a variant is paired with: the baseline with the variant's tag, or with the longest
-    prefix of its tag that was run (dbt-n100 pairs with ce-n100, hdkd-n50-w50 with ce-n50: the same protocol,
-    a switch added), else the untagged baseline (hdkd-T3 with ce)."""
+def baselines_of(variant_name: str, baseline: str, variants, untagged: bool = True) -> list:
+    """The baseline run sets a variant is paired with: the baseline with each prefix of the variant's tag that was
+    run, longest first (dbt-n100 with ce-n100; hdkd-n50-w50 with ce-n50: the same protocol, a switch added;
+    hdkd-n50-s143 with ce-n50-s143 and with ce-n50), else, if untagged, the untagged baseline (hdkd-T3 with ce)."""
     parts = variant_name.split("-")[1:]
-    for k in range(len(parts), -1, -1):
-        name = "-".join([baseline, *parts[:k]])
-        if name in variants and name != variant_name:
-            return name
-    return None
+    names = ("-".join([baseline, *parts[:k]]) for k in range(len(parts), 0, -1))
+    tagged = [n for n in names if n in variants and n != variant_name]
+    return tagged or ([baseline] if untagged and baseline in variants and baseline != variant_name else [])
 
 
 def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> list:
@@ -230,16 +228,17 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
     for v in sorted(variants, key=lambda v: (v.split("-")[0] in objectives.LEARNED, v)):
         method = v.split("-")[0]
         for b in baselines:
-            if method == b or (b != "ce" and method not in objectives.LEARNED):
+            if b != "ce" and method not in objectives.LEARNED:
                 continue
-            base = baseline_of(v, b, variants)
-            seeds = sorted(set(top1.loc[v].index) & set(top1.loc[base].index)) if base else []
-            if not seeds:
-                continue
-            d = top1.loc[v].loc[seeds] - top1.loc[base].loc[seeds]
-            d["mean over exits"] = d.mean(axis=1)
-            cells = {(f"exit {c}" if c != "mean over exits" else c): mean_sd(d[c], "+") for c in d.columns}
-            rows.append({"difference": f"{v} − {base}", "seeds": len(seeds), **cells})
+            # a baseline's own variants (ce-n50-s143) are paired with its shorter tags only (ce-n50), not untagged
+            for base in baselines_of(v, b, variants, untagged=method != b):
+                seeds = sorted(set(top1.loc[v].index) & set(top1.loc[base].index))
+                if not seeds:
+                    continue
+                d = top1.loc[v].loc[seeds] - top1.loc[base].loc[seeds]
+                d["mean over exits"] = d.mean(axis=1)
+                cells = {(f"exit {c}" if c != "mean over exits" else c): mean_sd(d[c], "+") for c in d.columns}
+                rows.append({"difference": f"{v} − {base}", "seeds": len(seeds), **cells})
     if not rows:
         return []
     return ["", "Paired differences of test top-1 (points), same seed = same split and initial network; "

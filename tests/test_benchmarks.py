@@ -168,18 +168,19 @@ def _verify_module():
 
 def test_paired_differences_pair_each_protocol_with_its_own_baseline():
     """dbt-n100 is paired with ce-n100, not with ce-n50 or an untagged ce; hdkd-T3 with the untagged ce and dbt;
-    hdkd-n50-w50 (a switch in the n50 protocol) with ce-n50 and dbt-n50; the cells are mean ± sd over the seeds both variants have (hand-computed here)."""
+    hdkd-n50-w50 (a switch in the n50 protocol) with ce-n50 and dbt-n50; hdkd-n50-s143 with ce-n50-s143 and ce-n50; the cells are mean ± sd over the seeds both variants have (hand-computed here)."""
     module = _verify_module()
     top1 = {("ce-n100", 0): [0.50, 0.60], ("ce-n100", 1): [0.52, 0.58], ("dbt-n100", 0): [0.55, 0.61],
             ("dbt-n100", 1): [0.56, 0.60], ("ce-n50", 0): [0.10, 0.10], ("dbt-n50", 0): [0.20, 0.30],
             ("ce", 0): [0.40, 0.40], ("dbt", 0): [0.45, 0.40], ("hdkd-T3", 0): [0.50, 0.50],
-            ("hdkd-n50-w50", 0): [0.30, 0.30]}
+            ("hdkd-n50-w50", 0): [0.30, 0.30], ("ce-n50-s143", 0): [0.15, 0.15], ("hdkd-n50-s143", 0): [0.40, 0.40]}
     table = pd.DataFrame([{"run": f"{v}-seed{s}", "variant": v, "exit": k + 1, "top1": t}
                           for (v, s), values in top1.items() for k, t in enumerate(values)])
     lines = module.paired_differences(table, [1, 2])
     rows = {c[0]: c[1:] for c in map(_cells, lines[-1].splitlines()[2:])}
     assert set(rows) == {"dbt-n100 − ce-n100", "dbt-n50 − ce-n50", "dbt − ce", "hdkd-T3 − ce", "hdkd-T3 − dbt",
-                         "hdkd-n50-w50 − ce-n50", "hdkd-n50-w50 − dbt-n50"}
+                         "hdkd-n50-w50 − ce-n50", "hdkd-n50-w50 − dbt-n50", "ce-n50-s143 − ce-n50",
+                         "hdkd-n50-s143 − ce-n50-s143", "hdkd-n50-s143 − ce-n50", "hdkd-n50-s143 − dbt-n50"}
     d1, d2 = np.array([5.0, 4.0]), np.array([1.0, 2.0])  # exit 1 and exit 2 of dbt-n100 − ce-n100 at seeds 0, 1
     mean_over_exits = (d1 + d2) / 2
     assert rows["dbt-n100 − ce-n100"] == ["2", f"{d1.mean():+.2f} ± {d1.std(ddof=1):.2f}",
@@ -189,6 +190,11 @@ def test_paired_differences_pair_each_protocol_with_its_own_baseline():
     assert rows["hdkd-T3 − dbt"] == ["1", "+5.00", "+10.00", "+7.50"]
     assert rows["hdkd-n50-w50 − ce-n50"] == ["1", "+20.00", "+20.00", "+20.00"]
     assert rows["hdkd-n50-w50 − dbt-n50"] == ["1", "+10.00", "+0.00", "+5.00"]
+    # a variant of a baseline (CE at another step size) pairs with the protocol's CE, and a variant sharing its tag
+    # with both: with each of them
+    assert rows["ce-n50-s143 − ce-n50"] == ["1", "+5.00", "+5.00", "+5.00"]
+    assert rows["hdkd-n50-s143 − ce-n50-s143"] == ["1", "+25.00", "+25.00", "+25.00"]
+    assert rows["hdkd-n50-s143 − ce-n50"] == ["1", "+30.00", "+30.00", "+30.00"]
 
 
 def test_per_seed_table_holds_each_runs_mean_over_exits():
