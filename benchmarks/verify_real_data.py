@@ -63,6 +63,11 @@ def variant(run: str) -> str:
     return run.rsplit("-seed", 1)[0]
 
 
+def seed_of(run: str) -> int:
+    """The run's seed: what pairs it with a run of another variant (same split and initial network)."""
+    return int(run.rsplit("-seed", 1)[1])
+
+
 def configs(args) -> list:
     """One config per (method, seed); paths relative to the project root, which is the working directory."""
     base = dict(dataset="folder32", data_root=portable(args.data_root), epochs=int(args.epochs),
@@ -221,7 +226,7 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
     """Markdown lines: the per-exit test top-1 difference of runs with the same seed (same split and initial
     network), mean ± sd over the seeds both have: every variant against CE (dbt − ce is the positive control of
     distillation), and learned-weight variants against DBT too."""
-    seed = table["run"].str.rsplit("-seed", n=1).str[1].astype(int)
+    seed = table["run"].map(seed_of)
     top1 = (100 * table.assign(seed=seed).pivot_table(index=["variant", "seed"], columns="exit", values="top1"))
     variants = set(top1.index.get_level_values(0))
     rows = []
@@ -248,7 +253,7 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
 def per_seed_rows(table: pd.DataFrame) -> list:
     """Markdown lines: per variant and seed, the test top-1 (%) mean over the exits: the number the protocols'
     per-seed rules read (a paired difference is two cells of one column)."""
-    seed = table["run"].str.rsplit("-seed", n=1).str[1].astype(int)
+    seed = table["run"].map(seed_of)
     means = (100 * table.assign(seed=seed).groupby(["variant", "seed"]).top1.mean()).unstack("seed")
     cells = means.map(lambda v: "" if np.isnan(v) else f"{v:.2f}").rename(columns=lambda s: f"seed {s}")
     return ["", "Test top-1 (%) per seed, mean over the exits:", "",
