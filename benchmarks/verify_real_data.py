@@ -222,28 +222,34 @@ def baselines_of(variant_name: str, baseline: str, variants, untagged: bool = Tr
     return tagged or ([baseline] if untagged and baseline in variants and baseline != variant_name else [])
 
 
+def comparisons(variants, baselines=("ce", "dbt")) -> list:
+    """The (variant, baseline run set) pairs the summary reports, fixed methods first: every variant against CE,
+    learned-weight variants against DBT too."""
+    pairs = []
+    for v in sorted(variants, key=lambda v: (v.split("-")[0] in objectives.LEARNED, v)):
+        method = v.split("-")[0]
+        for b in baselines:
+            if b == "ce" or method in objectives.LEARNED:
+                # a baseline's own variants (ce-n50-s143) pair with its shorter tags only (ce-n50), not untagged
+                pairs += [(v, base) for base in baselines_of(v, b, variants, untagged=method != b)]
+    return pairs
+
+
 def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> list:
     """Markdown lines: the per-exit test top-1 difference of runs with the same seed (same split and initial
     network), mean ± sd over the seeds both have: every variant against CE (dbt − ce is the positive control of
     distillation), and learned-weight variants against DBT too."""
     seed = table["run"].map(seed_of)
     top1 = (100 * table.assign(seed=seed).pivot_table(index=["variant", "seed"], columns="exit", values="top1"))
-    variants = set(top1.index.get_level_values(0))
     rows = []
-    for v in sorted(variants, key=lambda v: (v.split("-")[0] in objectives.LEARNED, v)):
-        method = v.split("-")[0]
-        for b in baselines:
-            if b != "ce" and method not in objectives.LEARNED:
-                continue
-            # a baseline's own variants (ce-n50-s143) are paired with its shorter tags only (ce-n50), not untagged
-            for base in baselines_of(v, b, variants, untagged=method != b):
-                seeds = sorted(set(top1.loc[v].index) & set(top1.loc[base].index))
-                if not seeds:
-                    continue
-                d = top1.loc[v].loc[seeds] - top1.loc[base].loc[seeds]
-                d["mean over exits"] = d.mean(axis=1)
-                cells = {(f"exit {c}" if c != "mean over exits" else c): mean_sd(d[c], "+") for c in d.columns}
-                rows.append({"difference": f"{v} − {base}", "seeds": len(seeds), **cells})
+    for v, base in comparisons(set(top1.index.get_level_values(0)), baselines):
+        seeds = sorted(set(top1.loc[v].index) & set(top1.loc[base].index))
+        if not seeds:
+            continue
+        d = top1.loc[v].loc[seeds] - top1.loc[base].loc[seeds]
+        d["mean over exits"] = d.mean(axis=1)
+        cells = {(f"exit {c}" if c != "mean over exits" else c): mean_sd(d[c], "+") for c in d.columns}
+        rows.append({"difference": f"{v} − {base}", "seeds": len(seeds), **cells})
     if not rows:
         return []
     return ["", "Paired differences of test top-1 (points), same seed = same split and initial network; "
