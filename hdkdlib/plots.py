@@ -153,6 +153,7 @@ def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exit
         fig.suptitle(title)
     axes = np.asarray(axes).ravel()
     palette = sns.color_palette("viridis", num_exits)
+    legend = {}  # label -> line: one legend for the figure, as a teacher has the same colour in every panel
     for i in range(num_exits):
         ax = axes[i]
         terms = [f"ce{i + 1}"] + [f"kd{i + 1}<-{j + 1}" for j in range(i + 1, num_exits)]
@@ -171,6 +172,7 @@ def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exit
                         ls="-" if t.startswith("ce") else "--", lw=1.2, alpha=0.8,
                         label=("CE" if t.startswith("ce") else f"KD from {j + 1}") if history is histories[0] else None)
         ax.set_yscale("log")
+        legend.update({label: line for line, label in zip(*ax.get_legend_handles_labels())})
         if train_top1 is not None:
             right = ax.twinx()
             for run in train_top1:
@@ -179,13 +181,16 @@ def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exit
             right.set_ylim(0, 100)
             right.set_ylabel("train top-1 (%)", fontsize=7, color="grey")
             right.tick_params(labelsize=7, colors="grey")
+            legend.update({label: line for line, label in zip(*right.get_legend_handles_labels())})
         ax.set_title(f"student exit {i + 1}", fontsize=9)
-        ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     for ax in axes[num_exits:]:
         ax.set_visible(False)
     for ax in axes[:num_exits]:
         ax.set_xlabel("epoch")
         ax.set_ylabel("weight")
-        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole numbers
-    axes[0].figure.tight_layout()
+        ax.xaxis.set_major_locator(plt.MaxNLocator(nbins=4, integer=True))  # whole epochs, labels apart
+    fig = axes[0].figure
+    box = fig.legend(list(legend.values()), list(legend), fontsize=7, loc="center right", frameon=False)
+    fig.canvas.draw()  # the legend's width, so the panels (and their right-hand axis labels) keep clear of it
+    fig.tight_layout(rect=(0, 0, 1 - box.get_window_extent().width / fig.bbox.width, 1))
     return axes

@@ -60,3 +60,22 @@ def test_weights_by_student_draws_each_exits_training_accuracy_beside_its_weight
         (line,) = twins[0].get_lines()
         assert list(line.get_xdata()) == [1, 2]
         assert list(line.get_ydata()) == pytest.approx([100 * top1[0][0][exit_index], 100 * top1[0][1][exit_index]])
+
+
+def test_weights_by_student_has_one_legend_clear_of_every_panel_and_its_labels():
+    num_exits = 7
+    names = [f"ce{i}" for i in range(1, 8)] + [f"kd{i}<-{j}" for i in range(1, 8) for j in range(i + 1, 8)]
+    history = [{n: 0.5 / (e + 1) for n in names} for e in range(120)]
+    top1 = [[[e / 120] * num_exits for e in range(1, 121)]]
+    axes = plots.weights_by_student([history, history], num_exits, train_top1=top1)
+    fig = axes[0].figure
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["CE"] + [f"KD from {j}" for j in range(2, 8)] + ["train top-1"]
+    box = _extent(legend, fig)
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes:  # the panels and their right-hand (training top-1) axes, with tick and axis labels
+        if ax.get_visible():
+            assert not ax.get_tightbbox(renderer).overlaps(box)
+            assert ax.get_legend() is None
+    ticks = [_extent(t, fig) for t in axes[4].get_xticklabels() if t.get_text()]  # a bottom-row panel, 120 epochs
+    assert len(ticks) >= 3 and not any(a.overlaps(b) for a, b in zip(ticks, ticks[1:]))
