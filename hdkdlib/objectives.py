@@ -98,6 +98,10 @@ class Objective(nn.Module):
         raise ValueError(f"{source} needs a method with learned weights ({', '.join(LEARNED)}), not "
                          f"{type(self).__name__}")
 
+    def freeze(self, source: str = "freezing the weights") -> None:
+        """Stop learning the weights and keep them exactly as they are (the no-learning ablation)."""
+        self.fix_weights(self.named_weights(), source)  # refused here: the weights are fixed already
+
     def after_step(self, logits: Sequence[torch.Tensor]) -> None:
         """Called once per real training step (DBT anneals its temperature here)."""
 
@@ -108,7 +112,9 @@ class Objective(nn.Module):
 
 # --- term helpers ---------------------------------------------------------------------------------
 def ce_terms(logits: Sequence[torch.Tensor], targets: torch.Tensor) -> torch.Tensor:
-    return torch.stack([F.cross_entropy(z, targets) for z in logits])
+    """The K exits' mean cross-entropies as one call over [K*N, C] (one kernel where K calls launch K)."""
+    K, n = len(logits), targets.shape[0]
+    return F.cross_entropy(torch.cat(list(logits)), targets.repeat(K), reduction="none").view(K, n).mean(1)
 
 
 def dense_pairs(num_exits: int) -> List[Tuple[int, int]]:
@@ -129,8 +135,15 @@ def kd_soft_ce(student: torch.Tensor, teacher: torch.Tensor, T: float | torch.Te
     return -T * T * (p * F.log_softmax(student / T, dim=1)).sum(1).mean()
 
 
-def dense_kd_terms(logits: Sequence[torch.Tensor], T: float, teacher_logits=None) -> torch.Tensor:
-    """All K(K-1)/2 dense KD terms at once, ordered as dense_pairs(K)."""
+def pair_indices(num_exits: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dense_pairs(K) as two index tensors (students, teachers); objectives keep them as buffers, built once."""
+    students, teachers = zip(*dense_pairs(num_exits)) if num_exits > 1 else ((), ())
+    return torch.tensor(students, dtype=torch.long), torch.tensor(teachers, dtype=torch.long)
+
+
+def dense_kd_terms(logits: Sequence[torch.Tensor], T: float, teacher_logits=None, pairs=None) -> torch.Tensor:
+    """All K(K-1)/2 dense KD terms at once, ordered as dense_pairs(K); `pairs`: pair_indices(K) on the logits'
+    device (without it they are built here, a host-to-device copy per call)."""
     K = len(logits)
     teachers = logits if teacher_logits is None else teacher_logits
     log_q = F.log_softmax(torch.stack(list(logits)) / T, dim=2)               # students [K, N, C]
@@ -139,8 +152,7 @@ def dense_kd_terms(logits: Sequence[torch.Tensor], T: float, teacher_logits=None
     n = log_q.shape[1]
     neg_entropy = (p * log_p).sum(2).mean(1)                                   # [K] teachers
     cross = torch.einsum("jnc,inc->ij", p, log_q) / n                          # [student i, teacher j]
-    si, tj = zip(*dense_pairs(K))
-    si, tj = torch.tensor(si, device=log_q.device), torch.tensor(tj, device=log_q.device)
+    si, tj = pairs if pairs is not None else (i.to(log_q.device) for i in pair_indices(K))
     return T * T * (neg_entropy[tj] - cross[si, tj])
 
 
@@ -195,6 +207,11 @@ class LearnedWeights(Objective):
         self.set_weights([named[n] / self.scale for n in self.term_names])
         self.gamma.requires_grad_(False)
 
+    def freeze(self, source: str = "freezing the weights") -> None:
+        # no round trip through named_weights: exp(log(w)) is not w in every CPU's vector math, and the ablation
+        # must train bit for bit as the weights' warm-up does
+        self.gamma.requires_grad_(False)
+
     @torch.no_grad()
     def set_weights(self, weights: Sequence[float], min_weight: float = 1e-12) -> None:
         """Set the parameters so that weights() returns `weights` (each clamped to at least min_weight)."""
@@ -241,8 +258,14 @@ class _CETerms:
 
 
 class _DenseTerms:
+    def _init_pairs(self, num_exits):
+        students, teachers = pair_indices(num_exits)  # not in the state dict: derived from num_exits
+        self.register_buffer("_students", students, persistent=False)
+        self.register_buffer("_teachers", teachers, persistent=False)
+
     def term_losses(self, logits, targets, teacher_logits=None):
-        return torch.cat([ce_terms(logits, targets), dense_kd_terms(logits, self.temperature, teacher_logits)])
+        kd = dense_kd_terms(logits, self.temperature, teacher_logits, pairs=(self._students, self._teachers))
+        return torch.cat([ce_terms(logits, targets), kd])
 
 
 class _LastTeacherTerms:
@@ -306,6 +329,7 @@ class DenseKD(_DenseTerms, FixedWeights):
         names, kinds = _names(num_exits, "dense")
         super().__init__(num_exits, names, [1.0 if k == "ce" else kd_weight for k in kinds])
         self.temperature = temperature
+        self._init_pairs(num_exits)
 
 
 class HMSDNet(_CETerms, LearnedWeights):
@@ -333,6 +357,7 @@ class HDKD(_DenseTerms, LearnedWeights):
         g = torch.Generator().manual_seed(seed)
         super().__init__(num_exits, names, initial_weights(init, kinds, C, g), **weight_options)
         self.temperature = temperature
+        self._init_pairs(num_exits)
 
 
 _REGISTRY = {"ce": CESum, "dbt": DBT, "imta_kd": IMTAKD, "dkd": DenseKD,
