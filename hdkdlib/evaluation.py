@@ -204,16 +204,24 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
             for k in range(K):
                 state, logits = model.run_exit(k, state)
                 conf, pred = F.softmax(logits.float(), 1).max(1)
-                leave = conf >= thresholds[k] if k < K - 1 else torch.ones_like(conf, dtype=torch.bool)
-                leaving = int(leave.sum())  # the one host synchronisation per exit: compaction needs the count
+                if k == K - 1:  # everyone left leaves here
+                    preds.index_copy_(0, alive, pred), exits.index_fill_(0, alive, k)
+                    break
+                leave = conf >= thresholds[k]
+                # Compaction by sorted indices: the leavers first (a stable sort keeps the order of both groups),
+                # so one count, the one host synchronisation per exit, splits them; a boolean mask would sync
+                # once per use.
+                leaving = int(leave.sum())
                 if leaving == 0:
                     continue  # nobody leaves: no copy of the state (compaction costs as much as a cheap stage)
-                preds[alive[leave]], exits[alive[leave]] = pred[leave], k
+                order = torch.argsort(leave.to(torch.uint8), descending=True, stable=True)
+                out, keep = order[:leaving], order[leaving:]
+                gone = alive.index_select(0, out)
+                preds.index_copy_(0, gone, pred.index_select(0, out)), exits.index_fill_(0, gone, k)
                 if leaving == len(leave):
                     break
-                keep = ~leave
-                alive = alive[keep]
-                state = [s[keep] for s in state]
+                alive = alive.index_select(0, keep)
+                state = [s.index_select(0, keep) for s in state]
     sync()
     out = {"predictions": preds, "exit_index": exits, "wall_time_s": time.perf_counter() - start}
     if exit_flops is not None:
