@@ -18,12 +18,15 @@ float32, close to DARTS' 0.01; 6e-6 in float64).
 `exact` with horizon K > 1 unrolls K virtual steps (the same batch, the optimizer's state carried on) and
 differentiates L_val(theta_K) through all of them: a term whose help needs several steps to reach the validation
 loss gets its credit, where one step sees none of it (the short-horizon bias, Wu et al., ICLR 2018).
-Nothing here changes the model's parameters or buffers: every functional pass runs on clones.
+Nothing here changes the model's parameters or buffers: the functional passes use batch statistics without
+touching BatchNorm's running statistics (functional_buffers), and every update returns new tensors.
+The optimizer arithmetic runs as torch._foreach_* ops over parameter lists, a handful of kernels per update
+whatever the number of parameters, and reads no value on the host: the step runs without host syncs.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -59,18 +62,28 @@ def updates_weights_at(step: int, interval: int = 1, warmup_steps: int = 0) -> b
 
 
 Batch = Tuple[torch.Tensor, torch.Tensor]
+Tensors = List[torch.Tensor]
 
 
 def _trainable(model: nn.Module) -> Dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _cloned_buffers(model: nn.Module) -> Dict[str, torch.Tensor]:
-    return {n: b.detach().clone() for n, b in model.named_buffers()}
+def functional_buffers(model: nn.Module) -> Dict[str, None]:
+    """The buffers a functional pass replaces: the running statistics of every BatchNorm in training mode, set to
+    None, so the pass normalises by the batch's statistics exactly as a training pass does and leaves the running
+    statistics untouched, bit for bit (no clone of them needed). Eval-mode BatchNorms (frozen stages) keep theirs."""
+    out = {}
+    for prefix, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats:
+            for b in ("running_mean", "running_var", "num_batches_tracked"):
+                out[f"{prefix}.{b}" if prefix else b] = None
+    return out
 
 
-def _call(model, params, buffers, x):
-    return functional_call(model, {**buffers, **params}, (x,), tie_weights=False, strict=False)
+def functional_pass(model, names: Sequence[str], tensors: Sequence[torch.Tensor], buffers, x):
+    """model(x) with the parameters `names` replaced by `tensors` and the BatchNorm statistics by `buffers`."""
+    return functional_call(model, {**buffers, **dict(zip(names, tensors))}, (x,), tie_weights=False, strict=False)
 
 
 def _momentum_buffers(model, momentum_buffer) -> Dict[str, Optional[torch.Tensor]]:
@@ -86,6 +99,56 @@ def _momentum_buffers(model, momentum_buffer) -> Dict[str, Optional[torch.Tensor
     return dict(zip(names, bufs))
 
 
+# --- the optimizers' arithmetic over parameter lists ----------------------------------------------------------
+# Out of place throughout: the exact hypergradient differentiates through it, and the real update copies its
+# results into the parameters and the optimizer's state (step.TrainStep). lr may be a float or a 0-d tensor.
+def _or_zeros(tensors, like):
+    """State that does not exist yet (the first step) as zeros: SGD's buffer 0 * m + d is d exactly, as
+    torch.optim starts it; Adam's moments and step count start at zero."""
+    return [t if t is not None else torch.zeros_like(p) for t, p in zip(tensors, like)]
+
+
+def _sgd(params: Tensors, grads: Tensors, bufs, *, lr, momentum, weight_decay, nesterov):
+    """(theta', momentum buffers after the step) as torch.optim.SGD (dampening 0) computes them."""
+    d = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else list(grads)
+    new_bufs = []
+    if momentum:
+        new_bufs = torch._foreach_add(torch._foreach_mul(_or_zeros(bufs, params), momentum), d)
+        d = torch._foreach_add(d, new_bufs, alpha=momentum) if nesterov else new_bufs
+    return torch._foreach_sub(params, torch._foreach_mul(d, lr)), new_bufs
+
+
+def _adam_moments(params, grads, state, *, betas, weight_decay):
+    """(m, v, step count, 1 - beta1^t, 1 - beta2^t, the gradient with L2 decay) after one more Adam step."""
+    g = torch._foreach_add(grads, params, alpha=weight_decay) if weight_decay else list(grads)
+    m = torch._foreach_lerp(_or_zeros(state["exp_avg"], params), g, 1 - betas[0])
+    v = torch._foreach_addcmul(torch._foreach_mul(_or_zeros(state["exp_avg_sq"], params), betas[1]), g, g,
+                               value=1 - betas[1])
+    # the step count in float64, as torch.optim computes its bias corrections (1 - 0.999 in float32 is off by 1e-5)
+    # (torch.optim keeps a float32 count on the host: read where it lies, converted; a no-op for a prepared one)
+    t = torch._foreach_add([s.to(p.device, torch.float64) if s is not None else p.new_zeros((), dtype=torch.float64)
+                            for s, p in zip(state["step"], params)], 1)
+    c1, c2 = (torch._foreach_neg(torch._foreach_sub(torch._foreach_pow(b, t), 1)) for b in betas)
+    return m, v, t, c1, c2, g
+
+
+def _adam(params: Tensors, grads: Tensors, state, *, lr, betas, eps, weight_decay, decoupled):
+    """(theta', Adam's state after the step) as torch.optim.Adam, or AdamW (decoupled), computes them."""
+    m, v, t, c1, c2, _ = _adam_moments(params, grads, state, betas=betas, weight_decay=0.0 if decoupled else weight_decay)
+    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, c2)), eps)
+    d = torch._foreach_div(torch._foreach_div(m, c1), denom)
+    base = torch._foreach_mul(params, 1 - lr * weight_decay) if decoupled and weight_decay else params
+    return torch._foreach_sub(base, torch._foreach_mul(d, lr)), {"step": t, "exp_avg": m, "exp_avg_sq": v}
+
+
+def _sgd_update(params, grads, *, lr, momentum, weight_decay, momentum_buffer, nesterov):
+    """Dict form of _sgd: (theta', the momentum buffers SGD holds after the step), both {name: tensor}."""
+    names = list(params)
+    out, bufs = _sgd(list(params.values()), [grads[n] for n in names], [momentum_buffer.get(n) for n in names],
+                     lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
+    return dict(zip(names, out)), dict(zip(names, bufs))
+
+
 def virtual_step(params: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], *, lr: float, momentum: float,
                  weight_decay: float, momentum_buffer: Dict[str, Optional[torch.Tensor]],
                  nesterov: bool = False) -> Dict[str, torch.Tensor]:
@@ -94,73 +157,58 @@ def virtual_step(params: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor]
                        momentum_buffer=momentum_buffer, nesterov=nesterov)[0]
 
 
-def _sgd_update(params, grads, *, lr, momentum, weight_decay, momentum_buffer, nesterov):
-    """(theta', the momentum buffers SGD holds after the step)."""
-    out, buffers = {}, {}
-    for n, p in params.items():
-        d = grads[n]
-        if weight_decay:
-            d = d + weight_decay * p
-        buf = momentum_buffer.get(n)
-        if momentum:
-            new_buf = d if buf is None else momentum * buf + d  # SGD's first step starts the buffer at d
-            buffers[n] = new_buf
-            d = d + momentum * new_buf if nesterov else new_buf
-        out[n] = p - lr * d
-    return out, buffers
-
-
 def adam_virtual_step(params: Dict[str, torch.Tensor], grads: Dict[str, torch.Tensor], *, lr: float, betas=(0.9, 0.999),
                       eps: float = 1e-8, weight_decay: float = 0.0, decoupled: bool = False,
                       state: Optional[Dict[str, Dict]] = None) -> Dict[str, torch.Tensor]:
     """theta' as torch.optim.Adam (decoupled=False: weight decay added to the gradient) or AdamW (decoupled: the
     parameter shrunk by lr * wd) would compute it from its state {name: {step, exp_avg, exp_avg_sq}} (empty: the
     first step); differentiable in grads."""
-    return _adam_update(params, grads, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
-                        state=state)[0]
+    names, state = list(params), state or {}
+    lists = {k: [_as_tensor((state.get(n) or {}).get(k)) for n in names] for k in ADAM_STATE}
+    out, _ = _adam(list(params.values()), [grads[n] for n in names], lists, lr=lr, betas=betas, eps=eps,
+                   weight_decay=weight_decay, decoupled=decoupled)
+    return dict(zip(names, out))
 
 
-def _adam_update(params, grads, *, lr, betas, eps, weight_decay, decoupled, state):
-    """(theta', the state {name: {step, exp_avg, exp_avg_sq}} Adam or AdamW holds after the step)."""
-    out, new_state = {}, {}
-    for n, p in params.items():
-        m, v, t = _adam_moments(n, p, grads[n], betas=betas, weight_decay=0.0 if decoupled else weight_decay, state=state)
-        c1, c2 = 1 - betas[0] ** t, 1 - betas[1] ** t
-        base = p * (1 - lr * weight_decay) if decoupled and weight_decay else p
-        out[n] = base - lr * (m / c1) / ((v / c2).sqrt() + eps)
-        new_state[n] = {"step": t, "exp_avg": m, "exp_avg_sq": v}
-    return out, new_state
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 
-def _adam_moments(name, p, g, *, betas, weight_decay, state):
-    s = (state or {}).get(name) or {}
-    g = g + weight_decay * p if weight_decay else g
-    m0, v0 = s.get("exp_avg"), s.get("exp_avg_sq")
-    t = int(s["step"]) + 1 if "step" in s else 1
-    m = (betas[0] * m0 if m0 is not None else 0) + (1 - betas[0]) * g
-    v = (betas[1] * v0 if v0 is not None else 0) + (1 - betas[1]) * g * g
-    return m, v, t
+def _as_tensor(value):
+    """torch.optim keeps Adam's step as a tensor; an int or float (older state dicts) is made one."""
+    return torch.tensor(float(value), dtype=torch.float64) if isinstance(value, (int, float)) else value
 
 
 class VirtualStep:
     """One step of the network's optimizer as a function of the gradient, theta' = theta - lr * d(g): SGD (momentum,
-    Nesterov, weight decay), Adam or AdamW, read from the optimizer's settings and state. `apply` gives theta'
-    (differentiable in the gradient, for the exact hypergradient); `tangent` gives (dd/dg)^T v, the direction
-    along which the finite differences probe the training terms (SGD: v itself, times 1 + momentum with
-    Nesterov; Adam: v times the elementwise derivative of its normalised step)."""
+    Nesterov, weight decay), Adam or AdamW, read from the optimizer's settings and state. The parameters come as a
+    list aligned with `names` (or a dict by name). `apply` gives theta' (differentiable in the gradient, for the
+    exact hypergradient); `advance` also the optimizer's state after the step; `tangent` gives (dd/dg)^T v, the
+    direction along which the finite differences probe the training terms (SGD: v itself, times 1 + momentum with
+    Nesterov; Adam: v times the elementwise derivative of its normalised step).
+    `state` holds lists aligned with `names`: SGD {"momentum_buffer": [...]}, Adam {"step", "exp_avg",
+    "exp_avg_sq"}; an entry None is state not created yet (the first step)."""
     KINDS = ("SGD", "Adam", "AdamW")
 
-    def __init__(self, kind: str, lr: float, *, momentum: float = 0.0, nesterov: bool = False,
+    def __init__(self, kind: str, lr, *, names: Sequence[str] = (), momentum: float = 0.0, nesterov: bool = False,
                  weight_decay: float = 0.0, momentum_buffer=None, betas=(0.9, 0.999), eps: float = 1e-8, state=None):
         if kind not in self.KINDS:
             raise ValueError(f"the bilevel step mirrors {', '.join(self.KINDS)}; got {kind}")
         self.kind, self.lr, self.momentum, self.nesterov = kind, lr, momentum, nesterov
-        self.weight_decay, self.momentum_buffer, self.betas, self.eps, self.state = \
-            weight_decay, momentum_buffer or {}, tuple(betas), eps, state or {}
+        self.weight_decay, self.betas, self.eps, self.names = weight_decay, tuple(betas), eps, list(names)
+        if kind == "SGD":
+            if isinstance(momentum_buffer, Mapping):  # {name: tensor}: aligned with names
+                momentum_buffer = [momentum_buffer.get(n) for n in self.names]
+            state = {"momentum_buffer": list(momentum_buffer) if momentum_buffer is not None
+                     else [None] * len(self.names)}
+        elif state is None or isinstance(next(iter(state.values()), None), (dict, type(None))):
+            # {name: {step, exp_avg, exp_avg_sq}} as torch.optim keeps it per parameter
+            state = {k: [_as_tensor(((state or {}).get(n) or {}).get(k)) for n in self.names] for k in ADAM_STATE}
+        self.state = state
 
     @classmethod
-    def of(cls, optimizer: torch.optim.Optimizer, names: Dict[int, str]) -> "VirtualStep":
-        """The step `optimizer` would take next; names maps id(parameter) to the parameter's name."""
+    def of(cls, optimizer: torch.optim.Optimizer, names: Dict[int, str], lr=None) -> "VirtualStep":
+        """The step `optimizer` would take next; names maps id(parameter) to the parameter's name (the order of the
+        optimizer's parameters is the order of the lists); lr: a tensor the schedule fills, else the group's."""
         kind = type(optimizer).__name__
         if kind not in cls.KINDS:
             raise ValueError(f"the bilevel step mirrors the optimizers {', '.join(cls.KINDS)} (their virtual step is "
@@ -171,48 +219,59 @@ class VirtualStep:
             raise ValueError("the bilevel step needs one set of optimizer settings; the parameter groups differ")
         if group.get("amsgrad") or group.get("maximize"):
             raise ValueError(f"the bilevel step mirrors plain {kind}: amsgrad and maximize are not supported")
-        state = {names[id(p)]: optimizer.state.get(p, {}) for g in optimizer.param_groups for p in g["params"]
-                 if id(p) in names}
+        if kind == "SGD" and group.get("dampening"):
+            raise ValueError("the bilevel step mirrors SGD without dampening: set dampening=0")
+        params = [p for g in optimizer.param_groups for p in g["params"] if id(p) in names]
+        states = [optimizer.state.get(p, {}) for p in params]
+        common = dict(names=[names[id(p)] for p in params], weight_decay=group.get("weight_decay", 0.0))
+        lr = group["lr"] if lr is None else lr
         if kind == "SGD":
-            return cls(kind, group["lr"], momentum=group.get("momentum", 0.0), nesterov=bool(group.get("nesterov")),
-                       weight_decay=group.get("weight_decay", 0.0),
-                       momentum_buffer={n: s.get("momentum_buffer") for n, s in state.items()})
-        return cls(kind, group["lr"], weight_decay=group.get("weight_decay", 0.0), betas=group["betas"],
-                   eps=group["eps"], state=state)
+            return cls(kind, lr, momentum=group.get("momentum", 0.0), nesterov=bool(group.get("nesterov")),
+                       momentum_buffer=[s.get("momentum_buffer") for s in states], **common)
+        state = {k: [_as_tensor(s.get(k)) for s in states] for k in ADAM_STATE}
+        return cls(kind, lr, betas=group["betas"], eps=group["eps"], state=state, **common)
 
-    def apply(self, params, grads) -> Dict[str, torch.Tensor]:
+    def _lists(self, params, grads):
+        if isinstance(params, Mapping):
+            return [params[n] for n in self.names], [grads[n] for n in self.names]
+        return list(params), list(grads)
+
+    def apply(self, params, grads):
         return self.advance(params, grads)[0]
 
-    def advance(self, params, grads) -> Tuple[Dict[str, torch.Tensor], "VirtualStep"]:
+    def advance(self, params, grads) -> Tuple[Union[Dict[str, torch.Tensor], Tensors], "VirtualStep"]:
         """(theta', the step after it): the optimizer's state (momentum buffers, Adam's moments and step count)
-        carried on, differentiable, for a hypergradient through several virtual steps (at this lr)."""
+        carried on, differentiable, for a hypergradient through several virtual steps (at this lr). theta' comes
+        as the parameters came: a dict by name or a list."""
+        p, g = self._lists(params, grads)
         if self.kind == "SGD":
-            out, buffers = _sgd_update(params, grads, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay,
-                                       momentum_buffer=self.momentum_buffer, nesterov=self.nesterov)
-            return out, VirtualStep("SGD", self.lr, momentum=self.momentum, nesterov=self.nesterov,
-                                    weight_decay=self.weight_decay, momentum_buffer=buffers)
-        out, state = _adam_update(params, grads, lr=self.lr, betas=self.betas, eps=self.eps,
-                                  weight_decay=self.weight_decay, decoupled=self.kind == "AdamW", state=self.state)
-        return out, VirtualStep(self.kind, self.lr, weight_decay=self.weight_decay, betas=self.betas, eps=self.eps,
-                                state=state)
+            out, bufs = _sgd(p, g, self.state["momentum_buffer"], lr=self.lr, momentum=self.momentum,
+                             weight_decay=self.weight_decay, nesterov=self.nesterov)
+            after = VirtualStep("SGD", self.lr, names=self.names, momentum=self.momentum, nesterov=self.nesterov,
+                                weight_decay=self.weight_decay, momentum_buffer=bufs or None)
+        else:
+            out, state = _adam(p, g, self.state, lr=self.lr, betas=self.betas, eps=self.eps,
+                               weight_decay=self.weight_decay, decoupled=self.kind == "AdamW")
+            after = VirtualStep(self.kind, self.lr, names=self.names, weight_decay=self.weight_decay, betas=self.betas,
+                                eps=self.eps, state=state)
+        return (dict(zip(self.names, out)) if isinstance(params, Mapping) else out), after
 
-    def tangent(self, params, grads, v):
+    def tangent(self, params, grads, v) -> Tensors:
         """(d d / d g)^T v for each parameter (d: the step direction, theta' = [decay] - lr * d)."""
         if self.kind == "SGD":
-            return [u * (1 + self.momentum) if self.nesterov and self.momentum else u for u in v]
-        out = []
+            return torch._foreach_mul(list(v), 1 + self.momentum) if self.nesterov and self.momentum else list(v)
+        p, g = self._lists(params, grads)
         wd = 0.0 if self.kind == "AdamW" else self.weight_decay
-        for (n, p), u in zip(params.items(), v):
-            m, s, t = _adam_moments(n, p, grads[n], betas=self.betas, weight_decay=wd, state=self.state)
-            c1, c2 = 1 - self.betas[0] ** t, 1 - self.betas[1] ** t
-            g = grads[n] + wd * p if wd else grads[n]
-            root = (s / c2).sqrt()
-            denom = root + self.eps
-            # d/dg [ (m/c1) / (sqrt(s/c2) + eps) ], with dm/dg = 1 - b1 and d sqrt(s/c2)/dg = (1 - b2) g / (c2 root)
-            dm = (1 - self.betas[0]) / c1 / denom
-            droot = torch.where(root > 0, (1 - self.betas[1]) * g / (c2 * root.clamp_min(1e-30)), torch.zeros_like(g))
-            out.append(u * (dm - (m / c1) / denom ** 2 * droot))
-        return out
+        m, s, _, c1, c2, g = _adam_moments(p, g, self.state, betas=self.betas, weight_decay=wd)
+        root = torch._foreach_sqrt(torch._foreach_div(s, c2))
+        denom = torch._foreach_add(root, self.eps)
+        # d/dg [ (m/c1) / (sqrt(s/c2) + eps) ], with dm/dg = 1 - b1 and d sqrt(s/c2)/dg = (1 - b2) g / (c2 root);
+        # where root is 0, s is 0, so g is 0 too and the second term vanishes (root clamped against 0/0)
+        dm = torch._foreach_div(torch._foreach_mul(torch._foreach_reciprocal(c1), 1 - self.betas[0]), denom)
+        droot = torch._foreach_div(torch._foreach_mul(g, 1 - self.betas[1]),
+                                   torch._foreach_mul(torch._foreach_clamp_min(root, 1e-30), c2))
+        ratio = torch._foreach_div(torch._foreach_div(m, c1), torch._foreach_mul(denom, denom))
+        return torch._foreach_mul(list(v), torch._foreach_sub(dm, torch._foreach_mul(ratio, droot)))
 
 
 def _val_loss_fn(val_loss, num_exits) -> nn.Module:
@@ -244,68 +303,73 @@ def _check(model, objective, train_batch, val_batch, lr, method, horizon=1):
     for name, (x, y) in (("train", train_batch), ("validation", val_batch)):
         if x.shape[0] == 0 or y.shape[0] == 0:
             raise ValueError(f"empty {name} batch: the hypergradient needs at least one sample")
-    if lr <= 0:
+    if not isinstance(lr, torch.Tensor) and lr <= 0:  # a tensor lr is checked where the schedule fills it
         raise ValueError(f"lr must be > 0 (the unrolled step is the method; lr = 0 gives a zero hypergradient), got {lr}")
 
 
 def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_batch, val_batch, *, step: VirtualStep,
                       val_loss, eps):
-    """Finite-difference hypergradient from an already computed training pass (grads, teachers at theta).
+    """Finite-difference hypergradient from an already computed training pass (params and grads: lists aligned
+    with step.names; the teachers at theta). Returns (hypergradient, validation logits, (theta', the optimizer's
+    state after the step)): the virtual step is the real one, so the caller may apply it.
 
     Under DDP every rank holds the same theta' (gradients are all-reduced); v and the finite differences
     are averaged across ranks, which gives exactly the single-process result for the global batches."""
-    buffers, lr = _cloned_buffers(model), step.lr
+    buffers, names = functional_buffers(model), step.names
     with torch.no_grad():
-        theta1 = step.apply(params, grads)
-    theta1 = {n: t.requires_grad_(True) for n, t in theta1.items()}
+        theta1, after = step.advance(params, grads)
+    leaves = [t.requires_grad_(True) for t in theta1]
     xv, yv = val_batch
-    val_logits = _call(model, theta1, buffers, xv)
-    lv = val_loss(val_logits, yv)
-    v = _mean_over_ranks([g.detach() for g in torch.autograd.grad(lv, list(theta1.values()))])
+    val_logits = functional_pass(model, names, leaves, buffers, xv)
+    v = _mean_over_ranks([g.detach() for g in torch.autograd.grad(val_loss(val_logits, yv), leaves)])
+    if eps is None:  # the classic central-difference step: balances truncation (eps^2) and round-off (u/eps)
+        eps = torch.finfo(params[0].dtype).eps ** (1 / 3)
     with torch.no_grad():
         v = step.tangent(params, grads, v)  # the chain rule through the optimizer's step direction
-    if eps is None:  # the classic central-difference step: balances truncation (eps^2) and round-off (u/eps)
-        eps = torch.finfo(next(iter(params.values())).dtype).eps ** (1 / 3)
-    with torch.no_grad():
-        norm = torch.sqrt(sum((g.double() ** 2).sum() for g in v))
-        step = eps / norm.clamp_min(1e-12)
+        norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(v)).double())
+        r = eps / norm.clamp_min(1e-12)
+        delta = torch._foreach_mul(v, r.to(v[0].dtype))
         x, y = train_batch
-        plus = {n: p.detach() + step * g for (n, p), g in zip(params.items(), v)}
-        minus = {n: p.detach() - step * g for (n, p), g in zip(params.items(), v)}
-        l_plus = objective.term_losses(_call(model, plus, buffers, x), y, teacher_logits)
-        l_minus = objective.term_losses(_call(model, minus, buffers, x), y, teacher_logits)
-        d_w = _mean_over_ranks([-lr * objective.scale * (l_plus - l_minus) / (2 * step)])[0]
+        l_plus = objective.term_losses(functional_pass(model, names, torch._foreach_add(params, delta), buffers, x), y,
+                                       teacher_logits)
+        l_minus = objective.term_losses(functional_pass(model, names, torch._foreach_sub(params, delta), buffers, x), y,
+                                        teacher_logits)
+        d_w = _mean_over_ranks([-step.lr * objective.scale * (l_plus - l_minus) / (2 * r)])[0]
     hyper = torch.autograd.grad((objective.weights() * d_w.to(objective.weights().dtype)).sum(),
                                 list(objective.parameters()))
-    return hyper, [z.detach() for z in val_logits]
+    theta1 = [t.detach() for t in theta1]
+    return hyper, [z.detach() for z in val_logits], (theta1, after)
 
 
 def _hypergradient(model, objective, train_batch, val_batch, *, step: VirtualStep, val_loss, method, eps,
                    horizon: int = 1):
-    """(hypergradient tuple, validation logits at the last virtual theta) from functional passes on cloned state.
+    """(hypergradient tuple, validation logits at the last virtual theta) from functional passes that leave the
+    model's parameters and buffers as they are.
 
     exact: autograd through `horizon` virtual steps, theta_k+1 = step_k(theta_k), each on the same training batch
     (the batches the real steps will draw are not known yet) with the KD teachers at theta_k and the optimizer's
     state carried on; the validation loss is taken at theta_horizon."""
-    params = {n: p.detach().clone().requires_grad_(True) for n, p in _trainable(model).items()}
+    trainable = _trainable(model)
+    names = step.names or list(trainable)
+    params = [trainable[n].detach().requires_grad_(True) for n in names]
     x, y = train_batch
-    buffers = _cloned_buffers(model)
-    logits = _call(model, params, buffers, x)
+    buffers = functional_buffers(model)
+    logits = functional_pass(model, names, params, buffers, x)
     loss = objective(logits, y)
     if method == "exact":
         theta = params
         for k in range(horizon):
             if k:
-                loss = objective(_call(model, theta, buffers, x), y)
-            grads = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
-            theta, step = step.advance(theta, dict(zip(theta, grads)))
+                loss = objective(functional_pass(model, names, theta, buffers, x), y)
+            grads = torch.autograd.grad(loss, theta, create_graph=True)
+            theta, step = step.advance(theta, grads)
         xv, yv = val_batch
-        val_logits = _call(model, theta, _cloned_buffers(model), xv)
+        val_logits = functional_pass(model, names, theta, buffers, xv)
         hyper = torch.autograd.grad(val_loss(val_logits, yv), list(objective.parameters()))
         return hyper, [z.detach() for z in val_logits]
-    grads = torch.autograd.grad(loss, list(params.values()))
-    return _fd_hypergradient(model, objective, params, dict(zip(params, grads)), [z.detach() for z in logits],
-                             train_batch, val_batch, step=step, val_loss=val_loss, eps=eps)
+    grads = torch.autograd.grad(loss, params)
+    return _fd_hypergradient(model, objective, [p.detach() for p in params], list(grads), [z.detach() for z in logits],
+                             train_batch, val_batch, step=step, val_loss=val_loss, eps=eps)[:2]
 
 
 def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, val_batch: Batch, *, lr: float,
@@ -321,8 +385,8 @@ def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, va
     trainable parameters. Returns a tensor (or a tuple if the objective has several parameters).
     The model's parameters and buffers are left exactly as they were."""
     _check(model, objective, train_batch, val_batch, lr, method, horizon)
-    step = VirtualStep("SGD", lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                       momentum_buffer=_momentum_buffers(model, momentum_buffer))
+    step = VirtualStep("SGD", lr, names=list(_trainable(model)), momentum=momentum, nesterov=nesterov,
+                       weight_decay=weight_decay, momentum_buffer=_momentum_buffers(model, momentum_buffer))
     hyper, _ = _hypergradient(model, objective, train_batch, val_batch, step=step,
                               val_loss=_val_loss_fn(val_loss, objective.num_exits), method=method, eps=eps,
                               horizon=horizon)
@@ -331,7 +395,7 @@ def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, va
 
 class MetaStep:
     """The loss weights' update: from a training pass already made (its gradients and teacher logits, given by
-    step.train_step) and a held-out batch, the hypergradient, then a step of the weights' own optimizer (Adam).
+    step.TrainStep) and a held-out batch, the hypergradient, then a step of the weights' own optimizer (Adam).
 
     The virtual step is the one the network optimizer would take (VirtualStep.of: SGD with its momentum buffers,
     or Adam/AdamW with their moments and step count), so it mirrors the real update; other optimizers are
@@ -340,6 +404,9 @@ class MetaStep:
 
     `horizon` K > 1 (method "exact"): the hypergradient through K virtual steps on the step's training batch, against
     the short-horizon bias of one step (a term whose help shows only after several steps); about K times the cost.
+
+    The weights' Adam runs as the same list arithmetic as the network's (no host sync: its step count stays a
+    tensor on the weights' device); its state lives in `optimizer` (a torch.optim.Adam), as checkpoints keep it.
     """
 
     def __init__(self, model: nn.Module, objective: Objective, *, lr: float = 1e-3, betas=(0.5, 0.999),
@@ -385,38 +452,66 @@ class MetaStep:
         """{id(parameter): name} of the network's trainable parameters (for VirtualStep.of)."""
         return {id(p): n for n, p in _trainable(self.module).items()}
 
-    def update(self, train_batch: Batch, val_batch: Batch, logits, grads: Dict[str, torch.Tensor],
-               step: VirtualStep):
-        """One weight update from the training pass at theta (its logits, the KD teachers, and its gradients
-        {name: tensor}) and the virtual step the network optimizer will take; returns the hypergradient."""
+    def _adam_step(self, hyper) -> None:
+        """Adam on the weights' parameters from the hypergradient, written into self.optimizer's state (created
+        on the first step, its step count a tensor beside the parameters)."""
+        params = [p for p in self.objective.parameters()]
+        state = [self.optimizer.state[p] for p in params]
+        if any(not s for s in state):
+            for p, s in zip(params, state):
+                s.update(step=torch.zeros((), dtype=torch.float64, device=p.device), exp_avg=torch.zeros_like(p),
+                         exp_avg_sq=torch.zeros_like(p))
+        for p, s in zip(params, state):
+            if s["step"].device != p.device or s["step"].dtype != torch.float64:  # torch.optim's host-side count
+                s["step"] = s["step"].to(p.device, torch.float64)
+        group = self.optimizer.param_groups[0]
+        lists = {k: [s[k] for s in state] for k in ADAM_STATE}
+        with torch.no_grad():
+            out, after = _adam([p.detach() for p in params], list(hyper), lists, lr=group["lr"], betas=group["betas"],
+                               eps=group["eps"], weight_decay=0.0, decoupled=False)
+            torch._foreach_copy_(params, out)
+            for k in ADAM_STATE:
+                torch._foreach_copy_(lists[k], after[k])
+
+    def update(self, train_batch: Batch, val_batch: Batch, logits, grads, step: VirtualStep):
+        """One weight update from the training pass at theta (its logits, the KD teachers, and its gradients: a list
+        aligned with step.names, or {name: tensor}) and the virtual step the network optimizer will take.
+        Returns (hypergradient, the virtual step's (theta', optimizer state after it)), the second None where the
+        hypergradient does not compute it (exact)."""
         _check(self.module, self.objective, train_batch, val_batch, step.lr, self.method, self.horizon)
+        after = None
         if self.method == "finite_difference":
-            params = {n: p.detach() for n, p in _trainable(self.module).items()}
-            hyper, val_logits = _fd_hypergradient(
+            trainable = _trainable(self.module)
+            params = [trainable[n].detach() for n in step.names]
+            grads = [grads[n] for n in step.names] if isinstance(grads, Mapping) else list(grads)
+            hyper, val_logits, after = _fd_hypergradient(
                 self.module, self.objective, params, grads, [z.detach() for z in logits], train_batch, val_batch,
                 step=step, val_loss=self.val_loss, eps=self.eps)
         else:  # the reference path: a second, differentiable training pass (slow, for checks and ablations)
             hyper, val_logits = _hypergradient(self.module, self.objective, train_batch, val_batch, step=step,
                                                val_loss=self.val_loss, method="exact", eps=self.eps,
                                                horizon=self.horizon)
-        self.optimizer.zero_grad(set_to_none=True)
         if self.hypergrad_norm == "lr":
             hyper = [h / step.lr for h in hyper]
-        for p, h in zip(self.objective.parameters(), hyper):
-            if self.check_finite and not torch.isfinite(h).all():
-                raise FloatingPointError("non-finite hypergradient: the loss weights were not updated; "
-                                         "lower the weight learning rate or the network learning rate")
-            p.grad = h
-        self.optimizer.step()
+        if self.check_finite and not all(torch.isfinite(h).all() for h in hyper):
+            raise FloatingPointError("non-finite hypergradient: the loss weights were not updated; "
+                                     "lower the weight learning rate or the network learning rate")
+        self._adam_step(hyper)
         if self.val_loss.kind == "balanced":
             self.val_loss.update(_mean_over_ranks([ce_terms(val_logits, val_batch[1]).detach()])[0])
-        return hyper
+        return hyper, after
 
     def step(self, train_batch: Batch, val_batch: Batch, optimizer: torch.optim.Optimizer):
-        """step.train_step without the network's update (the caller's optimizer.step() follows): for studies
+        """A weight update without the network's update (the caller's optimizer.step() follows): for studies
         that drive the weight update by hand. Returns (loss, logits), the gradients left in .grad."""
-        from .step import backward_pass, network_gradients  # here, not on top: step.py imports this module
-        loss, logits = backward_pass(self.model, self.objective, *train_batch, optimizer)
+        optimizer.zero_grad(set_to_none=True)
+        logits = self.model(train_batch[0])
+        loss = self.objective(logits, train_batch[1])
+        loss.backward()
+        logits = [z.detach() for z in logits]
         step = VirtualStep.of(optimizer, self.parameter_names())
-        self.update(train_batch, val_batch, logits, network_gradients(self.module), step)
-        return loss, logits
+        trainable = _trainable(self.module)
+        grads = [trainable[n].grad if trainable[n].grad is not None else torch.zeros_like(trainable[n])
+                 for n in step.names]
+        self.update(train_batch, val_batch, logits, grads, step)
+        return loss.detach(), logits

@@ -24,6 +24,7 @@ from typing import Dict, List, Optional, Tuple
 from . import bilevel, models, objectives
 
 DATASETS = ("cifar10", "cifar100", "folder32", "folder", "synthetic")
+CUDA_GRAPHS = ("auto", "on", "off")
 FROZEN_AT_START = "init"  # freeze_weights_from: keep the learned weights at their start
 
 RECIPES: Dict[str, Dict] = {
@@ -152,6 +153,8 @@ class TrainConfig:
     channels_last: bool = _opt(False, "channels-last memory format")
     compile: str = _opt("", "'': eager; network: torch.compile the network; step: the whole training step")
     compile_mode: str = _opt("default", "torch.compile mode; reduce-overhead replays CUDA graphs on GPUs")
+    cuda_graphs: str = _opt("auto", "the training step captured as CUDA graphs and replayed: auto (on a GPU when not "
+                                    "compiling), on, off; where it cannot capture, eager with a one-line warning")
     workers: int = _opt(8, "DataLoader workers (folder)")
     eval_batch_size: int = _opt(500, "images per evaluation batch")
     check_every: int = _opt(50, "steps between checks for NaN (each check waits for the device)")
@@ -244,6 +247,8 @@ class TrainConfig:
             check_weights(self.arch, self.weights)
         if self.compile not in ("", "network", "step"):
             raise ValueError(f"compile must be '', 'network' or 'step', got {self.compile!r}")
+        if self.cuda_graphs not in CUDA_GRAPHS:
+            raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}")
         self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
         return self
 

@@ -41,7 +41,7 @@ WEIGHT_UPDATE_SETTINGS = ("meta_interval", "meta_warmup", "meta_schedule", "meta
 # Settings that may differ when a run is resumed: where things are and how fast they run, not what is computed.
 # Places are compared by what they hold: the split by its checksum, not its path (a moved clone resumes).
 RESUMABLE_CHANGES = {"progress", "workers", "device", "out", "check_every", "download", "data_root", "compile",
-                     "compile_mode", "threads", "split_dir"}
+                     "compile_mode", "cuda_graphs", "threads", "split_dir"}
 
 
 class Plan(NamedTuple):

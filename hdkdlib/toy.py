@@ -9,7 +9,7 @@ import torch
 from tqdm import tqdm  # text bars: a finished bar stays a line of text (a widget bar dies with its kernel)
 
 from . import bilevel
-from .step import train_step
+from .step import TrainStep
 from .distributed import cpu_threads
 from .models import evaluating
 from .objectives import Objective
@@ -51,10 +51,11 @@ def fit(model, objective: Objective, train, val=None, *, steps: int = 500, lr: f
     meta = bilevel.MetaStep(model, objective, lr=meta_lr, method=meta_method, val_loss=val_loss) if learned else None
     history: Dict[str, list] = {"step": [], "loss": [], "val_accuracy": [], "weights": []}
     model.train()
+    train_step = TrainStep(model, objective, opt, meta)
     with cpu_threads(threads):
         for step in tqdm(range(1, steps + 1), desc=type(objective).__name__, disable=not progress):
             due = meta is not None and step % meta_interval == 0
-            loss, logits = train_step(model, objective, opt, train, meta if due else None, val)
+            loss, logits = train_step(train, val if due else None)
             if step % log_every == 0 or step == steps:
                 history["step"].append(step)
                 history["loss"].append(float(loss.detach()))

@@ -9,6 +9,7 @@ hdkdlib.runfolder owns the run folder (its files, atomic writes, the lock); hdkd
 from __future__ import annotations
 
 import dataclasses
+import functools
 import signal
 import sys
 import threading
@@ -26,7 +27,7 @@ from .config import to_argv as cli_args
 from .data.bundle import DataBundle, build_data
 from .runfolder import RunFolder, RunFolderBusy, RunFolderDamaged
 from .resume import resolve
-from .step import train_step
+from .step import CapturedStep, TrainStep, compile_step
 
 __all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "prepare", "run", "load_run", "main", "cli_args",
            "config_from_dict", "DataBundle", "build_data"]
@@ -63,7 +64,7 @@ class Trainer:
             self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         self.meta = None
         if cfg.freeze_weights_from == config.FROZEN_AT_START:  # no learning: what the weight update adds to its start
-            self.objective.fix_weights(self.objective.named_weights(), source="freeze_weights_from: init")
+            self.objective.freeze(source="freeze_weights_from: init")
         elif cfg.freeze_weights_from:  # the frozen ablation: another run's final learned weights, kept fixed
             self.objective.fix_weights(runfolder.final_weights(cfg.freeze_weights_from),
                                        source=f"freeze_weights_from: {cfg.freeze_weights_from}")
@@ -72,8 +73,7 @@ class Trainer:
                                          method=cfg.meta_method, val_loss=cfg.val_loss, alpha=cfg.alpha,
                                          check_finite=False, hypergrad_norm=cfg.hypergrad_norm, device=self.device,
                                          horizon=cfg.meta_horizon)
-        # graph breaks at backward() split the step; each part is compiled
-        self._step = torch.compile(train_step, mode=cfg.compile_mode) if cfg.compile == "step" else train_step
+        self._step = None  # the TrainStep, built when training begins (it refers to the optimizer's loaded state)
         self.exit_flops = cost.exit_flops(self.model, self.data.input_shape)
         self.warmup_steps = cfg.warmup_steps(len(self.data.train))  # the weights keep their start until then
         self.epoch = self.batch = self.step = self.meta_steps = 0
@@ -84,7 +84,7 @@ class Trainer:
     def _config_record(self) -> Dict:
         return {"config": config_to_dict(self.cfg), "git_commit": runinfo.git_commit(),
                 "packages": runinfo.package_versions(), "device": runinfo.device_name(self.device),
-                "threads_used": torch.get_num_threads(),
+                "threads_used": torch.get_num_threads(), "step_mode": self.step_mode,
                 "world_size": self.world_size, "split": {k: self.data.split.get(k) for k in
                                                          ("protocol", "seed", "checksum", "val_per_class", "train_per_class")},
                 "exit_flops": self.exit_flops, "meta_lr_used": self.meta.lr if self.meta is not None else None}
@@ -117,6 +117,7 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
+        self._step = None  # rebuilt over the loaded optimizer state
         if self.meta is not None:
             self.meta.load_state_dict(state)
         self.epoch, self.batch, self.step, self.meta_steps = (state[k] for k in ("epoch", "batch", "step", "meta_steps"))
@@ -148,12 +149,37 @@ class Trainer:
     def _val_batch(self):  # the held-out stream continues across epochs and resumes
         return self.data.val_stream.batch_at(*divmod(self.meta_steps, len(self.data.val_stream)))
 
+    @functools.cached_property
+    def step_mode(self) -> str:
+        """How steps run: compiled (--compile step), captured (CUDA graphs: the default on a GPU), or eager. CUDA
+        graphs asked for where there is no GPU: eager, said in one line (and recorded in config.json)."""
+        if self.cfg.compile == "step":
+            return "compiled"
+        wanted = self.cfg.cuda_graphs == "on" or (self.cfg.cuda_graphs == "auto" and self.device.type == "cuda")
+        if wanted and (self.device.type != "cuda" or self.world_size > 1):
+            if self.cfg.cuda_graphs == "on" and self.rank == 0:
+                say(f"cuda_graphs on needs one CUDA device (this run: {self.device}, {self.world_size} process(es)): "
+                    "the step runs eagerly")
+            return "eager"
+        return "captured" if wanted else "eager"
+
+    def step_function(self) -> TrainStep:
+        """The run's TrainStep, built on first use after the state is loaded."""
+        if self._step is None:
+            self._step = TrainStep(self.net, self.objective, self.optimizer, self.meta)
+            self._step.set_lr(self.cfg.lr_at(self.epoch))
+            mode = self.step_mode
+            self._call = (compile_step(self._step, self.cfg.compile_mode) if mode == "compiled"
+                          else CapturedStep(self._step, capture=True, say=say) if mode == "captured" else self._step)
+        return self._step
+
     def train_step(self, x, y):
         """One optimisation step (with the bilevel weight update every meta_interval steps after the warm-up)."""
         due = self.meta is not None and bilevel.updates_weights_at(self.step, self.cfg.meta_interval, self.warmup_steps)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16):
-            loss, logits = self._step(self.net, self.objective, self.optimizer, (x, y), self.meta if due else None,
-                                      self._val_batch() if due else None)
+        self.step_function()
+        # no autocast cache: a captured graph must not keep casts from another step
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.bf16, cache_enabled=False):
+            loss, logits = self._call((x, y), self._val_batch() if due else None)
         self.meta_steps += due
         self.step += 1
         with torch.no_grad():
@@ -212,8 +238,7 @@ class Trainer:
                 handlers[sig] = signal.signal(sig, lambda signum, frame: self.request_stop(signum))
         while self.epoch < self.cfg.epochs:
             self.model.train()  # a model with frozen stages keeps them in eval mode (MultiExitNet.train)
-            for group in self.optimizer.param_groups:
-                group["lr"] = self.cfg.lr_at(self.epoch)
+            self.step_function().set_lr(self.cfg.lr_at(self.epoch))
             start, first_batch = time.perf_counter(), self.batch
             bar = tqdm(total=len(self.data.train), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                        disable=not self.cfg.progress or self.rank != 0, leave=False)
