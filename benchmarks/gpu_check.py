@@ -1,20 +1,26 @@
 """Everything a lent GPU should measure, in ONE device command of at most --budget seconds (default 540):
 
-  (a) device and versions                                   -> device.json
-  (b) training throughput: eager, compiled and CUDA-graph   -> train_throughput.json (written row by row)
-      steps, CE and HDKD (bilevel every step / every 10), batch 64 and 128, compile time apart
-  (c) early exit in time on the GPU                         -> early_exit.json
-  (d) the real-data comparison with the time left: the CPU  -> results.tgz (metrics and run logs only)
-      study's protocol (ce, dbt, hdkd x 3 seeds, 200 + 100 images per class, 15 epochs), runs in parallel
-  and gpu_check.log, the whole console output. At most 6 files, flat, in --out (default $OUT).
+  (a) device and versions                                      -> device.json
+  (b) kernels, host-to-device copies and syncs per step        -> profile.json
+      (torch profiler; CE and HDKD, eager and captured, batch 64)
+  (c) training throughput, images/s: CE and HDKD (weight       -> train_throughput.json (row by row)
+      update every step / every 10), batch 64 and 256, captured,
+      eager, and bf16 + channels-last captured; then the whole  -> train_compiled.json
+      step compiled (CUDA graphs) at batch 64
+  (d) early exit in time at batch 1 and 256                    -> early_exit.json
+  (e) with the time left, seeds of the 100-class control       -> results.tgz (metrics and run logs only)
+      (results/tin100-cpu-control/PROTOCOL.md): its four control arms, seed 5 first, then 4, ... (the CPU
+      chains run upward from 0), in parallel on the GPU; their records pool with the CPU runs
+  and gpu_check.log, the whole console output. At most 8 files, flat, in --out (default $OUT).
 
 Each part runs under its own deadline and writes its file as soon as it has numbers, so a timeout loses
 nothing already measured; a part whose budget is too small is skipped with a line saying so. On the CPU
 machine, once (both folders are git-ignored):
 
-    mkdir -p .carry && cp ../shared/data/cifar10-jpeg.tar.gz .carry/
+    mkdir -p .carry && cp ../shared/data/tinyimagenet100-32.tar.gz .carry/
     # device command (carry [".carry"]):  python3 benchmarks/gpu_check.py
-    # back here: tar -xzf <files_at>/results.tgz; commit results/; copy the tables into benchmarks/RESULTS.md
+    # back here: tar -xzf <files_at>/results.tgz; python benchmarks/verify_real_data.py --merge-from ... ;
+    # copy the tables into benchmarks/RESULTS.md
 
 `--dry-run` runs every part on the CPU with tiny settings (tests/test_benchmarks.py does, on fake images).
 Without CUDA and without --dry-run it says so and exits 2. It needs only torch, torchvision, numpy, pandas,
@@ -34,9 +40,14 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CIFAR10_JPEG_SHA256 = "1d26e266d748fedf13fb464d83e11ea734f0c5a9f15db57ca72e409919b435c7"  # ../shared/data/README.md
-STUDY = ["--methods", "ce", "dbt", "hdkd", "--seeds", "0", "1", "2", "--epochs", "15", "--n-per-class", "200",
-         "--val-per-class", "100"]
+DATA_SHA256 = "5fe9779d692b4a136c56c89d19d820256282d08dd1516cc74737f3307651ebdf"  # ../shared/data/README.md
+DATA_ARCHIVE = "tinyimagenet100-32.tar.gz"
+STUDY = "tin100-cpu-control"
+# The control arms of results/tin100-cpu-control/PROTOCOL.md: (method, tag, options)
+ARMS = [("ce", "n20-lr01", []), ("dbt", "n20-lr01-s100", ["--loss-scale", "1"]),
+        ("ce", "n20-lr02", ["--lr", "0.2"]), ("dbt", "n20-lr02-s100", ["--loss-scale", "1", "--lr", "0.2"])]
+PROTOCOL = ["--n-per-class", "20", "--val-per-class", "10", "--epochs", "100"]
+GPU_SEEDS = [5, 4, 3, 2, 1, 0]  # downward: the CPU chains run upward from seed 0
 
 
 class Log:
@@ -71,13 +82,13 @@ def run_part(log, name, cmd, seconds, min_seconds, env=None) -> bool:
 def unpack_data(log, data_root: Path) -> bool:
     if (data_root / "train").is_dir():
         return True
-    archive = ROOT / ".carry" / "cifar10-jpeg.tar.gz"
+    archive = ROOT / ".carry" / DATA_ARCHIVE
     if not archive.is_file():
         log(f"no {data_root} and no {archive}: carry .carry (see this script's docstring)")
         return False
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
-    if digest != CIFAR10_JPEG_SHA256:
-        log(f"{archive}: sha256 {digest} is not the data README's {CIFAR10_JPEG_SHA256}: copy it again")
+    if digest != DATA_SHA256:
+        log(f"{archive}: sha256 {digest} is not the data README's {DATA_SHA256}: copy it again")
         return False
     data_root.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(archive) as tar:
@@ -85,11 +96,45 @@ def unpack_data(log, data_root: Path) -> bool:
     return (data_root / "train").is_dir()
 
 
+def finished_seed(seed: int) -> bool:
+    """Whether every control arm of the study has this seed's finished record in results/ (CPU or GPU)."""
+    return all((ROOT / "results" / STUDY / f"{m}-{tag}-seed{seed}" / "results.json").exists() for m, tag, _ in ARMS)
+
+
+def run_parallel_parts(log, name, cmds, seconds, env) -> None:
+    """Several commands at once (the arms of one seed share the GPU), stopped together at the deadline."""
+    log(f"== ({name}) {len(cmds)} runs at once   [deadline {seconds:.0f} s]")
+    start = time.monotonic()
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for c in cmds]
+    for c, proc in zip(cmds, procs):
+        try:
+            output, _ = proc.communicate(timeout=max(seconds - (time.monotonic() - start), 1))
+            log(output[-1500:], f"== ({name}) {' '.join(c[c.index('--methods') + 1:c.index('--methods') + 4])}: "
+                                f"exit {proc.returncode}")
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            log(f"== ({name}) stopped at its deadline: finished runs are kept")
+            return
+    log(f"== ({name}) done in {time.monotonic() - start:.0f} s")
+
+
+def merge_early_exit(out: Path) -> None:
+    """The per-batch-size early-exit records as one early_exit.json."""
+    parts = sorted(out.glob("early_exit-*.json"))
+    if parts:
+        merged = {p.stem.split("-", 1)[1]: json.loads(p.read_text()) for p in parts}
+        (out / "early_exit.json").write_text(json.dumps(merged, indent=1))
+        for p in parts:
+            p.unlink()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, default=540, help="seconds for everything (one device command)")
     p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "runs" / "gpu-check")))
-    p.add_argument("--data-root", default=str(ROOT / ".data" / "cifar10-jpeg"))
+    p.add_argument("--data-root", default=str(ROOT / ".data" / "tinyimagenet100-32"))
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny settings: checks the mechanics only")
     args = p.parse_args(argv)
     t0 = time.monotonic()
@@ -120,42 +165,60 @@ def main(argv=None) -> int:
     (out / "device.json").write_text(json.dumps(info, indent=1))
     log("== (a) " + json.dumps(info))
 
-    # (b) training throughput
+    # (b) kernels, copies and syncs per step
+    prof = (["--device", "cpu", "--arch", "toy_mlp", "--batch-size", "4", "--num-classes", "10"] if args.dry_run
+            else ["--device", "cuda", "--batch-size", "64"])
+    run_part(log, "b", [py, "benchmarks/profile_step.py", *prof, "--json", str(out / "profile.json")],
+             min(left(), args.budget * 0.1), 5 if args.dry_run else 20, env)
+
+    # (c) training throughput: captured and eager first, the compiled step (minutes of compilation) last
     if args.dry_run:
-        tp = ["--device", "cpu", "--arch", "toy_mlp", "--batch-sizes", "4", "--modes", "eager", "net",
-              "--steps", "2", "--warmup", "1"]  # a compiled row, but no minutes of CPU compilation
-        b_min = 5
+        tp = ["--device", "cpu", "--arch", "toy_mlp", "--batch-sizes", "4", "--modes", "eager", "cap", "--steps", "2",
+              "--warmup", "1"]
+        compiled = ["--device", "cpu", "--arch", "toy_mlp", "--batch-sizes", "4", "--modes", "net", "--steps", "2",
+                    "--warmup", "1", "--methods", "ce"]
     else:
-        tp = ["--device", "cuda", "--batch-sizes", "64", "128", "--modes", "eager", "step", "step+graph",
-              "--steps", "100", "--warmup", "20"]
-        b_min = 60
-    run_part(log, "b", [py, "benchmarks/train_throughput.py", *tp, "--json", str(out / "train_throughput.json")],
-             min(left(), args.budget * 0.35), b_min, env)
+        tp = ["--device", "cuda", "--batch-sizes", "64", "256", "--modes", "cap", "eager", "bf16+cl+cap",
+              "--steps", "50", "--warmup", "10"]
+        compiled = ["--device", "cuda", "--batch-sizes", "64", "--modes", "step+graph", "--methods", "ce", "hdkd/1",
+                    "--steps", "50", "--warmup", "5"]
+    run_part(log, "c", [py, "benchmarks/train_throughput.py", *tp, "--json", str(out / "train_throughput.json")],
+             min(left(), args.budget * 0.3), 5 if args.dry_run else 60, env)
 
-    # (c) early exit in time
-    ee = (["--device", "cpu", "--arch", "msdnet_cifar_budget", "--batch-size", "8", "--repeats", "1"] if args.dry_run
-          else ["--device", "cuda", "--batch-size", "256", "--repeats", "20", "--paths", "eager", "fast", "fast+cl"])
-    run_part(log, "c", [py, "benchmarks/early_exit.py", *ee, "--out", str(out / "early_exit.json")],
-             min(left(), args.budget * 0.12), 5 if args.dry_run else 20, env)
+    # (d) early exit in time, at batch 1 (latency) and 256 (throughput)
+    for bs in (["8"] if args.dry_run else ["1", "256"]):
+        ee = (["--device", "cpu", "--arch", "msdnet_cifar_budget", "--batch-size", bs, "--repeats", "1"] if args.dry_run
+              else ["--device", "cuda", "--batch-size", bs, "--repeats", "20", "--paths", "eager", "fast", "fast+cl"])
+        run_part(log, "d", [py, "benchmarks/early_exit.py", *ee, "--out", str(out / f"early_exit-{bs}.json")],
+                 min(left(), args.budget * 0.06), 5 if args.dry_run else 20, env)
+    merge_early_exit(out)
 
-    # (d) the real-data comparison with what is left
+    # (e) seeds of the 100-class control with what is left, then the compiled step if time remains
     runs, results = out.parent / (out.name + "-runs"), out.parent / (out.name + "-results")
     if not unpack_data(log, Path(args.data_root)):
-        log("== (d) skipped: no data")
+        log("== (e) skipped: no data")
     else:
-        d = (["--methods", "ce", "hdkd", "--seeds", "0", "--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8",
-              "--val-per-class", "4", "--device", "cpu", "--jobs", "2"] if args.dry_run
-             else [*STUDY, "--device", "cuda", "--jobs", "3", "--compile", "step", "--compile-mode", "reduce-overhead"])
-        run_part(log, "d", [py, "benchmarks/verify_real_data.py", "--data-root", str(args.data_root), *d,
-                            "--runs", str(runs), "--results", str(results), "--name", "cifar10-gpu-study",
-                            "--split-dir", str(runs / "splits"),
-                            "--note", f"The CPU study's protocol on {info['device']} (benchmarks/gpu_check.py)."],
-                 left(), 10 if args.dry_run else 60, env)
+        study = (["--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8", "--val-per-class", "4", "--device", "cpu",
+                  "--n-per-class", "8"] if args.dry_run else [*PROTOCOL, "--device", "cuda"])
+        seeds = GPU_SEEDS[:1] if args.dry_run else [s for s in GPU_SEEDS if not finished_seed(s)]
+        for seed in seeds:
+            if left() < (10 if args.dry_run else 120):
+                log(f"== (e) stopped before seed {seed}: {left():.0f} s left")
+                break
+            arms = [[py, "benchmarks/verify_real_data.py", "--data-root", str(args.data_root), *study,
+                     "--methods", method, "--tag", tag, *options, "--seeds", str(seed), "--runs", str(runs),
+                     "--jobs", "2",  # a subprocess with its log (one run: the second job slot stays empty)
+                     "--results", str(results), "--name", STUDY, "--split-dir", str(runs / "splits"),
+                     "--note", f"Seeds of the protocol run on {info['device']} (benchmarks/gpu_check.py)."]
+                    for method, tag, options in ARMS]
+            run_parallel_parts(log, f"e seed {seed}", arms, left(), env)
         with tarfile.open(out / "results.tgz", "w:gz") as tar:
             if results.is_dir():
                 tar.add(results, arcname="results")
             for f in sorted(runs.glob("*.log")) if runs.is_dir() else []:
                 tar.add(f, arcname=f"logs/{f.name}")
+    run_part(log, "c compiled", [py, "benchmarks/train_throughput.py", *compiled, "--json",
+                                 str(out / "train_compiled.json")], left(), 5 if args.dry_run else 120, env)
     log(f"== done in {time.monotonic() - t0:.0f} s of {args.budget:.0f}; files: "
         + ", ".join(sorted(f.name for f in out.iterdir())))
     return 0

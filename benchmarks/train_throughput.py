@@ -48,14 +48,15 @@ def bundle(batch_size: int, device, n: int = 2048, num_classes: int = 100, chann
     return DataBundle(train, stream, None, None, num_classes, (3, 32, 32))
 
 
-VARIANT_FLAGS = ("eager", "bf16", "cl", "net", "step", "graph")
+VARIANT_FLAGS = ("eager", "bf16", "cl", "net", "step", "graph", "cap")
 CPU_VARIANTS = ["eager", "eager@1", "bf16", "bf16@1", "cl", "net", "step", "bf16+net"]
 
 
 def parse_variant(spec: str) -> dict:
     """'bf16+net@1' -> bf16 autocast, torch.compile of the network, 1 thread. Flags: eager (nothing), bf16,
     cl (channels-last), net (compile the network), step (compile the whole step), graph (compile mode
-    reduce-overhead: CUDA graphs on a GPU); '@N': N CPU threads."""
+    reduce-overhead: CUDA graphs on a GPU), cap (the step captured as CUDA graphs by the trainer; without it
+    every variant runs with cuda_graphs off); '@N': N CPU threads."""
     flags, _, threads = spec.partition("@")
     parts = flags.split("+")
     unknown = [f for f in parts if f not in VARIANT_FLAGS]
@@ -63,7 +64,7 @@ def parse_variant(spec: str) -> dict:
         raise SystemExit(f"bad variant {spec!r}: flags {'+'.join(VARIANT_FLAGS)} joined by '+', optional @THREADS")
     return dict(bf16="bf16" in parts, channels_last="cl" in parts,
                 compile="step" if "step" in parts else "network" if "net" in parts else "",
-                graphs="graph" in parts, threads=int(threads) if threads else None)
+                graphs="graph" in parts, captured="cap" in parts, threads=int(threads) if threads else None)
 
 
 def measure(arch, method, meta_interval, batch_size, variant, device, steps, warmup, num_classes=100,
@@ -77,6 +78,7 @@ def measure(arch, method, meta_interval, batch_size, variant, device, steps, war
                       **meta,
                       bf16=v["bf16"], channels_last=v["channels_last"], compile=v["compile"],
                       compile_mode="reduce-overhead" if v["graphs"] and v["compile"] else "default",
+                      cuda_graphs="on" if v["captured"] else "off",
                       progress=False, threads=torch.get_num_threads())  # the variant's threads, never auto
     try:
         trainer = train.prepare(cfg, data_bundle=bundle(batch_size, device, num_classes=num_classes,
@@ -136,7 +138,8 @@ def main(argv=None):
     p.add_argument("--modes", nargs="+", default=None,
                    help="variants, each flags joined by '+' with an optional @THREADS: eager, bf16, cl (channels-last), "
                         "net (compile the network), step (compile the whole step), graph (compile mode reduce-overhead: CUDA "
-                        f"graphs), e.g. bf16+net@1; 'compile' means step+graph. Default: GPU eager step step+graph; "
+                        f"graphs), cap (the step captured as CUDA graphs), e.g. bf16+net@1; 'compile' means step+graph. "
+                        f"Default: GPU eager cap step step+graph; "
                         f"CPU {' '.join(CPU_VARIANTS)}")
     p.add_argument("--methods", nargs="+", default=None,
                    help="cases as METHOD, hdkd/INTERVAL or hdkd/INTERVAL/hK (exact hypergradient, horizon K) "
@@ -149,7 +152,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    modes = [("step+graph" if m == "compile" else m) for m in (args.modes or (["eager", "step", "step+graph"]
+    modes = [("step+graph" if m == "compile" else m) for m in (args.modes or (["eager", "cap", "step", "step+graph"]
                                                                                if device.type == "cuda" else CPU_VARIANTS))]
     for m in modes:
         parse_variant(m)

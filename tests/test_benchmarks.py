@@ -131,19 +131,23 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:] + done.stdout[-2000:]
     files = sorted(f.name for f in out.iterdir())
     parts = "\n".join(line for line in (out / "gpu_check.log").read_text().splitlines() if line.startswith("== ("))
-    assert files == ["device.json", "early_exit.json", "gpu_check.log", "results.tgz", "train_throughput.json"], parts
+    assert files == ["device.json", "early_exit.json", "gpu_check.log", "profile.json", "results.tgz",
+                     "train_compiled.json", "train_throughput.json"], parts
     assert json.loads((out / "device.json").read_text())["dry_run"] is True
+    profiled = json.loads((out / "profile.json").read_text())["rows"]
+    assert {(r["method"], r["mode"]) for r in profiled} == {(m, k) for m in ("ce", "hdkd") for k in ("eager", "cap")}
     rows = json.loads((out / "train_throughput.json").read_text())["rows"]
     assert {(r["mode"], r["method"], r["meta_interval"]) for r in rows} == {
-        (m, c, i) for m in ("eager", "net") for c, i in (("ce", None), ("hdkd", 1), ("hdkd", 10))}
+        (m, c, i) for m in ("eager", "cap") for c, i in (("ce", None), ("hdkd", 1), ("hdkd", 10))}
     assert all(r["first_step_s"] > 0 for r in rows)
-    assert [r["path"] for r in json.loads((out / "early_exit.json").read_text())["paths"]] == ["eager", "fast"]
+    assert [r["mode"] for r in json.loads((out / "train_compiled.json").read_text())["rows"]] == ["net"]
+    assert [r["path"] for r in json.loads((out / "early_exit.json").read_text())["8"]["paths"]] == ["eager", "fast"]
     with tarfile.open(out / "results.tgz") as archive:
         names = archive.getnames()
-    assert "results/cifar10-gpu-study/ce-seed0/results.json" in names
-    assert "results/cifar10-gpu-study/hdkd-seed0/metrics.jsonl" in names and "logs/hdkd-seed0.log" in names
+    for arm in ("ce-n20-lr01", "dbt-n20-lr01-s100", "ce-n20-lr02", "dbt-n20-lr02-s100"):  # the control's arms, seed 5
+        assert f"results/tin100-cpu-control/{arm}-seed5/results.json" in names and f"logs/{arm}-seed5.log" in names
     log = (out / "gpu_check.log").read_text()
-    assert all(f"== ({part}) exit 0" in log for part in "bcd")
+    assert all(f"== ({part}) exit 0" in log for part in ("b", "c", "d", "c compiled")), parts
 
     # a budget too small for the later parts: they are skipped with a line saying so, the earlier files stay
     small = subprocess.run(cmd[:-1] + ["30"] + ["--out", str(tmp_path / "small")], capture_output=True, text=True,
