@@ -227,3 +227,82 @@ def test_the_hdkd_step_compiles_as_one_graph():
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         explained = torch._dynamo.explain(step.__call__)(batch, batch)
     assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
+
+
+class _LegacySteps:
+    """The Trainer as it stepped before the sync-free step: torch.optim's step, the old weight update (its Adam
+    with a host-side step count), the lr set in the optimizer's groups."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        if trainer.meta is not None:
+            new = trainer.meta
+            trainer.meta = legacy_bilevel.MetaStep(new.model, new.objective, lr=new.lr, method=new.method,
+                                                   val_loss=new.val_loss, check_finite=False,
+                                                   hypergrad_norm=new.hypergrad_norm, horizon=new.horizon)
+
+    def set_lr(self, lr):
+        for group in self.trainer.optimizer.param_groups:
+            group["lr"] = lr
+
+    def __call__(self, batch, val_batch=None):
+        t = self.trainer
+        return legacy_step.train_step(t.net, t.objective, t.optimizer, batch, t.meta if val_batch is not None
+                                      else None, val_batch)
+
+
+class _StopAfterFirstEpoch(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["ce", "hdkd"])
+def test_a_run_begun_before_the_new_step_resumes_and_ends_as_it_would_have(tmp_path, monkeypatch, method):
+    """A run folder whose first epoch (and checkpoint) the old step wrote, continued by the new step, ends where
+    the old step alone would have ended: the checkpoint's optimizer state (torch.optim's, the weights' Adam with a
+    float32 step count on the host) is read as it was. Float32 on the CPU: the two steps round differently (one
+    cross-entropy call, foreach kernels), so parameters agree to 1e-4 relative, not bit for bit."""
+    from hdkdlib import train
+    from hdkdlib.resume import resolve
+    from hdkdlib.train import Trainer, TrainConfig
+
+    def cfg(out):
+        return TrainConfig(dataset="synthetic", arch="toy_mlp", method=method, epochs=2, batch_size=16, lr=0.05,
+                           device="cpu", progress=False, out=str(out), meta_schedule="fixed", meta_lr=0.01).validate()
+
+    def legacy_step_function(self):
+        if self._step is None:
+            self._step = self._call = _LegacySteps(self)
+            self._step.set_lr(self.cfg.lr_at(self.epoch))
+        return self._step
+
+    with monkeypatch.context() as m:  # the old code, all the way
+        m.setattr(Trainer, "step_function", legacy_step_function)
+        reference, _ = train.run(cfg(tmp_path / "old"))
+    with monkeypatch.context() as m:  # the old code for the first epoch, then a stop
+        m.setattr(Trainer, "step_function", legacy_step_function)
+        saved = Trainer.save_checkpoint
+
+        def save_then_stop(self):
+            saved(self)
+            raise _StopAfterFirstEpoch
+        m.setattr(Trainer, "save_checkpoint", save_then_stop)
+        with pytest.raises(_StopAfterFirstEpoch):
+            train.run(cfg(tmp_path / "mixed"))
+    checkpoint = torch.load(tmp_path / "mixed" / "checkpoint.pt", weights_only=False)
+    if method == "hdkd":  # the old weights' Adam: its step count a float32 tensor on the host
+        steps = [s["step"] for s in checkpoint["meta_optimizer"]["state"].values()]
+        assert all(t.dtype == torch.float32 for t in steps)
+    plan = resolve(cfg(tmp_path / "mixed"), "continue")
+    assert plan.action == "continue"
+    resumed = train.prepare(plan.cfg)
+    resumed.fit(plan.action)
+    assert len(resumed.folder.metrics()) == 2
+    for p, q in zip(resumed.model.parameters(), reference.model.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-6)
+    first_old, first_mixed = reference.folder.metrics()[0], resumed.folder.metrics()[0]
+    assert first_old["train_loss"] == first_mixed["train_loss"]  # the same old code wrote both first epochs
+    last_old, last_mixed = reference.folder.metrics()[1], resumed.folder.metrics()[1]
+    assert last_mixed["train_loss"] == pytest.approx(last_old["train_loss"], rel=1e-4)
+    if method == "hdkd":
+        for name, w in last_old["weights"].items():
+            assert last_mixed["weights"][name] == pytest.approx(w, rel=1e-3), name
