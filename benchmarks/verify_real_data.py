@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from hdkdlib import config, evaluation, objectives, plots, resume, runfolder, train
+from hdkdlib import config, evaluation, objectives, plots, resume, runfolder, stats, train
 from hdkdlib.runfolder import RunFolder
 from hdkdlib.paths import atomic_write_text
 
@@ -241,7 +241,7 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
     distillation), and learned-weight variants against DBT too."""
     seed = table["run"].map(seed_of)
     top1 = (100 * table.assign(seed=seed).pivot_table(index=["variant", "seed"], columns="exit", values="top1"))
-    rows = []
+    rows, tests = [], []
     for v, base in comparisons(set(top1.index.get_level_values(0)), baselines):
         seeds = sorted(set(top1.loc[v].index) & set(top1.loc[base].index))
         if not seeds:
@@ -250,10 +250,28 @@ def paired_differences(table: pd.DataFrame, exits, baselines=("ce", "dbt")) -> l
         d["mean over exits"] = d.mean(axis=1)
         cells = {(f"exit {c}" if c != "mean over exits" else c): mean_sd(d[c], "+") for c in d.columns}
         rows.append({"difference": f"{v} − {base}", "seeds": len(seeds), **cells})
+        if len(seeds) > 1:
+            tests.append(paired_test_row(f"{v} − {base}", d["mean over exits"]))
     if not rows:
         return []
-    return ["", "Paired differences of test top-1 (points), same seed = same split and initial network; "
-                "mean ± sd over seeds:", "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)]
+    lines = ["", "Paired differences of test top-1 (points), same seed = same split and initial network; "
+                 "mean ± sd over seeds:", "", pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True)]
+    if tests:
+        lines += ["", "Paired tests of the mean over exits (points; t-test on the per-seed differences, the 95% "
+                      "interval two-sided; sign-flip: exact permutation p of mean > 0). Read by the protocol's rule, "
+                      "not by eye:", "", pd.DataFrame(tests).to_markdown(index=False, disable_numparse=True)]
+    return lines
+
+
+def paired_test_row(name: str, differences: pd.Series) -> dict:
+    """One row of the paired-tests table: mean, SE, 95% interval and p values of per-seed differences."""
+    try:
+        r = stats.paired_test(differences.to_numpy())
+    except ImportError as e:  # a lent GPU without scipy: the summary is rebuilt on the CPU machine
+        return {"difference": name, "seeds": len(differences), "mean": f"{differences.mean():+.2f}", "SE": str(e)}
+    return {"difference": name, "seeds": r["n"], "mean": f"{r['mean']:+.2f}", "SE": f"{r['se']:.2f}",
+            "95% interval": f"[{r['low']:+.2f}, {r['high']:+.2f}]", "p (one-sided, > 0)": f"{r['p_greater']:.3f}",
+            "p (two-sided)": f"{r['p_two_sided']:.3f}", "p (sign-flip, > 0)": f"{r['p_sign_flip']:.3f}"}
 
 
 def per_seed_rows(table: pd.DataFrame) -> list:

@@ -181,7 +181,11 @@ def test_paired_differences_pair_each_protocol_with_its_own_baseline():
     table = pd.DataFrame([{"run": f"{v}-seed{s}", "variant": v, "exit": k + 1, "top1": t}
                           for (v, s), values in top1.items() for k, t in enumerate(values)])
     lines = module.paired_differences(table, [1, 2])
-    rows = {c[0]: c[1:] for c in map(_cells, lines[-1].splitlines()[2:])}
+    rows = {c[0]: c[1:] for c in map(_cells, lines[3].splitlines()[2:])}
+    # the paired t-test of the mean over exits, for comparisons with 2+ seeds: dbt-n100 − ce-n100 only here
+    tests = {c[0]: c[1:] for c in map(_cells, lines[7].splitlines()[2:])}
+    assert list(tests) == ["dbt-n100 − ce-n100"]
+    assert tests["dbt-n100 − ce-n100"][:3] == ["2", "+3.00", "0.00"]  # 3 points at both seeds: no spread
     assert set(rows) == {"dbt-n100 − ce-n100", "dbt-n50 − ce-n50", "dbt − ce", "hdkd-T3 − ce", "hdkd-T3 − dbt",
                          "hdkd-n50-w50 − ce-n50", "hdkd-n50-w50 − dbt-n50", "ce-n50-s143 − ce-n50",
                          "hdkd-n50-s143 − ce-n50-s143", "hdkd-n50-s143 − ce-n50", "hdkd-n50-s143 − dbt-n50"}
