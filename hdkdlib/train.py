@@ -58,7 +58,8 @@ class Trainer:
         self.objective = objectives.build(cfg.method, self.model.num_exits, check_inputs=False,
                                           **cfg.objective_options()).to(self.device)
         self.optimizer = cfg.make_optimizer([p for p in self.model.parameters() if p.requires_grad])
-        self.net = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile else self.model
+        # "step" compiles the whole step (step.compile_step), the network inside it
+        self.net = torch.compile(self.model, mode=cfg.compile_mode) if cfg.compile == "network" else self.model
         if self.world_size > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
             self.net = DDP(self.net, device_ids=[self.device.index] if self.device.type == "cuda" else None)
