@@ -83,6 +83,7 @@ def measure_path(model, path, x, repeats) -> dict:
         t_mixed = _timed(lambda: evaluation.early_exit_predict(net, xin, thresholds, batch_size=n), device, repeats)
         simulated = evaluation.apply_thresholds(probs, torch.zeros(n, dtype=torch.long), thresholds, flops)
         same = mixed["predictions"].cpu() == probs.max(2).indices.gather(0, simulated["exit_index"].view(1, -1))[0]
+        graphs = stage_graph_rows(net, xin, forward, repeats) if n == 1 and "bf16" not in path else None
     for r in rows:
         if r["exit"] != "all":
             saved = 1 - r["flops_ratio"]
@@ -91,7 +92,21 @@ def measure_path(model, path, x, repeats) -> dict:
             "mixed": {"thresholds_for": "equal shares at every exit", "flops_ratio": mixed["flops"] / n / flops[-1],
                       "time_ratio": t_mixed / forward,
                       "exit_fractions": torch.bincount(mixed["exit_index"].cpu(), minlength=K).div(n).tolist(),
-                      "predictions_equal_to_simulation": int(same.sum()), "samples": n}}
+                      "predictions_equal_to_simulation": int(same.sum()), "samples": n},
+            **({"stage_graphs": graphs} if graphs is not None else {})}
+
+
+def stage_graph_rows(net, x, forward_s, repeats) -> list:
+    """Batch 1: inference.StageGraphs (a CUDA graph per stage on a GPU, eager stages elsewhere) leaving at each
+    exit, as a fraction of the plain forward's time."""
+    K = net.num_exits
+    graphs = inference.StageGraphs(net, capture=x.is_cuda)
+    rows = []
+    for k in range(K):
+        thresholds = [math.inf] * k + [-math.inf] * (K - k)
+        t = _timed(lambda: graphs.predict(x, thresholds), x.device, repeats)
+        rows.append({"exit": k + 1, "time_ratio": t / forward_s, "captured": x.is_cuda})
+    return rows
 
 
 def agreement(model, path, x) -> dict:

@@ -47,3 +47,72 @@ def fast_copy(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = F
     if channels_last:
         fast = fast.to(memory_format=torch.channels_last)
     return fast
+
+
+class StageGraphs:
+    """Early exit for one input at a time with each stage, its head and its exit's confidence as one CUDA graph
+    (captured on first use): at batch 1 a GPU is bound by launching kernels, and a captured stage is one launch.
+    Stage k's graph reads stage k-1's static output, so a sample that goes on costs no copy; the one host sync per
+    exit reads the confidence. capture=False runs the same stages eagerly (the CPU, and the tests).
+
+        graphs = StageGraphs(fast_copy(model), capture=torch.cuda.is_available())
+        prediction, exit_index = graphs.predict(x[:1], thresholds)
+    """
+
+    def __init__(self, model: nn.Module, capture: bool = False):
+        if model.training:
+            raise ValueError("StageGraphs needs a model in eval mode (inference only): call model.eval()")
+        self.model, self.capture = model, capture
+        self.static_input = None
+        self.stages = []  # per stage: (graph or None, static outputs (state, confidence, prediction))
+
+    def _stage(self, k, state):
+        state, logits = self.model.run_exit(k, state)
+        conf, pred = torch.softmax(logits.float(), 1).max(1)
+        return state, conf, pred
+
+    def _build(self, x):
+        self.static_input = x.clone()
+        state = self.static_input
+        pool = torch.cuda.graph_pool_handle() if self.capture else None
+        for k in range(self.model.num_exits):
+            if not self.capture:
+                self.stages.append((None, None))
+                continue
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # a warm-up run of the stage before its capture
+                self._stage(k, state)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                out = self._stage(k, state)
+            self.stages.append((graph, out))
+            state = out[0]
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor, thresholds) -> tuple:
+        """(predicted class, exit index) of the single input x [1, ...]: stage by stage until a confidence reaches
+        its exit's threshold (the last exit takes what is left)."""
+        if x.shape[0] != 1:
+            raise ValueError(f"StageGraphs runs one input at a time; got a batch of {x.shape[0]}: use "
+                             "evaluation.early_exit_predict for batches")
+        K = self.model.num_exits
+        if len(thresholds) != K:
+            raise ValueError(f"{K} exits but {len(thresholds)} thresholds")
+        if self.static_input is None:
+            self.model.check_input(x)
+            self._build(x)
+        elif x.shape != self.static_input.shape or x.dtype != self.static_input.dtype:
+            raise ValueError(f"StageGraphs was built for inputs {tuple(self.static_input.shape)} "
+                             f"({self.static_input.dtype}); got {tuple(x.shape)} ({x.dtype}): build another")
+        self.static_input.copy_(x)
+        state = self.static_input
+        for k, (graph, out) in enumerate(self.stages):
+            if graph is None:
+                out = self._stage(k, state)
+            else:
+                graph.replay()
+            state, conf, pred = out
+            if k == K - 1 or conf.item() >= thresholds[k]:  # the one host sync of this exit
+                return int(pred.item()), k

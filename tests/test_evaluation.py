@@ -271,3 +271,27 @@ def test_evaluation_takes_arrays_and_lists_alike_and_refuses_bad_budgets():
     for bad in ([0], [-1.0], [float("nan")]):
         with pytest.raises(ValueError, match="ps must be finite and > 0"):
             E.budgeted(probs, y, probs, y, flops, ps=bad)
+
+
+def test_stage_graphs_predict_as_batched_early_exit_one_input_at_a_time():
+    """StageGraphs (one input, a stage at a time; eager on the CPU) gives every sample the prediction and exit of
+    early_exit_predict on the whole batch, and refuses inputs it was not built for."""
+    from hdkdlib import inference
+    torch.manual_seed(0)
+    model = models.build("msdnet_cifar_budget", 10).eval()
+    x = torch.randn(12, 3, 32, 32)
+    with torch.no_grad():  # thresholds from other images, so that no sample sits exactly on one
+        conf = torch.stack([torch.softmax(z, 1).max(1).values for z in model(torch.randn(24, 3, 32, 32))])
+    thresholds = [float(conf[k].median()) for k in range(model.num_exits - 1)] + [0.0]
+    batched = E.early_exit_predict(model, x, thresholds, batch_size=12)
+    graphs = inference.StageGraphs(model)
+    one_by_one = [graphs.predict(x[i:i + 1], thresholds) for i in range(len(x))]
+    assert [p for p, _ in one_by_one] == batched["predictions"].tolist()
+    assert [k for _, k in one_by_one] == batched["exit_index"].tolist()
+    assert len(set(k for _, k in one_by_one)) > 1  # the thresholds send samples to several exits
+    with pytest.raises(ValueError, match="one input at a time"):
+        graphs.predict(x[:2], thresholds)
+    with pytest.raises(ValueError, match="built for inputs"):
+        graphs.predict(x[:1].double(), thresholds)
+    with pytest.raises(ValueError, match="eval mode"):
+        inference.StageGraphs(model.train())
