@@ -105,13 +105,6 @@ class TrainStep:
         return loss, logits
 
 
-def train_step(net, objective, optimizer, batch: Tuple[torch.Tensor, torch.Tensor],
-               weight_update: Optional[MetaStep] = None, val_batch=None):
-    """One step with a TrainStep built for it (loops that step many times keep one TrainStep instead)."""
-    step = TrainStep(net, objective, optimizer, weight_update)
-    return step(batch, val_batch if weight_update is not None else None)
-
-
 def compile_step(step: TrainStep, mode: str = "default"):
     """torch.compile of the whole step as one graph (fullgraph: a graph break is an error, not a silent split).
     Tracing torch.autograd.grad needs dynamo's trace_autograd_ops; a torch without it compiles the step in parts
