@@ -178,6 +178,26 @@ def _as_tensor(value):
     return torch.tensor(float(value), dtype=torch.float64) if isinstance(value, (int, float)) else value
 
 
+def prepare_state(optimizer: torch.optim.Optimizer, params) -> None:
+    """Create the optimizer's state the first step would create, as torch.optim would after it (so a checkpoint
+    is still torch.optim's state_dict): SGD's momentum buffer (zeros: 0 * momentum + d is d exactly, the value
+    SGD starts it at), Adam's moments (zeros) and step count (0, a float64 tensor on the parameter's device; a
+    count torch.optim kept on the host in float32 is moved there)."""
+    group = optimizer.param_groups[0]
+    for p in params:
+        state = optimizer.state[p]
+        if isinstance(optimizer, torch.optim.SGD):
+            if group.get("momentum") and state.get("momentum_buffer") is None:
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        elif not state:
+            state.update(step=torch.zeros((), dtype=torch.float64, device=p.device),
+                         exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                         exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+        elif not isinstance(state["step"], torch.Tensor) or state["step"].device != p.device \
+                or state["step"].dtype != torch.float64:
+            state["step"] = torch.as_tensor(state["step"]).to(p.device, torch.float64)
+
+
 class VirtualStep:
     """One step of the network's optimizer as a function of the gradient, theta' = theta - lr * d(g): SGD (momentum,
     Nesterov, weight decay), Adam or AdamW, read from the optimizer's settings and state. The parameters come as a
@@ -456,14 +476,8 @@ class MetaStep:
         """Adam on the weights' parameters from the hypergradient, written into self.optimizer's state (created
         on the first step, its step count a tensor beside the parameters)."""
         params = [p for p in self.objective.parameters()]
+        prepare_state(self.optimizer, params)
         state = [self.optimizer.state[p] for p in params]
-        if any(not s for s in state):
-            for p, s in zip(params, state):
-                s.update(step=torch.zeros((), dtype=torch.float64, device=p.device), exp_avg=torch.zeros_like(p),
-                         exp_avg_sq=torch.zeros_like(p))
-        for p, s in zip(params, state):
-            if s["step"].device != p.device or s["step"].dtype != torch.float64:  # torch.optim's host-side count
-                s["step"] = s["step"].to(p.device, torch.float64)
         group = self.optimizer.param_groups[0]
         lists = {k: [s[k] for s in state] for k in ADAM_STATE}
         with torch.no_grad():

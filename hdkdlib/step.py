@@ -13,34 +13,14 @@ from typing import Optional, Tuple
 
 import torch
 
-from .bilevel import ADAM_STATE, MetaStep, VirtualStep, _trainable
-
-
-def _prepare_state(optimizer: torch.optim.Optimizer, params) -> None:
-    """Create the optimizer's state the first step would create, as torch.optim would after it (so a checkpoint
-    is still torch.optim's state_dict): SGD's momentum buffer (zeros: 0 * momentum + d is d exactly, the value
-    SGD starts it at), Adam's moments (zeros) and step count (0, a float64 tensor on the parameter's device)."""
-    group = optimizer.param_groups[0]
-    for p in params:
-        state = optimizer.state[p]
-        if isinstance(optimizer, torch.optim.SGD):
-            if group.get("momentum") and state.get("momentum_buffer") is None:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        elif not state:
-            state.update(step=torch.zeros((), dtype=torch.float64, device=p.device),
-                         exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                         exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
-        elif not isinstance(state["step"], torch.Tensor) or state["step"].device != p.device \
-                or state["step"].dtype != torch.float64:  # torch.optim's host-side float32 count
-            state["step"] = torch.as_tensor(state["step"]).to(p.device, torch.float64)
+from .bilevel import ADAM_STATE, MetaStep, VirtualStep, _trainable, prepare_state
 
 
 class TrainStep:
     """The training step of one run: `step(batch)`, or `step(batch, val_batch)` with the weight update. Built once
     (and again after the optimizer's state is loaded: it holds references to that state)."""
 
-    def __init__(self, net, objective, optimizer: torch.optim.Optimizer, weight_update: Optional[MetaStep] = None,
-                 lr: Optional[torch.Tensor] = None):
+    def __init__(self, net, objective, optimizer: torch.optim.Optimizer, weight_update: Optional[MetaStep] = None):
         self.net, self.objective, self.optimizer, self.weight_update = net, objective, optimizer, weight_update
         self.module = getattr(net, "module", net)
         names = {id(p): n for n, p in _trainable(self.module).items()}
@@ -49,12 +29,11 @@ class TrainStep:
             raise ValueError(f"the optimizer holds {len(self.params)} of the network's {len(names)} trainable "
                              "parameters: build it over all of them")
         self.distributed = self.module is not net  # DDP all-reduces gradients in backward(), not autograd.grad
-        _prepare_state(optimizer, self.params)
-        group = optimizer.param_groups[0]
-        device = self.params[0].device
-        self.lr = lr if lr is not None else torch.tensor(float(group["lr"]), device=device)
+        prepare_state(optimizer, self.params)
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=self.params[0].device)
         self.update = VirtualStep.of(optimizer, names, lr=self.lr)  # its state lists alias the optimizer's state
-        self.state = [self.update.state[k] for k in (("momentum_buffer",) if self.update.kind == "SGD" else ADAM_STATE)]
+        self.state_keys = ("momentum_buffer",) if self.update.kind == "SGD" else ADAM_STATE
+        self.state = [self.update.state[k] for k in self.state_keys]
 
     def set_lr(self, lr: float) -> None:
         """The schedule's lr for the steps that follow: filled into the tensor the step reads (and into the
@@ -86,7 +65,7 @@ class TrainStep:
             torch._foreach_copy_(self.params, theta)
             if self.update.kind == "SGD" and not self.update.momentum:
                 return  # plain SGD keeps no state
-            for target, key in zip(self.state, ("momentum_buffer",) if self.update.kind == "SGD" else ADAM_STATE):
+            for target, key in zip(self.state, self.state_keys):
                 torch._foreach_copy_(target, after.state[key])
 
     def __call__(self, batch: Tuple[torch.Tensor, torch.Tensor], val_batch=None):
