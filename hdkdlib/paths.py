@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -49,10 +50,12 @@ class DiskFull(OSError):
 def atomic_write(path, write, before_replace=None) -> Path:
     """write(tmp) fills a temporary file, then a rename puts it in place: readers see the old file or the new one,
     never half of one. On any failure the temporary file is removed (a full disk stays no fuller) and the old
-    file is untouched; a full disk becomes DiskFull. before_replace() runs once the new file is complete."""
+    file is untouched; a full disk becomes DiskFull. before_replace() runs once the new file is complete.
+    Each writer has its own temporary name: processes that write the same file at once (parallel runs drawing
+    one split file, summaries of one study) each put a whole file in place, the last one wins."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
         if before_replace is not None:

@@ -145,7 +145,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     with tarfile.open(out / "results.tgz") as archive:
         names = archive.getnames()
     for arm in ("ce-n20-lr01", "dbt-n20-lr01-s100", "ce-n20-lr02", "dbt-n20-lr02-s100"):  # the control's arms, seed 5
-        assert f"results/tin100-cpu-control/{arm}-seed5/results.json" in names and f"logs/{arm}-seed5.log" in names
+        assert f"results/tin100-cpu-control/{arm}-seed5/results.json" in names and f"logs/{arm}-seed5.log" in names, \
+            (out / "gpu_check.log").read_text()[-4000:]
     log = (out / "gpu_check.log").read_text()
     assert all(f"== ({part}) exit 0" in log for part in ("b", "c", "d", "c compiled")), parts
 

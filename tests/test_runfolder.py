@@ -62,3 +62,33 @@ def test_the_recorded_commit_is_dirty_for_code_changes_but_not_for_results(tmp_p
     assert runinfo.git_commit() == head
     (tmp_path / "hdkdlib/model.py").write_text("v2\n")
     assert runinfo.git_commit() == head + "+dirty"
+
+
+def test_writers_of_one_file_at_once_each_put_a_whole_file_in_place(tmp_path):
+    """Parallel runs draw one split file, and the arms of a study write its summary, at the same moment: both
+    writers have their temporary file filled before either renames it. Each rename must succeed and the file
+    must be one writer's whole text (a shared temporary name lost one writer's rename)."""
+    import threading
+
+    from hdkdlib.paths import atomic_write
+
+    target, both_written, errors = tmp_path / "split.json", threading.Barrier(2, timeout=30), []
+
+    def writer(text):
+        def write(tmp):
+            tmp.write_text(text)
+            both_written.wait()  # neither renames before the other has written
+        try:
+            atomic_write(target, write)
+        except Exception as e:  # noqa: BLE001 - collected to fail the test in the main thread
+            errors.append(e)
+
+    texts = ["a" * 1000, "b" * 2000]
+    threads = [threading.Thread(target=writer, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert target.read_text() in texts
+    assert [p.name for p in tmp_path.iterdir()] == ["split.json"]  # no temporary file left behind
