@@ -107,6 +107,8 @@ def resolve(settings: Union[TrainConfig, Dict], mode: str = "auto") -> Plan:
     folder = RunFolder(values["out"]) if values.get("out") else None
     if mode == "continue" and folder is None:
         raise ValueError("resuming needs an out folder (--out), the run folder to continue")
+    if folder is not None:
+        folder.refuse_if_records_without_config()
     if folder is None or not folder.exists():
         if mode == "continue":
             say(f"nothing to resume in {folder.path}: starting a new run there")

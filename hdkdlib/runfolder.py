@@ -69,6 +69,20 @@ class RunFolder:
     def trained(self) -> bool:
         return self.file(MODEL).is_file()
 
+    def records_without_config(self) -> List[str]:
+        """The run's files present in a folder whose config.json is missing (deleted, or never copied): such a
+        folder is not empty, and a new run there would overwrite a run whose settings are unknown."""
+        if self.exists():
+            return []
+        return [n for n in (CHECKPOINT, PREVIOUS, MODEL, RESULTS, METRICS) if self.file(n).exists()]
+
+    def refuse_if_records_without_config(self) -> None:
+        found = self.records_without_config()
+        if found:
+            raise FileExistsError(f"run folder {self.path} holds {', '.join(found)} but no {CONFIG}: a run whose "
+                                  f"settings are unknown, which a new run would overwrite. Restore {CONFIG} from a "
+                                  "copy of the folder, or choose another out folder")
+
     def resumable(self) -> bool:
         """An interrupted run with something to continue from (a checkpoint, or the previous one)."""
         return self.file(CHECKPOINT).is_file() or self.file(PREVIOUS).is_file()
@@ -97,6 +111,7 @@ class RunFolder:
     def begin(self, record: Dict, action: str, say=_warn) -> None:
         """Begin a run planned by resume.resolve here (rank 0): its split must be the recorded one (by checksum);
         a starting run forgets one that stopped before its first checkpoint and writes its config.json."""
+        self.refuse_if_records_without_config()
         here = self.config()
         if here is not None:
             old, new = here.get("split", {}).get("checksum"), record.get("split", {}).get("checksum")

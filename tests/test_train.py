@@ -682,3 +682,33 @@ def test_a_transformer_with_exits_trains_under_hdkd_with_adamw_and_resumes_bit_i
     assert resumed.objective.named_weights() == whole.objective.named_weights()
     for (name, a), b in zip(whole.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_folder_holding_a_run_without_its_config_is_never_overwritten(fake_root, tmp_path, capsys):
+    """config.json deleted (or never copied): the checkpoints, model, results and metrics still make the folder a
+    run's. A new run with other settings, --resume and train.run all refuse in one line naming the files, and
+    every byte there stays as it was."""
+    import hashlib
+    out = tmp_path / "run"
+    train.run(_cfg(fake_root, out, epochs=1, method="ce"))
+    (out / "config.json").unlink()
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.iterdir() if f.is_file()}
+    assert {"checkpoint.pt", "model.pt", "results.json", "metrics.jsonl"} <= set(before)
+    args = ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
+            "--arch", "toy_mlp", "--epochs", "1", "--n-per-class", "24", "--val-per-class", "6", "--no-progress",
+            "--device", "cpu", "--lr", "0.2", "--out", str(out)]
+    for extra in ([], ["--resume"]):
+        assert main(args + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "holds checkpoint.pt" in err[0] and "but no config.json" in err[0], err
+        assert "--resume" not in err[0]  # resuming cannot succeed without the settings
+    with pytest.raises(FileExistsError, match="but no config.json"):
+        train.run(_cfg(fake_root, out, epochs=1, method="ce"))
+    (out / "model.pt").unlink()  # any one of the run's files is enough
+    before.pop("model.pt")
+    for name in ("checkpoint.pt", "checkpoint.prev.pt", "results.json"):
+        (out / name).unlink(missing_ok=True)
+        before.pop(name, None)
+    with pytest.raises(FileExistsError, match="holds metrics.jsonl but no config.json"):
+        train.run(_cfg(fake_root, out, epochs=1, method="ce"))
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.iterdir() if f.is_file()} == before
