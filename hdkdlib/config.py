@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import operator
 
 import torch
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ RECIPES: Dict[str, Dict] = {
 SGD_DEFAULTS = dict(optimizer="sgd", lr=0.1, weight_decay=1e-4, lr_schedule="step", warmup_epochs=0)
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("step", "cosine")
+LR_RANGE, SCALE_RANGE = (1e-8, 10.0), (1e-4, 1e4)
 
 
 def check_weights(arch: str, weights: str) -> None:
@@ -188,8 +190,11 @@ class TrainConfig:
         for name in ("n_per_class", "val_per_class"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0 (0: the dataset's rule), got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        # float32 weights move by lr * scale * gradient: far below 1e-8 of the weights nothing changes (a run
+        # that trains nothing and exits 0), far above it the first step diverges
+        if not LR_RANGE[0] <= self.lr <= LR_RANGE[1]:
+            raise ValueError(f"lr must lie in [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}] (outside it float32 training does "
+                             f"nothing or diverges), got {self.lr}")
         if not self.meta_lr > 0:
             raise ValueError(f"meta_lr (the weight learning rate) must be > 0, got {self.meta_lr}")
         if not 0 < self.meta_traverse <= 1:
@@ -215,8 +220,10 @@ class TrainConfig:
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must lie in [0, 1] (the balanced validation loss's share of plain CE), "
                              f"got {self.alpha}")
-        if self.loss_scale < 0:
-            raise ValueError(f"loss_scale must be > 0 (or 0: the objective's own), got {self.loss_scale}")
+        if self.loss_scale and not SCALE_RANGE[0] <= self.loss_scale <= SCALE_RANGE[1] or self.loss_scale < 0:
+            raise ValueError(f"loss_scale must lie in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] (a factor on the "
+                             f"loss: outside it the steps vanish or explode), or be 0 (the objective's own), got "
+                             f"{self.loss_scale}")
         if self.loss_scale and self.method not in ("dbt", *objectives.LEARNED):
             raise ValueError(f"loss_scale applies to dbt and the learned-weight methods ({', '.join(objectives.LEARNED)}),"
                              f" not {self.method}: drop it")
@@ -249,8 +256,25 @@ class TrainConfig:
             raise ValueError(f"compile must be '', 'network' or 'step', got {self.compile!r}")
         if self.cuda_graphs not in CUDA_GRAPHS:
             raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}")
-        self.lr_milestones = tuple(int(m) for m in self.lr_milestones)
+        self.lr_milestones = self._checked_milestones()
         return self
+
+    def _checked_milestones(self) -> Tuple[int, ...]:
+        """Whole epochs, increasing, within the run. A recipe's own milestones may lie beyond a run made shorter
+        than the recipe's (they then never apply, as in the recipe's first epochs); given ones may not."""
+        try:
+            milestones = tuple(operator.index(m) for m in self.lr_milestones)
+        except TypeError:
+            raise ValueError(f"lr_milestones must be whole epochs, got {self.lr_milestones}") from None
+        if any(m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):
+            raise ValueError(f"lr_milestones must be increasing epochs >= 1, got {list(milestones)}: e.g. "
+                             f"{self.epochs // 2} {self.epochs * 3 // 4}, or none for 50% and 75% of the run")
+        recipe = RECIPES[self.recipe or default_recipe(self.dataset)]["lr_milestones"]
+        beyond = [m for m in milestones if m >= self.epochs]
+        if beyond and milestones != tuple(recipe) and self.lr_schedule == "step":
+            raise ValueError(f"lr_milestones {beyond} lie at or beyond the run's {self.epochs} epochs (they would "
+                             f"never apply): give milestones below {self.epochs}, or none for 50% and 75%")
+        return milestones
 
     def milestones(self) -> Tuple[int, ...]:
         return self.lr_milestones or (self.epochs // 2, self.epochs * 3 // 4)
