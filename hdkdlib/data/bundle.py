@@ -83,6 +83,24 @@ def build_data(cfg, device, rank: int = 0, world_size: int = 1) -> DataBundle:
     return DataBundle(train, stream, val, test, k, tuple(x.shape[1:]), split, tuple(mean), tuple(std))
 
 
+class _PlacedSamples(torch.utils.data.Dataset):
+    """The images at `items`, each augmented under torch's RNG seeded from (seed, epoch, its position in the epoch
+    order): a crop depends on where the image sits in the epoch, not on which worker decodes it or on how many
+    batches this loader ran before, so a run stopped mid-epoch resumes with the same crops."""
+
+    def __init__(self, dataset, items, positions, seed, epoch):
+        self.dataset, self.items, self.positions = dataset, items, positions
+        self.base = (seed * 1_000_003 + epoch) * 1_000_003
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
+            torch.manual_seed((self.base + self.positions[i]) % 2 ** 63)
+            return self.dataset[self.items[i]]
+
+
 class HostLoader:
     """Image-folder batches through a DataLoader, sharded across ranks like the GpuLoader."""
 
@@ -106,10 +124,15 @@ class HostLoader:
 
     def batches(self, epoch, start=0):
         order = self._order(epoch)
-        mine = [order[rank_slice(b, self.batch_size, self.rank, self.world_size)] for b in range(start, len(self))]
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(self.dataset, torch.cat(mine).tolist()),
-                                             batch_size=self.batch_size, num_workers=self.workers,
-                                             pin_memory=self.device.type == "cuda")
+        slices = [rank_slice(b, self.batch_size, self.rank, self.world_size) for b in range(start, len(self))]
+        items = torch.cat([order[s] for s in slices]).tolist()
+        positions = [p for s in slices for p in range(s.start, min(s.stop, len(order)))]
+        samples = _PlacedSamples(self.dataset, items, positions, self.seed, epoch) if self.train else \
+            torch.utils.data.Subset(self.dataset, items)
+        # its own generator: the loader's base seed is not drawn from the run's RNG (dropout, stochastic depth)
+        loader = torch.utils.data.DataLoader(samples, batch_size=self.batch_size, num_workers=self.workers,
+                                             pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator().manual_seed(0))
         for x, y in loader:
             x = x.to(self.device, non_blocking=True)
             yield (x.contiguous(memory_format=torch.channels_last) if self.channels_last else x), y.to(self.device)
