@@ -1,6 +1,7 @@
 """The run folder: the only code that knows the names of the files in it, and how each is written.
 
-    config.json        every setting, commit, packages, device, split checksum (written when the run begins)
+    config.json        every setting, commit, packages, device, split checksum, the data's fingerprint (written
+                       when the run begins)
     metrics.jsonl      one line per finished epoch
     checkpoint.pt      written every epoch and on Ctrl-C / SIGTERM; the one before is kept as checkpoint.prev.pt
     model.pt           the final network: its presence means training finished
@@ -37,6 +38,11 @@ class RunFolderBusy(RuntimeError):
 class RunFolderDamaged(ValueError):
     """A record in the run folder cannot be read: resuming would fail the same way, so the message says what to
     do instead."""
+
+
+class RunFolderMismatch(ValueError):
+    """The run folder holds a run with other settings or data than given: the same command with --resume would
+    be refused the same way."""
 
 
 def _warn(message: str) -> None:
@@ -105,7 +111,7 @@ class RunFolder:
 
     def other_settings(self, differ: List[str]) -> ValueError:
         """The refusal to run here under settings other than the recorded ones (resume.resolve, begin)."""
-        return ValueError(f"run folder {self.path} holds a run with other settings ({', '.join(differ)}): run with "
+        return RunFolderMismatch(f"run folder {self.path} holds a run with other settings ({', '.join(differ)}): run with "
                           "its settings (--resume takes them from its config.json) or choose another out folder")
 
     def begin(self, record: Dict, action: str, say=_warn) -> None:
@@ -117,12 +123,24 @@ class RunFolder:
             old, new = here.get("split", {}).get("checksum"), record.get("split", {}).get("checksum")
             if old and new and old != new:
                 raise self.other_settings(["split (checksum)"])
+            if action != "start":  # a run that restarts from nothing may start on other data
+                self._check_same_data(here.get("data") or {}, record.get("data") or {})
             if action == "start":
                 say(f"{self.path} holds a run that stopped before its first checkpoint: starting it again from the "
                     "beginning")
                 self.restart()
         if action == "start":
             self.write_config(record)
+
+    def _check_same_data(self, recorded: Dict, given: Dict) -> None:
+        """A run continues (or is evaluated) on the data it began with; records from before data fingerprints
+        cannot be checked."""
+        if recorded.get("sha256") and given.get("sha256") and recorded["sha256"] != given["sha256"]:
+            raise RunFolderMismatch(
+                f"run folder {self.path} trained on other data: its {CONFIG} records {recorded.get('of')} with "
+                f"sha256 {recorded['sha256'][:12]} from {recorded.get('root')}, but {given.get('root')} holds "
+                f"sha256 {given['sha256'][:12]}: give the data root of the images it trained on, or choose another "
+                "out folder for a new run")
 
     # --- the lock -----------------------------------------------------------------------------------------
     def acquire(self) -> None:

@@ -25,7 +25,7 @@ from .cli import say
 from .config import TrainConfig, argparser_for, config_from_dict, config_to_dict
 from .config import to_argv as cli_args
 from .data.bundle import DataBundle, build_data
-from .runfolder import RunFolder, RunFolderBusy, RunFolderDamaged
+from .runfolder import RunFolder, RunFolderBusy, RunFolderDamaged, RunFolderMismatch
 from .resume import resolve
 from .step import CapturedStep, TrainStep, compile_step
 
@@ -88,7 +88,7 @@ class Trainer:
                 "threads_used": torch.get_num_threads(), "step_mode": self.step_mode,
                 "world_size": self.world_size, "split": {k: self.data.split.get(k) for k in
                                                          ("protocol", "seed", "checksum", "val_per_class", "train_per_class")},
-                "exit_flops": self.exit_flops, "meta_lr_used": self.meta.lr if self.meta is not None else None}
+                "data": self.data.fingerprint, "exit_flops": self.exit_flops, "meta_lr_used": self.meta.lr if self.meta is not None else None}
 
     @property
     def writes(self) -> bool:  # rank 0 alone writes the run folder
@@ -358,7 +358,8 @@ def main(argv=None) -> int:
             RuntimeError, OSError) as e:
         if debug:
             raise
-        kept = recorded and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError, RunFolderDamaged))
+        kept = recorded and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError, RunFolderDamaged,
+                                                                         RunFolderMismatch))
         say("error: " + cli.error_line(e, str(recorded.path) if kept else None))
         return 2
     finally:

@@ -739,3 +739,38 @@ def test_an_image_folder_run_stopped_mid_epoch_resumes_bit_identically(tmp_path,
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(full.objective.gamma, resumed.objective.gamma)
     assert _metrics(tmp_path / "full") == _metrics(tmp_path / "resumed")
+
+
+def test_resuming_on_other_images_is_refused_naming_both(tmp_path, capsys):
+    """--resume with --data-root at other images under the same class names and counts: the run's config.json
+    records its data's fingerprint, and the resume is refused in one line naming both roots; nothing changes.
+    The same images copied elsewhere resume."""
+    import hashlib
+    import shutil
+    first, other = tmp_path / "first", tmp_path / "other"
+    data.write_fake_image_folder(first, classes=list("ab"), n_per_class=(8, 2), size=8, seed=0)
+    data.write_fake_image_folder(other, classes=list("ab"), n_per_class=(8, 2), size=8, seed=1)
+    out = tmp_path / "run"
+    args = ["--dataset", "folder32", "--data-root", str(first), "--split-dir", str(tmp_path / "splits"), "--arch",
+            "toy_mlp", "--method", "ce", "--epochs", "2", "--batch-size", "4", "--val-per-class", "2", "--no-progress",
+            "--device", "cpu", "--out", str(out)]
+    run = train.prepare(TrainConfig(dataset="folder32", data_root=str(first), split_dir=str(tmp_path / "splits"),
+                                    arch="toy_mlp", method="ce", epochs=2, batch_size=4, val_per_class=2,
+                                    progress=False, device="cpu", out=str(out)).validate())
+    _interrupt(run, lambda t: t.step == 3)  # mid-epoch 1
+    recorded = json.loads((out / "config.json").read_text())["data"]
+    assert recorded["root"] == str(first) and len(recorded["sha256"]) == 64
+    before = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.iterdir() if f.is_file()}
+    with_other = [str(other) if a == str(first) else a for a in args]
+    assert main(with_other + ["--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "trained on other data" in err[0] and str(first) in err[0] and str(other) in err[0], err
+    assert "--resume" not in err[0]
+    assert {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in out.iterdir() if f.is_file()} == before
+    moved = tmp_path / "moved"
+    shutil.copytree(first, moved)  # new modification times, same images
+    assert main([str(moved) if a == str(first) else a for a in args] + ["--resume"]) == 0
+    from hdkdlib.data.bundle import files_fingerprint  # --dataset folder: the files, not decoded
+    tree = {r: files_fingerprint(r, data.image_folder(r, "train"), data.image_folder(r, "val")) for r in (first, other,
+                                                                                                           moved)}
+    assert tree[first]["sha256"] == tree[moved]["sha256"] != tree[other]["sha256"]

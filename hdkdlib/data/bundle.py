@@ -10,6 +10,9 @@ hdkdlib.evaluation gathers the blocks. The held-out validation split and any lim
 """
 from __future__ import annotations
 
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict
@@ -37,6 +40,36 @@ class DataBundle:
     split: Dict = field(repr=False, default_factory=dict)
     mean: tuple = ()
     std: tuple = ()
+    fingerprint: Dict = field(default_factory=dict)  # what the run's config.json records of the data it saw
+
+
+def pixels_fingerprint(root, *tensors) -> Dict:
+    """The decoded images and labels themselves (CIFAR, folder32, synthetic): other images under the same class
+    names and counts have another fingerprint, a moved copy the same."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.contiguous()
+        h.update(f"{t.dtype} {tuple(t.shape)}\n".encode())
+        h.update(t.view(torch.uint8).numpy().data if t.dtype != torch.uint8 else t.numpy().data)
+    return {"root": str(root), "of": "decoded pixels and labels", "sha256": h.hexdigest()}
+
+
+def files_fingerprint(root, *image_trees, head_bytes: int = 4096) -> Dict:
+    """An image tree by its files (path under root, size, first 4 KiB, label), without decoding a million
+    images: other images change it (their encoded pixels begin within the first bytes, and same-sized files are
+    common), a copy of the tree elsewhere does not."""
+    def entry(sample):
+        path, label = sample
+        with open(path, "rb") as f:
+            head = hashlib.sha256(f.read(head_bytes)).hexdigest()
+        return f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}\0{head}\0{label}\n".encode()
+    h = hashlib.sha256()
+    with ThreadPoolExecutor(8) as pool:  # file opens dominate on network file systems
+        for tree in image_trees:
+            for line in pool.map(entry, tree.samples):
+                h.update(line)
+    return {"root": str(root), "of": f"image files (path, size, first {head_bytes} bytes, label)",
+            "sha256": h.hexdigest()}
 
 
 def _tensor_data(cfg):
@@ -80,7 +113,8 @@ def build_data(cfg, device, rank: int = 0, world_size: int = 1) -> DataBundle:
                             seed=cfg.seed + 1, rank=rank, world_size=world_size, **common)
     val = GpuLoader(x[va], y[va], cfg.eval_batch_size, train=False, rank=rank, world_size=world_size, **common)
     test = GpuLoader(xt, yt, cfg.eval_batch_size, train=False, rank=rank, world_size=world_size, **common)
-    return DataBundle(train, stream, val, test, k, tuple(x.shape[1:]), split, tuple(mean), tuple(std))
+    return DataBundle(train, stream, val, test, k, tuple(x.shape[1:]), split, tuple(mean), tuple(std),
+                      pixels_fingerprint(cfg.data_root, x, y, xt, yt))
 
 
 class _PlacedSamples(torch.utils.data.Dataset):
@@ -170,4 +204,5 @@ def _folder_data(cfg, device, rank, world_size) -> DataBundle:
                      **common)
     test_all = HostLoader(test, range(len(test)), cfg.eval_batch_size, train=False, rank=rank,
                           world_size=world_size, **common)
-    return DataBundle(train, stream, val, test_all, k, (3, 224, 224), split, IMAGENET_MEAN, IMAGENET_STD)
+    return DataBundle(train, stream, val, test_all, k, (3, 224, 224), split, IMAGENET_MEAN, IMAGENET_STD,
+                      files_fingerprint(root, train_aug, test))
