@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import re
 import time
 
 import numpy as np
@@ -414,6 +415,30 @@ def test_an_empty_class_folder_is_named_with_the_fix(tmp_path):
     D.write_fake_image_folder(tmp_path, classes=["a", "b", "c"], n_per_class=(2, 1))
     for f in (tmp_path / "train" / "b").iterdir():
         f.unlink()
-    with pytest.raises(D.DatasetError, match=r"class folder .*train/b holds no images: every class folder needs at "
-                                             r"least one image file"):
+    with pytest.raises(D.DatasetError, match=r"class folder .*train/b holds no images \(it is empty\): every class "
+                                             r"of every split needs at least one image file"):
         D.folder_to_tensor(tmp_path, "train")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("loader", ["image_folder", "folder_to_tensor"])
+def test_a_class_folder_without_images_is_no_class(tmp_path, split, loader):
+    """A class folder holding only files the dataset skips (notes.txt, a .gif, a hidden file) is refused in every
+    split and by both readers, instead of becoming a class no image has (an extra output; top-5 of 1.0)."""
+    D.write_fake_image_folder(tmp_path, classes=["a", "b", "c"], n_per_class=(2, 1))
+    before = D.folder_to_tensor(tmp_path, split)
+    for s in ("train", "val"):
+        (tmp_path / s / "notes").mkdir()
+        (tmp_path / s / "notes" / "notes.txt").write_text("to do")
+        (tmp_path / s / "notes" / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(D.DatasetError, match=rf"^class folder \S*{split}/notes holds no images \(it holds only "
+                                             r"notes.txt\): every class of every split needs at least one image file "
+                                             r"\(.jpg, .jpeg, .png.*\); add images to it, or move the folder notes "
+                                             rf"out of every split of {re.escape(str(tmp_path))}$"):
+        getattr(D, loader)(tmp_path, split)
+    for s in ("train", "val"):  # the fix the message gives works, and the data reads as before
+        (tmp_path / s / "notes").rename(tmp_path / f"notes-{s}")
+    after = D.folder_to_tensor(tmp_path, split)
+    assert after[2] == before[2] == ["a", "b", "c"]
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert len(D.image_folder(tmp_path, split).classes) == 3
