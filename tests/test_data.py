@@ -71,6 +71,35 @@ def test_damaged_cifar_files_are_named(tmp_path):
         D.load_cifar(tmp_path, "cifar100")
 
 
+@pytest.mark.parametrize("dtype, scale, offset, message", [
+    (np.float32, 1 / 255, 0, r"pixels are float32 in 0..1, which look like \[0, 1\] floats; CIFAR pixels are integers "
+                             r"0..255: multiply them by 255, round, and write the file again with uint8 pixels"),
+    (np.float64, 1, 0, r"pixels are float64 in 0..255; CIFAR pixels are integers 0..255: write the file again"),
+    (np.int16, 1, -5, r"pixels are int16 in -5..250, outside the 0..255 of 8-bit pixels; map them into 0..255"),
+    (np.uint16, 1, 45, r"pixels are uint16 in 45..300, outside the 0..255 of 8-bit pixels"),
+    (np.bool_, 1, 0, r"pixels are bool, not integers"),
+], ids=["float-0-1", "float-0-255", "int16", "uint16", "bool"])
+def test_cifar_pixels_are_checked_before_the_cast_to_uint8(tmp_path, dtype, scale, offset, message):
+    """[0, 1] floats cast to uint8 were two grey levels, int16 outside 0..255 wrapped around: refused, by file."""
+    train, test = _arrays(60, 10, 1), _arrays(20, 10, 2)
+    train[0][0, 0, 0, :2] = (0, 255)
+    bad = (train[0].astype(np.float64) * scale + offset).astype(dtype)
+    D.write_fake_cifar(tmp_path, "cifar10", train=(bad, train[1]), test=test)
+    with pytest.raises(D.DatasetError, match=rf"^\S*cifar-10-batches-py/data_batch_1: {message}.*"
+                                             r"hdkdlib.data.write_fake_cifar does"):
+        D.load_cifar(tmp_path, "cifar10")
+    D.write_fake_cifar(tmp_path, "cifar10", train=train, test=test)  # the fix the message gives
+    x, _, _ = D.load_cifar(tmp_path, "cifar10")
+    assert np.array_equal(x.numpy(), train[0])
+
+
+def test_cifar_pixels_of_a_wider_integer_type_in_range_load_exactly(tmp_path):
+    train, test = _arrays(60, 10, 1), _arrays(20, 10, 2)
+    D.write_fake_cifar(tmp_path, "cifar10", train=(train[0].astype(np.int64), train[1]), test=test)
+    x, y, _ = D.load_cifar(tmp_path, "cifar10")
+    assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), train[0]) and np.array_equal(y.numpy(), train[1])
+
+
 def _relist(base, name):
     """Enter a file's current MD5 in the fake-data manifest (as write_fake_cifar does for its own files)."""
     manifest = json.loads((base / D.cifar.FAKE_MANIFEST).read_text())
