@@ -278,6 +278,72 @@ def test_a_mode_that_cannot_be_decoded_faithfully_is_refused_by_name(tmp_path):
         read_image(str(path))
 
 
+def test_the_size_bound_is_ours_and_sits_where_evaluation_would_exceed_it():
+    from hdkdlib.data.folder import EVAL_RESIZE, MAX_ASPECT, MAX_PIXELS, check_size
+    assert MAX_PIXELS == 2 ** 26 < Image.MAX_IMAGE_PIXELS and MAX_ASPECT * EVAL_RESIZE ** 2 <= MAX_PIXELS
+    check_size(1, MAX_ASPECT, "x.png")          # resized for evaluation: 256 x 262,144 pixels, at the bound
+    check_size(MAX_PIXELS // 4096, 4096, "x.png")
+    with pytest.raises(D.DatasetError, match=r"^image x.png is 1x1025 pixels, its longer side more than our bound of "
+                                             r"1024 times its shorter \(resized to a shorter side of 256, as evaluation "
+                                             r"does, it would be 256x262,400 pixels\): crop it"):
+        check_size(1, MAX_ASPECT + 1, "x.png")
+    with pytest.raises(D.DatasetError, match=r"^image x.png is 0x5 pixels: it has no pixels"):
+        check_size(0, 5, "x.png")
+
+
+def test_an_image_past_pillows_own_limit_gets_the_same_fix(tmp_path):
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 1  # Image.open itself refuses it
+    Image.new("1", (side, side)).save(tmp_path / "bomb.png")
+    with pytest.raises(D.DatasetError, match=r"^image \S*bomb.png: Image size .* exceeds limit .* \(our bound is "
+                                             r"67,108,864 pixels per image\): downscale it below that, or move it out"):
+        read_image(str(tmp_path / "bomb.png"))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("loader", ["image_folder", "folder_to_tensor"])
+@pytest.mark.parametrize("size, message", [
+    ((1, 1100), r"is 1x1100 pixels, its longer side more than our bound of 1024 times its shorter \(resized to a "
+                r"shorter side of 256, as evaluation does, it would be 256x281,600 pixels\): crop it to a side ratio "
+                r"of at most 1024, or move it out of the data folder$"),
+    ((8193, 8192), r"is 8193x8192 pixels \(67,117,056\), above our bound of 67,108,864 pixels per image: downscale it "
+                   r"below that, or move it out of the data folder$"),
+], ids=["elongated", "too-many-pixels"])
+def test_an_image_too_large_to_decode_is_refused_by_name_before_decoding(tmp_path, split, loader, size, message):
+    """A 196-byte 1 x 40,000 PNG asked for 7.7 GB at evaluation (Resize(256)); an image of more pixels than our
+    bound but fewer than Pillow's was decoded whole. Both are refused, in every split and reader, as one line."""
+    D.write_fake_image_folder(tmp_path, classes=["a", "b"], n_per_class=(2, 1))
+    before = D.folder_to_tensor(tmp_path, split)
+    Image.new("1", size).save(tmp_path / split / "b" / "big.png")
+    read = ((lambda: [item for item in D.image_folder(tmp_path, split)]) if loader == "image_folder"
+            else (lambda: D.folder_to_tensor(tmp_path, split)))
+    with pytest.raises(D.DatasetError, match=rf"^image \S*{split}/b/big.png {message}"):
+        read()
+    (tmp_path / split / "b" / "big.png").rename(tmp_path / "big.png")  # the fix the message gives
+    after = D.folder_to_tensor(tmp_path, split)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+
+
+def test_a_strip_image_in_a_dataloader_worker_is_one_line_not_a_memory_error(tmp_path):
+    """The issue's 196-byte 1 x 40,000 PNG (7.7 GB once evaluation resizes it): read_image refuses it before
+    decoding; through a DataLoader worker the refusal reaches the command line as its one line. (The worker is
+    fed a 1 x 1,100 strip, which costs 216 MB, not 7.7 GB, should the bound ever be lost.)"""
+    from hdkdlib import cli
+    Image.new("RGB", (1, 40000)).save(tmp_path / "strip.png")
+    assert (tmp_path / "strip.png").stat().st_size < 300
+    with pytest.raises(D.DatasetError, match=r"^image \S*strip.png is 1x40000 pixels, its longer side more than our "
+                                             r"bound of 1024 times its shorter \(resized to a shorter side of 256, as "
+                                             r"evaluation does, it would be 256x10,240,000 pixels\)"):
+        read_image(str(tmp_path / "strip.png"))
+    D.write_fake_image_folder(tmp_path / "data", classes=["a", "b"], n_per_class=(2, 1))
+    Image.new("RGB", (1, 1100)).save(tmp_path / "data" / "val" / "a" / "strip.png")
+    with pytest.raises(D.DatasetError, match=r"in DataLoader worker") as caught:
+        list(torch.utils.data.DataLoader(D.image_folder(tmp_path / "data", "val"), batch_size=2, num_workers=1))
+    assert re.fullmatch(r"image \S*val/a/strip.png is 1x1100 pixels, its longer side more than our bound of 1024 "
+                        r"times its shorter \(resized to a shorter side of 256, as evaluation does, it would be "
+                        r"256x281,600 pixels\): crop it to a side ratio of at most 1024, or move it out of the "
+                        r"data folder", cli.error_line(caught.value))
+
+
 def test_holding_out_every_image_of_a_class_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"class 0 has 100 images, all held out for validation \(val_per_class 100\): "
                                          r"none is left for training; lower val_per_class"):

@@ -147,12 +147,44 @@ def to_rgb8(image: Image.Image, path) -> Image.Image:
                        "(to RGB, or 8- or 16-bit greyscale) first")
 
 
+# Our bound on the pixels of one image (below Pillow's own, which only warns up to about 179 million): an image
+# above it is refused by name before it is decoded.
+MAX_PIXELS = 2 ** 26
+# Evaluation resizes the shorter side to EVAL_RESIZE, so an image whose longer side is r times its shorter one
+# becomes EVAL_RESIZE x r * EVAL_RESIZE pixels however few it has (a 196-byte 1 x 40,000 PNG: 7.7 GB).
+# MAX_ASPECT keeps the resized image within MAX_PIXELS.
+EVAL_RESIZE = 256
+MAX_ASPECT = MAX_PIXELS // EVAL_RESIZE ** 2
+
+
+def check_size(width: int, height: int, path) -> None:
+    """Refuse an image too large to decode, or too elongated to resize, as one line naming it and the bound."""
+    short, long = min(width, height), max(width, height)
+    if short < 1:
+        raise DatasetError(f"image {path} is {width}x{height} pixels: it has no pixels; move it out of the data "
+                           "folder")
+    if width * height > MAX_PIXELS:
+        raise DatasetError(f"image {path} is {width}x{height} pixels ({width * height:,}), above our bound of "
+                           f"{MAX_PIXELS:,} pixels per image: downscale it below that, or move it out of the data folder")
+    if long > MAX_ASPECT * short:
+        resized = (EVAL_RESIZE, long * EVAL_RESIZE // short)
+        raise DatasetError(f"image {path} is {width}x{height} pixels, its longer side more than our bound of "
+                           f"{MAX_ASPECT} times its shorter (resized to a shorter side of {EVAL_RESIZE}, as evaluation "
+                           f"does, it would be {resized[0]}x{resized[1]:,} pixels): crop it to a side ratio of at "
+                           f"most {MAX_ASPECT}, or move it out of the data folder")
+
+
 def read_image(path: str):
     try:
         with open(path, "rb") as f:
-            return to_rgb8(Image.open(f), path)
+            image = Image.open(f)  # reads the header only: the size is known before any pixel is decoded
+            check_size(*image.size, path)
+            return to_rgb8(image, path)
     except DatasetError:
         raise
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"image {path}: {e} (our bound is {MAX_PIXELS:,} pixels per image): downscale it below "
+                           "that, or move it out of the data folder") from e
     except Exception as e:
         raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 
