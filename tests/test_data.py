@@ -537,3 +537,38 @@ def test_a_class_folder_without_images_is_no_class(tmp_path, split, loader):
     assert after[2] == before[2] == ["a", "b", "c"]
     assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
     assert len(D.image_folder(tmp_path, split).classes) == 3
+
+
+@pytest.mark.parametrize("channel, name", [(0, "red"), (2, "blue")])
+def test_a_channel_of_one_value_is_named_not_left_to_become_nan_inputs(tmp_path, capsys, channel, name):
+    """Training images whose channel holds one value (std 0) made every normalised input NaN, and the run
+    stopped on a non-finite loss advising a lower lr. build_data names the channel and the data instead."""
+    from hdkdlib.config import TrainConfig
+    from hdkdlib.data.bundle import build_data
+    from hdkdlib.train import main
+    root = D.write_fake_image_folder(tmp_path / "data", classes=["a", "b"], n_per_class=(12, 2))
+    cfg = TrainConfig(dataset="folder32", data_root=str(root), split_dir=str(tmp_path / "splits"), batch_size=8,
+                      val_per_class=2)
+    good = build_data(cfg, torch.device("cpu"))
+    pixels = good.train.images[:, :, 4:-4, 4:-4].float() / 255  # the training images, unpadded
+    assert good.std == tuple(pixels.std((0, 2, 3)).tolist()) and min(good.std) > 0
+    paths = sorted(root.rglob("*.png"))
+    for path in paths:
+        image = np.array(Image.open(path))
+        image[..., channel] = 40
+        Image.fromarray(image).save(path)
+    with pytest.raises(D.DatasetError, match=rf"^folder32 data in {re.escape(str(root.resolve()))}: channel {channel} "
+                                             rf"\({name}\) is 40 in every pixel of the 20 training images, so its "
+                                             r"standard deviation is 0 and the normalised inputs would be NaN; check "
+                                             r"the data"):
+        build_data(cfg, torch.device("cpu"))
+    code = main(["--dataset", "folder32", "--data-root", str(root), "--epochs", "1", "--arch", "toy_mlp",
+                 "--device", "cpu", "--batch-size", "8", "--val-per-class", "2", "--split-dir", str(tmp_path / "splits"),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"channel {channel} ({name}) is 40 in every pixel" in err and "Lower lr" not in err
+    image = np.array(Image.open(paths[0]))  # one pixel of another value: a channel that can be normalised
+    image[0, 0, channel] = 41
+    Image.fromarray(image).save(paths[0])
+    bundle = build_data(cfg, torch.device("cpu"))
+    assert all(torch.isfinite(x).all() for x, _ in bundle.train.batches(0))
