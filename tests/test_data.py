@@ -572,3 +572,10 @@ def test_a_channel_of_one_value_is_named_not_left_to_become_nan_inputs(tmp_path,
     Image.fromarray(image).save(paths[0])
     bundle = build_data(cfg, torch.device("cpu"))
     assert all(torch.isfinite(x).all() for x, _ in bundle.train.batches(0))
+
+
+@pytest.mark.parametrize("std", [(0.2, 0.0, 0.3), (0.2, float("nan"), 0.3), (0.2, 0.3)])
+def test_gpu_loader_refuses_statistics_that_make_nan_inputs(std):
+    x, y = torch.zeros((4, 3, 8, 8), dtype=torch.uint8), torch.arange(4)
+    with pytest.raises(ValueError, match=r"mean and std must be 3 finite values per channel, std > 0; got mean "):
+        D.GpuLoader(x, y, 2, mean=(0.5, 0.5, 0.5), std=std)
