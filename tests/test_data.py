@@ -1,6 +1,7 @@
 import json
 import os
 import pickle
+import re
 import time
 
 import numpy as np
@@ -68,6 +69,35 @@ def test_damaged_cifar_files_are_named(tmp_path):
     _relist(base, "train")
     with pytest.raises(D.DatasetError, match=r"cifar-100-python/train: data shaped \(4, 100\)"):
         D.load_cifar(tmp_path, "cifar100")
+
+
+@pytest.mark.parametrize("dtype, scale, offset, message", [
+    (np.float32, 1 / 255, 0, r"pixels are float32 in 0..1, which look like \[0, 1\] floats; CIFAR pixels are integers "
+                             r"0..255: multiply them by 255, round, and write the file again with uint8 pixels"),
+    (np.float64, 1, 0, r"pixels are float64 in 0..255; CIFAR pixels are integers 0..255: write the file again"),
+    (np.int16, 1, -5, r"pixels are int16 in -5..250, outside the 0..255 of 8-bit pixels; map them into 0..255"),
+    (np.uint16, 1, 45, r"pixels are uint16 in 45..300, outside the 0..255 of 8-bit pixels"),
+    (np.bool_, 1, 0, r"pixels are bool, not integers"),
+], ids=["float-0-1", "float-0-255", "int16", "uint16", "bool"])
+def test_cifar_pixels_are_checked_before_the_cast_to_uint8(tmp_path, dtype, scale, offset, message):
+    """[0, 1] floats cast to uint8 were two grey levels, int16 outside 0..255 wrapped around: refused, by file."""
+    train, test = _arrays(60, 10, 1), _arrays(20, 10, 2)
+    train[0][0, 0, 0, :2] = (0, 255)
+    bad = (train[0].astype(np.float64) * scale + offset).astype(dtype)
+    D.write_fake_cifar(tmp_path, "cifar10", train=(bad, train[1]), test=test)
+    with pytest.raises(D.DatasetError, match=rf"^\S*cifar-10-batches-py/data_batch_1: {message}.*"
+                                             r"hdkdlib.data.write_fake_cifar does"):
+        D.load_cifar(tmp_path, "cifar10")
+    D.write_fake_cifar(tmp_path, "cifar10", train=train, test=test)  # the fix the message gives
+    x, _, _ = D.load_cifar(tmp_path, "cifar10")
+    assert np.array_equal(x.numpy(), train[0])
+
+
+def test_cifar_pixels_of_a_wider_integer_type_in_range_load_exactly(tmp_path):
+    train, test = _arrays(60, 10, 1), _arrays(20, 10, 2)
+    D.write_fake_cifar(tmp_path, "cifar10", train=(train[0].astype(np.int64), train[1]), test=test)
+    x, y, _ = D.load_cifar(tmp_path, "cifar10")
+    assert x.dtype == torch.uint8 and np.array_equal(x.numpy(), train[0]) and np.array_equal(y.numpy(), train[1])
 
 
 def _relist(base, name):
@@ -248,6 +278,72 @@ def test_a_mode_that_cannot_be_decoded_faithfully_is_refused_by_name(tmp_path):
         read_image(str(path))
 
 
+def test_the_size_bound_is_ours_and_sits_where_evaluation_would_exceed_it():
+    from hdkdlib.data.folder import EVAL_RESIZE, MAX_ASPECT, MAX_PIXELS, check_size
+    assert MAX_PIXELS == 2 ** 26 < Image.MAX_IMAGE_PIXELS and MAX_ASPECT * EVAL_RESIZE ** 2 <= MAX_PIXELS
+    check_size(1, MAX_ASPECT, "x.png")          # resized for evaluation: 256 x 262,144 pixels, at the bound
+    check_size(MAX_PIXELS // 4096, 4096, "x.png")
+    with pytest.raises(D.DatasetError, match=r"^image x.png is 1x1025 pixels, its longer side more than our bound of "
+                                             r"1024 times its shorter \(resized to a shorter side of 256, as evaluation "
+                                             r"does, it would be 256x262,400 pixels\): crop it"):
+        check_size(1, MAX_ASPECT + 1, "x.png")
+    with pytest.raises(D.DatasetError, match=r"^image x.png is 0x5 pixels: it has no pixels"):
+        check_size(0, 5, "x.png")
+
+
+def test_an_image_past_pillows_own_limit_gets_the_same_fix(tmp_path):
+    side = int((2 * Image.MAX_IMAGE_PIXELS) ** 0.5) + 1  # Image.open itself refuses it
+    Image.new("1", (side, side)).save(tmp_path / "bomb.png")
+    with pytest.raises(D.DatasetError, match=r"^image \S*bomb.png: Image size .* exceeds limit .* \(our bound is "
+                                             r"67,108,864 pixels per image\): downscale it below that, or move it out"):
+        read_image(str(tmp_path / "bomb.png"))
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("loader", ["image_folder", "folder_to_tensor"])
+@pytest.mark.parametrize("size, message", [
+    ((1, 1100), r"is 1x1100 pixels, its longer side more than our bound of 1024 times its shorter \(resized to a "
+                r"shorter side of 256, as evaluation does, it would be 256x281,600 pixels\): crop it to a side ratio "
+                r"of at most 1024, or move it out of the data folder$"),
+    ((8193, 8192), r"is 8193x8192 pixels \(67,117,056\), above our bound of 67,108,864 pixels per image: downscale it "
+                   r"below that, or move it out of the data folder$"),
+], ids=["elongated", "too-many-pixels"])
+def test_an_image_too_large_to_decode_is_refused_by_name_before_decoding(tmp_path, split, loader, size, message):
+    """A 196-byte 1 x 40,000 PNG asked for 7.7 GB at evaluation (Resize(256)); an image of more pixels than our
+    bound but fewer than Pillow's was decoded whole. Both are refused, in every split and reader, as one line."""
+    D.write_fake_image_folder(tmp_path, classes=["a", "b"], n_per_class=(2, 1))
+    before = D.folder_to_tensor(tmp_path, split)
+    Image.new("1", size).save(tmp_path / split / "b" / "big.png")
+    read = ((lambda: [item for item in D.image_folder(tmp_path, split)]) if loader == "image_folder"
+            else (lambda: D.folder_to_tensor(tmp_path, split)))
+    with pytest.raises(D.DatasetError, match=rf"^image \S*{split}/b/big.png {message}"):
+        read()
+    (tmp_path / split / "b" / "big.png").rename(tmp_path / "big.png")  # the fix the message gives
+    after = D.folder_to_tensor(tmp_path, split)
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+
+
+def test_a_strip_image_in_a_dataloader_worker_is_one_line_not_a_memory_error(tmp_path):
+    """The issue's 196-byte 1 x 40,000 PNG (7.7 GB once evaluation resizes it): read_image refuses it before
+    decoding; through a DataLoader worker the refusal reaches the command line as its one line. (The worker is
+    fed a 1 x 1,100 strip, which costs 216 MB, not 7.7 GB, should the bound ever be lost.)"""
+    from hdkdlib import cli
+    Image.new("RGB", (1, 40000)).save(tmp_path / "strip.png")
+    assert (tmp_path / "strip.png").stat().st_size < 300
+    with pytest.raises(D.DatasetError, match=r"^image \S*strip.png is 1x40000 pixels, its longer side more than our "
+                                             r"bound of 1024 times its shorter \(resized to a shorter side of 256, as "
+                                             r"evaluation does, it would be 256x10,240,000 pixels\)"):
+        read_image(str(tmp_path / "strip.png"))
+    D.write_fake_image_folder(tmp_path / "data", classes=["a", "b"], n_per_class=(2, 1))
+    Image.new("RGB", (1, 1100)).save(tmp_path / "data" / "val" / "a" / "strip.png")
+    with pytest.raises(D.DatasetError, match=r"in DataLoader worker") as caught:
+        list(torch.utils.data.DataLoader(D.image_folder(tmp_path / "data", "val"), batch_size=2, num_workers=1))
+    assert re.fullmatch(r"image \S*val/a/strip.png is 1x1100 pixels, its longer side more than our bound of 1024 "
+                        r"times its shorter \(resized to a shorter side of 256, as evaluation does, it would be "
+                        r"256x281,600 pixels\): crop it to a side ratio of at most 1024, or move it out of the "
+                        r"data folder", cli.error_line(caught.value))
+
+
 def test_holding_out_every_image_of_a_class_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"class 0 has 100 images, all held out for validation \(val_per_class 100\): "
                                          r"none is left for training; lower val_per_class"):
@@ -414,6 +510,72 @@ def test_an_empty_class_folder_is_named_with_the_fix(tmp_path):
     D.write_fake_image_folder(tmp_path, classes=["a", "b", "c"], n_per_class=(2, 1))
     for f in (tmp_path / "train" / "b").iterdir():
         f.unlink()
-    with pytest.raises(D.DatasetError, match=r"class folder .*train/b holds no images: every class folder needs at "
-                                             r"least one image file"):
+    with pytest.raises(D.DatasetError, match=r"class folder .*train/b holds no images \(it is empty\): every class "
+                                             r"of every split needs at least one image file"):
         D.folder_to_tensor(tmp_path, "train")
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+@pytest.mark.parametrize("loader", ["image_folder", "folder_to_tensor"])
+def test_a_class_folder_without_images_is_no_class(tmp_path, split, loader):
+    """A class folder holding only files the dataset skips (notes.txt, a .gif, a hidden file) is refused in every
+    split and by both readers, instead of becoming a class no image has (an extra output; top-5 of 1.0)."""
+    D.write_fake_image_folder(tmp_path, classes=["a", "b", "c"], n_per_class=(2, 1))
+    before = D.folder_to_tensor(tmp_path, split)
+    for s in ("train", "val"):
+        (tmp_path / s / "notes").mkdir()
+        (tmp_path / s / "notes" / "notes.txt").write_text("to do")
+        (tmp_path / s / "notes" / ".DS_Store").write_bytes(b"\0")
+    with pytest.raises(D.DatasetError, match=rf"^class folder \S*{split}/notes holds no images \(it holds only "
+                                             r"notes.txt\): every class of every split needs at least one image file "
+                                             r"\(.jpg, .jpeg, .png.*\); add images to it, or move the folder notes "
+                                             rf"out of every split of {re.escape(str(tmp_path))}$"):
+        getattr(D, loader)(tmp_path, split)
+    for s in ("train", "val"):  # the fix the message gives works, and the data reads as before
+        (tmp_path / s / "notes").rename(tmp_path / f"notes-{s}")
+    after = D.folder_to_tensor(tmp_path, split)
+    assert after[2] == before[2] == ["a", "b", "c"]
+    assert torch.equal(after[0], before[0]) and torch.equal(after[1], before[1])
+    assert len(D.image_folder(tmp_path, split).classes) == 3
+
+
+@pytest.mark.parametrize("channel, name", [(0, "red"), (2, "blue")])
+def test_a_channel_of_one_value_is_named_not_left_to_become_nan_inputs(tmp_path, capsys, channel, name):
+    """Training images whose channel holds one value (std 0) made every normalised input NaN, and the run
+    stopped on a non-finite loss advising a lower lr. build_data names the channel and the data instead."""
+    from hdkdlib.config import TrainConfig
+    from hdkdlib.data.bundle import build_data
+    from hdkdlib.train import main
+    root = D.write_fake_image_folder(tmp_path / "data", classes=["a", "b"], n_per_class=(12, 2))
+    cfg = TrainConfig(dataset="folder32", data_root=str(root), split_dir=str(tmp_path / "splits"), batch_size=8,
+                      val_per_class=2)
+    good = build_data(cfg, torch.device("cpu"))
+    pixels = good.train.images[:, :, 4:-4, 4:-4].float() / 255  # the training images, unpadded
+    assert good.std == tuple(pixels.std((0, 2, 3)).tolist()) and min(good.std) > 0
+    paths = sorted(root.rglob("*.png"))
+    for path in paths:
+        image = np.array(Image.open(path))
+        image[..., channel] = 40
+        Image.fromarray(image).save(path)
+    with pytest.raises(D.DatasetError, match=rf"^folder32 data in {re.escape(str(root.resolve()))}: channel {channel} "
+                                             rf"\({name}\) is 40 in every pixel of the 20 training images, so its "
+                                             r"standard deviation is 0 and the normalised inputs would be NaN; check "
+                                             r"the data"):
+        build_data(cfg, torch.device("cpu"))
+    code = main(["--dataset", "folder32", "--data-root", str(root), "--epochs", "1", "--arch", "toy_mlp",
+                 "--device", "cpu", "--batch-size", "8", "--val-per-class", "2", "--split-dir", str(tmp_path / "splits"),
+                 "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"channel {channel} ({name}) is 40 in every pixel" in err and "Lower lr" not in err
+    image = np.array(Image.open(paths[0]))  # one pixel of another value: a channel that can be normalised
+    image[0, 0, channel] = 41
+    Image.fromarray(image).save(paths[0])
+    bundle = build_data(cfg, torch.device("cpu"))
+    assert all(torch.isfinite(x).all() for x, _ in bundle.train.batches(0))
+
+
+@pytest.mark.parametrize("std", [(0.2, 0.0, 0.3), (0.2, float("nan"), 0.3), (0.2, 0.3)])
+def test_gpu_loader_refuses_statistics_that_make_nan_inputs(std):
+    x, y = torch.zeros((4, 3, 8, 8), dtype=torch.uint8), torch.arange(4)
+    with pytest.raises(ValueError, match=r"mean and std must be 3 finite values per channel, std > 0; got mean "):
+        D.GpuLoader(x, y, 2, mean=(0.5, 0.5, 0.5), std=std)

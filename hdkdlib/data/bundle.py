@@ -22,7 +22,7 @@ import torch
 from ..distributed import evaluation_block
 from ..paths import runs_dir
 from . import splits
-from .cifar import SPECS as CIFAR_SPECS, load as load_cifar
+from .cifar import SPECS as CIFAR_SPECS, DatasetError, load as load_cifar
 from .fake import synthetic_images
 from .folder import IMAGENET_MEAN, IMAGENET_STD, check_disjoint, folder_to_tensor, image_folder
 from .gpu import GpuLoader
@@ -90,6 +90,22 @@ def _tensor_data(cfg):
     return x, y, xt, yt, len(classes), None, None
 
 
+def _refuse_constant_channel(images: torch.Tensor, cfg) -> None:
+    """A channel of one value in every training image has standard deviation 0: normalised by it, every input is
+    NaN or infinite, and training stops on a non-finite loss that reads like a learning-rate problem."""
+    if images.numel() == 0:
+        return
+    flat = images.transpose(0, 1).reshape(images.shape[1], -1)
+    low, high = flat.amin(1), flat.amax(1)
+    for c in range(len(low)):
+        if low[c] == high[c]:
+            name = f" ({('red', 'green', 'blue')[c]})" if len(low) == 3 else ""
+            raise DatasetError(f"{cfg.dataset} data in {Path(cfg.data_root).resolve()}: channel {c}{name} is "
+                               f"{int(low[c])} in every pixel of the {len(images)} training images, so its standard "
+                               "deviation is 0 and the normalised inputs would be NaN; check the data (a channel of "
+                               "one value in every image carries nothing to learn)")
+
+
 def build_data(cfg, device, rank: int = 0, world_size: int = 1) -> DataBundle:
     if cfg.dataset == "folder":
         return _folder_data(cfg, device, rank, world_size)
@@ -101,6 +117,7 @@ def build_data(cfg, device, rank: int = 0, world_size: int = 1) -> DataBundle:
                                        folder=split_dir)  # generated data: its splits are not versioned
     tr, va = splits.as_tensors(split)
     if mean is None:  # statistics of the training images themselves (folder32, synthetic)
+        _refuse_constant_channel(x[tr], cfg)
         pixels = x[tr].float() / 255
         mean, std = tuple(pixels.mean((0, 2, 3)).tolist()), tuple(pixels.std((0, 2, 3)).tolist())
     common = dict(mean=mean, std=std, device=device, channels_last=cfg.channels_last)

@@ -124,6 +124,32 @@ def _unpickle(path: Path) -> dict:
                            f"again (or copy the original files there).") from e
 
 
+def _pixels(data, path: Path) -> np.ndarray:
+    """The pixel array as uint8, checked before the cast: a cast would turn [0, 1] floats into two grey levels
+    and wrap integers outside 0..255 (-1 becomes 255) without a word."""
+    again = ("write the file again with uint8 pixels (hdkdlib.data.write_fake_cifar does, and lists the new file's "
+             "MD5 in its manifest)")
+    try:
+        data = np.asarray(data)
+    except Exception as e:  # ragged rows
+        raise DatasetError(f"{path}: 'data' is not an array of pixels ({type(e).__name__}: {e}); {again}") from e
+    if data.dtype == np.uint8:
+        return data
+    span = lambda: f" in {data.min():g}..{data.max():g}" if data.size else ""
+    if data.dtype.kind == "f":
+        looks = data.size and 0 <= data.min() and data.max() <= 1
+        raise DatasetError(f"{path}: pixels are {data.dtype}{span()}"
+                           + (", which look like [0, 1] floats" if looks else "")
+                           + "; CIFAR pixels are integers 0..255: "
+                           + ("multiply them by 255, round, and " if looks else "") + again)
+    if data.dtype.kind not in "ui":  # bool, complex, strings, objects
+        raise DatasetError(f"{path}: pixels are {data.dtype}, not integers; CIFAR pixels are integers 0..255: {again}")
+    if data.size and (data.min() < 0 or data.max() > 255):
+        raise DatasetError(f"{path}: pixels are {data.dtype}{span()}, outside the 0..255 of 8-bit pixels; map them "
+                           f"into 0..255 and {again}")
+    return data.astype(np.uint8)
+
+
 def load(root, name: str = "cifar100", train: bool = True, download_if_missing: bool = False
          ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     """(images uint8 [N, 3, 32, 32], labels int64 [N], class names) of the train or test split."""
@@ -147,7 +173,7 @@ def load(root, name: str = "cifar100", train: bool = True, download_if_missing: 
         entry = _unpickle(base / f)
         if "data" not in entry or spec["label_key"] not in entry:
             raise DatasetError(f"{base / f} has no 'data'/'{spec['label_key']}' entries: not a {name} batch file")
-        data = np.asarray(entry["data"], dtype=np.uint8)
+        data = _pixels(entry["data"], base / f)
         y = np.asarray(entry[spec["label_key"]], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(y) != len(data):
             raise DatasetError(f"{base / f}: data shaped {data.shape} with {len(y)} labels; expected [N, 3072] "

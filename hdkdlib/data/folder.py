@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torchvision import datasets, transforms
-from torchvision.datasets.folder import has_file_allowed_extension
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from .cifar import DatasetError
 
@@ -43,11 +43,6 @@ def _check_layout(root: Path, split: str, reference_split: Optional[str] = "trai
     classes = _class_folders(base)
     if not classes:
         raise DatasetError(f"{base} has no class folders: expected {base}/<class>/<image>")
-    empty = [c for c in classes if not any(f.is_file() and not _hidden(f.name) for f in (base / c).iterdir())]
-    if empty:
-        more = f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""
-        raise DatasetError(f"class folder {base / empty[0]} holds no images{more}: every class folder needs at least "
-                           "one image file (.jpg, .png, ...) directly inside it; remove the empty folder or fill it")
     ref = root / reference_split if reference_split else None
     if ref is not None and ref != base and ref.is_dir():
         # labels are indices into the sorted class list: one class more or less shifts every label after it
@@ -86,7 +81,35 @@ class ImageTree(datasets.ImageFolder):
                     if valid(path) and real not in seen:
                         seen.add(real)
                         samples.append((path, class_to_idx[name]))
+        # Checked on the samples themselves, not on the folder's files: a class whose files are all skipped (no
+        # image extension, hidden, or already counted) would still be a class, an output no image ever trains.
+        counts = np.bincount([i for _, i in samples], minlength=len(class_to_idx))
+        empty = [name for name in sorted(class_to_idx) if counts[class_to_idx[name]] == 0]
+        if empty:
+            _refuse_empty_class(Path(directory), empty, extensions)
         return samples
+
+
+def _refuse_empty_class(base: Path, empty: List[str], extensions) -> None:
+    folder, kinds = base / empty[0], tuple(extensions or IMG_EXTENSIONS)
+    files = []
+    for where, dirs, names in os.walk(folder):  # as make_dataset walks it: folder links are not followed
+        links = [d + "/ (a folder link, not followed)" for d in dirs if os.path.islink(os.path.join(where, d))]
+        files += [os.path.relpath(os.path.join(where, n), folder) for n in sorted(names) + sorted(links)]
+    shown = [f for f in sorted(files) if not any(_hidden(part) for part in Path(f).parts)]
+    listed = lambda names: ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if any(has_file_allowed_extension(f, kinds) for f in shown):
+        holds = f"its image files ({listed(shown)}) are the same files as images of another class"
+    elif shown:
+        holds = f"it holds only {listed(shown)}"
+    elif files:
+        holds = f"it holds only hidden files ({listed(sorted(files))})"
+    else:
+        holds = "it is empty"
+    more = f"; nor do {listed(empty[1:])}" if len(empty) > 1 else ""
+    raise DatasetError(f"class folder {folder} holds no images ({holds}{more}): every class of every split needs at "
+                       f"least one image file ({', '.join(kinds)}); add images to it, or move the folder {empty[0]} "
+                       f"out of every split of {base.parent}")
 
 
 def check_disjoint(root, split_names) -> None:
@@ -124,12 +147,44 @@ def to_rgb8(image: Image.Image, path) -> Image.Image:
                        "(to RGB, or 8- or 16-bit greyscale) first")
 
 
+# Our bound on the pixels of one image (below Pillow's own, which only warns up to about 179 million): an image
+# above it is refused by name before it is decoded.
+MAX_PIXELS = 2 ** 26
+# Evaluation resizes the shorter side to EVAL_RESIZE, so an image whose longer side is r times its shorter one
+# becomes EVAL_RESIZE x r * EVAL_RESIZE pixels however few it has (a 196-byte 1 x 40,000 PNG: 7.7 GB).
+# MAX_ASPECT keeps the resized image within MAX_PIXELS.
+EVAL_RESIZE = 256
+MAX_ASPECT = MAX_PIXELS // EVAL_RESIZE ** 2
+
+
+def check_size(width: int, height: int, path) -> None:
+    """Refuse an image too large to decode, or too elongated to resize, as one line naming it and the bound."""
+    short, long = min(width, height), max(width, height)
+    if short < 1:
+        raise DatasetError(f"image {path} is {width}x{height} pixels: it has no pixels; move it out of the data "
+                           "folder")
+    if width * height > MAX_PIXELS:
+        raise DatasetError(f"image {path} is {width}x{height} pixels ({width * height:,}), above our bound of "
+                           f"{MAX_PIXELS:,} pixels per image: downscale it below that, or move it out of the data folder")
+    if long > MAX_ASPECT * short:
+        resized = (EVAL_RESIZE, long * EVAL_RESIZE // short)
+        raise DatasetError(f"image {path} is {width}x{height} pixels, its longer side more than our bound of "
+                           f"{MAX_ASPECT} times its shorter (resized to a shorter side of {EVAL_RESIZE}, as evaluation "
+                           f"does, it would be {resized[0]}x{resized[1]:,} pixels): crop it to a side ratio of at "
+                           f"most {MAX_ASPECT}, or move it out of the data folder")
+
+
 def read_image(path: str):
     try:
         with open(path, "rb") as f:
-            return to_rgb8(Image.open(f), path)
+            image = Image.open(f)  # reads the header only: the size is known before any pixel is decoded
+            check_size(*image.size, path)
+            return to_rgb8(image, path)
     except DatasetError:
         raise
+    except Image.DecompressionBombError as e:
+        raise DatasetError(f"image {path}: {e} (our bound is {MAX_PIXELS:,} pixels per image): downscale it below "
+                           "that, or move it out of the data folder") from e
     except Exception as e:
         raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
 

@@ -6,6 +6,7 @@ All randomness of an epoch (order, crop offsets, flips) is drawn up front from a
 """
 from __future__ import annotations
 
+import math
 from typing import Iterator, Sequence, Tuple
 
 import torch
@@ -30,6 +31,10 @@ class GpuLoader:
             raise ValueError(f"{len(images)} images and {len(labels)} labels: need the same, non-zero number")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(mean) != 3 or len(std) != 3 or not all(math.isfinite(v) for v in (*mean, *std)) or min(std) <= 0:
+            # a std of 0 (a channel of one value) makes every normalised input NaN or infinite
+            raise ValueError(f"mean and std must be 3 finite values per channel, std > 0; got mean {tuple(mean)}, "
+                             f"std {tuple(std)}")
         device = torch.device(device) if device is not None else images.device
         self.device, self.batch_size, self.train, self.seed = device, batch_size, train, seed
         self.pad, self.flip = (pad if train else 0), (flip and train)
