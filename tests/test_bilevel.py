@@ -192,11 +192,13 @@ def _real_and_virtual(kind, with_state, weight_decay=0.05):
     torch.manual_seed(0)
     params = {"a": torch.randn(5, dtype=torch.float64), "b": torch.randn(2, 3, dtype=torch.float64)}
     grads = {n: torch.randn_like(p) for n, p in params.items()}
+    grads["a"][0] = 0  # a dead unit: its gradient is 0 at every step, so its second moment is 0 without coupled decay
     real = {n: p.clone().requires_grad_() for n, p in params.items()}
     opt = getattr(torch.optim, kind)(real.values(), lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay)
     for _ in range(3 if with_state else 0):  # earlier steps leave moments and a step count
         for p in real.values():
             p.grad = torch.randn_like(p)
+        real["a"].grad[0] = 0
         opt.step()
     start = {n: p.detach().clone() for n, p in real.items()}
     step = bilevel.VirtualStep.of(opt, {id(p): n for n, p in real.items()})
