@@ -132,10 +132,22 @@ def _adam_moments(params, grads, state, *, betas, weight_decay):
     return m, v, t, c1, c2, g
 
 
+def _sqrt_zero_slope(tensors: Tensors) -> Tensors:
+    """sqrt of non-negative tensors, the same values bit for bit, with slope 0 where an element is 0.
+    Adam's second moment v is 0 where every gradient so far was exactly 0 (a dead ReLU without coupled decay):
+    the plain sqrt's slope, inf there, becomes inf * 0 = NaN through v = (1 - b2) g^2. The update m / (sqrt(v) + eps)
+    is differentiable there all the same, and as m is 0 wherever v is, any finite slope gives its true derivative.
+    The mask s = sign(v) (1 or 0, constant in autograd) makes v + (1 - s) v itself or 1: sqrt(v + (1 - s)) * s is
+    sqrt(v) where v > 0, and 0 with slope 0 where v = 0."""
+    s = torch._foreach_sign(tensors)
+    safe = torch._foreach_add(tensors, torch._foreach_add(torch._foreach_neg(s), 1))
+    return torch._foreach_mul(torch._foreach_sqrt(safe), s)
+
+
 def _adam(params: Tensors, grads: Tensors, state, *, lr, betas, eps, weight_decay, decoupled):
     """(theta', Adam's state after the step) as torch.optim.Adam, or AdamW (decoupled), computes them."""
     m, v, t, c1, c2, _ = _adam_moments(params, grads, state, betas=betas, weight_decay=0.0 if decoupled else weight_decay)
-    denom = torch._foreach_add(torch._foreach_sqrt(torch._foreach_div(v, c2)), eps)
+    denom = torch._foreach_add(_sqrt_zero_slope(torch._foreach_div(v, c2)), eps)
     d = torch._foreach_div(torch._foreach_div(m, c1), denom)
     base = torch._foreach_mul(params, 1 - lr * weight_decay) if decoupled and weight_decay else params
     return torch._foreach_sub(base, torch._foreach_mul(d, lr)), {"step": t, "exp_avg": m, "exp_avg_sq": v}

@@ -192,11 +192,13 @@ def _real_and_virtual(kind, with_state, weight_decay=0.05):
     torch.manual_seed(0)
     params = {"a": torch.randn(5, dtype=torch.float64), "b": torch.randn(2, 3, dtype=torch.float64)}
     grads = {n: torch.randn_like(p) for n, p in params.items()}
+    grads["a"][0] = 0  # a dead unit: its gradient is 0 at every step, so its second moment is 0 without coupled decay
     real = {n: p.clone().requires_grad_() for n, p in params.items()}
     opt = getattr(torch.optim, kind)(real.values(), lr=0.01, betas=(0.8, 0.99), eps=1e-6, weight_decay=weight_decay)
     for _ in range(3 if with_state else 0):  # earlier steps leave moments and a step count
         for p in real.values():
             p.grad = torch.randn_like(p)
+        real["a"].grad[0] = 0
         opt.step()
     start = {n: p.detach().clone() for n, p in real.items()}
     step = bilevel.VirtualStep.of(opt, {id(p): n for n, p in real.items()})
@@ -316,3 +318,67 @@ def test_horizon_options_are_checked():
         bilevel.MetaStep(model, obj, method="finite_difference", horizon=2)
     with pytest.raises(ValueError, match=r"meta_horizon 3 needs meta_method 'exact'"):
         bilevel.hypergradient(model, obj, train, val, lr=0.1, method="finite_difference", horizon=3)
+
+
+# --- the exact hypergradient through Adam where a gradient element is exactly zero (issue 36) --------------------
+def _with_dead_units(seed=0):
+    """_setup's network without BatchNorm (which would recentre every unit) and three first-stage units dead for
+    every input: their gradients, and those of the weights they feed, are exactly zero."""
+    torch.manual_seed(seed)
+    model = models.build("toy_mlp", 3, width=8, num_exits=3).double()
+    with torch.no_grad():
+        model.stages[0][0].layer[0].bias[:3] = -100.0
+    obj = O.build("hdkd", 3, init="random", seed=seed).double()
+    train = (torch.randn(16, 2, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    val = (torch.randn(12, 2, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    return model, obj, train, val
+
+
+@pytest.mark.parametrize("kind", ["Adam", "AdamW"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_adam_hypergradient_with_dead_units_matches_brute_force(kind, with_state):
+    """Where a gradient element is 0 at every step, Adam's second moment is 0 and autograd through its square root
+    gave inf * 0 = NaN for every weight. The exact hypergradient is finite there and is dL_val/dgamma after the
+    real optimizer's step, by central differences; so is the finite-difference one (its tangent divides by the
+    root). Adam without weight decay, as coupled decay would make every gradient element non-zero; AdamW with it."""
+    import functools
+    model, obj, train, val = _with_dead_units()
+    # Adam's first step is about g / (|g| + eps), nearly sign(g), whose slope in gamma is about eps / g^2: at eps
+    # 1e-8 the hypergradient (1e-7) drowns in the central differences' round-off, so the first step takes eps 1e-3
+    make = functools.partial(getattr(torch.optim, kind), lr=0.01, weight_decay=1e-2 if kind == "AdamW" else 0.0,
+                             eps=1e-8 if with_state else 1e-3)
+    opt = make(model.parameters())
+    for _ in range(2 if with_state else 0):  # earlier steps leave moments, zero where the units are dead
+        opt.zero_grad()
+        obj(model(train[0]), train[1]).backward()
+        opt.step()
+    obj.zero_grad()
+    grads = torch.autograd.grad(obj(model(train[0]), train[1]), list(model.parameters()))
+    assert any((g == 0).any() for g in grads)  # the case itself: gradient elements exactly zero
+    if with_state:
+        assert any((opt.state[p]["exp_avg_sq"] == 0).any() for p in model.parameters())
+    step = bilevel.VirtualStep.of(opt, {id(p): n for n, p in model.named_parameters()})
+    hyper = {method: bilevel._hypergradient(model, obj, train, val, step=step, val_loss=O.ValidationLoss(3, kind="ce"),
+                                            method=method, eps=None)[0][0] for method in bilevel.METHODS}
+    g0, h = obj.gamma.detach().clone(), 1e-6
+    state = opt.state_dict()
+    _, teachers = _after_real_steps(model, obj, make, state, train, val, g0, 1)
+    reference = torch.zeros_like(g0)
+    for i in range(len(g0)):
+        e = torch.zeros_like(g0)
+        e[i] = h
+        plus, _ = _after_real_steps(model, obj, make, state, train, val, g0 + e, 1, teachers)
+        minus, _ = _after_real_steps(model, obj, make, state, train, val, g0 - e, 1, teachers)
+        reference[i] = (plus - minus) / (2 * h)
+    with torch.no_grad():
+        obj.gamma.copy_(g0)
+    assert reference.abs().max() > 1e-4  # a real signal, not zero against zero
+    # the reference's round-off, 1e-16 * L_val / h = 1e-10 against a signal of 1e-4, bounds the agreement to about
+    # 1e-6: exact within 1e-5; finite differences add their own O(eps^2) truncation and round-off (1e-3, as above)
+    for method, tol in (("exact", 1e-5), ("finite_difference", 1e-3)):
+        assert torch.isfinite(hyper[method]).all(), (method, hyper[method])
+        rel = ((hyper[method] - reference).norm() / reference.norm()).item()
+        assert rel < tol, (method, rel)
+    # the issue's case end to end: the weight update refused the NaN (FloatingPointError) and learnt nothing
+    bilevel.MetaStep(model, obj, lr=0.01, method="exact").step(train, val, opt)
+    assert torch.isfinite(obj.gamma).all() and not torch.equal(obj.gamma.detach(), g0)
