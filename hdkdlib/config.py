@@ -127,8 +127,6 @@ class TrainConfig:
                                    "keep their start meanwhile)")
     meta_schedule: str = _opt("per_run", "weight lr: per_run (gamma can move log(1000) within meta_traverse of the "
                                          "run's weight steps) or fixed (meta_lr)")
-    # 1 (the slowest per-run step) was chosen on the CPU study's validation split over 0.25 (the first default),
-    # the pilot's fixed step and three weight maps: results/cifar10-cpu-study/NOTES.md
     meta_traverse: float = _opt(1.0, "per_run: fraction of the weight steps in (0, 1] within which a weight can "
                                      "move 1000-fold")
     meta_lr: float = _opt(1e-3, "weight lr (Adam) with meta_schedule fixed")
@@ -345,6 +343,23 @@ def config_from_dict(values: Dict) -> TrainConfig:
 
 
 # --- command line ---------------------------------------------------------------------------------------
+# The sections of --help, in order: every setting in exactly one (tests/test_config.py checks).
+OPTION_GROUPS: Dict[str, Tuple[str, ...]] = {
+    "data": ("dataset", "data_root", "download", "val_per_class", "n_per_class", "split_seed", "split_dir",
+             "workers"),
+    "network": ("arch", "weights", "gradient_equilibrium", "init_from", "train_heads_only"),
+    "optimisation": ("recipe", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2",
+                     "weight_decay", "lr_schedule", "warmup_epochs", "lr_milestones", "lr_gamma"),
+    "loss weights and bilevel update": (
+        "method", "temperature", "loss_scale", "init", "weight_map", "weight_bound", "min_init_weight",
+        "freeze_weights_from", "meta_interval", "meta_warmup", "meta_schedule", "meta_traverse", "meta_lr",
+        "hypergrad_norm", "meta_method", "meta_horizon", "val_loss", "alpha"),
+    "speed": ("device", "threads", "bf16", "channels_last", "compile", "compile_mode", "cuda_graphs",
+              "eval_batch_size", "check_every"),
+    "run": ("seed", "out", "progress"),
+}
+
+
 def argparser(dataset: str = "cifar100", recipe: str = "", prog: str = "python -m hdkdlib.train",
               description: str = "") -> argparse.ArgumentParser:
     """Every setting as an option, its help from the field's metadata and its default shown for `dataset` and
@@ -354,7 +369,14 @@ def argparser(dataset: str = "cifar100", recipe: str = "", prog: str = "python -
                                 epilog=f"Defaults shown for --dataset {dataset} (recipe "
                                        f"{recipe or default_recipe(dataset)}); give --dataset/--recipe with --help "
                                        "to see another recipe's values.")
-    for f in dataclasses.fields(TrainConfig):
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for title, names in OPTION_GROUPS.items():
+        _add_options(p.add_argument_group(title), [fields[n] for n in names], shown)
+    return p
+
+
+def _add_options(p, fields, shown: TrainConfig) -> None:
+    for f in fields:
         flag, value = "--" + f.name.replace("_", "-"), getattr(shown, f.name)
         tag = " [recipe]" if any(f.name in r for r in RECIPES.values()) else ""
         help_text = f"{f.metadata['help']} (default{tag}: {value!r})".replace("%%", "%").replace("%", "%%")
@@ -364,7 +386,6 @@ def argparser(dataset: str = "cifar100", recipe: str = "", prog: str = "python -
             p.add_argument(flag, type=int, nargs="*", default=None, help=help_text)
         else:
             p.add_argument(flag, type=type(value), default=None, help=help_text)
-    return p
 
 
 def argparser_for(argv: List[str], **kwargs) -> argparse.ArgumentParser:

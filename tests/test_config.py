@@ -1,6 +1,7 @@
 """Settings, recipes and the command line: one source of values for Python, the CLI and the notebooks."""
 import dataclasses
 import math
+import re
 import subprocess
 import sys
 
@@ -44,6 +45,18 @@ def test_help_states_the_recipe_that_will_be_used():
     assert "(default [recipe]: 64)" in cifar and "recipe msdnet_cifar" in cifar
     for f in dataclasses.fields(TrainConfig):  # every option explained
         assert f.metadata["help"] and ("--" + f.name.replace("_", "-")) in cifar
+
+
+def test_help_shows_the_settings_in_sections_each_setting_once():
+    from hdkdlib.config import OPTION_GROUPS, argparser
+    grouped = [n for names in OPTION_GROUPS.values() for n in names]
+    assert sorted(grouped) == sorted(f.name for f in dataclasses.fields(TrainConfig))  # each exactly once
+    text = argparser().format_help()
+    starts = [text.index(f"\n{title}:\n") for title in OPTION_GROUPS]
+    assert starts == sorted(starts)  # the sections in order, each holding its own options
+    for (title, names), start, end in zip(OPTION_GROUPS.items(), starts, starts[1:] + [len(text)]):
+        section = text[start:end]
+        assert all(re.search(rf"--{n.replace('_', '-')}(?![\w-])", section) for n in names), title
 
 
 def test_to_argv_round_trips_through_the_parser():
