@@ -530,13 +530,17 @@ def test_cli_out_folder_that_cannot_be_written_is_a_one_line_error(fake_root, tm
 
 
 # --- run folders that survive torn files and full disks (issue 27) ------------------------------------------
-def _train_cli(fake_root, out, *extra):
-    argv = ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
+def _train_argv(fake_root, out, *extra):
+    return ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
             "--arch", "toy_mlp", "--method", "hdkd", "--n-per-class", "24", "--val-per-class", "6",
             "--batch-size", "16", "--lr", "0.05", "--eval-batch-size", "64", "--device", "cpu",
             "--meta-schedule", "fixed", "--meta-lr", "0.01", "--check-every", "5", "--no-progress", "--out", str(out),
             *extra]  # the settings of _cfg
-    return subprocess.run([sys.executable, "-m", "hdkdlib.train", *argv], capture_output=True, text=True)
+
+
+def _train_cli(fake_root, out, *extra):
+    return subprocess.run([sys.executable, "-m", "hdkdlib.train", *_train_argv(fake_root, out, *extra)],
+                          capture_output=True, text=True)
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_continues(fake_root, tmp_path):
@@ -774,3 +778,50 @@ def test_resuming_on_other_images_is_refused_naming_both(tmp_path, capsys):
     tree = {r: files_fingerprint(r, data.image_folder(r, "train"), data.image_folder(r, "val")) for r in (first, other,
                                                                                                            moved)}
     assert tree[first]["sha256"] == tree[moved]["sha256"] != tree[other]["sha256"]
+
+
+# --- nothing lost, nothing silently wrong (issue 36) ---------------------------------------------------------
+def _files(folder):
+    """Each file's digest (a directory: "dir") under folder; the lock holds only the last process's pid."""
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(folder).rglob("*")) if p.name != ".lock"}
+
+
+def _payload(marker):
+    """An object whose unpickling would create `marker`: what a hostile or foreign file may carry."""
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    return Payload()
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hdkdlib.train: error: "), err
+    return err[0]
+
+
+def test_a_model_with_a_pickle_payload_is_refused_unexecuted_in_our_words_on_every_path(fake_root, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "EXECUTED"
+    train.run(_cfg(fake_root, out, epochs=1))
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # model.pt is then the run's only network
+        (out / name).unlink(missing_ok=True)
+    state = torch.load(out / "model.pt", weights_only=True)
+    torch.save({**state, "extra": _payload(marker)}, out / "model.pt")
+    before = _files(out)
+    ours = "is unreadable (it holds objects other than tensors (a modified or foreign file); it was not executed)"
+    assert main(_train_argv(fake_root, out, "--epochs", "1", "--resume")) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith(f"hdkdlib.train: error: model.pt in {out} {ours}: restore it from a copy of the run folder")
+    assert "weights_only" not in line, line
+    other = tmp_path / "heads"
+    assert main(_train_argv(fake_root, other, "--epochs", "1", "--init-from", str(out))) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith(f"hdkdlib.train: error: init_from: {out / 'model.pt'}") and ours in line, line
+    assert "give --init-from a finished run" in line and "weights_only" not in line and not other.exists()
+    for load in (lambda: train.run(_cfg(fake_root, out, epochs=1)), lambda: train.load_run(out, device="cpu")):
+        with pytest.raises(RunFolderDamaged) as caught:
+            load()
+        assert f"model.pt in {out} {ours}" in str(caught.value) and "weights_only" not in str(caught.value)
+    assert not marker.exists() and _files(out) == before
