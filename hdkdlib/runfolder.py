@@ -30,6 +30,7 @@ from .paths import atomic_write, atomic_write_text
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 CHECKPOINT, PREVIOUS, MODEL, LOCK = "checkpoint.pt", "checkpoint.prev.pt", "model.pt", ".lock"
+FILES = (CONFIG, METRICS, RESULTS, CHECKPOINT, PREVIOUS, MODEL, LOCK)
 
 
 class RunFolderBusy(RuntimeError):
@@ -63,7 +64,23 @@ class RunFolder:
 
     # --- questions --------------------------------------------------------------------------------------
     def exists(self) -> bool:
+        """Whether the folder holds a run (its config.json); one clear error where it cannot hold one, or where one
+        of its files is a directory: every step in it would fail on that, resuming included."""
+        self._refuse_damaged()
         return self.file(CONFIG).is_file()
+
+    def _refuse_damaged(self) -> None:
+        for place in (self.path, *self.path.parents):
+            if place.exists():
+                if not place.is_dir():
+                    where = "is a file" if place == self.path else f"lies under {place}, a file"
+                    raise ValueError(f"run folder {self.path} {where}, not a folder: choose another out folder (--out)")
+                break
+        for name in FILES:
+            if self.file(name).exists() and not self.file(name).is_file():
+                kind = "a directory" if self.file(name).is_dir() else "not a regular file"
+                raise RunFolderDamaged(f"{name} in {self.path} is {kind}, not a file: move it out of the way or "
+                                       "restore the file from a copy of the run folder, or choose another out folder")
 
     def finished(self) -> bool:
         """Trained and evaluated: model.pt and results.json are both there."""

@@ -825,3 +825,74 @@ def test_a_model_with_a_pickle_payload_is_refused_unexecuted_in_our_words_on_eve
             load()
         assert f"model.pt in {out} {ours}" in str(caught.value) and "weights_only" not in str(caught.value)
     assert not marker.exists() and _files(out) == before
+
+
+def test_a_damaged_record_is_one_line_that_never_advises_resuming_into_the_same_failure(fake_root, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A file of the run folder that is a directory, or a JSON record too deep or holding a 5,000-digit number:
+    one line naming the file and what to restore, never --resume (which would fail the same way), and every byte
+    in the folder as it was. The undamaged run then resumes."""
+    pristine = tmp_path / "run"
+    _interrupt(train.prepare(_cfg(fake_root, pristine, epochs=2)), lambda t: t.epoch == 1)  # epoch 2 begun
+
+    def directory(name):
+        def damage(out):
+            (out / name).unlink()
+            (out / name).mkdir()
+        return damage
+
+    def insert(name, text):
+        def damage(out):
+            record = (out / name).read_text()
+            (out / name).write_text(record.replace('"', text + '"', 1) if name == "config.json" else text + record)
+        return damage
+
+    def truncate(out):
+        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+            (out / name).write_bytes((out / name).read_bytes()[:100])
+
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = [(directory("config.json"), "config.json in {out} is a directory, not a file: move it out of the way"),
+             (directory("checkpoint.pt"), "checkpoint.pt in {out} is a directory, not a file: move it out of the way"),
+             (insert("config.json", '"big": ' + "9" * 5000 + ', '),
+              "config.json in {out} is unreadable (a number longer than 4300 digits): restore it from a copy"),
+             (insert("config.json", '"deep": ' + deep + ', '),
+              "config.json in {out} is unreadable (nested deeper than 64 levels): restore it from a copy"),
+             (insert("metrics.jsonl", '{"epoch": 0, "deep": ' + deep + "}\n"),
+              "metrics.jsonl in {out}: line 1 is unreadable (nested deeper than 64 levels): delete that line"),
+             (truncate, "cannot resume {out}: no readable checkpoint (checkpoint.pt not loaded: truncated or corrupt")]
+    for number, (damage, message) in enumerate(cases):
+        out = tmp_path / f"case{number}"
+        shutil.copytree(pristine, out)
+        damage(out)
+        before = _files(out)
+        # files read only once the run is under way (not when its settings are resolved) fail under --resume
+        for extra in (["--resume"], []) if number < 4 else (["--resume"],):
+            assert main(_train_argv(fake_root, out, "--epochs", "2", *extra)) == 2
+            line = _one_line_error(capsys)
+            assert message.format(out=out) in line and "--resume" not in line and "Traceback" not in line, line
+        assert _files(out) == before, message
+    before = _files(pristine)
+    assert main(_train_argv(fake_root, pristine, "--epochs", "2", "--resume", "--lr", "0.3")) == 2
+    line = _one_line_error(capsys)  # a refused setting: resuming with the same command would be refused again
+    assert "other settings (lr)" in line and "is kept" not in line and _files(pristine) == before, line
+    real_check = train.Trainer._check_finite
+
+    def non_finite(self):
+        raise FloatingPointError("non-finite loss or loss weights: training stopped")
+    monkeypatch.setattr(train.Trainer, "_check_finite", non_finite)
+    assert main(_train_argv(fake_root, pristine, "--epochs", "2", "--resume", "--no-eval")) == 2
+    line = _one_line_error(capsys)  # a bit-identical resume meets the same non-finite loss
+    assert "non-finite" in line and "is kept" not in line and _files(pristine) == before, line
+    monkeypatch.setattr(train.Trainer, "_check_finite", real_check)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):  # a failure while training: here, and only here, resuming helps
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert main(_train_argv(fake_root, pristine, "--epochs", "2", "--resume", "--no-eval")) == 2
+    line = _one_line_error(capsys)
+    assert "no space left" in line and "is kept: continue with the same command plus --resume" in line, line
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(_train_argv(fake_root, pristine, "--epochs", "2", "--resume", "--no-eval")) == 0
+    assert [r["epoch"] for r in _metrics(pristine)] == [1, 2] and RunFolder(pristine).trained()
