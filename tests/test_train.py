@@ -896,3 +896,20 @@ def test_a_damaged_record_is_one_line_that_never_advises_resuming_into_the_same_
     monkeypatch.setattr(torch, "save", real_save)
     assert main(_train_argv(fake_root, pristine, "--epochs", "2", "--resume", "--no-eval")) == 0
     assert [r["epoch"] for r in _metrics(pristine)] == [1, 2] and RunFolder(pristine).trained()
+
+
+def test_out_or_hdkd_runs_naming_a_file_is_one_line_naming_the_setting(tmp_path, capsys, monkeypatch):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine\n")
+    synthetic = ["--dataset", "synthetic", "--arch", "toy_mlp", "--epochs", "1", "--device", "cpu", "--no-progress"]
+    assert main(synthetic + ["--out", str(mine)]) == 2
+    assert _one_line_error(capsys) == (f"hdkdlib.train: error: run folder {mine} is a file, not a folder: choose "
+                                       "another out folder (--out)")
+    assert main(synthetic + ["--out", str(mine / "run"), "--resume"]) == 2
+    assert _one_line_error(capsys) == (f"hdkdlib.train: error: run folder {mine / 'run'} lies under {mine}, a file, "
+                                       "not a folder: choose another out folder (--out)")
+    monkeypatch.setenv("HDKD_RUNS", str(mine))  # where the synthetic data set's split file goes
+    assert main(synthetic + ["--out", str(tmp_path / "run")]) == 2
+    assert _one_line_error(capsys) == (f"hdkdlib.train: error: HDKD_RUNS {mine} is a file (or lies under one), not a "
+                                       "folder: set HDKD_RUNS to a folder")
+    assert mine.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
