@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from hdkdlib import config, evaluation, objectives, plots, resume, runfolder, stats, train
+from hdkdlib import config, evaluation, objectives, plots, records, resume, runfolder, stats, train
 from hdkdlib.runfolder import RunFolder
 from hdkdlib.paths import atomic_write_text
 
@@ -125,7 +125,7 @@ def resolve_epochs(args) -> int:
     if not path.exists():
         raise SystemExit(f"--epochs auto needs the speeds in {path}: run benchmarks/train_throughput.py first")
     n = train_images(args)
-    epochs = epochs_within(args.minutes, json.loads(path.read_text()), args.methods, args.seeds, n,
+    epochs = epochs_within(args.minutes, records.read_json(path), args.methods, args.seeds, n,
                            probe(args).meta_interval, probe(args).batch_size)
     print(f"epochs auto: {epochs} ({len(args.methods)} methods x {len(args.seeds)} seeds, {n} training images, "
           f"{args.minutes} minutes at the speeds in {path})", flush=True)
@@ -454,7 +454,7 @@ def _read_runs_json(path: Path) -> dict:
     if not path.exists():
         return {"note": "", "invocations": []}
     try:
-        meta = json.loads(path.read_text())
+        meta = records.read_json(path)
         if not isinstance(meta.get("invocations"), list):
             raise ValueError("no list of invocations")
         return meta

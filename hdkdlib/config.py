@@ -27,6 +27,9 @@ from . import bilevel, models, objectives
 DATASETS = ("cifar10", "cifar100", "folder32", "folder", "synthetic")
 CUDA_GRAPHS = ("auto", "on", "off")
 FROZEN_AT_START = "init"  # freeze_weights_from: keep the learned weights at their start
+# Each epoch's batch order is drawn from a generator seeded with (seed + 1) * 1_000_003 + epoch (data.order, the
+# held-out stream's seed + 1): a seed within this bound keeps that inside torch's 64-bit seeds.
+MAX_SEED = 2 ** 40 - 1
 
 RECIPES: Dict[str, Dict] = {
     # MSDNet's CIFAR code: batch 64, 300 epochs, lr x0.1 at 50% and 75%
@@ -180,6 +183,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if not -MAX_SEED <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must lie in [-{MAX_SEED}, {MAX_SEED}], got {self.seed}")
         if self.threads < 0:
             raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         for name in ("epochs", "batch_size", "meta_interval", "eval_batch_size", "check_every"):

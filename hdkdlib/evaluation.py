@@ -9,7 +9,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cost, runinfo
+from . import cost, records, runinfo
 from .distributed import gather_rows, sum_over_ranks
 from .models import evaluating
 from .runfolder import RESULTS, RunFolder
@@ -259,7 +258,7 @@ def load_results(paths):
     for p in paths:
         p = Path(p)
         p = RunFolder(p).file(RESULTS) if p.is_dir() else p
-        res = json.loads(p.read_text())
+        res = records.read_json(p)
         cfg = res.get("config", {})
         for row in res["anytime"]:
             rows.append({"run": p.parent.name, "method": cfg.get("method"), "arch": cfg.get("arch"),

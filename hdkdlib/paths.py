@@ -24,7 +24,11 @@ def project_root() -> Path:
 
 def _folder(name: str, env: str) -> Path:
     path = Path(os.environ[env]) if os.environ.get(env) else project_root() / name
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # the path, or a folder above it, is a file
+        where = f"{env} {path}" if os.environ.get(env) else f"the {name} folder {path}"
+        raise ValueError(f"{where} is a file (or lies under one), not a folder: set {env} to a folder") from None
     return path
 
 

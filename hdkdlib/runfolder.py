@@ -9,8 +9,9 @@
     .lock              held (flock) by the process training in the folder, with its pid
 
 Every file is written atomically (a temporary file renamed over the old one), so a kill at any moment
-leaves either the old or the new version. Checkpoints hold tensors and plain values only and are loaded
-with weights_only=True: no file in a run folder can make us execute code.
+leaves either the old or the new version. Every file is read through hdkdlib.records: checkpoints hold tensors
+and plain values only and are loaded with weights_only=True (no file in a run folder can make us execute code),
+JSON records are bounded in size and depth.
 """
 from __future__ import annotations
 
@@ -18,17 +19,18 @@ import fcntl
 import json
 import math
 import os
-import pickle
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from . import records
 from .paths import atomic_write, atomic_write_text
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 CHECKPOINT, PREVIOUS, MODEL, LOCK = "checkpoint.pt", "checkpoint.prev.pt", "model.pt", ".lock"
+FILES = (CONFIG, METRICS, RESULTS, CHECKPOINT, PREVIOUS, MODEL, LOCK)
 
 
 class RunFolderBusy(RuntimeError):
@@ -62,7 +64,23 @@ class RunFolder:
 
     # --- questions --------------------------------------------------------------------------------------
     def exists(self) -> bool:
+        """Whether the folder holds a run (its config.json); one clear error where it cannot hold one, or where one
+        of its files is a directory: every step in it would fail on that, resuming included."""
+        self._refuse_damaged()
         return self.file(CONFIG).is_file()
+
+    def _refuse_damaged(self) -> None:
+        for place in (self.path, *self.path.parents):
+            if place.exists():
+                if not place.is_dir():
+                    where = "is a file" if place == self.path else f"lies under {place}, a file"
+                    raise ValueError(f"run folder {self.path} {where}, not a folder: choose another out folder (--out)")
+                break
+        for name in FILES:
+            if self.file(name).exists() and not self.file(name).is_file():
+                kind = "a directory" if self.file(name).is_dir() else "not a regular file"
+                raise RunFolderDamaged(f"{name} in {self.path} is {kind}, not a file: move it out of the way or "
+                                       "restore the file from a copy of the run folder, or choose another out folder")
 
     def finished(self) -> bool:
         """Trained and evaluated: model.pt and results.json are both there."""
@@ -102,9 +120,9 @@ class RunFolder:
 
     def _read_json(self, name: str, fix: str):
         try:
-            record = json.loads(self.file(name).read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RunFolderDamaged(f"{name} in {self.path} is unreadable ({type(e).__name__}: {e}): {fix}") from None
+            record = records.read_json(self.file(name))
+        except records.Unreadable as e:
+            raise RunFolderDamaged(f"{name} in {self.path} is unreadable ({e.reason}): {fix}") from None
         if not isinstance(record, dict):
             raise RunFolderDamaged(f"{name} in {self.path} holds a {type(record).__name__}, not a record: {fix}")
         return record
@@ -215,14 +233,19 @@ class RunFolder:
         path = self.file(METRICS)
         if not path.exists():
             return []
-        text = path.read_text(errors="replace")
+        try:
+            text = records.read_text(path, errors="replace")
+        except records.Unreadable as e:
+            raise RunFolderDamaged(f"{METRICS} in {self.path} is unreadable ({e.reason}): restore it from a copy of "
+                                   "the run folder, or move it out of the way (the epochs' metrics are lost, their "
+                                   "training is not)") from None
         lines = text.splitlines()
         rows = []
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = records.parse_json(line, f"line {number}")
                 if not isinstance(row, dict) or not isinstance(row.get("epoch"), int):
                     raise ValueError("not an epoch's record")
             except ValueError as e:
@@ -230,7 +253,8 @@ class RunFolder:
                     say(f"warning: the last line of {path} is cut short (an interrupted write or copy): dropped; "
                         "that epoch's metrics are lost, training continues from the checkpoint")
                     break
-                raise RunFolderDamaged(f"{METRICS} in {self.path}: line {number} is unreadable ({e}): delete that line "
+                raise RunFolderDamaged(f"{METRICS} in {self.path}: line {number} is unreadable "
+                                       f"({getattr(e, 'reason', e)}): delete that line "
                                        "(only that epoch's metrics are lost) and run again") from None
             rows.append(row)
         return rows
@@ -247,9 +271,9 @@ class RunFolder:
             if not path.exists():
                 continue
             try:
-                state = torch.load(path, map_location=device, weights_only=True)
-            except Exception as e:  # a truncated or corrupt file: any unpickling or zip error
-                errors.append(f"{path.name} not loaded: " + _why_unreadable(e))
+                state = records.load_tensors(path, device)
+            except records.Unreadable as e:
+                errors.append(f"{path.name} not loaded: {e.reason}")
                 continue
             if errors:
                 say(f"warning: {errors[0]}; resuming from {path.name} (epoch {state['epoch']}, batch {state['batch']})")
@@ -258,23 +282,31 @@ class RunFolder:
                            f"start again in a new out folder")
 
     def load_model(self, device) -> Dict:
-        return torch.load(self.file(MODEL), map_location=device, weights_only=True)
+        """model.pt's state dict. Its run has nothing else to take the network from (load_finished tries the
+        checkpoints first), so a damaged one is restored from a copy or the run trained again."""
+        try:
+            return _state_dict(records.load_tensors(self.file(MODEL), device), self.file(MODEL))
+        except records.Unreadable as e:
+            raise RunFolderDamaged(f"{MODEL} in {self.path} is unreadable ({e.reason}): restore it from a copy of the "
+                                   "run folder, or train the run again in another out folder") from None
 
 
-def _why_unreadable(error: Exception) -> str:
-    """torch.load's refusal in our words: its own text, cut short, reads as if the file were loaded unsafely."""
-    if isinstance(error, pickle.UnpicklingError) and "weights_only" in str(error):
-        return "it holds objects other than tensors (a modified or foreign file); it was not executed"
-    return f"truncated or corrupt ({type(error).__name__})"
+def _state_dict(state, path) -> Dict:
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise records.Unreadable(path, "it holds no network's state dict (a map of names to tensors)")
+    return state
 
 
 def final_network(path, device) -> Dict:
     """The state dict of a finished run's network: a run folder's model.pt, or a model.pt given directly."""
     folder = RunFolder(path) if Path(path).is_dir() else RunFolder(Path(path).parent)
     file = folder.file(MODEL) if Path(path).is_dir() else Path(path)
-    if not file.is_file():
+    if not file.exists():
         raise FileNotFoundError(f"no finished network at {file} (train that run to the end first)")
-    return torch.load(file, map_location=device, weights_only=True)
+    try:
+        return _state_dict(records.load_tensors(file, device), file)
+    except records.Unreadable as e:
+        raise ValueError(f"init_from: {e}: give --init-from a finished run whose {MODEL} is intact") from None
 
 
 def final_weights(path) -> Dict[str, float]:
@@ -282,9 +314,9 @@ def final_weights(path) -> Dict[str, float]:
     path = Path(path)
     path = path / RESULTS if path.is_dir() else path
     try:
-        weights = json.loads(path.read_text())["weights"]
-    except (OSError, KeyError, TypeError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        kind = "not a JSON text file" if isinstance(e, UnicodeDecodeError) else f"{type(e).__name__}: {e}"
+        weights = records.read_json(path)["weights"]
+    except (OSError, KeyError, TypeError, records.Unreadable) as e:
+        kind = e.reason if isinstance(e, records.Unreadable) else f"{type(e).__name__}: {e}"
         raise ValueError(f"cannot read final weights from {path} ({kind}): give a finished run's results.json") from e
     if not isinstance(weights, dict):
         raise ValueError(f"{path}: 'weights' must map term names to numbers")

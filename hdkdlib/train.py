@@ -80,6 +80,7 @@ class Trainer:
         self.epoch = self.batch = self.step = self.meta_steps = 0
         self._acc = self._zero_accumulators()
         self._stop_signal = None
+        self.began = False  # the run folder checked and the state loaded: what fails from here on may pass on a rerun
 
     # -- run folder
     def _config_record(self) -> Dict:
@@ -233,6 +234,7 @@ class Trainer:
             return []
         if action in ("continue", "evaluate"):  # a trained run whose checkpoints are gone: its final network
             self.load_checkpoint() if self.folder.resumable() else self.load_finished()
+        self.began = True
         history = []
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
@@ -341,8 +343,7 @@ def main(argv=None) -> int:
     if resume and not given.get("out"):
         say("error: --resume needs --out, the run folder to continue")
         return 2
-    recorded = RunFolder(given["out"]) if given.get("out") else None
-    finished = False
+    trainer, finished = None, False
     try:
         plan = resolve(given, "continue" if resume else "new")  # --resume: the recorded settings; given ones agree
         trainer = prepare(plan.cfg)
@@ -358,9 +359,12 @@ def main(argv=None) -> int:
             RuntimeError, OSError) as e:
         if debug:
             raise
-        kept = recorded and recorded.resumable() and not isinstance(e, (RunFolderBusy, FileExistsError, RunFolderDamaged,
-                                                                         RunFolderMismatch))
-        say("error: " + cli.error_line(e, str(recorded.path) if kept else None))
+        # --resume is advised only where it can succeed: after the run began training from a readable folder, and
+        # not after a non-finite loss, which a bit-identical resume meets again. A bad setting, a damaged record or
+        # an unreadable checkpoint fails the same way when resumed.
+        kept = (trainer is not None and trainer.began and trainer.writes and trainer.folder.resumable()
+                and not isinstance(e, (RunFolderDamaged, RunFolderMismatch, FloatingPointError)))
+        say("error: " + cli.error_line(e, str(trainer.folder.path) if kept else None))
         return 2
     finally:
         distributed.teardown(wait=finished)

@@ -168,3 +168,22 @@ def test_run_folders_from_before_the_optimizer_settings_resume_as_sgd():
            if k not in ("optimizer", "lr_schedule", "warmup_epochs", "beta1", "beta2", "weights")}
     cfg = config_from_dict(stored_config(old))
     assert (cfg.optimizer, cfg.lr_schedule, cfg.warmup_epochs, cfg.lr) == ("sgd", "step", 0, 0.1)
+
+
+def test_a_seed_beyond_the_batch_order_generator_is_one_line_naming_it(tmp_path, capsys):
+    """Each epoch's order is drawn from a generator seeded with (seed + 1) * 1_000_003 + epoch: a larger seed
+    overflowed torch's 64-bit seed in the first epoch, after the run folder was begun."""
+    from hdkdlib.config import MAX_SEED
+    from hdkdlib.data.order import epoch_generator
+    from hdkdlib.train import main
+    out = tmp_path / "run"
+    for seed in (10 ** 20, 10 ** 16, MAX_SEED + 1, -MAX_SEED - 1):
+        assert main(["--dataset", "synthetic", "--arch", "toy_mlp", "--epochs", "1", "--device", "cpu",
+                     "--no-progress", "--seed", str(seed), "--out", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"hdkdlib.train: error: seed must lie in [-{MAX_SEED}, {MAX_SEED}], got {seed}"]
+    assert not out.exists()
+    for seed in (MAX_SEED, -MAX_SEED):  # the bound itself: validated, and its generators drawn
+        TrainConfig(seed=seed).validate()
+        for s in (seed, seed + 1):
+            epoch_generator(s, 10 ** 9)

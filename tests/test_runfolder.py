@@ -92,3 +92,70 @@ def test_writers_of_one_file_at_once_each_put_a_whole_file_in_place(tmp_path):
     assert errors == []
     assert target.read_text() in texts
     assert [p.name for p in tmp_path.iterdir()] == ["split.json"]  # no temporary file left behind
+
+
+# --- one reader per kind of file (issue 36) ----------------------------------------------------------------
+def _payload(marker):
+    """An object whose unpickling would create `marker`: what a hostile or foreign file may carry."""
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    return Payload()
+
+
+def test_one_json_reader_bounds_size_and_depth_and_names_the_file(tmp_path, monkeypatch):
+    from hdkdlib import records
+    path = tmp_path / "record.json"
+    cases = [('{"x": ' + "9" * 5000 + "}", "a number longer than 4300 digits"),
+             ("[" * 100_000 + "]" * 100_000, "nested deeper than 64 levels"),  # past the parser's own stack
+             ('{"x": ' + "[" * 64 + "]" * 64 + "}", "nested deeper than 64 levels"),  # past our bound alone
+             (b"\x80\x02binary pickle\xff", "not a JSON text file"),
+             ("{not json", "JSONDecodeError: Expecting property name")]
+    for text, reason in cases:
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+        with pytest.raises(records.Unreadable) as caught:
+            records.read_json(path)
+        assert str(caught.value).startswith(f"{path} is unreadable ({reason}"), (reason, str(caught.value)[:200])
+        assert caught.value.reason.startswith(reason) and "\n" not in str(caught.value)
+    path.write_text('{"x": ' + "[" * 63 + "]" * 63 + "}")  # 64 levels: within the bound
+    assert len(records.read_json(path)["x"]) == 1
+    monkeypatch.setattr(records, "MAX_JSON_BYTES", 2 ** 20)
+    path.write_text('{"x": "' + "a" * 2 ** 20 + '"}')
+    with pytest.raises(records.Unreadable, match=r"record\.json is unreadable \(larger than 1 MiB"):
+        records.read_json(path)
+    path.unlink()
+    path.mkdir()
+    with pytest.raises(records.Unreadable, match=r"record\.json is unreadable \(a directory, not a file\)"):
+        records.read_json(path)
+
+
+def test_one_tensor_reader_refuses_a_payload_unexecuted_and_in_our_words(tmp_path):
+    from hdkdlib import records
+    marker, folder = tmp_path / "EXECUTED", RunFolder(tmp_path / "run")
+    folder.path.mkdir()
+    model = folder.file(runfolder.MODEL)
+    torch.save({"w": torch.ones(2), "extra": _payload(marker)}, model)
+    ours = "is unreadable (it holds objects other than tensors (a modified or foreign file); it was not executed)"
+    for load in (lambda: records.load_tensors(model), lambda: folder.load_model("cpu"),
+                 lambda: runfolder.final_network(folder.path, "cpu"), lambda: runfolder.final_network(model, "cpu")):
+        with pytest.raises(ValueError) as caught:
+            load()
+        message = str(caught.value)
+        assert ours in message and "weights_only" not in message and "\n" not in message, message
+    assert not marker.exists()
+    torch.save([torch.ones(2)], model)
+    with pytest.raises(runfolder.RunFolderDamaged, match="it holds no network's state dict"):
+        folder.load_model("cpu")
+    torch.save({"w": torch.ones(2)}, model)
+    model.write_bytes(model.read_bytes()[:1000])
+    with pytest.raises(runfolder.RunFolderDamaged, match=r"model\.pt in .* is unreadable \(truncated or corrupt "
+                                                         r"\(RuntimeError\)\): restore it from a copy"):
+        folder.load_model("cpu")
+    model.unlink()
+    model.mkdir()
+    with pytest.raises(records.Unreadable, match=r"model\.pt is unreadable \(a directory, not a file\)"):
+        records.load_tensors(model)
+    model.rmdir()
+    torch.save({"w": torch.ones(2), "extra": _payload(marker)}, model)  # the payload is real: an unsafe load runs it
+    torch.load(model, weights_only=False)
+    assert marker.exists()

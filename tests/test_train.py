@@ -530,13 +530,17 @@ def test_cli_out_folder_that_cannot_be_written_is_a_one_line_error(fake_root, tm
 
 
 # --- run folders that survive torn files and full disks (issue 27) ------------------------------------------
-def _train_cli(fake_root, out, *extra):
-    argv = ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
+def _train_argv(fake_root, out, *extra):
+    return ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
             "--arch", "toy_mlp", "--method", "hdkd", "--n-per-class", "24", "--val-per-class", "6",
             "--batch-size", "16", "--lr", "0.05", "--eval-batch-size", "64", "--device", "cpu",
             "--meta-schedule", "fixed", "--meta-lr", "0.01", "--check-every", "5", "--no-progress", "--out", str(out),
             *extra]  # the settings of _cfg
-    return subprocess.run([sys.executable, "-m", "hdkdlib.train", *argv], capture_output=True, text=True)
+
+
+def _train_cli(fake_root, out, *extra):
+    return subprocess.run([sys.executable, "-m", "hdkdlib.train", *_train_argv(fake_root, out, *extra)],
+                          capture_output=True, text=True)
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning_and_the_run_continues(fake_root, tmp_path):
@@ -774,3 +778,138 @@ def test_resuming_on_other_images_is_refused_naming_both(tmp_path, capsys):
     tree = {r: files_fingerprint(r, data.image_folder(r, "train"), data.image_folder(r, "val")) for r in (first, other,
                                                                                                            moved)}
     assert tree[first]["sha256"] == tree[moved]["sha256"] != tree[other]["sha256"]
+
+
+# --- nothing lost, nothing silently wrong (issue 36) ---------------------------------------------------------
+def _files(folder):
+    """Each file's digest (a directory: "dir") under folder; the lock holds only the last process's pid."""
+    import hashlib
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(Path(folder).rglob("*")) if p.name != ".lock"}
+
+
+def _payload(marker):
+    """An object whose unpickling would create `marker`: what a hostile or foreign file may carry."""
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    return Payload()
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hdkdlib.train: error: "), err
+    return err[0]
+
+
+def test_a_model_with_a_pickle_payload_is_refused_unexecuted_in_our_words_on_every_path(fake_root, tmp_path, capsys):
+    out, marker = tmp_path / "run", tmp_path / "EXECUTED"
+    train.run(_cfg(fake_root, out, epochs=1))
+    for name in ("checkpoint.pt", "checkpoint.prev.pt"):  # model.pt is then the run's only network
+        (out / name).unlink(missing_ok=True)
+    state = torch.load(out / "model.pt", weights_only=True)
+    torch.save({**state, "extra": _payload(marker)}, out / "model.pt")
+    before = _files(out)
+    ours = "is unreadable (it holds objects other than tensors (a modified or foreign file); it was not executed)"
+    assert main(_train_argv(fake_root, out, "--epochs", "1", "--resume")) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith(f"hdkdlib.train: error: model.pt in {out} {ours}: restore it from a copy of the run folder")
+    assert "weights_only" not in line, line
+    other = tmp_path / "heads"
+    assert main(_train_argv(fake_root, other, "--epochs", "1", "--init-from", str(out))) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith(f"hdkdlib.train: error: init_from: {out / 'model.pt'}") and ours in line, line
+    assert "give --init-from a finished run" in line and "weights_only" not in line and not other.exists()
+    for load in (lambda: train.run(_cfg(fake_root, out, epochs=1)), lambda: train.load_run(out, device="cpu")):
+        with pytest.raises(RunFolderDamaged) as caught:
+            load()
+        assert f"model.pt in {out} {ours}" in str(caught.value) and "weights_only" not in str(caught.value)
+    assert not marker.exists() and _files(out) == before
+
+
+def test_a_damaged_record_is_one_line_that_never_advises_resuming_into_the_same_failure(fake_root, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """A file of the run folder that is a directory, or a JSON record too deep or holding a 5,000-digit number:
+    one line naming the file and what to restore, never --resume (which would fail the same way), and every byte
+    in the folder as it was. The undamaged run then resumes."""
+    pristine = tmp_path / "run"
+    _interrupt(train.prepare(_cfg(fake_root, pristine, epochs=2)), lambda t: t.epoch == 1)  # epoch 2 begun
+
+    def directory(name):
+        def damage(out):
+            (out / name).unlink()
+            (out / name).mkdir()
+        return damage
+
+    def insert(name, text):
+        def damage(out):
+            record = (out / name).read_text()
+            (out / name).write_text(record.replace('"', text + '"', 1) if name == "config.json" else text + record)
+        return damage
+
+    def truncate(out):
+        for name in ("checkpoint.pt", "checkpoint.prev.pt"):
+            (out / name).write_bytes((out / name).read_bytes()[:100])
+
+    deep = "[" * 100_000 + "]" * 100_000
+    cases = [(directory("config.json"), "config.json in {out} is a directory, not a file: move it out of the way"),
+             (directory("checkpoint.pt"), "checkpoint.pt in {out} is a directory, not a file: move it out of the way"),
+             (insert("config.json", '"big": ' + "9" * 5000 + ', '),
+              "config.json in {out} is unreadable (a number longer than 4300 digits): restore it from a copy"),
+             (insert("config.json", '"deep": ' + deep + ', '),
+              "config.json in {out} is unreadable (nested deeper than 64 levels): restore it from a copy"),
+             (insert("metrics.jsonl", '{"epoch": 0, "deep": ' + deep + "}\n"),
+              "metrics.jsonl in {out}: line 1 is unreadable (nested deeper than 64 levels): delete that line"),
+             (truncate, "cannot resume {out}: no readable checkpoint (checkpoint.pt not loaded: truncated or corrupt")]
+    for number, (damage, message) in enumerate(cases):
+        out = tmp_path / f"case{number}"
+        shutil.copytree(pristine, out)
+        damage(out)
+        before = _files(out)
+        # files read only once the run is under way (not when its settings are resolved) fail under --resume
+        for extra in (["--resume"], []) if number < 4 else (["--resume"],):
+            assert main(_train_argv(fake_root, out, "--epochs", "2", *extra)) == 2
+            line = _one_line_error(capsys)
+            assert message.format(out=out) in line and "--resume" not in line and "Traceback" not in line, line
+        assert _files(out) == before, message
+    before = _files(pristine)
+    assert main(_train_argv(fake_root, pristine, "--epochs", "2", "--resume", "--lr", "0.3")) == 2
+    line = _one_line_error(capsys)  # a refused setting: resuming with the same command would be refused again
+    assert "other settings (lr)" in line and "is kept" not in line and _files(pristine) == before, line
+    real_check = train.Trainer._check_finite
+
+    def non_finite(self):
+        raise FloatingPointError("non-finite loss or loss weights: training stopped")
+    monkeypatch.setattr(train.Trainer, "_check_finite", non_finite)
+    assert main(_train_argv(fake_root, pristine, "--epochs", "2", "--resume", "--no-eval")) == 2
+    line = _one_line_error(capsys)  # a bit-identical resume meets the same non-finite loss
+    assert "non-finite" in line and "is kept" not in line and _files(pristine) == before, line
+    monkeypatch.setattr(train.Trainer, "_check_finite", real_check)
+    real_save = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):  # a failure while training: here, and only here, resuming helps
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert main(_train_argv(fake_root, pristine, "--epochs", "2", "--resume", "--no-eval")) == 2
+    line = _one_line_error(capsys)
+    assert "no space left" in line and "is kept: continue with the same command plus --resume" in line, line
+    monkeypatch.setattr(torch, "save", real_save)
+    assert main(_train_argv(fake_root, pristine, "--epochs", "2", "--resume", "--no-eval")) == 0
+    assert [r["epoch"] for r in _metrics(pristine)] == [1, 2] and RunFolder(pristine).trained()
+
+
+def test_out_or_hdkd_runs_naming_a_file_is_one_line_naming_the_setting(tmp_path, capsys, monkeypatch):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine\n")
+    synthetic = ["--dataset", "synthetic", "--arch", "toy_mlp", "--epochs", "1", "--device", "cpu", "--no-progress"]
+    assert main(synthetic + ["--out", str(mine)]) == 2
+    assert _one_line_error(capsys) == (f"hdkdlib.train: error: run folder {mine} is a file, not a folder: choose "
+                                       "another out folder (--out)")
+    assert main(synthetic + ["--out", str(mine / "run"), "--resume"]) == 2
+    assert _one_line_error(capsys) == (f"hdkdlib.train: error: run folder {mine / 'run'} lies under {mine}, a file, "
+                                       "not a folder: choose another out folder (--out)")
+    monkeypatch.setenv("HDKD_RUNS", str(mine))  # where the synthetic data set's split file goes
+    assert main(synthetic + ["--out", str(tmp_path / "run")]) == 2
+    assert _one_line_error(capsys) == (f"hdkdlib.train: error: HDKD_RUNS {mine} is a file (or lies under one), not a "
+                                       "folder: set HDKD_RUNS to a folder")
+    assert mine.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

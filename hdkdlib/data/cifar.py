@@ -13,7 +13,6 @@ that no file can run code:
 from __future__ import annotations
 
 import io
-import json
 import pickle
 import socket
 import time
@@ -24,6 +23,8 @@ import numpy as np
 import torch
 from torchvision.datasets import CIFAR10, CIFAR100
 from torchvision.datasets.utils import calculate_md5, check_integrity, download_and_extract_archive
+
+from ..records import Unreadable, read_json
 
 SPECS: Dict[str, dict] = {
     "cifar10": dict(cls=CIFAR10, num_classes=10, label_key="labels", names_key="label_names",
@@ -164,7 +165,11 @@ def load(root, name: str = "cifar100", train: bool = True, download_if_missing: 
         raise DatasetError(f"{name} not found: missing {', '.join(str(base / f) for f in missing)}. "
                            f"Pass download=True, or download {cls.url} and unpack it into {Path(root).resolve()}.")
     manifest_path = base / FAKE_MANIFEST
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    try:
+        manifest = read_json(manifest_path) if manifest_path.is_file() else {}
+    except Unreadable as e:
+        raise DatasetError(f"{e}: delete {base} and download again (download=True), or write the fake data "
+                           "again") from None
     expected = _expected_md5(root, name)
     for f in files + [cls.meta["filename"]]:  # every file checked before any is unpickled
         _check_file(base / f, expected[f], manifest)

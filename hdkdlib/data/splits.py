@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from ..paths import atomic_write_text
+from ..records import Unreadable, read_json
 from .cifar import DatasetError
 
 VERSION = 1
@@ -94,9 +95,9 @@ def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class:
     path = Path(path) if path is not None else default_path(dataset, labels, val_per_class, train_per_class, seed, folder)
     if path.is_file():
         try:
-            split = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"split file {path} is not valid JSON ({e}); {_REGENERATE.format(path=path)}") from e
+            split = read_json(path)
+        except Unreadable as e:
+            raise DatasetError(f"split file {path} is unreadable ({e.reason}); {_REGENERATE.format(path=path)}") from e
         if not isinstance(split, dict) or not isinstance(split.get("val"), list):
             raise DatasetError(f"split file {path} does not hold a split (a JSON object with index lists 'train' and "
                                f"'val'); {_REGENERATE.format(path=path)}")
