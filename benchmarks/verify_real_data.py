@@ -38,7 +38,7 @@ from typing import Optional
 import numpy as np
 import pandas as pd
 
-from hdkdlib import config, evaluation, objectives, plots, records, resume, runfolder, stats, train
+from hdkdlib import config, objectives, plots, records, resume, runfolder, stats, train
 from hdkdlib.runfolder import RunFolder
 from hdkdlib.paths import atomic_write_text
 
@@ -349,7 +349,7 @@ def summarize(results: Path, epochs_full: int = 300) -> str:
     folders = [f for f in map(RunFolder, sorted(results.glob("*/"))) if f.evaluated()]
     if not folders:
         raise SystemExit(f"no results under {results}")
-    table = evaluation.load_results([str(f.path) for f in folders])
+    table = runfolder.load_results([str(f.path) for f in folders])
     table["variant"] = table["run"].map(variant)
     records = {f.path.name: f.results() for f in folders}
     meta = _read_runs_json(results / "RUNS.json")

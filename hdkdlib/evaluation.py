@@ -4,25 +4,23 @@
   budgeted     MSDNet's budgeted batch classification: thresholds fitted on validation, applied to test
   apply_thresholds   the same for thresholds a user picks
   early_exit_predict real early exit: runs exit by exit and only continues with the samples still running
-  network_results    what a run's results.json records of its network (anytime, budgeted in FLOPs and ms)
-  write_results / load_results   results.json in every run folder, many runs into one pandas table
+  network_results    what a run records of its network (anytime, budgeted in FLOPs and ms)
+
+Everything here computes and returns numbers; files are the run folder's business.
 """
 from __future__ import annotations
 
 import math
-import os
 import time
-from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import cost, records, runinfo
+from . import cost, runinfo
 from .distributed import gather_rows, sum_over_ranks
 from .models import evaluating
-from .runfolder import RESULTS, RunFolder
 
 
 # --- predictions ----------------------------------------------------------------------------------------
@@ -230,7 +228,7 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
 
 def network_results(model, val, test, exit_flops: Sequence[float], input_shape, device,
                     latency_batch: int = 256) -> Dict:
-    """The evaluation a run folder's results.json records, from predictions (probs, targets) of the held-out and
+    """The evaluation a run records, from predictions (probs, targets) of the held-out and
     test splits: anytime on test; budgeted with thresholds fitted on the held-out split and applied to test, in
     FLOPs and in time (each exit's cost measured on this device, ms per image, eager)."""
     exit_ms = [1000 * t for t in cost.latency(model, input_shape, batch_size=latency_batch, device=device)]
@@ -239,28 +237,3 @@ def network_results(model, val, test, exit_flops: Sequence[float], input_shape, 
             "exit_ms": exit_ms, "exit_ms_measured_on": {"device": runinfo.device_name(torch.device(device)),
                                                         "batch_size": latency_batch, "threads": torch.get_num_threads(),
                                                         "unit": "ms per image, eager"}}
-
-
-# --- results store ------------------------------------------------------------------------------------
-def write_results(run_dir, results: Dict) -> Path:
-    """Write results.json atomically into the run folder."""
-    return RunFolder(run_dir).write_results(results)
-
-
-def load_results(paths):
-    """Many runs' results.json (paths, folders or a glob) as one long pandas table: one row per run and exit."""
-    import glob as globmod
-
-    import pandas as pd
-    if isinstance(paths, (str, os.PathLike)):
-        paths = sorted(globmod.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
-    rows = []
-    for p in paths:
-        p = Path(p)
-        p = RunFolder(p).file(RESULTS) if p.is_dir() else p
-        res = records.read_json(p)
-        cfg = res.get("config", {})
-        for row in res["anytime"]:
-            rows.append({"run": p.parent.name, "method": cfg.get("method"), "arch": cfg.get("arch"),
-                         "dataset": cfg.get("dataset"), "seed": cfg.get("seed"), **row})
-    return pd.DataFrame(rows)

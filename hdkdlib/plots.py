@@ -86,7 +86,7 @@ def weight_heatmap(weights: Dict[str, float], num_exits: int, ax=None, title: st
 
 def anytime_curves(table: pd.DataFrame, ax=None, metric: str = "top1", title: str = "Anytime prediction"):
     """Accuracy of every exit against its cumulative cost, one line per method (or run).
-    `table`: columns method, exit, flops and `metric` (fractions), e.g. from evaluation.load_results."""
+    `table`: columns method, exit, flops and `metric` (fractions), e.g. from runfolder.load_results."""
     ax = ax or plt.gca()
     divisor, prefix = si_scale(table["flops"].max())
     frame = table.assign(cost=table["flops"] / divisor, accuracy=100 * table[metric])

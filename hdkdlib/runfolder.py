@@ -325,3 +325,22 @@ def final_weights(path) -> Dict[str, float]:
             raise ValueError(f"{path}: 'weights' must map term names to numbers, each finite and >= 0, but {name!r} "
                              f"is {value!r}: give a finished run's results.json")
     return weights
+
+
+def load_results(paths):
+    """Many runs' results.json (paths, folders or a glob) as one long pandas table: one row per run and exit."""
+    import glob as globmod
+
+    import pandas as pd
+    if isinstance(paths, (str, os.PathLike)):
+        paths = sorted(globmod.glob(str(paths))) if any(c in str(paths) for c in "*?[") else [paths]
+    rows = []
+    for p in paths:
+        p = Path(p)
+        p = RunFolder(p).file(RESULTS) if p.is_dir() else p
+        res = records.read_json(p)
+        cfg = res.get("config", {})
+        for row in res["anytime"]:
+            rows.append({"run": p.parent.name, "method": cfg.get("method"), "arch": cfg.get("arch"),
+                         "dataset": cfg.get("dataset"), "seed": cfg.get("seed"), **row})
+    return pd.DataFrame(rows)

@@ -141,15 +141,6 @@ def test_bad_inputs():
         E.anytime(probs[0], y)
 
 
-def test_results_store_round_trip(tmp_path):
-    for method, acc in (("ce", 0.5), ("hdkd", 0.6)):
-        E.write_results(tmp_path / method, {"config": {"method": method, "arch": "a", "dataset": "d", "seed": 0},
-                                            "anytime": [{"exit": 1, "top1": acc, "top5": 0.9, "flops": 1e6}]})
-    table = E.load_results(str(tmp_path / "*"))
-    assert table.sort_values("method")[["method", "top1"]].values.tolist() == [["ce", 0.5], ["hdkd", 0.6]]
-    assert not list(tmp_path.glob("*/*.tmp"))
-
-
 def test_threshold_explorer_updates_with_the_sliders(trained_toy):
     from hdkdlib.widgets import threshold_explorer
     model, _, _, _, (tp, ty) = trained_toy

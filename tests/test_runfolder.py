@@ -159,3 +159,12 @@ def test_one_tensor_reader_refuses_a_payload_unexecuted_and_in_our_words(tmp_pat
     torch.save({"w": torch.ones(2), "extra": _payload(marker)}, model)  # the payload is real: an unsafe load runs it
     torch.load(model, weights_only=False)
     assert marker.exists()
+
+
+def test_results_store_round_trip(tmp_path):
+    for method, acc in (("ce", 0.5), ("hdkd", 0.6)):
+        RunFolder(tmp_path / method).write_results({"config": {"method": method, "arch": "a", "dataset": "d", "seed": 0},
+                                                    "anytime": [{"exit": 1, "top1": acc, "top5": 0.9, "flops": 1e6}]})
+    table = runfolder.load_results(str(tmp_path / "*"))
+    assert table.sort_values("method")[["method", "top1"]].values.tolist() == [["ce", 0.5], ["hdkd", 0.6]]
+    assert not list(tmp_path.glob("*/*.tmp"))
