@@ -270,8 +270,9 @@ class TrainConfig:
         except TypeError:
             raise ValueError(f"lr_milestones must be whole epochs, got {self.lr_milestones}") from None
         if any(m < 1 for m in milestones) or list(milestones) != sorted(set(milestones)):
-            raise ValueError(f"lr_milestones must be increasing epochs >= 1, got {list(milestones)}: e.g. "
-                             f"{self.epochs // 2} {self.epochs * 3 // 4}, or none for 50% and 75% of the run")
+            example = f"e.g. {self.epochs // 2} {self.epochs * 3 // 4}, or " if self.epochs >= 4 else ""
+            raise ValueError(f"lr_milestones must be increasing epochs >= 1, got {list(milestones)}: {example}none "
+                             "for 50% and 75% of the run")
         recipe = RECIPES[self.recipe or default_recipe(self.dataset)]["lr_milestones"]
         beyond = [m for m in milestones if m >= self.epochs]
         if beyond and milestones != tuple(recipe) and self.lr_schedule == "step":
