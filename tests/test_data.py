@@ -344,6 +344,21 @@ def test_a_strip_image_in_a_dataloader_worker_is_one_line_not_a_memory_error(tmp
                         r"data folder", cli.error_line(caught.value))
 
 
+def test_a_strip_image_in_the_test_split_is_refused_before_training(tmp_path, capsys):
+    """The test split is read only at the end of a run: its images' headers are checked when the data is built,
+    so a 1 x 40,000 PNG there stops the run before anything is trained or written, not after the training."""
+    from hdkdlib.train import main
+    D.write_fake_image_folder(tmp_path / "data", classes=["a", "b"], n_per_class=(6, 1), size=40)
+    Image.new("RGB", (1, 40000)).save(tmp_path / "data" / "val" / "b" / "strip.png")
+    out = tmp_path / "run"
+    assert main(["--dataset", "folder", "--data-root", str(tmp_path / "data"), "--split-dir", str(tmp_path / "s"),
+                 "--val-per-class", "1", "--arch", "toy_mlp", "--method", "ce", "--epochs", "1", "--batch-size", "2",
+                 "--workers", "0", "--device", "cpu", "--no-progress", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "val/b/strip.png is 1x40000 pixels" in err[0] and "--resume" not in err[0], err
+    assert not out.exists()
+
+
 def test_holding_out_every_image_of_a_class_says_so(tmp_path):
     with pytest.raises(ValueError, match=r"class 0 has 100 images, all held out for validation \(val_per_class 100\): "
                                          r"none is left for training; lower val_per_class"):

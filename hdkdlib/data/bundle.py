@@ -24,7 +24,7 @@ from ..paths import runs_dir
 from . import splits
 from .cifar import SPECS as CIFAR_SPECS, DatasetError, load as load_cifar
 from .fake import synthetic_images
-from .folder import IMAGENET_MEAN, IMAGENET_STD, check_disjoint, folder_to_tensor, image_folder
+from .folder import IMAGENET_MEAN, IMAGENET_STD, check_disjoint, check_sizes, folder_to_tensor, image_folder
 from .gpu import GpuLoader
 from .order import epoch_generator, num_batches, rank_slice
 
@@ -209,6 +209,7 @@ def _folder_data(cfg, device, rank, world_size) -> DataBundle:
     split = splits.load_or_create(train_aug.targets, dataset=f"folder-{root.name}",
                                        val_per_class=cfg.val_per_class or 50, train_per_class=cfg.n_per_class or None,
                                        seed=cfg.split_seed, folder=cfg.split_dir or None)
+    check_sizes([test.samples[i][0] for i in range(len(test))] + [train_plain.samples[i][0] for i in split["val"]])
     common = dict(seed=cfg.seed, workers=cfg.workers, device=device, channels_last=cfg.channels_last)
     if len(split["train"]) < cfg.batch_size * world_size:
         raise ValueError(f"{len(split['train'])} training images but a global batch of {cfg.batch_size * world_size}: "

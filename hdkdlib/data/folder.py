@@ -174,6 +174,22 @@ def check_size(width: int, height: int, path) -> None:
                            f"most {MAX_ASPECT}, or move it out of the data folder")
 
 
+def check_sizes(paths, workers: int = 8) -> None:
+    """check_size for every file from its header alone (no pixel decoded): the splits read only at the end of a
+    run (test, and held-out images a fixed-weight method never sees in training) refuse an image before
+    training starts, not after it."""
+    def header(path):
+        try:
+            with Image.open(path) as image:
+                check_size(*image.size, path)
+        except DatasetError:
+            raise
+        except Exception as e:
+            raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+    with ThreadPoolExecutor(workers) as pool:  # file opens dominate on network file systems
+        list(pool.map(header, paths))
+
+
 def read_image(path: str):
     try:
         with open(path, "rb") as f:
