@@ -229,3 +229,22 @@ def test_every_notebook_picks_its_threads_after_the_check(path):
     nb = nbformat.read(path, as_version=4)
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])][0]
     assert "set_up(globals()" in nb.cells[tagged + 1].source  # set_up calls use_idle_cores
+
+
+def test_executed_notebooks_store_one_progress_line_per_bar(executed):
+    """A progress bar in a notebook is one plain-text output updated in place (hdkdlib.progress): papermill
+    stores its final state, one line per bar, never one stderr output per refresh (a pink box in JupyterLab,
+    ninety lines in an exported notebook)."""
+    bars = {"01_toy_dense_kd.ipynb": 3, "03_cifar100.ipynb": 1, "06_exit_thresholds.ipynb": 1}  # methods, epochs, fits
+    for name, path in executed.items():
+        lines = []
+        for cell in json.loads(path.read_text())["cells"]:
+            for output in cell.get("outputs", []):
+                text = "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
+                if re.search(r"\d+%\|", text):
+                    assert output["output_type"] == "display_data", f"{name}: a bar written as a stream: {text[:200]}"
+                    lines.append(text)
+                assert output.get("name") != "stderr", f"{name}: stderr output {text[:200]}"
+        assert len(lines) == bars[name], f"{name}: {len(lines)} progress outputs: {lines[:5]}"
+        assert all("100%|" in line and "\n" not in line.strip() for line in lines), lines
+
