@@ -248,3 +248,32 @@ def test_executed_notebooks_store_one_progress_line_per_bar(executed):
         assert len(lines) == bars[name], f"{name}: {len(lines)} progress outputs: {lines[:5]}"
         assert all("100%|" in line and "\n" not in line.strip() for line in lines), lines
 
+
+def test_tables_report_accuracy_in_percent_with_exits_numbered_from_one():
+    """Every notebook's accuracy table is in percent, its columns saying so, the exits numbered 1..K: a reader
+    never meets "top1 1.0" meaning 1% in one notebook and 100% in the next."""
+    import torch
+
+    from hdkdlib import evaluation
+    from hdkdlib.notebook import accuracy_by_exit, anytime_table, budget_table
+
+    g = torch.Generator().manual_seed(0)
+    probs, y = torch.softmax(3 * torch.randn(3, 400, 10, generator=g), 2), torch.randint(0, 10, (400,), generator=g)
+    flops = [2e6, 4e6, 6e6]
+    rows = evaluation.anytime(probs, y, flops)
+    table = anytime_table(rows)
+    assert list(table.index) == [1, 2, 3] and table.index.name == "exit"
+    assert list(table.columns) == ["MFLOPs", "top-1 (%)", "top-5 (%)"]
+    assert table["top-1 (%)"].tolist() == [round(100 * r["top1"], 2) for r in rows]
+    assert table["top-5 (%)"].tolist() == [round(100 * r["top5"], 2) for r in rows]
+    assert table["MFLOPs"].tolist() == [2.0, 4.0, 6.0]
+    assert list(anytime_table(evaluation.anytime(probs, y, [2e3, 4e3, 6e3])).columns)[0] == "kFLOPs"  # a toy's cost
+
+    curve = evaluation.budgeted(probs, y, probs, y, flops)
+    budget = budget_table(curve, every=4)
+    assert list(budget.columns) == ["MFLOPs/img", "accuracy (%)"] and budget.index.name == "p"
+    assert budget["accuracy (%)"].tolist() == [round(100 * r["accuracy"], 2) for r in curve[::4]]
+
+    by_exit = accuracy_by_exit({"ce": [0.5, 0.75], "hdkd": [0.6, 1.0]})
+    assert list(by_exit.columns) == [1, 2] and "(%)" in by_exit.columns.name
+    assert by_exit.loc["hdkd"].tolist() == [60.0, 100.0]
