@@ -176,3 +176,18 @@ def accuracy_by_exit(accuracies: dict, digits: int = 1):
     table.index.name = "method"
     return table.round(digits)
 
+
+def what_was_done(trainer) -> str:
+    """One line for a notebook's training cell, so that it reads differently when it trained and when it only
+    loaded a finished run: "trained 3 epochs in runs/...", "loaded the finished run from runs/... (nothing
+    trained)", "continued the interrupted run in runs/... to epoch 3", "evaluated the trained run in runs/..."."""
+    from .paths import display_path
+    where, epochs = display_path(trainer.cfg.out), trainer.cfg.epochs
+    action = getattr(trainer, "action", "start")
+    if action == "load":
+        return f"loaded the finished run from {where} (nothing trained; another out folder trains anew)"
+    if action == "continue":
+        return f"continued the interrupted run in {where} to epoch {epochs}"
+    if action == "evaluate":
+        return f"evaluated the trained run in {where}"
+    return f"trained {epochs} epoch{'s' * (epochs != 1)} in {where}"

@@ -320,6 +320,7 @@ def run(cfg: TrainConfig, evaluate: bool = True, data_bundle: Optional[DataBundl
     plan = resolve(cfg, resume)
     trainer = prepare(plan.cfg, data_bundle)
     trainer.fit(plan.action)
+    trainer.action = plan.action  # what was done: a notebook says "trained" or "loaded" (notebook.what_was_done)
     if plan.action == "load":
         return trainer, trainer.folder.results()
     return trainer, (trainer.evaluate() if evaluate else None)
