@@ -163,7 +163,9 @@ def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exit
                                  squeeze=False)
         fig.suptitle(title)
     axes = np.asarray(axes).ravel()
-    palette = sns.color_palette("tab10" if num_exits <= 10 else "husl", num_exits)  # teachers told apart by hue
+    # teachers told apart by hue; tab10 without its grey, which is the training accuracy's colour
+    tab = [c for i, c in enumerate(sns.color_palette("tab10")) if i != 7]
+    palette = tab if num_exits <= len(tab) else sns.color_palette("husl", num_exits)
     legend = {}  # label -> line: one legend for the figure, as a teacher has the same colour in every panel
     for i in range(num_exits):
         ax = axes[i]

@@ -84,6 +84,8 @@ def test_weights_by_student_has_one_legend_clear_of_every_panel_and_its_labels()
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["CE"] + [f"KD from {j}" for j in range(2, 8)] + ["train top-1"]
     _assert_readable_and_distinct(legend)
+    nine = plots.weights_by_student([[{f"kd1<-{j}": 0.1 for j in range(2, 10)}]], 9, train_top1=[[[0.5] * 9]])
+    _assert_readable_and_distinct(nine[0].figure.legends[0])  # an eighth teacher is no second grey line
     box = _extent(legend, fig)
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:  # the panels and their right-hand (training top-1) axes, with tick and axis labels
