@@ -31,7 +31,6 @@ class DisplayBar(_tqdm):
         self._handle = None
         kwargs["file"] = io.StringIO()  # tqdm's own writes (the newline at close) go nowhere
         kwargs.setdefault("mininterval", 0.5)  # at most two updates a second: few messages to the front end
-        kwargs["ascii"] = kwargs.get("ascii", False)
         super().__init__(*args, **kwargs)
 
     def display(self, msg=None, pos=None):
