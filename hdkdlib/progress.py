@@ -30,6 +30,7 @@ class DisplayBar(_tqdm):
     def __init__(self, *args, **kwargs):
         self._handle = None
         kwargs["file"] = io.StringIO()  # tqdm's own writes (the newline at close) go nowhere
+        kwargs.setdefault("ascii", False)  # tqdm would guess from the file: a StringIO has no encoding, so "###"
         kwargs.setdefault("mininterval", 0.5)  # at most two updates a second: few messages to the front end
         super().__init__(*args, **kwargs)
 
