@@ -129,3 +129,65 @@ def set_up(namespace: Dict[str, Any], choices: Dict[str, tuple] | None = None, d
         return Setup(params, {}, False)
     data = resolve_data(dataset, params["data_root"], params["epochs"], params.get("n_per_class", -1))
     return Setup(params, data, data.pop("quick"))
+
+
+# -- tables: accuracy in percent, labelled, with the exits numbered as the library numbers them (1..K)
+
+def percent(fraction: float) -> float:
+    """A fraction in [0, 1] as percent: every notebook table reports accuracy in percent, its column saying so."""
+    return 100.0 * fraction
+
+
+def _flops_unit(largest: float):
+    """The cost column's unit: MFLOPs for networks, kFLOPs for toys whose cost would round to 0.00 MFLOPs."""
+    return ("MFLOPs", 1e6) if largest >= 1e6 else ("kFLOPs", 1e3)
+
+
+def anytime_table(rows, digits: int = 2):
+    """evaluation.anytime's rows as a table: index "exit" 1..K, cost in MFLOPs, "top-1 (%)" and "top-5 (%)"."""
+    import pandas as pd
+    t = pd.DataFrame(rows).set_index("exit")
+    table = pd.DataFrame(index=t.index)
+    if "flops" in t:
+        unit, scale = _flops_unit(t.flops.max())
+        table[unit] = t.flops / scale
+    table["top-1 (%)"], table["top-5 (%)"] = percent(t.top1), percent(t.top5)
+    return table.round(digits)
+
+
+def budget_table(rows, every: int = 1, ms: list | None = None, digits: int = 2):
+    """evaluation.budgeted's rows (every `every`-th) as a table: the exit-rate parameter p, cost in MFLOPs per
+    image, "accuracy (%)" and, given `ms` (milliseconds per image, one per row), the measured time."""
+    import pandas as pd
+    t = pd.DataFrame(rows)
+    unit, scale = _flops_unit(t.flops.max())
+    table = pd.DataFrame({"p": t.p, f"{unit}/img": t.flops / scale, "accuracy (%)": percent(t.accuracy)})
+    if ms is not None:
+        table["ms/img"] = ms
+    return table.iloc[::every].round(digits).set_index("p")
+
+
+def accuracy_by_exit(accuracies: dict, digits: int = 1):
+    """{method: [accuracy of exit 1..K as a fraction]} as a table: one row per method, columns "exit k" in
+    percent (the column group says so)."""
+    import pandas as pd
+    table = pd.DataFrame({m: [percent(a) for a in accs] for m, accs in accuracies.items()}).T
+    table.columns = pd.Index(range(1, table.shape[1] + 1), name="test top-1 (%) at exit")
+    table.index.name = "method"
+    return table.round(digits)
+
+
+def what_was_done(trainer) -> str:
+    """One line for a notebook's training cell, so that it reads differently when it trained and when it only
+    loaded a finished run: "trained 3 epochs in runs/...", "loaded the finished run from runs/... (nothing
+    trained)", "continued the interrupted run in runs/... to epoch 3", "evaluated the trained run in runs/..."."""
+    from .paths import display_path
+    where, epochs = display_path(trainer.cfg.out), trainer.cfg.epochs
+    action = getattr(trainer, "action", "start")
+    if action == "load":
+        return f"loaded the finished run from {where} (nothing trained; another out folder trains anew)"
+    if action == "continue":
+        return f"continued the interrupted run in {where} to epoch {epochs}"
+    if action == "evaluate":
+        return f"evaluated the trained run in {where}"
+    return f"trained {epochs} epoch{'s' * (epochs != 1)} in {where}"

@@ -44,19 +44,30 @@ def decision_boundaries(axes_row, axis, preds, x, y, title_prefix: str = ""):
         ax.set_xticks([]), ax.set_yticks([])
 
 
+LEGEND_FONTSIZE = 9  # legends readable at 100% zoom
+_DASHES = ["--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)), (0, (8, 2)), (0, (3, 1, 1, 1))]
+
+
+def _teacher_dashes(term: str):
+    """A KD term's dash pattern, one per teacher exit ("kd1<-3": teacher 3), so lines differ in more than hue."""
+    teacher = int(term.split("<-")[1]) if "<-" in term else 0
+    return _DASHES[teacher % len(_DASHES)]
+
+
 def weight_trajectories(history: Dict[str, list], ax=None, top: int | None = None):
     """Learned loss weights over training steps, one line per term."""
     ax = ax or plt.gca()
     frame = pd.DataFrame(history["weights"], index=history["step"])
     if top:
         frame = frame[frame.iloc[-1].sort_values(ascending=False).index[:top]]
-    for name in frame.columns:
-        ax.plot(frame.index, frame[name], label=name, lw=1.5 if name.startswith("ce") else 1,
-                ls="-" if name.startswith("ce") else "--")
+    colours = sns.color_palette("husl", len(frame.columns))  # one hue per term: no colour comes round again
+    for name, colour in zip(frame.columns, colours):
+        ax.plot(frame.index, frame[name], label=name, color=colour, lw=1.8 if name.startswith("ce") else 1.4,
+                ls="-" if name.startswith("ce") else _teacher_dashes(name))
     ax.set_xlabel("step")
     ax.set_ylabel("weight")
-    ax.legend(fontsize=7, ncol=1 + len(frame.columns) // 12, loc="center left", bbox_to_anchor=(1.01, 0.5),
-              frameon=False)  # beside the plot, never over the curves
+    ax.legend(fontsize=LEGEND_FONTSIZE, handlelength=3, ncol=1 + len(frame.columns) // 12, loc="center left",
+              bbox_to_anchor=(1.01, 0.5), frameon=False)  # beside the plot, never over the curves
     return ax
 
 
@@ -152,7 +163,9 @@ def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exit
                                  squeeze=False)
         fig.suptitle(title)
     axes = np.asarray(axes).ravel()
-    palette = sns.color_palette("viridis", num_exits)
+    # teachers told apart by hue; tab10 without its grey, which is the training accuracy's colour
+    tab = [c for i, c in enumerate(sns.color_palette("tab10")) if i != 7]
+    palette = tab if num_exits <= len(tab) else sns.color_palette("husl", num_exits)
     legend = {}  # label -> line: one legend for the figure, as a teacher has the same colour in every panel
     for i in range(num_exits):
         ax = axes[i]
@@ -169,7 +182,7 @@ def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exit
                     continue
                 j = int(t.split("<-")[1]) - 1 if "<-" in t else i
                 ax.plot(frame.index, frame[t], color="black" if t.startswith("ce") else palette[j],
-                        ls="-" if t.startswith("ce") else "--", lw=1.2, alpha=0.8,
+                        ls="-" if t.startswith("ce") else _teacher_dashes(t), lw=1.5, alpha=0.85,
                         label=("CE" if t.startswith("ce") else f"KD from {j + 1}") if history is histories[0] else None)
         ax.set_yscale("log")
         legend.update({label: line for line, label in zip(*ax.get_legend_handles_labels())})
@@ -190,7 +203,8 @@ def weights_by_student(histories: Sequence[Sequence[Dict[str, float]]], num_exit
         ax.set_ylabel("weight")
         ax.xaxis.set_major_locator(plt.MaxNLocator(nbins=4, integer=True))  # whole epochs, labels apart
     fig = axes[0].figure
-    box = fig.legend(list(legend.values()), list(legend), fontsize=7, loc="center right", frameon=False)
+    box = fig.legend(list(legend.values()), list(legend), fontsize=LEGEND_FONTSIZE, handlelength=3,
+                     loc="center right", frameon=False)
     fig.canvas.draw()  # the legend's width, so the panels (and their right-hand axis labels) keep clear of it
     fig.tight_layout(rect=(0, 0, 1 - box.get_window_extent().width / fig.bbox.width, 1))
     return axes

@@ -6,10 +6,11 @@ import math
 from typing import Dict, List
 
 import torch
-from tqdm import tqdm  # text bars: a finished bar stays a line of text (a widget bar dies with its kernel)
+
 
 from . import bilevel
 from .step import TrainStep
+from .progress import bar as progress_bar
 from .distributed import cpu_threads
 from .models import evaluating
 from .objectives import Objective
@@ -53,7 +54,7 @@ def fit(model, objective: Objective, train, val=None, *, steps: int = 500, lr: f
     model.train()
     train_step = TrainStep(model, objective, opt, meta)
     with cpu_threads(threads):
-        for step in tqdm(range(1, steps + 1), desc=type(objective).__name__, disable=not progress):
+        for step in progress_bar(range(1, steps + 1), desc=type(objective).__name__, disable=not progress):
             due = meta is not None and step % meta_interval == 0
             loss, logits = train_step(train, val if due else None)
             if step % log_every == 0 or step == steps:

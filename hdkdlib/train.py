@@ -17,7 +17,6 @@ import time
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from tqdm import tqdm  # text bars: a finished bar stays a line of text (a widget bar dies with its kernel)
 
 from . import bilevel, cli, config, cost, data, distributed, evaluation, models, objectives, runfolder, runinfo
 # Settings live in hdkdlib.config, data in hdkdlib.data.bundle; these names stay importable from here.
@@ -26,6 +25,7 @@ from .config import TrainConfig, argparser_for, config_from_dict, config_to_dict
 from .config import to_argv as cli_args
 from .data.bundle import DataBundle, build_data
 from .runfolder import RunFolder, RunFolderBusy, RunFolderDamaged, RunFolderMismatch
+from .progress import bar as progress_bar
 from .resume import resolve
 from .step import CapturedStep, TrainStep, compile_step
 
@@ -243,7 +243,7 @@ class Trainer:
             self.model.train()  # a model with frozen stages keeps them in eval mode (MultiExitNet.train)
             self.step_function().set_lr(self.cfg.lr_at(self.epoch))
             start, first_batch = time.perf_counter(), self.batch
-            bar = tqdm(total=len(self.data.train), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
+            bar = progress_bar(total=len(self.data.train), initial=self.batch, desc=f"epoch {self.epoch + 1}/{self.cfg.epochs}",
                        disable=not self.cfg.progress or self.rank != 0, leave=False)
             for x, y in self.data.train.batches(self.epoch, start=self.batch):
                 loss = self.train_step(x, y)
@@ -320,6 +320,7 @@ def run(cfg: TrainConfig, evaluate: bool = True, data_bundle: Optional[DataBundl
     plan = resolve(cfg, resume)
     trainer = prepare(plan.cfg, data_bundle)
     trainer.fit(plan.action)
+    trainer.action = plan.action  # what was done: a notebook says "trained" or "loaded" (notebook.what_was_done)
     if plan.action == "load":
         return trainer, trainer.folder.results()
     return trainer, (trainer.evaluate() if evaluate else None)

@@ -9,6 +9,16 @@ bundle carries three views of the same state, and every front end picks the rich
 - `image/png`: the histogram and the numbers drawn as one picture, at the thresholds shown;
 - `text/plain`: the numbers as one line, for terminals and papermill logs.
 No style rule hides anything: a front end shows one view of the output, never two.
+
+A headless run (papermill, nbconvert --execute: a kernel whose requests allow no input, since nobody is there
+to answer) has nobody to move a slider. There the explorer creates no widgets and its output is the picture
+and the line alone: the executed notebook holds no widget state, and nbconvert's HTML shows the picture
+instead of a widget view whose renderer it would load from a CDN (nothing, offline). A reopened notebook
+shows the saved widget without a kernel behind it, so the widget says in its own title that the sliders
+move only while the kernel runs the cell.
+
+Thresholds below 1/C (C classes) act as 0: every sample's top probability is at least 1/C. The sliders span
+1/C to 1.
 """
 from __future__ import annotations
 
@@ -25,6 +35,8 @@ from . import evaluation, plots
 from .cost import format_cost
 
 RUN_THE_CELLS = "A picture of the explorer: run the notebook's cells to move the sliders."
+NEEDS_THE_KERNEL = ("The sliders move while the kernel runs this cell; in a reopened notebook they show the "
+                    "saved state: run the cell to move them.")
 
 
 def _accuracy_and_cost(result: Dict, exit_flops: Sequence[float]) -> str:
@@ -74,12 +86,20 @@ def state_png(result: Dict, exit_flops: Sequence[float], thresholds: Sequence[fl
     return _png(fig)
 
 
-class ThresholdExplorer(W.VBox):
-    """The explorer's widget; displaying it gives one output with the three views (module docstring)."""
+def headless_kernel() -> bool:
+    """Whether this code runs in a Jupyter kernel executing for nobody: papermill and nbconvert --execute
+    (nbclient) send their requests with allow_stdin false, while JupyterLab, Notebook and VS Code, with a person
+    at the front end who could answer input(), send true."""
+    try:
+        from IPython import get_ipython
+    except ImportError:  # pragma: no cover
+        return False
+    kernel = getattr(get_ipython(), "kernel", None)
+    return kernel is not None and not getattr(kernel, "_allow_stdin", True)
 
-    def __init__(self, children, sliders, probs, targets, exit_flops):
-        super().__init__(children)
-        self._sliders, self._probs, self._targets, self._exit_flops = sliders, probs, targets, exit_flops
+
+class _Views:
+    """The picture and the line of an explorer's state (both kinds of explorer below)."""
 
     def thresholds(self):
         return [s.value for s in self._sliders] + [float("-inf")]
@@ -88,31 +108,71 @@ class ThresholdExplorer(W.VBox):
         """evaluation.apply_thresholds at the sliders' thresholds."""
         return evaluation.apply_thresholds(self._probs, self._targets, self.thresholds(), self._exit_flops)
 
+    def _static_views(self) -> Dict[str, str]:
+        result, thresholds = self.result(), self.thresholds()
+        return {"image/png": base64.b64encode(state_png(result, self._exit_flops, thresholds)).decode("ascii"),
+                "text/plain": f"{summary(result, self._exit_flops)} (thresholds {_shown(thresholds)})"}
+
+
+class ThresholdExplorer(_Views, W.VBox):
+    """The explorer's widget; displaying it gives one output with the three views (module docstring)."""
+
+    def __init__(self, children, sliders, probs, targets, exit_flops):
+        super().__init__(children)
+        self._sliders, self._probs, self._targets, self._exit_flops = sliders, probs, targets, exit_flops
+
     def _repr_mimebundle_(self, **kwargs):
         bundle = super()._repr_mimebundle_(**kwargs)  # the widget view (and ipywidgets' own text/plain)
-        result, thresholds = self.result(), self.thresholds()
-        bundle["image/png"] = base64.b64encode(state_png(result, self._exit_flops, thresholds)).decode("ascii")
-        bundle["text/plain"] = f"{summary(result, self._exit_flops)} (thresholds {_shown(thresholds)})"
+        bundle.update(self._static_views())
         return bundle
 
 
+class _Threshold:
+    """A slider's value without a widget (the headless explorer's)."""
+
+    def __init__(self, value: float, min: float, max: float = 1.0):
+        self.value, self.min, self.max = value, min, max
+
+
+class StaticExplorer(_Views):
+    """The explorer of a headless run: no widgets (nobody to move them), the picture and the line as its output;
+    result() and thresholds() as ThresholdExplorer's, its thresholds set through `sliders[k].value`."""
+
+    def __init__(self, sliders, probs, targets, exit_flops):
+        self.sliders = self._sliders = sliders
+        self._probs, self._targets, self._exit_flops = probs, targets, exit_flops
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self._static_views()
+
+
 def threshold_explorer(probs, targets, exit_flops: Sequence[float], thresholds: Optional[Sequence[float]] = None,
-                       show: bool = True) -> ThresholdExplorer:
-    """Sliders for the thresholds of exits 1..K-1 (the last exit takes the rest) over `probs` [K, N, C].
+                       show: bool = True):
+    """Sliders for the thresholds of exits 1..K-1 (the last exit takes the rest) over `probs` [K, N, C], spanning
+    1/C (below it every sample leaves) to 1.
 
     Returns the widget; `widget.result()` gives the current evaluation.apply_thresholds result. With
-    show=True it is displayed (one output, three views: see the module's docstring)."""
-    K = probs.shape[0]
+    show=True it is displayed (one output, three views: see the module's docstring). In a headless run it
+    returns a StaticExplorer: the same results, no widgets."""
+    K, C = probs.shape[0], probs.shape[2]
     if len(exit_flops) != K:
         raise ValueError(f"{K} exits but {len(exit_flops)} exit_flops")
     start = list(thresholds) if thresholds is not None else [0.9] * (K - 1) + [float("-inf")]
-    sliders = [W.FloatSlider(value=min(max(start[k], 0.0), 1.0), min=0.0, max=1.0, step=0.01,
-                             description=f"exit {k + 1}", continuous_update=False, readout_format=".2f")
-               for k in range(K - 1)]
+    lowest = 1.0 / C
+    values = [min(max(start[k], lowest), 1.0) for k in range(K - 1)]
+    if headless_kernel():
+        box = StaticExplorer([_Threshold(v, lowest) for v in values], probs, targets, exit_flops)
+        if show:
+            display(box)
+        return box
+    sliders = [W.FloatSlider(value=v, min=lowest, max=1.0, step=0.01, description=f"exit {k + 1}",
+                             continuous_update=False, readout_format=".2f")
+               for k, v in enumerate(values)]
     label = W.HTML()
     image = W.Image(format="png", layout=W.Layout(width="450px"))
     title = W.HTML("<b>Confidence threshold per exit</b> (a sample leaves at the first exit whose "
-                   "max-probability reaches it)")
+                   f"max-probability reaches it; below 1/{C} every sample would leave)<br><i>"
+                   f"{html.escape(NEEDS_THE_KERNEL)}</i>")
     box = ThresholdExplorer([title, *sliders, label, image], sliders, probs, targets, exit_flops)
 
     def update(_=None):

@@ -184,6 +184,10 @@ def test_explorer_displays_one_bundle_with_widget_png_and_text_views():
     moved, _ = DisplayFormatter().format(box)
     assert moved["image/png"] != data["image/png"] and "leaving per exit: 100% 0% 0%" in moved["text/plain"]
     assert all("<style" not in str(child.value) for child in box.children if isinstance(child.value, str))
+    # 4 classes: a threshold below 1/4 acts as 0, so the sliders span 1/4 to 1; a start below is raised to 1/4
+    low = widgets.threshold_explorer(probs, targets, flops, thresholds=[0.0, 0.5, float("-inf")], show=False)
+    assert [(s.min, s.max) for s in low.children[1:3]] == [(0.25, 1.0)] * 2 and low.children[1].value == 0.25
+    assert "run the cell to move them" in box.children[0].value  # a reopened notebook's sliders need the kernel
 
 
 def _msdnet_with_statistics(seed=0):

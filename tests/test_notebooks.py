@@ -146,31 +146,27 @@ def _explorer_outputs(notebook: dict) -> list:
             for o in c.get("outputs", [])]
 
 
-def test_executed_notebook_06_keeps_the_explorer_as_one_output_with_a_png(executed):
-    """papermill's output: the explorer's one output carries the widget view, the PNG and the text, and the
-    widget state it refers to (nbclient saves it), so a reader with or without widgets has something to show."""
+def test_executed_notebook_06_keeps_the_explorer_as_one_picture_without_widget_state(executed):
+    """papermill's output: nobody could move a slider, so the explorer's one output is its PNG and its line, and
+    the notebook holds no widget state (a live front end is the only one that would use it)."""
     import base64
 
     notebook = json.loads(executed["06_exit_thresholds.ipynb"].read_text())
     outputs = _explorer_outputs(notebook)
     assert len(outputs) == 1 and outputs[0]["output_type"] == "display_data"
     data = outputs[0]["data"]
-    assert set(data) == {"application/vnd.jupyter.widget-view+json", "image/png", "text/plain"}
+    assert set(data) == {"image/png", "text/plain"}
     assert base64.b64decode(data["image/png"])[:4] == b"\x89PNG"
     assert re.search(r"accuracy \d+\.\d\d% \| mean cost [\d.]+ k?FLOPs", "".join(data["text/plain"]))
-    state = notebook["metadata"]["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
-    assert data["application/vnd.jupyter.widget-view+json"]["model_id"] in state
+    assert "widgets" not in notebook["metadata"]
 
 
-@pytest.mark.parametrize("widget_state", ["saved", "stripped"])
-def test_notebook_06_as_static_html_shows_one_view_of_the_explorer(executed, tmp_path, widget_state):
-    """nbconvert's HTML: with the widget state it embeds the widget (its script renders it from the state);
-    without it (a notebook saved without state, or stripped) it shows the PNG. Never both, never neither."""
+def test_notebook_06_as_static_html_shows_the_explorer_picture_offline(executed, tmp_path):
+    """nbconvert's HTML of the executed notebook shows the explorer's PNG as an <img> of the page itself, and
+    loads no widget renderer from a CDN (offline it would show nothing)."""
     import html.parser
 
     notebook = json.loads(executed["06_exit_thresholds.ipynb"].read_text())
-    if widget_state == "stripped":
-        del notebook["metadata"]["widgets"]
     (tmp_path / "06.ipynb").write_text(json.dumps(notebook))
     subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", str(tmp_path / "06.ipynb")],
                    check=True, capture_output=True)
@@ -187,8 +183,10 @@ def test_notebook_06_as_static_html_shows_one_view_of_the_explorer(executed, tmp
             self.widget += tag == "script" and attrs.get("type") == "application/vnd.jupyter.widget-view+json"
 
     views = Views()
-    views.feed((tmp_path / "06.html").read_text())
-    assert (views.png, views.widget) == ((0, 1) if widget_state == "saved" else (1, 0))
+    page = (tmp_path / "06.html").read_text()
+    views.feed(page)
+    assert (views.png, views.widget) == (1, 0)
+    assert "html-manager" not in page  # no widget renderer to fetch
 
 
 def test_jupyterlab_settings_are_installed_and_name_real_settings():
@@ -229,3 +227,51 @@ def test_every_notebook_picks_its_threads_after_the_check(path):
     nb = nbformat.read(path, as_version=4)
     tagged = [i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", [])][0]
     assert "set_up(globals()" in nb.cells[tagged + 1].source  # set_up calls use_idle_cores
+
+
+def test_executed_notebooks_store_one_progress_line_per_bar(executed):
+    """A progress bar in a notebook is one plain-text output updated in place (hdkdlib.progress): papermill
+    stores its final state, one line per bar, never one stderr output per refresh (a pink box in JupyterLab,
+    ninety lines in an exported notebook)."""
+    bars = {"01_toy_dense_kd.ipynb": 3, "03_cifar100.ipynb": 1, "06_exit_thresholds.ipynb": 1}  # methods, epochs, fits
+    for name, path in executed.items():
+        lines = []
+        for cell in json.loads(path.read_text())["cells"]:
+            for output in cell.get("outputs", []):
+                text = "".join(output.get("text", "")) + "".join(output.get("data", {}).get("text/plain", ""))
+                if re.search(r"\d+%\|", text):
+                    assert output["output_type"] == "display_data", f"{name}: a bar written as a stream: {text[:200]}"
+                    lines.append(text)
+                assert output.get("name") != "stderr", f"{name}: stderr output {text[:200]}"
+        assert len(lines) == bars[name], f"{name}: {len(lines)} progress outputs: {lines[:5]}"
+        assert all("100%|" in line and "\n" not in line.strip() for line in lines), lines
+
+
+def test_tables_report_accuracy_in_percent_with_exits_numbered_from_one():
+    """Every notebook's accuracy table is in percent, its columns saying so, the exits numbered 1..K: a reader
+    never meets "top1 1.0" meaning 1% in one notebook and 100% in the next."""
+    import torch
+
+    from hdkdlib import evaluation
+    from hdkdlib.notebook import accuracy_by_exit, anytime_table, budget_table
+
+    g = torch.Generator().manual_seed(0)
+    probs, y = torch.softmax(3 * torch.randn(3, 400, 10, generator=g), 2), torch.randint(0, 10, (400,), generator=g)
+    flops = [2e6, 4e6, 6e6]
+    rows = evaluation.anytime(probs, y, flops)
+    table = anytime_table(rows)
+    assert list(table.index) == [1, 2, 3] and table.index.name == "exit"
+    assert list(table.columns) == ["MFLOPs", "top-1 (%)", "top-5 (%)"]
+    assert table["top-1 (%)"].tolist() == [round(100 * r["top1"], 2) for r in rows]
+    assert table["top-5 (%)"].tolist() == [round(100 * r["top5"], 2) for r in rows]
+    assert table["MFLOPs"].tolist() == [2.0, 4.0, 6.0]
+    assert list(anytime_table(evaluation.anytime(probs, y, [2e3, 4e3, 6e3])).columns)[0] == "kFLOPs"  # a toy's cost
+
+    curve = evaluation.budgeted(probs, y, probs, y, flops)
+    budget = budget_table(curve, every=4)
+    assert list(budget.columns) == ["MFLOPs/img", "accuracy (%)"] and budget.index.name == "p"
+    assert budget["accuracy (%)"].tolist() == [round(100 * r["accuracy"], 2) for r in curve[::4]]
+
+    by_exit = accuracy_by_exit({"ce": [0.5, 0.75], "hdkd": [0.6, 1.0]})
+    assert list(by_exit.columns) == [1, 2] and "(%)" in by_exit.columns.name
+    assert by_exit.loc["hdkd"].tolist() == [60.0, 100.0]

@@ -26,6 +26,18 @@ def test_weight_trajectories_legend_sits_beside_the_curves():
     plots.weight_trajectories(history, ax=ax)
     legend, axes = _extent(ax.get_legend(), fig), _extent(ax, fig)
     assert legend.x0 >= axes.x1  # right of the plotting area: it covers no curve
+    _assert_readable_and_distinct(ax.get_legend())
+
+
+def _assert_readable_and_distinct(legend):
+    """A legend readable at 100% zoom whose entries differ in colour or dash pattern, pair by pair."""
+    from matplotlib.colors import to_hex
+    assert all(t.get_fontsize() >= 9 for t in legend.get_texts())
+    looks = [(to_hex(h.get_color()), str(h.get_linestyle()), str(h.get_dashes() if hasattr(h, "get_dashes") else ""))
+             for h in legend.legend_handles]
+    assert len(set(looks)) == len(looks), looks
+    greys = [c for c, _, _ in looks if len({c[1:3], c[3:5], c[5:7]}) == 1 and c not in ("#000000",)]
+    assert len(greys) <= 1, greys  # at most one grey line (the training accuracy), never several
 
 
 def test_weights_by_student_epochs_are_whole_numbers():
@@ -71,6 +83,9 @@ def test_weights_by_student_has_one_legend_clear_of_every_panel_and_its_labels()
     fig = axes[0].figure
     (legend,) = fig.legends
     assert [t.get_text() for t in legend.get_texts()] == ["CE"] + [f"KD from {j}" for j in range(2, 8)] + ["train top-1"]
+    _assert_readable_and_distinct(legend)
+    nine = plots.weights_by_student([[{f"kd1<-{j}": 0.1 for j in range(2, 10)}]], 9, train_top1=[[[0.5] * 9]])
+    _assert_readable_and_distinct(nine[0].figure.legends[0])  # an eighth teacher is no second grey line
     box = _extent(legend, fig)
     renderer = fig.canvas.get_renderer()
     for ax in fig.axes:  # the panels and their right-hand (training top-1) axes, with tick and axis labels

@@ -211,6 +211,9 @@ def test_run_reuses_a_finished_run_and_freezing_keeps_weights_fixed(fake_root, t
     again, cached = run(_cfg(fake_root, tmp_path / "a", epochs=1))
     assert cached == json.loads(json.dumps(results, default=float))  # what was written, read back
     assert (tmp_path / "a" / "model.pt").stat().st_mtime_ns == stamp  # not retrained
+    from hdkdlib.notebook import what_was_done
+    assert what_was_done(trainer).startswith("trained 1 epoch in ")  # notebook 03's training cell says which
+    assert what_was_done(again).startswith("loaded the finished run from ")
     assert all(torch.equal(p, q) for p, q in zip(trainer.model.parameters(), again.model.parameters()))
 
     frozen_cfg = _cfg(fake_root, tmp_path / "frozen", epochs=1, freeze_weights_from=str(tmp_path / "a" / "results.json"))

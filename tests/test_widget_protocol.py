@@ -71,3 +71,16 @@ def test_slider_update_from_the_frontend_updates_the_summary(kernel):
     assert updates, "the summary label did not update"
     assert "leaving per exit: 100% 0% 0%" in updates[-1]["content"]["data"]["state"]["value"]
     assert any(m["content"]["comm_id"] == images[0] for m in replies), "the histogram image did not update"
+
+
+def test_a_headless_run_gets_the_picture_and_the_line_without_widgets(kernel):
+    """papermill and nbconvert --execute ask with allow_stdin false: nobody can move a slider, so the explorer
+    opens no widget (the executed notebook keeps no widget state) and its one output is the PNG and the line."""
+    kernel.execute(CODE + "print(type(box).__name__, [s.min for s in box.sliders])", allow_stdin=False)
+    messages = _drain(kernel)
+    assert not [m for m in messages if m["msg_type"] == "comm_open"]
+    displays = [m["content"]["data"] for m in messages if m["msg_type"] == "display_data"]
+    assert len(displays) == 1 and set(displays[0]) == {"image/png", "text/plain"}
+    assert "leaving per exit: 0% 0% 100%" in displays[0]["text/plain"]
+    printed = "".join(m["content"]["text"] for m in messages if m["msg_type"] == "stream")
+    assert printed.strip() == "StaticExplorer [0.2, 0.2]"  # 5 classes: thresholds from 1/5

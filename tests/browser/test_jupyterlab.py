@@ -7,8 +7,12 @@ moves the first threshold slider with the keyboard and checks that the live line
 histogram image changed. Then it saves, reopens the notebook without a kernel, as a researcher does the next
 day, and checks that the explorer shows as it was saved (JupyterLab restores it from the widget state our
 settings save). Last it opens the papermill output, which nobody signed and JupyterLab therefore does not
-trust, and checks that the explorer's output shows its PNG. Screenshots go to runs/browser/ (ignored by
-git). JupyterLab is stopped by its pid.
+trust, and checks that the explorer's output shows its PNG. Last, notebooks 01, 03 and 06 executed by
+papermill are exported to HTML by nbconvert and opened from file:// in Chromium with every host name
+unresolvable (offline): 06 must show the explorer's picture, and no page may hold more than one progress
+line per bar. Screenshots go to runs/browser/ (ignored by git). JupyterLab is stopped by its pid; its
+settings and workspaces live in the test's temporary folder (nothing written to the home folder), with the
+news prompt turned off so that it covers no screenshot.
 
 Install Chromium and its driver first (Debian/Ubuntu): apt-get install chromium chromium-driver
 """
@@ -35,6 +39,8 @@ ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOK = "06_exit_thresholds.ipynb"
 EXECUTED = "06_papermill.ipynb"  # notebook 06 as `make run` leaves it: executed by papermill, not signed
 SHOTS = ROOT / "runs" / "browser"
+EXPORTED = (("01_toy_dense_kd.ipynb", "01_papermill.ipynb", ["-p", "steps", "100"]),
+            ("03_cifar100.ipynb", "03_papermill.ipynb", []))  # executed too, for their exported HTML
 
 
 def _free_port() -> int:
@@ -52,14 +58,22 @@ def _get(url):
 def lab(tmp_path_factory):
     root = tmp_path_factory.mktemp("lab")
     shutil.copy(ROOT / "notebooks" / NOTEBOOK, root / NOTEBOOK)
-    env = {**os.environ, "HDKD_FIGURES": str(root / "figures"), "HDKD_RUNS": str(root / "runs")}
-    subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / NOTEBOOK), str(root / EXECUTED),
-                    "--cwd", str(ROOT / "notebooks"), "-p", "steps", "200"], check=True, capture_output=True, env=env)
+    settings = root / "lab-settings" / "@jupyterlab" / "apputils-extension"  # JupyterLab's user settings, here
+    settings.mkdir(parents=True)
+    (settings / "notification.jupyterlab-settings").write_text(json.dumps({"fetchNews": "false"}))  # no prompt
+    env = {**os.environ, "HDKD_FIGURES": str(root / "figures"), "HDKD_RUNS": str(root / "runs"),
+           "JUPYTERLAB_SETTINGS_DIR": str(root / "lab-settings"),
+           "JUPYTERLAB_WORKSPACES_DIR": str(root / "lab-workspaces")}
+    for name, out, params in ((NOTEBOOK, EXECUTED, ["-p", "steps", "200"]), *EXPORTED):
+        subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / name), str(root / out),
+                        "--cwd", str(ROOT / "notebooks"), *params], check=True, capture_output=True, env=env)
     port = _free_port()
     log = open(root / "jupyterlab.log", "w")
     server = subprocess.Popen([sys.executable, "-m", "jupyterlab", "--no-browser", "--ip=127.0.0.1",
                                f"--port={port}", "--IdentityProvider.token=", "--ServerApp.password=",
                                f"--ServerApp.root_dir={root}", "--LabApp.news_url=",
+                               f"--LabApp.workspaces_dir={root / 'lab-workspaces'}",
+                               f"--LabApp.user_settings_dir={root / 'lab-settings'}",
                                "--ServerApp.disable_check_xsrf=True",  # the test deletes the kernel session over REST
                                *(["--allow-root"] if os.geteuid() == 0 else [])],
                               stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -153,6 +167,13 @@ def test_explorer_live_then_reopened_as_saved(lab, browser):
     wait.until(lambda d: _explorer_output(d) and _live_line(_explorer_output(d))
                and _explorer_output(d).find_elements(By.CSS_SELECTOR, "img.widget-image"))
     wait.until(_idle)
+    training = [c for c in browser.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell")
+                if "toy.fit(" in c.find_element(By.CSS_SELECTOR, ".jp-InputArea").text][0]
+    browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", training)
+    browser.save_screenshot(str(SHOTS / "0-training-live.png"))
+    # the progress bar: one plain output holding its final line, no stderr box (pink) around it or after it
+    assert not training.find_elements(By.CSS_SELECTOR, "[data-mime-type='application/vnd.jupyter.stderr']")
+    assert len(re.findall(r"\d+%\|", training.find_element(By.CSS_SELECTOR, ".jp-OutputArea").text)) == 1
     output = _explorer_output(browser)
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", output)
     browser.save_screenshot(str(SHOTS / "1-explorer-live.png"))
@@ -195,6 +216,7 @@ def test_explorer_live_then_reopened_as_saved(lab, browser):
     time.sleep(1)
     browser.save_screenshot(str(SHOTS / "3-reopened-as-saved.png"))
     assert "Error displaying widget" not in output.text
+    assert "run the cell to move them" in output.text  # the saved sliders say that they need the kernel
     assert _live_line(output) == after  # the state the notebook was saved in
     picture = output.find_element(By.CSS_SELECTOR, "img.widget-image")
     assert picture.is_displayed() and picture.size["width"] > 100
@@ -212,3 +234,47 @@ def test_untrusted_papermill_output_shows_the_explorer_png(lab, browser):
     picture = output.find_element(By.CSS_SELECTOR, ".jp-RenderedImage img")
     assert picture.get_attribute("src").startswith("data:image/png;base64,") and picture.size["width"] > 300
     assert not output.find_elements(By.CSS_SELECTOR, ".widget-slider, .jupyter-widgets")  # the PNG alone
+
+
+@pytest.fixture
+def offline_browser(request):
+    """Headless Chromium that resolves no host name: a page that needs the network shows what it has without."""
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,2200",
+                 "--host-resolver-rules=MAP * ~NOTFOUND"):
+        options.add_argument(flag)
+    options.binary_location = shutil.which("chromium") or shutil.which("google-chrome") or ""
+    driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(shutil.which("chromedriver")))
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield driver
+    driver.quit()
+
+
+def test_exported_html_shows_the_explorer_picture_offline_and_one_line_per_bar(lab, offline_browser):
+    url, root = lab
+    bars = {EXECUTED: 1, "01_papermill.ipynb": 3, "03_papermill.ipynb": 1}  # fits in 06, methods in 01, epochs
+    for name, count in bars.items():
+        subprocess.run([sys.executable, "-m", "jupyter", "nbconvert", "--to", "html", str(root / name)],
+                       check=True, capture_output=True)
+        page = root / name.replace(".ipynb", ".html")
+        offline_browser.get(page.as_uri())
+        time.sleep(2)
+        text = offline_browser.find_element(By.TAG_NAME, "body").text
+        assert len(re.findall(r"\d+%\|", text)) == count, name  # the final line of each bar, nothing else
+        stem = name.split("_")[0]
+        offline_browser.save_screenshot(str(SHOTS / f"5-exported-{stem}-top.png"))
+        cells = offline_browser.find_elements(By.CSS_SELECTOR, ".jp-Cell")
+        if name == EXECUTED:
+            explorer = [c for c in cells if "threshold_explorer(test_probs" in c.text][0]
+            picture = explorer.find_element(By.CSS_SELECTOR, ".jp-OutputArea img")
+            offline_browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", picture)
+            time.sleep(0.5)
+            offline_browser.save_screenshot(str(SHOTS / "5-exported-06-explorer.png"))
+            assert picture.is_displayed() and offline_browser.execute_script(
+                "return arguments[0].complete && arguments[0].naturalWidth", picture) > 300
+        else:  # the tables in percent, further down the page
+            tables = [c for c in cells if "(%)" in c.text]
+            assert tables, name
+            offline_browser.execute_script("arguments[0].scrollIntoView({block: 'start'})", tables[0])
+            time.sleep(0.5)
+            offline_browser.save_screenshot(str(SHOTS / f"5-exported-{stem}-tables.png"))
