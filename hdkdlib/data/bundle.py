@@ -26,7 +26,7 @@ from .cifar import SPECS as CIFAR_SPECS, DatasetError, load as load_cifar
 from .fake import synthetic_images
 from .folder import IMAGENET_MEAN, IMAGENET_STD, check_disjoint, check_sizes, folder_to_tensor, image_folder
 from .gpu import GpuLoader
-from .order import epoch_generator, num_batches, rank_slice
+from .order import epoch_generator, epoch_seed, num_batches, rank_slice
 
 
 @dataclass
@@ -141,7 +141,7 @@ class _PlacedSamples(torch.utils.data.Dataset):
 
     def __init__(self, dataset, items, positions, seed, epoch):
         self.dataset, self.items, self.positions = dataset, items, positions
-        self.base = (seed * 1_000_003 + epoch) * 1_000_003
+        self.base = epoch_seed(seed, epoch) * 1_000_003
 
     def __len__(self):
         return len(self.items)

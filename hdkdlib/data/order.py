@@ -6,8 +6,13 @@ from __future__ import annotations
 import torch
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's draws (its order; an image folder's crops derive theirs from it)."""
+    return seed * 1_000_003 + epoch
+
+
 def epoch_generator(seed: int, epoch: int, device="cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + epoch)
+    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch))
 
 
 def num_batches(n: int, batch_size: int, world_size: int, drop_last: bool) -> int:
