@@ -183,7 +183,7 @@ def what_was_done(trainer) -> str:
     trained)", "continued the interrupted run in runs/... to epoch 3", "evaluated the trained run in runs/..."."""
     from .paths import display_path
     where, epochs = display_path(trainer.cfg.out), trainer.cfg.epochs
-    action = getattr(trainer, "action", "start")
+    action = trainer.action
     if action == "load":
         return f"loaded the finished run from {where} (nothing trained; another out folder trains anew)"
     if action == "continue":

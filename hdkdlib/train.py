@@ -80,6 +80,7 @@ class Trainer:
         self.epoch = self.batch = self.step = self.meta_steps = 0
         self._acc = self._zero_accumulators()
         self._stop_signal = None
+        self.action = None  # what fit was asked to do: a notebook says "trained" or "loaded" (notebook.what_was_done)
         self.began = False  # the run folder checked and the state loaded: what fails from here on may pass on a rerun
 
     # -- run folder
@@ -214,6 +215,7 @@ class Trainer:
     def fit(self, action: str = "start") -> List[Dict]:
         """Carry out resume.resolve's action in the run folder ("start", "continue" from the checkpoint, "evaluate"
         or "load" a trained run) and train to cfg.epochs; returns the per-epoch metrics (also in metrics.jsonl)."""
+        self.action = action
         if self.writes:
             self.folder.acquire()  # no second process trains into this folder meanwhile
         handlers = {}
@@ -320,7 +322,6 @@ def run(cfg: TrainConfig, evaluate: bool = True, data_bundle: Optional[DataBundl
     plan = resolve(cfg, resume)
     trainer = prepare(plan.cfg, data_bundle)
     trainer.fit(plan.action)
-    trainer.action = plan.action  # what was done: a notebook says "trained" or "loaded" (notebook.what_was_done)
     if plan.action == "load":
         return trainer, trainer.folder.results()
     return trainer, (trainer.evaluate() if evaluate else None)
