@@ -19,7 +19,8 @@ machine, once (both folders are git-ignored):
 
     mkdir -p .carry && cp ../shared/data/tinyimagenet100-32.tar.gz .carry/
     # device command (carry [".carry"]):  python3 benchmarks/gpu_check.py
-    # back here: tar -xzf <files_at>/results.tgz; python benchmarks/verify_real_data.py --merge-from ... ;
+    # back here: tar -xzf <files_at>/results.tgz -C <dir>;
+    #   python -m hdkdlib.study --name tin100-cpu-control --merge-from <dir>;
     # copy the tables into benchmarks/RESULTS.md
 
 `--dry-run` runs every part on the CPU with tiny settings (tests/test_benchmarks.py does, on fake images).
@@ -98,7 +99,10 @@ def unpack_data(log, data_root: Path) -> bool:
 
 def finished_seed(seed: int) -> bool:
     """Whether every control arm of the study has this seed's finished record in results/ (CPU or GPU)."""
-    return all((ROOT / "results" / STUDY / f"{m}-{tag}-seed{seed}" / "results.json").exists() for m, tag, _ in ARMS)
+    sys.path.insert(0, str(ROOT))  # this checkout's hdkdlib: the GPU machine does not install it
+    from hdkdlib.studyrecords import Study
+    recorded = set(Study(ROOT / "results" / STUDY).runs()["run"])
+    return all(f"{m}-{tag}-seed{seed}" in recorded for m, tag, _ in ARMS)
 
 
 def run_parallel_parts(log, name, cmds, seconds, env) -> None:
@@ -205,11 +209,10 @@ def main(argv=None) -> int:
             if left() < (10 if args.dry_run else 120):
                 log(f"== (e) stopped before seed {seed}: {left():.0f} s left")
                 break
-            arms = [[py, "benchmarks/verify_real_data.py", "--data-root", str(args.data_root), *study,
+            arms = [[py, "-m", "hdkdlib.study", "--data-root", str(args.data_root), *study,
                      "--methods", method, "--tag", tag, *options, "--seeds", str(seed), "--runs", str(runs),
                      "--jobs", "2",  # a subprocess with its log (one run: the second job slot stays empty)
-                     "--results", str(results), "--name", STUDY, "--split-dir", str(runs / "splits"),
-                     "--note", f"Seeds of the protocol run on {info['device']} (benchmarks/gpu_check.py)."]
+                     "--results", str(results), "--name", STUDY, "--split-dir", str(runs / "splits")]
                     for method, tag, options in ARMS]
             run_parallel_parts(log, f"e seed {seed}", arms, left(), env)
         with tarfile.open(out / "results.tgz", "w:gz") as tar:

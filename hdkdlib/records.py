@@ -9,6 +9,7 @@ weights_only=False: that would execute the payload.
 """
 from __future__ import annotations
 
+import io
 import json
 import pickle
 import stat
@@ -41,15 +42,35 @@ def _regular_file(path: Path) -> None:
         raise Unreadable(path, "not a regular file")
 
 
-def read_text(path, errors: str = "strict") -> str:
-    """A record's text (UTF-8), at most MAX_JSON_BYTES of it. errors="replace" keeps a torn multi-byte character
-    of a JSON-lines file's last line readable as the damage it is."""
+def read_bytes(path) -> bytes:
+    """A record's bytes, at most MAX_JSON_BYTES of them (a study's tables, a gzip file's packed bytes)."""
     path = Path(path)
     _regular_file(path)
     with open(path, "rb") as f:
         data = f.read(MAX_JSON_BYTES + 1)
     if len(data) > MAX_JSON_BYTES:
         raise Unreadable(path, f"larger than {MAX_JSON_BYTES // 2 ** 20} MiB, more than any record of ours holds")
+    return data
+
+
+def read_gzip(path) -> bytes:
+    """A gzip record's unpacked bytes, at most MAX_JSON_BYTES of them (a small file may unpack to a huge one)."""
+    import gzip
+    import zlib
+    try:
+        with gzip.GzipFile(fileobj=io.BytesIO(read_bytes(path))) as f:
+            data = f.read(MAX_JSON_BYTES + 1)
+    except (OSError, EOFError, zlib.error) as e:
+        raise Unreadable(path, f"not a whole gzip file: {e}") from None
+    if len(data) > MAX_JSON_BYTES:
+        raise Unreadable(path, f"unpacks to more than {MAX_JSON_BYTES // 2 ** 20} MiB, more than any record of ours")
+    return data
+
+
+def read_text(path, errors: str = "strict") -> str:
+    """A record's text (UTF-8), at most MAX_JSON_BYTES of it. errors="replace" keeps a torn multi-byte character
+    of a JSON-lines file's last line readable as the damage it is."""
+    data = read_bytes(path)
     try:
         return data.decode("utf-8", errors)
     except UnicodeDecodeError:

@@ -1,0 +1,320 @@
+"""hdkdlib.study, .studyrecords and .studysummary: a study's runs trained in parallel or in-process give the same
+records; records round-trip the run folders' numbers exactly; every committed study's summary is what its records
+compute; merges and concurrent writers lose nothing; the paired statistics against hand-computed values."""
+import gzip
+import json
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from hdkdlib import data, study, studyrecords, studysummary
+from hdkdlib.runfolder import RunFolder
+from hdkdlib.studyrecords import Study, StudyRecordError
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDIES = sorted(p.name for p in (ROOT / "results").iterdir() if (p / studyrecords.RUNS).exists())
+
+
+def _cells(line: str) -> list:
+    """The stripped cells of one markdown table row."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _fake_cifar_folder(root: Path) -> Path:
+    data.write_fake_image_folder(root, classes=[f"c{i}" for i in range(4)], n_per_class=(20, 5), size=32, ext=".jpg")
+    (root / "val").rename(root / "test")  # CIFAR-10 as JPEG has train/ and test/
+    return root
+
+
+def _run_copy(root: Path, run: str, top1, epochs: int = 3, method: str = "ce", weights=None) -> Path:
+    """A finished run's files as a study keeps them (config.json, metrics.jsonl, results.json), with awkward
+    floats (thirds, tiny and huge values) so an inexact round trip would show."""
+    folder = root / run
+    folder.mkdir(parents=True)
+    weights = weights or {f"ce{k}": 1.0 for k in range(1, len(top1) + 1)}
+    cfg = {"method": method, "seed": int(run.rsplit("seed", 1)[1]), "epochs": epochs, "dataset": "folder32",
+           "lr": 0.1, "out": f"runs/{run}"}
+    (folder / "config.json").write_text(json.dumps({"config": cfg, "git_commit": "abc123" * 7}))
+    rows = [{"epoch": e, "lr": 0.1 / 3 ** e, "train_loss": 1 / 3 + e, "train_top1": [0.1 * e + k / 7 for k in range(len(top1))],
+             "val_top1": [1e-17 * e + k / 9 for k in range(len(top1))], "images_per_s": 1e6 / 7, "epoch_seconds": 60 + e,
+             "weights": {t: w * (1 + e / 3) for t, w in weights.items()}} for e in range(1, epochs + 1)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    anytime = [{"exit": k + 1, "top1": t, "top5": min(1.0, t + 0.2), "flops": 1e6 * (k + 1)} for k, t in enumerate(top1)]
+    (folder / "results.json").write_text(json.dumps({
+        "anytime": anytime, "weights": weights, "config": cfg, "device": "cpu (x86_64, 1 threads)",
+        "packages": {"torch": "2.4.0"}, "git_commit": "abc123" * 7}))
+    return folder
+
+
+# --- records ---------------------------------------------------------------------------------------------------
+def test_records_round_trip_the_run_folders_numbers_exactly(tmp_path):
+    """Every metrics field of every epoch, the test accuracy per exit, the final weights and the config read back
+    equal (==, not close) to the run folder's; the curves file is the same bytes when written again."""
+    hdkd_weights = {"ce1": 0.5, "ce2": 1 / 3, "kd1<-2": 2e-9}
+    folders = [_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 1 / 3]),
+               _run_copy(tmp_path / "runs", "hdkd-seed0", [0.25, 0.5], epochs=4, method="hdkd", weights=hdkd_weights)]
+    target = Study(tmp_path / "results" / "s")
+    assert target.add([studyrecords.record_from_run_folder(f) for f in folders]) == ["ce-seed0", "hdkd-seed0"]
+    runs, curves = target.runs(), target.curves()
+    for folder in folders:
+        assert target.metrics(curves, folder.name) == RunFolder(folder).metrics()
+        record, result = target.record(runs, folder.name), RunFolder(folder).results()
+        assert record["test_top1"] == [r["top1"] for r in result["anytime"]]
+        assert record["weights"] == result["weights"] and record["config"] == result["config"]
+    assert "weights:kd1<-2" in runs.columns and np.isnan(runs.loc[0, "weights:kd1<-2"])  # CE has no KD term
+    assert target.record(runs, "ce-seed0")["weights"] == {"ce1": 1.0, "ce2": 1.0}
+    before = (target.path / studyrecords.CURVES).read_bytes()
+    target._write(runs, curves)
+    assert (target.path / studyrecords.CURVES).read_bytes() == before and before[4:8] == bytes(4)  # no time stamp
+    assert target.add([studyrecords.record_from_run_folder(f) for f in folders]) == []  # nothing new
+
+
+def test_two_chains_finishing_runs_at_once_lose_none(tmp_path):
+    """The ce and dbt chains of a study record their runs into one runs.csv at the same moments: all are kept."""
+    folders = [_run_copy(tmp_path / "runs", f"{m}-seed{s}", [0.1 * s, 0.2], epochs=2) for m in ("ce", "dbt") for s in range(8)]
+    target, go = Study(tmp_path / "results" / "s"), threading.Barrier(2)
+
+    def chain(method):
+        go.wait()
+        for folder in folders:
+            if folder.name.startswith(method):
+                Study(target.path).add([studyrecords.record_from_run_folder(folder)])
+    threads = [threading.Thread(target=chain, args=(m,)) for m in ("ce", "dbt")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert sorted(target.runs()["run"]) == sorted(f.name for f in folders)
+    assert sorted(set(target.curves()["run"])) == sorted(f.name for f in folders)
+
+
+def test_damaged_records_are_one_line_naming_the_file(tmp_path):
+    folder = _run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2])
+    target = Study(tmp_path / "results" / "s")
+    target.add([studyrecords.record_from_run_folder(folder)])
+    runs_csv = target.path / studyrecords.RUNS
+    good = runs_csv.read_bytes()
+    runs_csv.write_text("run,seed\nce-seed0,0\n")
+    with pytest.raises(StudyRecordError, match=r"runs.csv lacks the columns variant, method, config: restore it from git"):
+        target.runs()
+    runs_csv.write_bytes(good)
+    (target.path / studyrecords.CURVES).write_bytes(gzip.compress(b"run,epoch\n")[:-6])  # cut short
+    with pytest.raises(StudyRecordError, match=r"curves.csv.gz is unreadable \(not a whole gzip file"):
+        target.curves()
+    (target.path / studyrecords.CURVES).write_bytes(gzip.compress(b"0" * (65 * 2 ** 20)))  # 65 MiB from 64 KiB
+    with pytest.raises(StudyRecordError, match="unpacks to more than 64 MiB"):
+        target.curves()
+    result = subprocess.run([sys.executable, "-m", "hdkdlib.study", "--name", "s", "--results", str(tmp_path / "results"),
+                             "--summarize-only"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "curves.csv.gz" in result.stderr
+
+
+# --- merges ------------------------------------------------------------------------------------------------------
+def test_merge_brings_finished_runs_once_and_overwrites_nothing(tmp_path):
+    """--merge-from: a worktree's run copies (with RUNS.json, the older layout) or another study's records arrive
+    once each; an unfinished run stays behind; a run that differs stops the merge before anything is written."""
+    ours = Study(tmp_path / "main" / "results" / "s")
+    ours.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "mine", "ce-seed0", [0.1, 0.2]))])
+    theirs = tmp_path / "wt" / "results" / "s"
+    _run_copy(theirs, "ce-seed0", [0.1, 0.2])
+    _run_copy(theirs, "ce-seed1", [0.3, 0.4])
+    (_run_copy(theirs, "ce-seed2", [0.5, 0.6]) / "results.json").unlink()  # still training
+    (theirs / "RUNS.json").write_text(json.dumps({"note": "", "invocations": [
+        {"command": "python benchmarks/verify_real_data.py --seeds 1", "started": "2026-12-02 10:00 UTC",
+         "jobs": 2, "runs": ["ce-seed1", "ce-seed2"]}]}))
+    assert study.merge_from(ours, theirs) == ["ce-seed1"]
+    record = ours.record(ours.runs(), "ce-seed1")
+    assert record["test_top1"] == [0.3, 0.4] and record["at_once"] == "2"
+    assert record["invocation"] == "python benchmarks/verify_real_data.py --seeds 1"  # as it ran, not rewritten
+    before = {p.name: p.read_bytes() for p in ours.path.iterdir()}
+    assert study.merge_from(ours, theirs) == []  # idempotent
+    assert {p.name: p.read_bytes() for p in ours.path.iterdir()} == before
+
+    gpu = Study(tmp_path / "gpu" / "results" / "s")  # a study's records, as a lent GPU brings them back
+    gpu.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "g", f"dbt-seed{s}", [0.2, 0.3])) for s in (4, 5)])
+    assert study.merge_from(ours, gpu.path) == ["dbt-seed4", "dbt-seed5"]
+    assert ours.metrics(ours.curves(), "dbt-seed5") == RunFolder(tmp_path / "g" / "dbt-seed5").metrics()
+
+    _run_copy(theirs, "ce-seed3", [0.7, 0.8])
+    (theirs / "ce-seed0" / "results.json").write_text(
+        (theirs / "ce-seed0" / "results.json").read_text().replace('"top1": 0.1', '"top1": 0.15'))
+    before = {p.name: p.read_bytes() for p in ours.path.iterdir()}
+    with pytest.raises(StudyRecordError, match="run ce-seed0 differs between .*nothing was written"):
+        study.merge_from(ours, theirs)
+    assert {p.name: p.read_bytes() for p in ours.path.iterdir()} == before
+    with pytest.raises(SystemExit, match="is this study's folder"):
+        study.merge_from(ours, ours.path)
+
+
+# --- the committed studies -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", STUDIES)
+def test_each_committed_summary_is_what_its_records_compute(name):
+    """SUMMARY.md of every study in results/ is recomputed from runs.csv, curves.csv.gz and NOTES.md alone."""
+    target = Study(ROOT / "results" / name)
+    assert studysummary.summarize(target) == (target.path / "SUMMARY.md").read_text()
+
+
+def test_results_hold_records_not_run_folders_or_images():
+    assert STUDIES and studysummary.index([Study(ROOT / "results" / n) for n in STUDIES]) == \
+        (ROOT / "results" / "README.md").read_text()
+    tracked = subprocess.run(["git", "ls-files", "results"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    if tracked:  # a checkout (an sdist has no git)
+        assert not [p for p in tracked if p.endswith((".png", ".json", ".jsonl"))]
+        assert all(p.count("/") == 2 or p == "results/README.md" for p in tracked)  # no per-run folders
+
+
+# --- running a study -------------------------------------------------------------------------------------------------
+def test_a_study_trained_in_parallel_equals_one_trained_in_process(tmp_path):
+    """python -m hdkdlib.study: runs trained as parallel CLI processes give the same numbers as runs trained
+    in-process; the summary holds them with mean and spread, and README.md indexes both studies."""
+    _fake_cifar_folder(tmp_path / "img")
+    common = [sys.executable, "-m", "hdkdlib.study", "--data-root", str(tmp_path / "img"),
+              "--methods", "ce", "hdkd", "--seeds", "0", "1", "--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8",
+              "--lr", "0.01", "--val-per-class", "4", "--device", "cpu", "--split-dir", str(tmp_path / "splits"),
+              "--results", str(tmp_path / "results")]
+    for name, jobs in (("parallel", "2"), ("inline", "1")):
+        result = subprocess.run(common + ["--runs", str(tmp_path / name), "--name", name, "--jobs", jobs],
+                                capture_output=True, text=True, cwd=ROOT)
+        assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    assert (tmp_path / "parallel" / "hdkd-seed1.log").exists()
+    parallel, inline = (Study(tmp_path / "results" / n).runs().set_index("run") for n in ("parallel", "inline"))
+    top1 = [c for c in parallel.columns if c.startswith("test_top1[")]
+    assert sorted(parallel.index) == ["ce-seed0", "ce-seed1", "hdkd-seed0", "hdkd-seed1"]
+    pd.testing.assert_frame_equal(parallel[top1], inline[top1])
+    assert set(parallel["at_once"]) == {"2"} and set(inline["at_once"]) == {"1"}
+
+    # a variant beside them: a training option changes a setting, --tag names the runs; NOTES.md is kept in
+    (tmp_path / "results" / "parallel" / "NOTES.md").write_text("A hand-written reading.")
+    one_run = common[:common.index("--methods")] + ["--methods", "hdkd", "--seeds", "0"] + common[common.index("--epochs"):]
+    result = subprocess.run(one_run + ["--runs", str(tmp_path / "parallel"), "--name", "parallel", "--tag", "T2",
+                                       "--temperature", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    runs = Study(tmp_path / "results" / "parallel").runs().set_index("run")
+    assert runs.loc["hdkd-T2-seed0", "setting:temperature"] == 2.0  # the setting that varies has a column
+    assert json.loads(runs.loc["hdkd-T2-seed0", "config"])["temperature"] == 2.0
+
+    summary = (tmp_path / "results" / "parallel" / "SUMMARY.md").read_text()
+    rows = [_cells(l) for l in summary.splitlines() if l.startswith("|") and not l.startswith("|-")]
+    ce = 100 * runs.loc[["ce-seed0", "ce-seed1"], top1].to_numpy()
+    row = next(r for r in rows if r[:2] == ["ce", "2"])
+    assert row[2] == f"{ce[:, 0].mean():.2f} ± {ce[:, 0].std(ddof=1):.2f}"
+    assert any(r[:2] == ["hdkd-T2", "1"] for r in rows)
+    hdkd = 100 * runs.loc[["hdkd-seed0", "hdkd-seed1"], top1].to_numpy()
+    paired = next(r for r in rows if r[0] == "hdkd − ce")
+    diff = hdkd[:, 0] - ce[:, 0]  # the same seeds paired
+    assert paired[1] == "2" and paired[2] == f"{diff.mean():+.2f} ± {diff.std(ddof=1):.2f}"
+    # the validation table: the last epoch's val_top1 of each run (the run folder's metrics), mean over seeds
+    val = np.array([RunFolder(tmp_path / "parallel" / r).metrics()[-1]["val_top1"] for r in ("ce-seed0", "ce-seed1")]) * 100
+    val_section = summary[summary.index("Per-exit validation top-1"):]
+    val_row = next(_cells(l) for l in val_section.splitlines() if l.startswith("| ce "))
+    assert val_row[1] == f"{val[:, 0].mean():.2f} ± {val[:, 0].std(ddof=1):.2f}"
+    assert val_row[-1] == f"{val.mean(1).mean():.2f} ± {val.mean(1).std(ddof=1):.2f}"
+    assert "Final learned weights of hdkd (mean over 2 seeds)" in summary and "Final learned weights of hdkd-T2" in summary
+    kd_section = summary[summary.index("Students' KD weight at the end"):]
+    assert {r[0] for r in map(_cells, kd_section.splitlines()[4:7])} == {"hdkd-seed0", "hdkd-seed1", "hdkd-T2-seed0"}
+    at_once = {r[0]: r[3] for r in rows if "-seed" in r[0] and len(r) > 3 and r[1].startswith("cpu")}
+    assert at_once == {"ce-seed0": "2", "ce-seed1": "2", "hdkd-seed0": "2", "hdkd-seed1": "2", "hdkd-T2-seed0": "1"}
+    commands = [l for l in summary.splitlines() if l.startswith("python -m hdkdlib.study")]
+    assert len(commands) == 2 and "--jobs 2" in commands[0] and "--tag T2" in commands[1]
+    assert sum(l.startswith("python -m hdkdlib.train") for l in summary.splitlines()) == 5
+    assert summary.rstrip().endswith("### Observations\n\nA hand-written reading.")
+    readme = (tmp_path / "results" / "README.md").read_text()
+    assert readme.index("| inline |") < readme.index("| parallel |")
+    assert not list((tmp_path / "results").rglob("*.png"))
+    drawn = subprocess.run([sys.executable, "-m", "hdkdlib.study", "--name", "parallel", "--results",
+                            str(tmp_path / "results"), "--figures"], capture_output=True, text=True, cwd=ROOT,
+                           env={**__import__("os").environ, "HDKD_FIGURES": str(tmp_path / "figures")})
+    assert drawn.returncode == 0, drawn.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "figures" / "parallel").iterdir()) == [
+        "anytime.png", "weights-hdkd-T2.png", "weights-hdkd.png"]
+
+
+# --- the summary's statistics --------------------------------------------------------------------------------------
+def test_paired_differences_pair_each_protocol_with_its_own_baseline():
+    """dbt-n100 is paired with ce-n100, not with ce-n50 or an untagged ce; hdkd-T3 with the untagged ce and dbt;
+    hdkd-n50-w50 (a switch in the n50 protocol) with ce-n50 and dbt-n50; hdkd-n50-s143 with ce-n50-s143 and ce-n50;
+    the cells are mean ± sd over the seeds both variants have (hand-computed here)."""
+    top1 = {("ce-n100", 0): [0.50, 0.60], ("ce-n100", 1): [0.52, 0.58], ("dbt-n100", 0): [0.55, 0.61],
+            ("dbt-n100", 1): [0.56, 0.60], ("ce-n50", 0): [0.10, 0.10], ("dbt-n50", 0): [0.20, 0.30],
+            ("ce", 0): [0.40, 0.40], ("dbt", 0): [0.45, 0.40], ("hdkd-T3", 0): [0.50, 0.50],
+            ("hdkd-n50-w50", 0): [0.30, 0.30], ("ce-n50-s143", 0): [0.15, 0.15], ("hdkd-n50-s143", 0): [0.40, 0.40]}
+    table = pd.DataFrame([{"run": f"{v}-seed{s}", "variant": v, "exit": k + 1, "top1": t}
+                          for (v, s), values in top1.items() for k, t in enumerate(values)])
+    lines = studysummary.paired_differences(table)
+    rows = {c[0]: c[1:] for c in map(_cells, lines[3].splitlines()[2:])}
+    # the paired t-test of the mean over exits, for comparisons with 2+ seeds: dbt-n100 − ce-n100 only here
+    tests = {c[0]: c[1:] for c in map(_cells, lines[7].splitlines()[2:])}
+    assert list(tests) == ["dbt-n100 − ce-n100"]
+    assert tests["dbt-n100 − ce-n100"][:3] == ["2", "+3.00", "0.00"]  # 3 points at both seeds: no spread
+    assert set(rows) == {"dbt-n100 − ce-n100", "dbt-n50 − ce-n50", "dbt − ce", "hdkd-T3 − ce", "hdkd-T3 − dbt",
+                         "hdkd-n50-w50 − ce-n50", "hdkd-n50-w50 − dbt-n50", "ce-n50-s143 − ce-n50",
+                         "hdkd-n50-s143 − ce-n50-s143", "hdkd-n50-s143 − ce-n50", "hdkd-n50-s143 − dbt-n50"}
+    d1, d2 = np.array([5.0, 4.0]), np.array([1.0, 2.0])  # exit 1 and exit 2 of dbt-n100 − ce-n100 at seeds 0, 1
+    mean_over_exits = (d1 + d2) / 2
+    assert rows["dbt-n100 − ce-n100"] == ["2", f"{d1.mean():+.2f} ± {d1.std(ddof=1):.2f}",
+                                          f"{d2.mean():+.2f} ± {d2.std(ddof=1):.2f}",
+                                          f"{mean_over_exits.mean():+.2f} ± {mean_over_exits.std(ddof=1):.2f}"]
+    assert rows["dbt-n50 − ce-n50"] == ["1", "+10.00", "+20.00", "+15.00"]
+    assert rows["hdkd-T3 − dbt"] == ["1", "+5.00", "+10.00", "+7.50"]
+    assert rows["hdkd-n50-w50 − ce-n50"] == ["1", "+20.00", "+20.00", "+20.00"]
+    assert rows["hdkd-n50-w50 − dbt-n50"] == ["1", "+10.00", "+0.00", "+5.00"]
+    # a variant of a baseline (CE at another step size) pairs with the protocol's CE, and a variant sharing its tag
+    # with both: with each of them
+    assert rows["ce-n50-s143 − ce-n50"] == ["1", "+5.00", "+5.00", "+5.00"]
+    assert rows["hdkd-n50-s143 − ce-n50-s143"] == ["1", "+25.00", "+25.00", "+25.00"]
+    assert rows["hdkd-n50-s143 − ce-n50"] == ["1", "+30.00", "+30.00", "+30.00"]
+
+
+def test_per_seed_table_holds_each_runs_mean_over_exits():
+    top1 = {("ce", 0): [0.40, 0.50], ("ce", 3): [0.10, 0.20], ("hdkd-h4", 3): [0.333, 0.334]}
+    table = pd.DataFrame([{"run": f"{v}-seed{s}", "variant": v, "exit": k + 1, "top1": t}
+                          for (v, s), values in top1.items() for k, t in enumerate(values)])
+    header, _, *rows = map(_cells, studysummary.per_seed_rows(table)[-1].splitlines())
+    assert header == ["run", "seed 0", "seed 3"]
+    assert rows == [["ce", "45.00", "15.00"], ["hdkd-h4", "", "33.35"]]
+
+
+def test_only_runs_whose_weights_learned_get_a_weights_table():
+    records = {"hdkd-seed0": {"config": {"method": "hdkd", "freeze_weights_from": ""}},
+               "hdkd-frozen-seed0": {"config": {"method": "hdkd", "freeze_weights_from": "init"}},
+               "hdkd-old-seed0": {"config": {"method": "hdkd"}},  # begun before the setting existed
+               "dbt-seed0": {"config": {"method": "dbt", "freeze_weights_from": ""}}}
+    assert list(studysummary.weight_learning_runs(records)) == ["hdkd-seed0", "hdkd-old-seed0"]
+
+
+def test_students_kd_weight_sums_each_students_teachers():
+    """The rules' "students' KD weight": per student exit its KD weights summed over its teachers (CE weights and
+    the last exit left out), then the mean over students 1-4 against the same at the start (hand-computed)."""
+    num_exits = 6
+    start = {f"ce{i}": 1.0 for i in range(1, 7)}
+    start.update({f"kd{i}<-{j}": 0.1 for i in range(1, 6) for j in range(i + 1, 7)})
+    final = dict(start, **{"kd1<-6": 0.5, "kd1<-2": 0.3, "kd4<-5": 0.0, "kd5<-6": 2.0, "ce1": 9.0})
+    per_student = studysummary.kd_weight_per_student(final, num_exits)
+    np.testing.assert_allclose(per_student, [0.3 + 3 * 0.1 + 0.5, 0.4, 0.3, 0.1, 2.0])
+    lines = studysummary.students_kd_rows({"hdkd-seed0": final}, {"hdkd-seed0": start}, num_exits)
+    header, _, row = (_cells(l) for l in lines[-1].splitlines())
+    assert header == ["run", "exit 1", "exit 2", "exit 3", "exit 4", "exit 5", "students 1-4", "start", "end / start"]
+    early_end, early_start = (1.1 + 0.4 + 0.3 + 0.1) / 4, (0.5 + 0.4 + 0.3 + 0.2) / 4
+    assert row == ["hdkd-seed0", "1.100", "0.400", "0.300", "0.100", "2.000", f"{early_end:.3f}", f"{early_start:.3f}",
+                   f"{early_end / early_start:.0%}"]
+
+
+def test_fit_reached_reads_the_last_epoch():
+    rows = [{"train_top1": [0.1, 0.2, 0.3]}, {"train_top1": [0.912, 0.5, 0.9876]}]
+    assert studysummary.fit_reached(rows) == "91.2 / 98.8"
+
+
+def test_epochs_within_a_time_budget():
+    rows = [dict(method="ce", meta_interval=None, batch_size=64, mode="step+graph", images_per_s=1000.0),
+            dict(method="hdkd", meta_interval=1, batch_size=64, mode="step+graph", images_per_s=500.0),
+            dict(method="hdkd", meta_interval=10, batch_size=64, mode="step+graph", images_per_s=900.0),
+            dict(method="ce", meta_interval=None, batch_size=64, mode="eager", images_per_s=10.0)]
+    # one epoch of ce + dbt + hdkd, 2 seeds, 45,000 images: 2 * (45 + 45 + 90) s = 360 s; 60 minutes -> 10 epochs
+    assert study.epochs_within(60, {"rows": rows}, ["ce", "dbt", "hdkd"], [0, 1], 45_000) == 10
+    assert study.epochs_within(60, {"rows": rows}, ["hdkd"], [0], 45_000, meta_interval=8) == 60  # 72, capped
+    assert study.epochs_within(1, {"rows": rows}, ["ce", "dbt", "hdkd"], [0, 1], 45_000) == 4     # too little: 4
