@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -36,6 +37,7 @@ from .runfolder import RunFolder
 from .studyrecords import Study, StudyRecordError
 
 ROOT = project_root()
+STUDY_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 def portable(path) -> str:
@@ -130,6 +132,17 @@ def run_parallel(cfgs, jobs: int, record, poll_s: float = 60.0) -> list:
     """Train the runs `jobs` at a time as subprocesses; returns the names of runs that failed."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     waiting, active, failed = [c for c in cfgs if not finished(c)], {}, []
+    try:
+        _watch(waiting, active, failed, cfgs, jobs, record, env, poll_s)
+    finally:  # a failure here (a record refused, Ctrl-C) stops the runs it started: none trains unwatched
+        for cfg, proc, log in active.values():
+            proc.terminate()
+            proc.wait()
+            log.close()
+    return failed
+
+
+def _watch(waiting, active, failed, cfgs, jobs, record, env, poll_s) -> None:
     last_report = 0.0
     while waiting or active:
         while waiting and len(active) < jobs:
@@ -158,7 +171,6 @@ def run_parallel(cfgs, jobs: int, record, poll_s: float = 60.0) -> list:
             last_report = time.monotonic()
             print(time.strftime("%H:%M:%S ") + " · ".join(
                 f"{Path(c.out).name} {len(RunFolder(c.out).metrics())}/{c.epochs}" for c in cfgs), flush=True)
-    return failed
 
 
 def run(methods, seeds, name: str, results=None, runs=None, tag: str = "", jobs: int = 1,
@@ -171,13 +183,17 @@ def run(methods, seeds, name: str, results=None, runs=None, tag: str = "", jobs:
     settings.setdefault("split_dir", str(runs / "splits"))
     settings["progress"] = bool(settings.get("progress")) and jobs == 1  # bars of parallel runs would interleave
     cfgs = configs(methods, seeds, runs, tag, **settings)
+    recorded = set(study.runs()["run"])  # a recorded run is done: never trained again, its record never replaced
+    if recorded & {Path(c.out).name for c in cfgs}:
+        print(f"already recorded in {study.path}: {', '.join(sorted(recorded & {Path(c.out).name for c in cfgs}))}")
+    cfgs = [c for c in cfgs if Path(c.out).name not in recorded]
     record = Recorder(study, invocation, min(jobs, len(cfgs)))
-    for cfg in cfgs:
-        if finished(cfg):
-            record(cfg)
     here = Path.cwd()
-    os.chdir(ROOT)
+    os.chdir(ROOT)  # the configs' paths are relative to the project root
     try:
+        for cfg in cfgs:
+            if finished(cfg):  # trained, not yet recorded (stopped between the two)
+                record(cfg)
         if jobs == 1:
             for cfg in (c for c in cfgs if not finished(c)):
                 print(f"== {Path(cfg.out).name}: {' '.join(train.cli_args(cfg))}", flush=True)
@@ -212,14 +228,25 @@ def merge_from(study: Study, other: Path) -> List[str]:
         raise SystemExit(f"--merge-from: {other} is this study's folder: give the other checkout")
     theirs = Study(other)
     if theirs.exists():
-        runs, curves = theirs.runs(), theirs.curves()
-        incoming = [(row, curves.loc[curves["run"] == row["run"]].dropna(axis=1, how="all").to_dict("records"))
+        runs, curves = theirs.load()
+        incoming = [({k: v for k, v in row.items() if not k.startswith("setting:")},
+                     curves.loc[curves["run"] == row["run"]].dropna(axis=1, how="all").to_dict("records"))
                     for row in (r.dropna().to_dict() for _, r in runs.iterrows())]
-        incoming = [({k: v for k, v in row.items() if not k.startswith("setting:")}, curve) for row, curve in incoming]
     else:
-        incoming = [studyrecords.record_from_run_folder(d, *legacy_provenance(other, d.name))
-                    for d in sorted(other.iterdir()) if d.is_dir() and (d / "results.json").is_file()]
-    return study.add(incoming, replace=False)
+        incoming = [_run_copy_record(d, other) for d in sorted(other.iterdir())
+                    if d.is_dir() and (d / "results.json").is_file()]
+    return study.add(incoming)
+
+
+def _run_copy_record(folder: Path, study_folder: Path) -> tuple:
+    """The record of a run copy in an older checkout's study folder, or one line saying why it is none."""
+    try:
+        return studyrecords.record_from_run_folder(folder, *legacy_provenance(study_folder, folder.name))
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+        if isinstance(e, StudyRecordError):
+            raise
+        raise StudyRecordError(f"{folder} is not a finished run's copy ({type(e).__name__}: {e}): finish or "
+                               "collect that run, or move the folder out of the study") from None
 
 
 def legacy_provenance(folder: Path, run: str) -> tuple:
@@ -228,15 +255,18 @@ def legacy_provenance(folder: Path, run: str) -> tuple:
     path = folder / "RUNS.json"
     if not path.is_file():
         return "?", "", ""
-    meta = records.read_json(path)
-    last = [i for i in meta.get("invocations", []) if run in i.get("runs", [])]
+    invocations = records.read_json(path).get("invocations", [])
+    last = [i for i in invocations if isinstance(i, dict) and run in i.get("runs", [])]
     if not last:
         return "?", "", ""
-    return str(last[-1].get("jobs", "?")), last[-1]["command"], last[-1].get("started", "")
+    return str(last[-1].get("jobs", "?")), str(last[-1].get("command", "")), str(last[-1].get("started", ""))
 
 
 def write_summaries(study: Study) -> Path:
-    path = atomic_write_text(study.path / "SUMMARY.md", studysummary.summarize(study))
+    """SUMMARY.md of the study and the index results/README.md, under the study's lock (a chain finishing a run
+    meanwhile waits: the summary holds every run recorded when it was written)."""
+    with study.locked():
+        path = atomic_write_text(study.path / "SUMMARY.md", studysummary.summarize(study))
     atomic_write_text(study.path.parent / "README.md", studysummary.index(studyrecords.studies(study.path.parent)))
     return path
 
@@ -251,7 +281,9 @@ def draw_figures(study: Study, folder: Optional[Path] = None) -> List[Path]:
     from . import paths, plots
     folder = Path(folder or paths.figures_dir() / study.name)
     folder.mkdir(parents=True, exist_ok=True)
-    runs, curves = study.runs(), study.curves()
+    runs, curves = study.load()
+    if runs.empty:
+        raise StudyRecordError(f"no runs recorded in {study.path}: check --name and --results")
     table = studyrecords.per_exit(runs)
     flops = studyrecords.per_exit(runs, "flops").rename(columns={"top1": "flops"})
     table = table.merge(flops[["run", "exit", "flops"]], on=["run", "exit"])
@@ -319,16 +351,18 @@ def main(argv=None) -> int:
         p.error("--jobs must be >= 1")
     if args.epochs != "auto" and not args.epochs.isdigit():
         p.error(f"--epochs must be a number or auto, got {args.epochs!r}")
-    if not args.name:
-        if not args.summarize_only:
-            p.error("--name is required (the study), except with --summarize-only")
-        for each in studyrecords.studies(Path(args.results)):
-            print(f"written: {write_summaries(each)}")
-        return 0
-    study = Study(Path(args.results).resolve() / args.name)
-    args.runs = args.runs or str(ROOT / "runs" / args.name)
+    if not args.name and not args.summarize_only:
+        p.error("--name is required (the study), except with --summarize-only")
+    if args.name and not STUDY_NAME.match(args.name):
+        p.error(f"--name {args.name!r}: a study's name is one folder name (letters, digits, . _ -)")
     failed = []
     try:
+        if not args.name:
+            for each in studyrecords.studies(Path(args.results)):
+                print(f"written: {write_summaries(each)}")
+            return 0
+        study = Study(Path(args.results).resolve() / args.name)
+        args.runs = args.runs or str(ROOT / "runs" / args.name)
         if args.merge_from:
             added = merge_from(study, Path(args.merge_from).resolve() / "results" / args.name)
             print(f"merged from {args.merge_from}: {', '.join(added) or 'no new runs'}")
@@ -348,7 +382,9 @@ def main(argv=None) -> int:
         if study.exists():
             print(write_summaries(study).read_text())
             print(f"written: {study.path.parent / 'README.md'}")
-    except StudyRecordError as e:
+        elif args.summarize_only or args.merge_from:
+            raise StudyRecordError(f"no study at {study.path} (no {studyrecords.RUNS}): check --name and --results")
+    except (ValueError, OSError) as e:  # bad records or settings (StudyRecordError is one), a file in the way
         print(f"error: {e}", file=sys.stderr)
         return 2
     if failed:

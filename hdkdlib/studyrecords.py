@@ -29,15 +29,20 @@ from typing import Dict, Iterable, List
 
 import pandas as pd
 
-from . import records
+from . import config, records
 from .paths import atomic_write, atomic_write_text
+from .resume import stored_config
 from .runfolder import RunFolder
 
 RUNS, CURVES, LOCK = "runs.csv", "curves.csv.gz", ".lock"
 FIXED = ("run", "variant", "seed", "method")  # the first columns of runs.csv; then the settings that vary
 NOT_SETTINGS = {"seed", "method", "out", "progress"}  # differ by design, or say nothing about the numbers
+# where and how fast a run trained: runs of one protocol may differ in these (a GPU's seeds pool with a CPU's)
+NOT_PROTOCOL = (set(config.OPTION_GROUPS["speed"]) | set(config.OPTION_GROUPS["run"])
+                | {"data_root", "split_dir", "workers", "download"})
 # pandas before 3 parses floats exactly only when asked to (3 always does, and deprecates the option)
 EXACT_FLOATS = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
+RUN_NAME = re.compile(r"^[A-Za-z0-9_.+]+(-[A-Za-z0-9_.+*]+)*-seed\d+$")
 _ITEM = re.compile(r"^(.+)\[(\d+)\]$")
 
 
@@ -84,9 +89,9 @@ def unflatten(flat: Dict) -> Dict:
             row.setdefault(name, {})[key] = value
         else:
             row[column] = value
-    for name, value in row.items():  # lists were stored as {position: value}
+    for name, value in row.items():  # lists were stored as {position: value}; a missing value inside stays NaN
         if isinstance(value, dict) and value and all(isinstance(k, int) for k in value):
-            row[name] = [value[k] for k in sorted(value)]
+            row[name] = [value.get(k, math.nan) for k in range(1, max(value) + 1)]
     return row
 
 
@@ -112,6 +117,12 @@ def record_from_run_folder(path, at_once="", invocation: str = "", started: str 
 
 
 # --- the files ------------------------------------------------------------------------------------------------
+TEXT = ("run", "variant", "method", "device", "torch", "commit", "at_once", "started", "invocation", "config")
+NEEDED_CURVES = ("run", "epoch", "epoch_seconds", "images_per_s", "train_top1[1]", "val_top1[1]")
+PROVENANCE = ("at_once", "started", "invocation")  # how a run was trained, not what it measured
+REST = ("epochs", "train_minutes", "device", "torch", "commit", *PROVENANCE)  # runs.csv's last columns, in order
+
+
 class Study:
     """results/<study>/: its runs (one row each) and their per-epoch curves."""
 
@@ -122,29 +133,73 @@ class Study:
     def exists(self) -> bool:
         return (self.path / RUNS).is_file()
 
+    def load(self) -> tuple:
+        """(runs, curves), checked: a damaged or foreign record is one StudyRecordError naming it."""
+        runs = self._read_csv(RUNS) if self.exists() else pd.DataFrame(columns=[*FIXED, "config"])
+        curves = self._read_csv(CURVES) if (self.path / CURVES).exists() else pd.DataFrame(columns=["run", "epoch"])
+        if self.exists():
+            self.check(runs, curves)
+        return runs, curves
+
     def runs(self) -> pd.DataFrame:
-        if not self.exists():
-            return pd.DataFrame(columns=list(FIXED))
-        table = self._read_csv(RUNS)
-        missing = [c for c in (*FIXED, "config") if c not in table.columns]
-        if missing:
-            raise StudyRecordError(f"{self.path / RUNS} lacks the columns {', '.join(missing)}: restore it from git")
-        return table
+        return self.load()[0]
 
     def curves(self) -> pd.DataFrame:
-        if not (self.path / CURVES).is_file():
-            return pd.DataFrame(columns=["run", "epoch"])
-        return self._read_csv(CURVES)
+        return self.load()[1]
 
     def _read_csv(self, name: str) -> pd.DataFrame:
         path = self.path / name
         try:
             data = records.read_gzip(path) if name.endswith(".gz") else records.read_bytes(path)
-            return pd.read_csv(io.BytesIO(data), dtype={"at_once": str}, keep_default_na=False, na_values=[""],
-                               **EXACT_FLOATS)
+            return pd.read_csv(io.BytesIO(data), dtype={c: str for c in TEXT}, keep_default_na=False,
+                               na_values=[""], **EXACT_FLOATS)
         except (OSError, ValueError, pd.errors.ParserError) as e:  # Unreadable is a ValueError
             reason = e.reason if isinstance(e, records.Unreadable) else f"{type(e).__name__}: {e}"
             raise StudyRecordError(f"{path} is unreadable ({reason}): restore it from git") from None
+
+    def check(self, runs: pd.DataFrame, curves: pd.DataFrame) -> None:
+        """Every row a run of this study with the numbers a summary reads, every run with its curves."""
+        def refuse(line, what):
+            raise StudyRecordError(f"{self.path / RUNS}{f', line {line}' if line else ''}: {what}: restore it from "
+                                   "git (or merge the run again from its run folder)")
+        missing = [c for c in (*FIXED, "config", "commit", "device", "torch", "test_top1[1]") if c not in runs.columns]
+        if missing:
+            refuse(0, f"lacks the columns {', '.join(missing)}")
+        exits = [c for c in runs.columns if c.startswith("test_top1[")]
+        for line, row in enumerate(runs.to_dict("records"), 2):
+            run = row["run"]
+            if not isinstance(run, str) or not RUN_NAME.match(run):
+                refuse(line, f"{run!r} is not a run's name (<method>[-<tag>]-seed<k>)")
+            if row["seed"] != seed_of(run) or row["variant"] != variant(run):
+                refuse(line, f"its seed {row['seed']!r} and variant {row['variant']!r} are not those of {run}")
+            try:
+                settings = records.parse_json(row["config"] if isinstance(row["config"], str) else "",
+                                              f"run {run}'s config")
+                if not isinstance(settings, dict) or settings.get("method") != row["method"]:
+                    raise ValueError(f"not the settings of a {row['method']!r} run")
+                config.config_from_dict(stored_config(settings))
+            except ValueError as e:
+                refuse(line, f"{run}'s config is not a run's settings ({e})")
+            if not all(isinstance(row[c], str) and row[c] for c in ("commit", "device", "torch")):
+                refuse(line, f"{run} lacks its commit, device or torch version")
+            top1 = [row[c] for c in exits]
+            if not all(isinstance(t, float) and (math.isnan(t) or 0 <= t <= 1) for t in top1) or math.isnan(top1[0]):
+                refuse(line, f"{run}'s test top-1 per exit must be fractions in [0, 1], got {top1}")
+        if runs["run"].duplicated().any():
+            refuse(0, f"lists {runs['run'][runs['run'].duplicated()].iloc[0]} twice")
+        if runs.empty:
+            return
+        lacking = [c for c in NEEDED_CURVES if c not in curves.columns]
+        if lacking:
+            raise StudyRecordError(f"{self.path / CURVES} lacks the columns {', '.join(lacking)}: restore it from git")
+        without = sorted(set(runs["run"]) - set(curves["run"]))
+        if without:
+            raise StudyRecordError(f"{self.path / CURVES} has no epochs of {', '.join(without[:3])}: restore it "
+                                   "from git (or merge the run again from its run folder)")
+        if not pd.api.types.is_integer_dtype(curves["epoch"]) or not all(
+                map(pd.api.types.is_numeric_dtype, curves.drop(columns="run").dtypes)):
+            raise StudyRecordError(f"{self.path / CURVES} holds a value that is not a number (or a fractional "
+                                   "epoch): restore it from git")
 
     # --- per run ----------------------------------------------------------------------------------------------
     def record(self, runs: pd.DataFrame, run: str) -> Dict:
@@ -161,55 +216,84 @@ class Study:
     # --- writing ------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
     def locked(self):
+        """The study's lock (flock): the chains of one study record and summarise one at a time."""
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.path / LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def add(self, new: Iterable[tuple], replace: bool = True) -> List[str]:
-        """Put (row, curve rows) records in the study, under its lock. replace=False (a merge) refuses a run
-        already there with other numbers, before anything is written. Returns the runs added or changed."""
+    def add(self, new: Iterable[tuple]) -> List[str]:
+        """Put (row, curve rows) records in the study, under its lock; returns the runs added. A run already there
+        with the same numbers is left as it is; with other numbers, with other settings than its variant's runs,
+        or a record that is no run's: nothing is written and the error names it."""
         with self.locked():
-            runs, curves = self.runs(), self.curves()
-            changed = []
+            runs, curves = self.load()
+            rows, epochs, added = runs.to_dict("records"), curves.to_dict("records"), []
             for row, curve in new:
                 mine = runs.loc[runs["run"] == row["run"]]
-                if len(mine) and self.same(mine, curves, row, curve):
+                if len(mine):
+                    if not self.same(mine, curves, row, curve):
+                        raise StudyRecordError(f"run {row['run']} differs between {self.path / RUNS} and the one "
+                                               "given; nothing was written: keep one by hand")
                     continue
-                if len(mine) and not replace:
-                    raise StudyRecordError(f"run {row['run']} differs between {self.path / RUNS} and the one "
-                                           "merged; nothing was written: keep one by hand")
-                runs = pd.concat([runs.loc[runs["run"] != row["run"]], pd.DataFrame([row])], ignore_index=True)
-                curves = pd.concat([curves.loc[curves["run"] != row["run"]], pd.DataFrame(curve)], ignore_index=True)
-                changed.append(row["run"])
-            if changed:
+                self._refuse_other_protocol(rows, row)
+                epochs = [e for e in epochs if e["run"] != row["run"]] + list(curve)  # drops a crash's leftovers
+                rows.append(row)
+                added.append(row["run"])
+            if added:
+                runs, curves = pd.DataFrame(rows), pd.DataFrame(epochs)
+                self.check(runs, curves)
                 self._write(runs, curves)
-            return changed
+            return added
+
+    def _refuse_other_protocol(self, rows: List[Dict], row: Dict) -> None:
+        """A variant's runs differ in their seed only: a run with other settings (another protocol, begun under
+        another command) is refused, naming the settings, before anything is written. Where the run trained, on
+        which device and how fast are no settings of the protocol; settings one run lacks (added to the library
+        after it began) are not compared."""
+        given = json.loads(row["config"])
+        for other in (json.loads(r["config"]) for r in rows if r["variant"] == row["variant"]):
+            differ = [k for k in sorted(set(given) & set(other) - NOT_PROTOCOL) if given[k] != other[k]]
+            if differ:
+                raise StudyRecordError(
+                    f"run {row['run']} has other settings than the {row['variant']} runs in {self.path / RUNS} ("
+                    + ", ".join(f"{k}: {given[k]!r}, not {other[k]!r}" for k in differ[:4])
+                    + "): a run of another protocol is never mixed into a study; nothing was written. Give it "
+                      "another --tag or --name")
 
     def same(self, mine: pd.DataFrame, curves: pd.DataFrame, row: Dict, curve: List[Dict]) -> bool:
-        """Whether a run's stored numbers are those of (row, curve): its provenance (at_once, started,
-        invocation) aside."""
-        provenance = {"at_once", "started", "invocation", "setting"}
-        stored = {k: v for k, v in unflatten(mine.iloc[0].to_dict()).items() if k not in provenance}
-        given = {k: v for k, v in unflatten(row).items() if k not in provenance}
-        return stored == given and self.metrics(curves, row["run"]) == [
-            {k: v for k, v in unflatten(r).items() if k != "run"} for r in curve]
+        """Whether a run's stored numbers are those of (row, curve), its provenance aside (compared as JSON text:
+        NaN equals NaN, 60 equals 60.0)."""
+        def numbers(record):
+            return json.dumps({k: v for k, v in unflatten(record).items() if k not in (*PROVENANCE, "setting")},
+                              sort_keys=True, default=str)
+        theirs = sorted(({k: v for k, v in unflatten(r).items() if k != "run"} for r in curve), key=lambda r: r["epoch"])
+        return (numbers(mine.iloc[0].to_dict()) == numbers(row)
+                and json.dumps(self.metrics(curves, row["run"]), sort_keys=True) == json.dumps(theirs, sort_keys=True))
 
     def _write(self, runs: pd.DataFrame, curves: pd.DataFrame) -> None:
+        """Columns in a fixed order (the same records are the same bytes, whatever order the runs came in)."""
         runs = runs.sort_values("run").reset_index(drop=True)
         curves = curves.sort_values(["run", "epoch"]).reset_index(drop=True)
         other = sorted((c for c in runs.columns if c not in FIXED and not c.startswith("setting:")), key=_rank)
         runs = pd.concat([runs[list(FIXED)], settings_table(runs, runs_setting_columns(runs)), runs[other]], axis=1)
+        curves = curves[["run", "epoch", *sorted((c for c in curves.columns if c not in ("run", "epoch")), key=_order)]]
         text = curves.to_csv(index=False, lineterminator="\n")
         atomic_write(self.path / CURVES, lambda tmp: Path(tmp).write_bytes(gzip.compress(text.encode(), mtime=0)))
         atomic_write_text(self.path / RUNS, runs.to_csv(index=False, lineterminator="\n"))
 
 
-def _rank(column: str) -> int:
-    """runs.csv's column groups in order: numbers per exit, weights, the rest, the config last (a stable sort
-    keeps exits and terms in their order)."""
+def _order(column: str) -> tuple:
+    """A column's place among its kind: lists by exit, maps and the rest by name."""
+    item = _ITEM.match(column)
+    return (item[1], int(item[2])) if item else (column, 0)
+
+
+def _rank(column: str) -> tuple:
+    """runs.csv's columns in order: numbers per exit, weights, the rest in REST's order, the config last."""
     groups = ("test_top1[", "test_top5[", "flops[", "train_top1[", "weights:")
-    return next((i for i, g in enumerate(groups) if column.startswith(g)), len(groups)) + 2 * (column == "config")
+    group = next((i for i, g in enumerate(groups) if column.startswith(g)), len(groups))
+    return group + 2 * (column == "config"), REST.index(column) if column in REST else len(REST), _order(column)
 
 
 def runs_setting_columns(runs: pd.DataFrame) -> List[str]:

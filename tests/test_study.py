@@ -93,25 +93,70 @@ def test_two_chains_finishing_runs_at_once_lose_none(tmp_path):
     assert sorted(set(target.curves()["run"])) == sorted(f.name for f in folders)
 
 
-def test_damaged_records_are_one_line_naming_the_file(tmp_path):
+def _set(column, value, row=0):
+    def change(table):
+        table.loc[row, column] = value
+        return table
+    return change
+
+
+DAMAGED_RUNS = {  # a change to runs.csv -> the words of its one-line refusal
+    "a header only": (lambda t: t[["run", "seed"]].iloc[:0], "lacks the columns variant, method, config"),
+    "a run without a seed": (_set("run", "ce"), "'ce' is not a run's name"),
+    "a run twice": (lambda t: pd.concat([t, t]), "lists ce-seed0 twice"),
+    "another variant": (_set("variant", "dbt"), "are not those of ce-seed0"),
+    "no JSON config": (_set("config", "method=ce"), "ce-seed0's config is not a run's settings"),
+    "a config of no run": (_set("config", "{}"), "not the settings of a 'ce' run"),
+    "an unknown method": (lambda t: _set("config", t.loc[0, "config"].replace('"ce"', '"zz"'))(_set("method", "zz")(t)),
+                          "ce-seed0's config is not a run's settings"),
+    "no commit": (_set("commit", ""), "ce-seed0 lacks its commit"),
+    "top-1 above 1": (_set("test_top1[1]", "7.5"), "must be fractions in [0, 1], got [7.5"),
+    "top-1 a word": (_set("test_top1[2]", "abc"), "must be fractions in [0, 1]"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGED_RUNS))
+def test_a_damaged_runs_table_is_one_line_and_nothing_is_written(tmp_path, capsys, case):
+    """Each damage to runs.csv: --summarize-only exits 2 with one line naming the file and the problem; a merge into
+    the damaged study writes nothing."""
+    target = Study(tmp_path / "results" / "s")
+    target.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2]))])
+    change, words = DAMAGED_RUNS[case]
+    table = pd.read_csv(target.path / studyrecords.RUNS, dtype=str, keep_default_na=False)
+    change(table).to_csv(target.path / studyrecords.RUNS, index=False)
+    before = {p.name: p.read_bytes() for p in target.path.iterdir() if p.is_file()}
+    capsys.readouterr()
+    assert study.main(["--name", "s", "--results", str(tmp_path / "results"), "--summarize-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "runs.csv" in err, err
+    _run_copy(tmp_path / "other" / "results" / "s", "ce-seed1", [0.3, 0.4])
+    assert study.main(["--name", "s", "--results", str(tmp_path / "results"), "--merge-from", str(tmp_path / "other")]) == 2
+    assert {p.name: p.read_bytes() for p in target.path.iterdir() if p.is_file()} == before
+
+
+def test_damaged_curves_and_missing_studies_are_one_line(tmp_path, capsys):
     folder = _run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2])
     target = Study(tmp_path / "results" / "s")
     target.add([studyrecords.record_from_run_folder(folder)])
-    runs_csv = target.path / studyrecords.RUNS
-    good = runs_csv.read_bytes()
-    runs_csv.write_text("run,seed\nce-seed0,0\n")
-    with pytest.raises(StudyRecordError, match=r"runs.csv lacks the columns variant, method, config: restore it from git"):
-        target.runs()
-    runs_csv.write_bytes(good)
-    (target.path / studyrecords.CURVES).write_bytes(gzip.compress(b"run,epoch\n")[:-6])  # cut short
-    with pytest.raises(StudyRecordError, match=r"curves.csv.gz is unreadable \(not a whole gzip file"):
-        target.curves()
-    (target.path / studyrecords.CURVES).write_bytes(gzip.compress(b"0" * (65 * 2 ** 20)))  # 65 MiB from 64 KiB
-    with pytest.raises(StudyRecordError, match="unpacks to more than 64 MiB"):
-        target.curves()
-    result = subprocess.run([sys.executable, "-m", "hdkdlib.study", "--name", "s", "--results", str(tmp_path / "results"),
-                             "--summarize-only"], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "curves.csv.gz" in result.stderr
+    curves = target.path / studyrecords.CURVES
+    text = gzip.decompress(curves.read_bytes()).decode()
+    cases = {"not a whole gzip file": gzip.compress(text.encode())[:-6],
+             "unpacks to more than 64 MiB": gzip.compress(b"0" * (65 * 2 ** 20)),  # 65 MiB from 64 KiB
+             "lacks the columns epoch": gzip.compress(text.replace("run,epoch,", "run,epch,", 1).encode()),
+             "has no epochs of ce-seed0": gzip.compress(text.split("\n", 1)[0].encode() + b"\n"),
+             "not a number": gzip.compress(text.replace("\nce-seed0,1,", "\nce-seed0,one,", 1).encode())}
+    args = ["--name", "s", "--results", str(tmp_path / "results"), "--summarize-only"]
+    for words, packed in cases.items():
+        curves.write_bytes(packed)
+        capsys.readouterr()
+        assert study.main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err and "curves.csv.gz" in err, (words, err)
+    assert study.main(["--name", "t", "--results", str(tmp_path / "results"), "--summarize-only"]) == 2
+    assert "no study at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse: usage and the error, exit 2
+        study.main(["--name", "../s", "--results", str(tmp_path / "results"), "--summarize-only"])
+    assert "one folder name" in capsys.readouterr().err
 
 
 # --- merges ------------------------------------------------------------------------------------------------------
@@ -169,7 +214,7 @@ def test_results_hold_records_not_run_folders_or_images():
 
 
 # --- running a study -------------------------------------------------------------------------------------------------
-def test_a_study_trained_in_parallel_equals_one_trained_in_process(tmp_path):
+def test_a_study_trained_in_parallel_equals_one_trained_in_process(tmp_path, capsys, monkeypatch):
     """python -m hdkdlib.study: runs trained as parallel CLI processes give the same numbers as runs trained
     in-process; the summary holds them with mean and spread, and README.md indexes both studies."""
     _fake_cifar_folder(tmp_path / "img")
@@ -187,6 +232,19 @@ def test_a_study_trained_in_parallel_equals_one_trained_in_process(tmp_path):
     assert sorted(parallel.index) == ["ce-seed0", "ce-seed1", "hdkd-seed0", "hdkd-seed1"]
     pd.testing.assert_frame_equal(parallel[top1], inline[top1])
     assert set(parallel["at_once"]) == {"2"} and set(inline["at_once"]) == {"1"}
+
+    # the same study again, from another directory: its recorded runs are not trained again; finished runs not yet
+    # recorded (here: into another study) are recorded without training
+    settings = dict(data_root=str(tmp_path / "img"), epochs=1, arch="toy_mlp", batch_size=8, lr=0.01,
+                    val_per_class=4, device="cpu", split_dir=str(tmp_path / "splits"))
+    trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "parallel").rglob("*.pt")}
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    study.run(["ce", "hdkd"], [0, 1], "parallel", results=tmp_path / "results", runs=tmp_path / "parallel", **settings)
+    assert "already recorded" in capsys.readouterr().out
+    copy = study.run(["ce", "hdkd"], [0, 1], "copy", results=tmp_path / "results", runs=tmp_path / "parallel", **settings)
+    assert sorted(copy.runs()["run"]) == sorted(parallel.index)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "parallel").rglob("*.pt")} == trained
 
     # a variant beside them: a training option changes a setting, --tag names the runs; NOTES.md is kept in
     (tmp_path / "results" / "parallel" / "NOTES.md").write_text("A hand-written reading.")
@@ -226,12 +284,9 @@ def test_a_study_trained_in_parallel_equals_one_trained_in_process(tmp_path):
     readme = (tmp_path / "results" / "README.md").read_text()
     assert readme.index("| inline |") < readme.index("| parallel |")
     assert not list((tmp_path / "results").rglob("*.png"))
-    drawn = subprocess.run([sys.executable, "-m", "hdkdlib.study", "--name", "parallel", "--results",
-                            str(tmp_path / "results"), "--figures"], capture_output=True, text=True, cwd=ROOT,
-                           env={**__import__("os").environ, "HDKD_FIGURES": str(tmp_path / "figures")})
-    assert drawn.returncode == 0, drawn.stderr[-2000:]
-    assert sorted(p.name for p in (tmp_path / "figures" / "parallel").iterdir()) == [
-        "anytime.png", "weights-hdkd-T2.png", "weights-hdkd.png"]
+    drawn = study.draw_figures(Study(tmp_path / "results" / "parallel"), tmp_path / "figures")  # what --figures does
+    assert sorted(p.name for p in drawn) == ["anytime.png", "weights-hdkd-T2.png", "weights-hdkd.png"]
+    assert all(p.stat().st_size > 10_000 for p in drawn)
 
 
 # --- the summary's statistics --------------------------------------------------------------------------------------
@@ -318,3 +373,94 @@ def test_epochs_within_a_time_budget():
     assert study.epochs_within(60, {"rows": rows}, ["ce", "dbt", "hdkd"], [0, 1], 45_000) == 10
     assert study.epochs_within(60, {"rows": rows}, ["hdkd"], [0], 45_000, meta_interval=8) == 60  # 72, capped
     assert study.epochs_within(1, {"rows": rows}, ["ce", "dbt", "hdkd"], [0, 1], 45_000) == 4     # too little: 4
+
+
+def _tables(text: str):
+    """The markdown tables of a text: lists of rows of stripped cells, header first, the |---| line dropped."""
+    tables, current = [], []
+    for line in text.splitlines() + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                current.append(_cells(line))
+        elif current:
+            tables.append(current)
+            current = []
+    return tables
+
+
+@pytest.mark.parametrize("name", STUDIES)
+def test_per_seed_cells_quoted_in_notes_are_the_records_numbers(name):
+    """NOTES.md's hand-made tables quote the records: in a table of seeds (first column), a column headed by one
+    variant's name in backticks (not a difference) holds that variant's mean test top-1 over exits at that seed."""
+    target = Study(ROOT / "results" / name)
+    table = studyrecords.per_exit(target.runs())
+    means = (100 * table.assign(seed=table["run"].map(studyrecords.seed_of)).groupby(["variant", "seed"]).top1.mean())
+    checked = 0
+    notes = (target.path / "NOTES.md").read_text() if (target.path / "NOTES.md").exists() else ""
+    for header, *rows in _tables(notes):
+        if header[0] != "seed":
+            continue
+        for col, title in enumerate(header):
+            quoted = title.split("`")[1] if title.count("`") == 2 and "−" not in title else None
+            if quoted not in means.index.get_level_values(0):
+                continue
+            for row in rows:
+                seed = row[0].strip("*").split(" ")[0]
+                if seed.isdigit() and row[col].strip("*"):
+                    assert row[col].strip("*") == f"{means.loc[(quoted, int(seed))]:.2f}", (title, row)
+                    checked += 1
+    if name == "cifar10-cpu-control":
+        assert checked >= 30  # the step-size and frozen-weights tables
+
+
+def test_readme_evidence_cells_are_paired_tests_of_the_studies():
+    """Each "mean [low, high]" cell of the README's evidence table is a paired test row of some study's summary."""
+    readme = (ROOT / "README.md").read_text()
+    evidence = next(t for t in _tables(readme) if t[0][:2] == ["protocol (train + val per class, epochs)", "seeds"])
+    tested = {(r[2], r[4]) for n in STUDIES for t in _tables((ROOT / "results" / n / "SUMMARY.md").read_text())
+              if t[0][:5] == ["difference", "seeds", "mean", "SE", "95% interval"] for r in t[1:]}
+    cells = [c.split(" (")[0] for row in evidence[1:] for c in row[2:]]
+    assert len(cells) == 6
+    for cell in cells:
+        mean, interval = cell.replace("−", "-").split(" ", 1)
+        assert (mean, interval) in tested, cell
+
+
+def test_differences_at_two_learning_rates_are_also_pooled_per_seed():
+    """tin100-cpu-control's C1: per seed, the mean over lr 0.1 and 0.2 of DBT − CE at that lr, tested (hand-computed);
+    a seed missing at one lr is left out of the pooled difference."""
+    top1 = {("ce-n20-lr01", 0): [0.40, 0.42], ("ce-n20-lr01", 1): [0.41, 0.41], ("ce-n20-lr01", 2): [0.40, 0.40],
+            ("dbt-n20-lr01-s100", 0): [0.41, 0.43], ("dbt-n20-lr01-s100", 1): [0.43, 0.43],
+            ("dbt-n20-lr01-s100", 2): [0.40, 0.44],
+            ("ce-n20-lr02", 0): [0.39, 0.39], ("ce-n20-lr02", 1): [0.42, 0.40],
+            ("dbt-n20-lr02-s100", 0): [0.42, 0.42], ("dbt-n20-lr02-s100", 1): [0.41, 0.41]}
+    table = pd.DataFrame([{"run": f"{v}-seed{s}", "variant": v, "exit": k + 1, "top1": t}
+                          for (v, s), values in top1.items() for k, t in enumerate(values)])
+    rows, tests = studysummary.paired_frames(table)
+    name = "dbt-n20-lr*-s100 − ce-n20-lr* (mean over lr01, lr02)"
+    assert list(rows["difference"]) == ["dbt-n20-lr01-s100 − ce-n20-lr01", "dbt-n20-lr02-s100 − ce-n20-lr02", name]
+    # seed 0: lr01 (+1, +1), lr02 (+3, +3) -> +2, +2; seed 1: lr01 (+2, +2), lr02 (-1, +1) -> +0.5, +1.5
+    pooled = rows.set_index("difference").loc[name]
+    assert pooled["seeds"] == 2 and pooled["exit 1"] == f"{np.mean([2, 0.5]):+.2f} ± {np.std([2, 0.5], ddof=1):.2f}"
+    per_seed = np.array([2.0, 1.0])  # the mean over exits at seeds 0 and 1
+    test = tests.set_index("difference").loc[name]
+    assert test["mean"] == f"{per_seed.mean():+.2f}" and test["SE"] == f"{per_seed.std(ddof=1) / np.sqrt(2):.2f}"
+
+
+def test_a_run_of_another_protocol_is_never_mixed_into_a_variant(tmp_path):
+    """A run of the same variant name trained with other settings (here 4 epochs against 3) is refused, naming
+    the setting, and nothing is written; another device or thread count is the same protocol (GPU seeds pool)."""
+    target = Study(tmp_path / "results" / "s")
+    target.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2]))])
+    before = {p.name: p.read_bytes() for p in target.path.iterdir()}
+    other = _run_copy(tmp_path / "runs", "ce-seed1", [0.3, 0.4], epochs=4)
+    with pytest.raises(StudyRecordError, match=r"run ce-seed1 has other settings than the ce runs .*\(epochs: 4, not 3\)"
+                                               r".*nothing was written"):
+        target.add([studyrecords.record_from_run_folder(other)])
+    assert {p.name: p.read_bytes() for p in target.path.iterdir()} == before
+    gpu = _run_copy(tmp_path / "runs", "ce-seed2", [0.3, 0.4])
+    for name in ("config.json", "results.json"):
+        text = json.loads((gpu / name).read_text())
+        text["config"].update(device="cuda", threads=8)
+        (gpu / name).write_text(json.dumps(text))
+    assert target.add([studyrecords.record_from_run_folder(gpu)]) == ["ce-seed2"]
