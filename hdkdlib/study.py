@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import config, objectives, records, studyrecords, studysummary, train
+from . import cli, config, objectives, records, studyrecords, studysummary, train
 from .paths import atomic_write_text, project_root
 from .runfolder import RunFolder
 from .studyrecords import Study, StudyRecordError
@@ -384,8 +384,10 @@ def main(argv=None) -> int:
             print(f"written: {study.path.parent / 'README.md'}")
         elif args.summarize_only or args.merge_from:
             raise StudyRecordError(f"no study at {study.path} (no {studyrecords.RUNS}): check --name and --results")
-    except (ValueError, OSError) as e:  # bad records or settings (StudyRecordError is one), a file in the way
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as e:
+        # bad records or settings (StudyRecordError is one), bad data (DatasetError), a file in the way, a busy
+        # or refused run folder: the same one line as python -m hdkdlib.train; the same command resumes
+        print("error: " + cli.error_line(e), file=sys.stderr)
         return 2
     if failed:
         print(f"failed runs: {', '.join(failed)} (their logs are in {args.runs})", file=sys.stderr)

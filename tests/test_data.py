@@ -449,6 +449,25 @@ def test_split_contents_are_checked_even_with_a_matching_checksum(tmp_path, edit
     assert path.read_text() == before  # a refused file is left as it is, for the user to look at
 
 
+def test_a_split_file_of_another_protocol_is_refused_not_trained_on(tmp_path):
+    """Another protocol's split file under this protocol's name (copied, or its fields edited: the checksum covers
+    the indices only) is refused naming both protocols, and left as it is; this protocol's own file loads."""
+    theirs, ours = tmp_path / "n40.json", tmp_path / "n50.json"
+    splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=40, path=theirs)
+    ours.write_bytes(theirs.read_bytes())
+    with pytest.raises(D.DatasetError, match=r"n50.json holds another protocol's split \(seed 0, 10 held-out and 40 "
+                                             r"training images per class.* asks seed 0, 10 held-out and 50 training"):
+        splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=50, path=ours)
+    content = json.loads(theirs.read_text())
+    ours.write_text(json.dumps(dict(content, train_per_class=50, protocol="limited(50)")))  # the label, not the images
+    with pytest.raises(D.DatasetError, match=r"per class it holds 10 and 40 at most\) where this run asks"):
+        splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=50, path=ours)
+    assert json.loads(ours.read_text())["train"] == content["train"]
+    with pytest.raises(D.DatasetError, match=r"holds another protocol's split \(seed 0.* asks seed 3"):
+        splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=40, seed=3, path=theirs)
+    assert splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=40, path=theirs) == content
+
+
 def test_a_split_file_that_holds_no_split_is_one_line(tmp_path):
     path = tmp_path / "toy.json"
     for text in ("[1, 2, 3]", '{"train": [1]}'):

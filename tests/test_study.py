@@ -464,3 +464,18 @@ def test_a_run_of_another_protocol_is_never_mixed_into_a_variant(tmp_path):
         text["config"].update(device="cuda", threads=8)
         (gpu / name).write_text(json.dumps(text))
     assert target.add([studyrecords.record_from_run_folder(gpu)]) == ["ce-seed2"]
+
+
+def test_bad_data_or_settings_for_a_study_are_one_line(tmp_path, capsys):
+    """Training in-process (--jobs 1) meets the data's and the settings' checks: one line each, exit 2, nothing
+    recorded."""
+    (tmp_path / "empty").mkdir()
+    common = ["--name", "s", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
+              "--methods", "ce", "--seeds", "0", "--epochs", "1", "--arch", "toy_mlp", "--device", "cpu"]
+    for extra, words in ((["--data-root", str(tmp_path / "empty")], "train not found"),
+                         (["--data-root", str(tmp_path / "empty"), "--out", "x"], "cannot set out per run")):
+        capsys.readouterr()
+        assert study.main(common + extra) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+    assert not (tmp_path / "results" / "s").exists()

@@ -109,6 +109,7 @@ def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class:
                                f"({split.get('n_total')} images then, {len(labels)} now): wrong data root, or a "
                                "different copy of the dataset. Use the dataset it was made for, or pass another path.")
         check_contents(split, len(labels), path)
+        check_protocol(split, labels, val_per_class, train_per_class, seed, path)
         return split
     split = make_split(labels, val_per_class=val_per_class, train_per_class=train_per_class, seed=seed, dataset=dataset)
     atomic_write_text(path, json.dumps(split, separators=(",", ":")))  # never a half-written split file
@@ -142,6 +143,26 @@ def check_contents(split: Dict, n_total: int, path) -> None:
     if len(both):
         raise DatasetError(f"split file {path}: index {int(both[0])} is in both 'train' and 'val' (validation images "
                            f"would leak into training); {fix}")
+
+
+def check_protocol(split: Dict, labels, val_per_class: int, train_per_class: Optional[int], seed: int, path) -> None:
+    """The split is the one asked for: its recorded seed and sizes, and the held-out and training images it holds per
+    class (what the sizes draw from each class's images). A file of another protocol under this protocol's name
+    (copied, or its fields edited; the checksum covers the indices only) would train on other images silently."""
+    y = np.asarray(labels, dtype=np.int64)
+    available = np.bincount(y)
+    val = np.minimum(available, val_per_class)
+    train = available - val if train_per_class is None else np.minimum(available - val, train_per_class)
+    held = (np.bincount(y[split["val"]], minlength=len(available)), np.bincount(y[split["train"]], minlength=len(available)))
+    recorded = (split.get("seed"), split.get("val_per_class"), split.get("train_per_class"))
+    if recorded != (seed, val_per_class, train_per_class) or not (np.array_equal(held[0], val)
+                                                                  and np.array_equal(held[1], train)):
+        raise DatasetError(
+            f"split file {path} holds another protocol's split (seed {recorded[0]}, {recorded[1]} held-out and "
+            f"{recorded[2] or 'all other'} training images per class; per class it holds {int(held[0].max())} and "
+            f"{int(held[1].max())} at most) where this run asks seed {seed}, {val_per_class} held-out and "
+            f"{train_per_class or 'all other'} training images per class: give the --split-dir of this protocol's "
+            f"runs, or move the file away and it is drawn again")
 
 
 def as_tensors(split: Dict):
