@@ -50,20 +50,33 @@ def comparisons(variants, baselines=("ce", "dbt")) -> list:
     return pairs
 
 
-def paired_frames(table: pd.DataFrame, baselines=("ce", "dbt")) -> tuple:
+def paired_frames(table: pd.DataFrame, baselines=("ce", "dbt"), held_out: Dict[str, float] = None,
+                  exits=None) -> tuple:
     """(differences, tests): per comparison, the per-exit test top-1 difference of runs with the same seed (same
     split and initial network) as "mean ± sd" over the seeds both have, and, with 2+ seeds, the test of the mean
-    over exits (mean, SE, 95% interval, p). Every variant against CE (dbt − ce is the positive control of
-    distillation), learned-weight variants against DBT too. `table`: one row per run and exit (run, variant, exit,
-    top1 as a fraction), as studyrecords.per_exit gives."""
+    over exits (or over `exits`, e.g. (1, 2)): mean, SE, 95% interval, p. Every variant against CE (dbt − ce is the
+    positive control of distillation), learned-weight variants against DBT too; pairs run at several learning
+    rates also pooled over them and, given each variant's `held_out` top-1, each method at its held-out-best lr.
+    `table`: one row per run and exit (run, variant, exit, top1 as a fraction), as studyrecords.per_exit gives."""
     seed = table["run"].map(seed_of)
     top1 = (100 * table.assign(seed=seed).pivot_table(index=["variant", "seed"], columns="exit", values="top1"))
-    differences = {}
+    if exits is not None:
+        top1 = top1[[e for e in exits if e in top1.columns]]
+    differences, pairs = {}, {}
     for v, base in comparisons(set(top1.index.get_level_values(0)), baselines):
         seeds = sorted(set(top1.loc[v].index) & set(top1.loc[base].index))
         if seeds:
             differences[f"{v} − {base}"] = top1.loc[v].loc[seeds] - top1.loc[base].loc[seeds]
-    differences.update(pooled_over_lr(differences))
+            pairs[f"{v} − {base}"] = (v, base)
+    for name, members in lr_groups(pairs).items():
+        seeds = sorted(set.intersection(*(set(differences[m].index) for _, m in members)))
+        if len(members) > 1 and seeds:
+            lrs = ", lr".join(lr for lr, _ in members)
+            differences[f"{name} (mean over lr{lrs})"] = sum(differences[m].loc[seeds] for _, m in members) / len(members)
+        if len(members) > 1 and held_out:
+            v, base = (max((pairs[m][k] for _, m in members), key=lambda x: held_out.get(x, -1)) for k in (0, 1))
+            seeds = sorted(set(top1.loc[v].index) & set(top1.loc[base].index))
+            differences[f"{v} − {base} (each at its held-out-best lr)"] = top1.loc[v].loc[seeds] - top1.loc[base].loc[seeds]
     rows, tests = [], []
     for name, d in differences.items():
         d = d.assign(**{"mean over exits": d.mean(axis=1)})
@@ -77,30 +90,21 @@ def paired_frames(table: pd.DataFrame, baselines=("ce", "dbt")) -> tuple:
 LR_TAG = re.compile(r"-lr(\d+)(?=-|$)")
 
 
-def pooled_over_lr(differences: Dict[str, pd.DataFrame]) -> Dict[str, pd.DataFrame]:
-    """Comparisons made at several learning rates (tags lr01, lr02: the same pair of methods at each), pooled: per
-    seed, the mean over the learning rates of the per-exit differences, at the seeds every one of them has. A
-    protocol judging a method at no single step size reads this (tin100-cpu-control's C1)."""
+def lr_groups(pairs: Dict[str, tuple]) -> Dict[str, list]:
+    """Comparisons made at several learning rates (tags lr01, lr02: the same pair of methods at each), grouped:
+    {"dbt-n20-lr*-s100 − ce-n20-lr*": [("01", its comparison's name), ("02", ...)]}, lrs in order. A protocol that
+    judges a method at no single step size reads their pooled difference (tin100-cpu-control's C1)."""
     groups: Dict[str, list] = {}
-    for name, d in differences.items():
-        v, base = name.split(" − ")
+    for name, (v, base) in pairs.items():
         lrs = LR_TAG.findall(v)
         if len(lrs) == 1 and LR_TAG.findall(base) == lrs:
-            groups.setdefault(f"{LR_TAG.sub('-lr*', v)} − {LR_TAG.sub('-lr*', base)}", []).append((lrs[0], d))
-    pooled = {}
-    for name, members in groups.items():
-        if len(members) < 2:
-            continue
-        seeds = sorted(set.intersection(*(set(d.index) for _, d in members)))
-        if seeds:
-            mean = sum(d.loc[seeds] for _, d in members) / len(members)
-            pooled[f"{name} (mean over lr{', lr'.join(sorted(lr for lr, _ in members))})"] = mean
-    return pooled
+            groups.setdefault(f"{LR_TAG.sub('-lr*', v)} − {LR_TAG.sub('-lr*', base)}", []).append((lrs[0], name))
+    return {name: sorted(members) for name, members in groups.items()}
 
 
-def paired_differences(table: pd.DataFrame, baselines=("ce", "dbt")) -> list:
-    """Markdown lines of paired_frames' two tables."""
-    rows, tests = paired_frames(table, baselines)
+def paired_differences(table: pd.DataFrame, baselines=("ce", "dbt"), held_out: Dict[str, float] = None) -> list:
+    """Markdown lines of paired_frames' tables: the differences, their tests, and the tests of exits 1-2."""
+    rows, tests = paired_frames(table, baselines, held_out)
     if rows.empty:
         return []
     lines = ["", "Paired differences of test top-1 (points), same seed = same split and initial network; "
@@ -109,6 +113,9 @@ def paired_differences(table: pd.DataFrame, baselines=("ce", "dbt")) -> list:
         lines += ["", "Paired tests of the mean over exits (points; t-test on the per-seed differences, the 95% "
                       "interval two-sided; sign-flip: exact permutation p of mean > 0). Read by the protocol's rule, "
                       "not by eye:", "", tests.to_markdown(index=False, disable_numparse=True)]
+        early = paired_frames(table, baselines, held_out, exits=(1, 2))[1]
+        lines += ["", "The same tests of the mean over exits 1 and 2 (the protocols' secondary reading):", "",
+                  early.to_markdown(index=False, disable_numparse=True)]
     return lines
 
 
@@ -151,6 +158,26 @@ def validation_rows(last_epochs: Dict[str, dict]) -> list:
     return ["", "Per-exit validation top-1 (%) after the last epoch, mean ± sd over seeds (the held-out split on "
                 "which settings are chosen; learned-weight methods also fit their weights to it):", "",
             table.rename_axis("run").reset_index().to_markdown(index=False, disable_numparse=True)]
+
+
+def held_out_means(last_epochs: Dict[str, dict]) -> Dict[str, float]:
+    """Per variant, the last epoch's validation top-1 (%) averaged over exits and seeds: where settings, such as
+    a method's learning rate, are chosen."""
+    per_run = pd.Series({n: 100 * float(np.mean(last["val_top1"])) for n, last in last_epochs.items()})
+    return per_run.groupby(per_run.index.map(variant)).mean().to_dict()
+
+
+def temperature_rows(last_epochs: Dict[str, dict]) -> list:
+    """Markdown lines: per variant whose runs anneal a temperature (DBT), its value after the last epoch: the
+    median over seeds (a protocol may fix another method's temperature at it), min and max."""
+    final = pd.Series({n: last["temperature"] for n, last in last_epochs.items() if "temperature" in last})
+    if final.empty:
+        return []
+    table = final.groupby(final.index.map(variant)).agg(["count", "median", "min", "max"])
+    table = table.map(lambda v: f"{v:.2f}").assign(count=table["count"].astype(int))
+    return ["", "Temperature after the last epoch (DBT's annealing rule), over seeds:", "",
+            table.rename(columns={"count": "seeds"}).rename_axis("run").reset_index()
+            .to_markdown(index=False, disable_numparse=True)]
 
 
 def fit_reached(rows) -> str:
@@ -218,8 +245,10 @@ def summarize(study: Study, epochs_full: int = 300) -> str:
     out += ["Per-exit test top-1 (%), mean ± standard deviation over seeds:", "",
             per_exit_table.rename_axis("run").reset_index().to_markdown(index=False, disable_numparse=True)]
     out += per_seed_rows(table)
-    out += paired_differences(table)
-    out += validation_rows({n: rows[-1] for n, rows in epochs.items()})
+    last = {n: rows[-1] for n, rows in epochs.items()}
+    out += paired_differences(table, held_out=held_out_means(last))
+    out += validation_rows(last)
+    out += temperature_rows(last)
     learned = weight_learning_runs(records)
     for name in sorted({variant(n) for n in learned}):
         mats = [plots.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if variant(n) == name]

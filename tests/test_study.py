@@ -479,3 +479,22 @@ def test_bad_data_or_settings_for_a_study_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
     assert not (tmp_path / "results" / "s").exists()
+    # each method at its held-out-best lr (C3): here DBT at lr02 against CE at lr01
+    held_out = {"ce-n20-lr01": 50.0, "ce-n20-lr02": 40.0, "dbt-n20-lr01-s100": 30.0, "dbt-n20-lr02-s100": 45.0}
+    rows, tests = studysummary.paired_frames(table, held_out=held_out)
+    best = rows.set_index("difference").loc["dbt-n20-lr02-s100 − ce-n20-lr01 (each at its held-out-best lr)"]
+    d = np.array([2.0, 0.0])  # exit 1 at seeds 0 and 1: 0.42 − 0.40, 0.41 − 0.41
+    assert best["seeds"] == 2 and best["exit 1"] == f"{d.mean():+.2f} ± {d.std(ddof=1):.2f}"
+    # the secondary reading: the mean over the first exits only (here exit 1: pooled +2 and +0.5)
+    early = studysummary.paired_frames(table, exits=(1,))[1].set_index("difference").loc[name]
+    assert early["mean"] == "+1.25"
+
+
+def test_held_out_means_and_final_temperatures_per_variant():
+    last = {"dbt-a-seed0": {"val_top1": [0.2, 0.4], "temperature": 2.0},
+            "dbt-a-seed1": {"val_top1": [0.4, 0.6], "temperature": 3.0},
+            "dbt-a-seed2": {"val_top1": [0.1, 0.1], "temperature": 10.0}, "ce-seed0": {"val_top1": [0.5, 0.5]}}
+    means = studysummary.held_out_means(last)
+    assert means["ce"] == pytest.approx(50.0) and means["dbt-a"] == pytest.approx(100 * (0.3 + 0.5 + 0.1) / 3)
+    header, _, row = map(_cells, studysummary.temperature_rows(last)[-1].splitlines())
+    assert header == ["run", "seeds", "median", "min", "max"] and row == ["dbt-a", "3", "3.00", "2.00", "10.00"]
