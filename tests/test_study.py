@@ -445,6 +445,15 @@ def test_differences_at_two_learning_rates_are_also_pooled_per_seed():
     per_seed = np.array([2.0, 1.0])  # the mean over exits at seeds 0 and 1
     test = tests.set_index("difference").loc[name]
     assert test["mean"] == f"{per_seed.mean():+.2f}" and test["SE"] == f"{per_seed.std(ddof=1) / np.sqrt(2):.2f}"
+    # each method at its held-out-best lr (C3): here DBT at lr02 against CE at lr01
+    held_out = {"ce-n20-lr01": 50.0, "ce-n20-lr02": 40.0, "dbt-n20-lr01-s100": 30.0, "dbt-n20-lr02-s100": 45.0}
+    rows, tests = studysummary.paired_frames(table, held_out=held_out)
+    best = rows.set_index("difference").loc["dbt-n20-lr02-s100 − ce-n20-lr01 (each at its held-out-best lr)"]
+    d = np.array([2.0, 0.0])  # exit 1 at seeds 0 and 1: 0.42 − 0.40, 0.41 − 0.41
+    assert best["seeds"] == 2 and best["exit 1"] == f"{d.mean():+.2f} ± {d.std(ddof=1):.2f}"
+    # the secondary reading: the mean over the first exits only (here exit 1: pooled +2 and +0.5)
+    early = studysummary.paired_frames(table, exits=(1,))[1].set_index("difference").loc[name]
+    assert early["mean"] == "+1.25"
 
 
 def test_a_run_of_another_protocol_is_never_mixed_into_a_variant(tmp_path):
@@ -479,15 +488,6 @@ def test_bad_data_or_settings_for_a_study_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
     assert not (tmp_path / "results" / "s").exists()
-    # each method at its held-out-best lr (C3): here DBT at lr02 against CE at lr01
-    held_out = {"ce-n20-lr01": 50.0, "ce-n20-lr02": 40.0, "dbt-n20-lr01-s100": 30.0, "dbt-n20-lr02-s100": 45.0}
-    rows, tests = studysummary.paired_frames(table, held_out=held_out)
-    best = rows.set_index("difference").loc["dbt-n20-lr02-s100 − ce-n20-lr01 (each at its held-out-best lr)"]
-    d = np.array([2.0, 0.0])  # exit 1 at seeds 0 and 1: 0.42 − 0.40, 0.41 − 0.41
-    assert best["seeds"] == 2 and best["exit 1"] == f"{d.mean():+.2f} ± {d.std(ddof=1):.2f}"
-    # the secondary reading: the mean over the first exits only (here exit 1: pooled +2 and +0.5)
-    early = studysummary.paired_frames(table, exits=(1,))[1].set_index("difference").loc[name]
-    assert early["mean"] == "+1.25"
 
 
 def test_held_out_means_and_final_temperatures_per_variant():
