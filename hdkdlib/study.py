@@ -233,15 +233,19 @@ def merge_from(study: Study, other: Path) -> List[str]:
                      curves.loc[curves["run"] == row["run"]].dropna(axis=1, how="all").to_dict("records"))
                     for row in (r.dropna().to_dict() for _, r in runs.iterrows())]
     else:
-        incoming = [_run_copy_record(d, other) for d in sorted(other.iterdir())
+        invocations = legacy_invocations(other)
+        incoming = [_run_copy_record(d, invocations) for d in sorted(other.iterdir())
                     if d.is_dir() and (d / "results.json").is_file()]
     return study.add(incoming)
 
 
-def _run_copy_record(folder: Path, study_folder: Path) -> tuple:
+def _run_copy_record(folder: Path, invocations: list) -> tuple:
     """The record of a run copy in an older checkout's study folder, or one line saying why it is none."""
+    last = [i for i in invocations if folder.name in i.get("runs", [])]  # the last command that trained it
+    provenance = (str(last[-1].get("jobs", "?")), str(last[-1].get("command", "")), str(last[-1].get("started", ""))
+                  ) if last else ("?", "", "")
     try:
-        return studyrecords.record_from_run_folder(folder, *legacy_provenance(study_folder, folder.name))
+        return studyrecords.record_from_run_folder(folder, *provenance)
     except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
         if isinstance(e, StudyRecordError):
             raise
@@ -249,17 +253,19 @@ def _run_copy_record(folder: Path, study_folder: Path) -> tuple:
                                "collect that run, or move the folder out of the study") from None
 
 
-def legacy_provenance(folder: Path, run: str) -> tuple:
-    """(at_once, invocation, started) of a run in a folder of run copies, from its RUNS.json: the last command
-    that trained it."""
+def legacy_invocations(folder: Path) -> list:
+    """The commands that trained the runs of a folder of run copies (its RUNS.json, the older layout), each
+    {"command", "started", "jobs", "runs"}; none without the file."""
     path = folder / "RUNS.json"
     if not path.is_file():
-        return "?", "", ""
-    invocations = records.read_json(path).get("invocations", [])
-    last = [i for i in invocations if isinstance(i, dict) and run in i.get("runs", [])]
-    if not last:
-        return "?", "", ""
-    return str(last[-1].get("jobs", "?")), str(last[-1].get("command", "")), str(last[-1].get("started", ""))
+        return []
+    meta = records.read_json(path)
+    invocations = meta.get("invocations") if isinstance(meta, dict) else None
+    if not isinstance(invocations, list) or not all(isinstance(i, dict) and isinstance(i.get("runs", []), list)
+                                                    for i in invocations):
+        raise StudyRecordError(f"{path} is not a RUNS.json (an object whose 'invocations' list the commands and "
+                               "their runs): restore it from git in that checkout")
+    return invocations
 
 
 def write_summaries(study: Study) -> Path:

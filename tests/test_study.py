@@ -194,6 +194,9 @@ def test_merge_brings_finished_runs_once_and_overwrites_nothing(tmp_path):
     assert {p.name: p.read_bytes() for p in ours.path.iterdir()} == before
     with pytest.raises(SystemExit, match="is this study's folder"):
         study.merge_from(ours, ours.path)
+    (theirs / "RUNS.json").write_text("[1, 2]")
+    with pytest.raises(StudyRecordError, match="RUNS.json is not a RUNS.json .*restore it from git"):
+        study.merge_from(ours, theirs)
 
 
 # --- the committed studies -----------------------------------------------------------------------------------------
