@@ -72,9 +72,14 @@ def stored_config(values: Dict) -> Dict:
     return {**values, **missing}
 
 
+def completed_config(values: Dict) -> TrainConfig:
+    """Recorded settings (a run folder's or a study record's), completed as stored_config does and checked."""
+    return config_from_dict(stored_config(values))
+
+
 def recorded_config(folder: RunFolder) -> TrainConfig:
     """The settings a run folder recorded, completed and checked (for loading a finished run elsewhere)."""
-    return config_from_dict(stored_config(folder.config()["config"]))
+    return completed_config(folder.config()["config"])
 
 
 def settings_differ(recorded: Dict, new: Dict) -> list:

@@ -31,7 +31,7 @@ import pandas as pd
 
 from . import config, records
 from .paths import atomic_write, atomic_write_text
-from .resume import stored_config
+from .resume import completed_config
 from .runfolder import RunFolder
 
 RUNS, CURVES, LOCK = "runs.csv", "curves.csv.gz", ".lock"
@@ -177,7 +177,7 @@ class Study:
                                               f"run {run}'s config")
                 if not isinstance(settings, dict) or settings.get("method") != row["method"]:
                     raise ValueError(f"not the settings of a {row['method']!r} run")
-                config.config_from_dict(stored_config(settings))
+                completed_config(settings)
             except ValueError as e:
                 refuse(line, f"{run}'s config is not a run's settings ({e})")
             if not all(isinstance(row[c], str) and row[c] for c in ("commit", "device", "torch")):

@@ -196,7 +196,7 @@ def weight_learning_runs(records: dict) -> dict:
 
 def initial_weights(record: dict, num_exits: int) -> Dict[str, float]:
     """The loss weights a run began from, as its objective builds them from its recorded settings."""
-    cfg = config.config_from_dict(resume.stored_config(record["config"]))
+    cfg = resume.completed_config(record["config"])
     return objectives.build(cfg.method, num_exits, **cfg.objective_options()).named_weights()
 
 
@@ -282,7 +282,7 @@ def summarize(study: Study, epochs_full: int = 300) -> str:
             invocations.setdefault((r.get("started", ""), r["invocation"]), []).append(name)
     out += [f"{command}    # {started}: {', '.join(names)}" for (started, command), names in sorted(invocations.items())]
     for name, r in records.items():
-        out.append(f"python -m hdkdlib.train {' '.join(config.to_argv(config.config_from_dict(r['config'])))}")
+        out.append(f"python -m hdkdlib.train {' '.join(config.to_argv(resume.completed_config(r['config'])))}")
     out += ["```", "", f"Figures: `python -m hdkdlib.study --name {study.name} --figures` (never committed).", ""]
     notes = study.path / "NOTES.md"
     if notes.exists():  # the hand-written reading of these numbers

@@ -459,6 +459,23 @@ def test_differences_at_two_learning_rates_are_also_pooled_per_seed():
     assert early["mean"] == "+1.25"
 
 
+def test_the_hdkd_arms_pair_with_the_control_arms_at_their_lr():
+    """tin100-cpu-control's H1-H3: HDKD at one lr (tags n20-lr02-s100-t1 and -t2.5) is paired with CE and DBT at
+    that lr only, never pooled over lrs nor with the other lr's arms (hand-computed cells)."""
+    top1 = {("ce-n20-lr01", 0): [0.40, 0.40], ("ce-n20-lr02", 0): [0.30, 0.30], ("dbt-n20-lr01-s100", 0): [0.41, 0.41],
+            ("dbt-n20-lr02-s100", 0): [0.35, 0.35], ("hdkd-n20-lr02-s100-t1", 0): [0.36, 0.38],
+            ("hdkd-n20-lr02-s100-t2.5", 0): [0.31, 0.31]}
+    table = pd.DataFrame([{"run": f"{v}-seed{s}", "variant": v, "exit": k + 1, "top1": t}
+                          for (v, s), values in top1.items() for k, t in enumerate(values)])
+    rows = studysummary.paired_frames(table)[0].set_index("difference")
+    hdkd = [r for r in rows.index if r.startswith("hdkd")]
+    assert hdkd == ["hdkd-n20-lr02-s100-t1 − ce-n20-lr02", "hdkd-n20-lr02-s100-t1 − dbt-n20-lr02-s100",
+                    "hdkd-n20-lr02-s100-t2.5 − ce-n20-lr02", "hdkd-n20-lr02-s100-t2.5 − dbt-n20-lr02-s100"]
+    assert list(rows.loc["hdkd-n20-lr02-s100-t1 − ce-n20-lr02", ["exit 1", "exit 2", "mean over exits"]]) == \
+        ["+6.00", "+8.00", "+7.00"]
+    assert rows.loc["hdkd-n20-lr02-s100-t2.5 − dbt-n20-lr02-s100", "mean over exits"] == "-4.00"
+
+
 def test_a_run_of_another_protocol_is_never_mixed_into_a_variant(tmp_path):
     """A run of the same variant name trained with other settings (here 4 epochs against 3) is refused, naming
     the setting, and nothing is written; another device or thread count is the same protocol (GPU seeds pool)."""
