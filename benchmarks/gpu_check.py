@@ -10,7 +10,9 @@
   (d) early exit in time at batch 1 and 256                    -> early_exit.json
   (e) with the time left, seeds of the 100-class control       -> results.tgz (metrics and run logs only)
       (results/tin100-cpu-control/PROTOCOL.md): its four control arms, seed 5 first, then 4, ... (the CPU
-      chains run upward from 0), in parallel on the GPU; their records pool with the CPU runs
+      chains run upward from 0), in parallel on the GPU; their records pool with the CPU runs. Once the
+      records hold the control's seeds 0-5, its two HDKD arms (lr and T chosen by the protocol's rule from
+      those records: hdkd_arms), two seeds at a time, seed 5 first
   and gpu_check.log, the whole console output. At most 8 files, flat, in --out (default $OUT).
 
 Each part runs under its own deadline and writes its file as soon as it has numbers, so a timeout loses
@@ -97,12 +99,48 @@ def unpack_data(log, data_root: Path) -> bool:
     return (data_root / "train").is_dir()
 
 
-def finished_seed(seed: int) -> bool:
-    """Whether every control arm of the study has this seed's finished record in results/ (CPU or GPU)."""
+def records_of_the_study():
     sys.path.insert(0, str(ROOT))  # this checkout's hdkdlib: the GPU machine does not install it
     from hdkdlib.studyrecords import Study
-    recorded = set(Study(ROOT / "results" / STUDY).runs()["run"])
-    return all(f"{m}-{tag}-seed{seed}" in recorded for m, tag, _ in ARMS)
+    return Study(ROOT / "results" / STUDY)
+
+
+def finished_seed(seed: int, arms=ARMS) -> bool:
+    """Whether every one of these arms has this seed's finished record in results/ (CPU or GPU)."""
+    recorded = set(records_of_the_study().runs()["run"])
+    return all(f"{m}-{tag}-seed{seed}" in recorded for m, tag, _ in arms)
+
+
+def hdkd_arms(last_epochs: dict) -> list:
+    """PROTOCOL.md's two HDKD arms, once both DBT arms have seeds 0-5 ({run: its last epoch's metrics}), else []:
+    at the lr where DBT's held-out top-1 (last epoch, mean over exits and seeds 0-5) is higher (a tie: 0.1), one
+    at T = 1 (today's default) and one at T fixed at the median of DBT's final temperatures there, to one decimal."""
+    from statistics import median
+    dbt = {tag: [last_epochs.get(f"dbt-{tag}-seed{s}") for s in range(6)] for m, tag, _ in ARMS if m == "dbt"}
+    if any(r is None for runs in dbt.values() for r in runs):
+        return []
+    held_out = {tag: sum(sum(r["val_top1"]) / len(r["val_top1"]) for r in runs) / 6 for tag, runs in dbt.items()}
+    tag = max(sorted(held_out), key=lambda t: held_out[t])  # sorted: lr01 first, so a tie keeps 0.1
+    temperature = round(median(r["temperature"] for r in dbt[tag]), 1)
+    options = next(o for m, t, o in ARMS if t == tag)  # --loss-scale 1 and the lr, as DBT ran there
+    return [("hdkd", f"{tag}-t1", options),
+            ("hdkd", f"{tag}-t{temperature:g}", [*options, "--temperature", f"{temperature:g}"])]
+
+
+def rounds(control_seeds, hdkd, hdkd_seeds) -> list:
+    """Part (e)'s runs, four at a time: the control's four arms of each seed, then, once PROTOCOL.md fixes them,
+    the two HDKD arms of two seeds at a time: [(label, [(seed, method, tag, options), ...]), ...]."""
+    plan = [(f"seed {s}", [(s, *arm) for arm in ARMS]) for s in control_seeds]
+    for k in range(0, len(hdkd_seeds), 2):
+        pair = hdkd_seeds[k:k + 2]
+        plan.append((f"hdkd seed {', '.join(map(str, pair))}", [(s, *arm) for s in pair for arm in hdkd]))
+    return plan
+
+
+def recorded_hdkd_arms() -> list:
+    records = records_of_the_study()
+    runs, curves = records.load()
+    return hdkd_arms({n: records.metrics(curves, n)[-1] for n in runs["run"] if n.startswith("dbt-")})
 
 
 def run_parallel_parts(log, name, cmds, seconds, env) -> None:
@@ -204,17 +242,22 @@ def main(argv=None) -> int:
     else:
         study = (["--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8", "--val-per-class", "4", "--device", "cpu",
                   "--n-per-class", "8"] if args.dry_run else [*PROTOCOL, "--device", "cuda"])
-        seeds = GPU_SEEDS[:1] if args.dry_run else [s for s in GPU_SEEDS if not finished_seed(s)]
-        for seed in seeds:
+        if args.dry_run:
+            plan = rounds(GPU_SEEDS[:1], [], [])
+        else:
+            hdkd = recorded_hdkd_arms()
+            plan = rounds([s for s in GPU_SEEDS if not finished_seed(s)], hdkd,
+                          [s for s in GPU_SEEDS if hdkd and not finished_seed(s, hdkd)])
+        for label, members in plan:
             if left() < (10 if args.dry_run else 120):
-                log(f"== (e) stopped before seed {seed}: {left():.0f} s left")
+                log(f"== (e) stopped before {label}: {left():.0f} s left")
                 break
             arms = [[py, "-m", "hdkdlib.study", "--data-root", str(args.data_root), *study,
                      "--methods", method, "--tag", tag, *options, "--seeds", str(seed), "--runs", str(runs),
                      "--jobs", "2",  # a subprocess with its log (one run: the second job slot stays empty)
                      "--results", str(results), "--name", STUDY, "--split-dir", str(runs / "splits")]
-                    for method, tag, options in ARMS]
-            run_parallel_parts(log, f"e seed {seed}", arms, left(), env)
+                    for seed, method, tag, options in members]
+            run_parallel_parts(log, f"e {label}", arms, left(), env)
         with tarfile.open(out / "results.tgz", "w:gz") as tar:
             if results.is_dir():
                 tar.add(results, arcname="results")

@@ -91,6 +91,49 @@ def test_gpu_check_without_cuda_says_so():
     assert done.returncode == 2 and "no CUDA device here" in done.stdout
 
 
+def _gpu_check():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.pop(0)
+    return gpu_check
+
+
+def test_gpu_check_chooses_the_hdkd_arms_by_the_protocols_rule():
+    """tin100-cpu-control's HDKD arms: none until both DBT arms have seeds 0-5; then at the lr where DBT's
+    held-out top-1 (mean over exits and seeds) is higher, a tie going to 0.1, with T = 1 and T = the median of
+    DBT's final temperatures there to one decimal (hand-computed below)."""
+    gpu_check = _gpu_check()
+    last = {f"dbt-n20-lr01-s100-seed{s}": {"val_top1": [0.20, 0.30], "temperature": t}
+            for s, t in enumerate([2.0, 2.5, 2.7, 3.0, 9.0, 1.0])}
+    last.update({f"dbt-n20-lr02-s100-seed{s}": {"val_top1": [0.10, 0.20 + 0.01 * s], "temperature": 4.0}
+                 for s in range(6)})
+    last["ce-n20-lr01-seed0"] = {"val_top1": [0.9, 0.9]}  # CE's held-out accuracy plays no part
+    # lr 0.1: 25% at every seed; lr 0.2: 15% + 0.5 s% -> 16.25% on average: lr 0.1; median of 1, 2, 2.5, 2.7, 3, 9 = 2.6
+    arms = gpu_check.hdkd_arms(last)
+    assert arms == [("hdkd", "n20-lr01-s100-t1", ["--loss-scale", "1"]),
+                    ("hdkd", "n20-lr01-s100-t2.6", ["--loss-scale", "1", "--temperature", "2.6"])]
+    better = {**last, **{f"dbt-n20-lr02-s100-seed{s}": {"val_top1": [0.30, 0.30], "temperature": 4.04}
+                         for s in range(6)}}
+    assert gpu_check.hdkd_arms(better)[1] == ("hdkd", "n20-lr02-s100-t4", ["--loss-scale", "1", "--lr", "0.2",
+                                                                          "--temperature", "4"])
+    tie = {**last, **{f"dbt-n20-lr02-s100-seed{s}": {"val_top1": [0.25, 0.25], "temperature": 4.0} for s in range(6)}}
+    assert gpu_check.hdkd_arms(tie)[0][1] == "n20-lr01-s100-t1"
+    for missing in ("dbt-n20-lr02-s100-seed5", "dbt-n20-lr01-s100-seed0"):
+        assert gpu_check.hdkd_arms({k: v for k, v in last.items() if k != missing}) == []
+    # part (e)'s plan: the control's four arms a seed at a time, then the HDKD arms two seeds at a time
+    plan = gpu_check.rounds([5], arms, [3, 2, 1])
+    assert [label for label, _ in plan] == ["seed 5", "hdkd seed 3, 2", "hdkd seed 1"]
+    assert plan[0][1] == [(5, *arm) for arm in gpu_check.ARMS]
+    assert [(seed, tag) for seed, _, tag, _ in plan[1][1]] == [(3, "n20-lr01-s100-t1"), (3, "n20-lr01-s100-t2.6"),
+                                                               (2, "n20-lr01-s100-t1"), (2, "n20-lr01-s100-t2.6")]
+    # the committed records: until they hold seeds 0-5 of both DBT arms, no HDKD arm is chosen
+    recorded = set(gpu_check.records_of_the_study().runs()["run"])
+    complete = all(f"dbt-{tag}-seed{s}" in recorded for m, tag, _ in gpu_check.ARMS if m == "dbt" for s in range(6))
+    assert bool(gpu_check.recorded_hdkd_arms()) == complete
+
+
 def _check_early_exit_record(record: dict) -> None:
     """benchmarks/early_exit.py's record of msdnet_cifar_budget at batch 8 (part (d) of the dry run): a row per
     exit and path, ratios that grow to the full network's 1.0, and the mixed case predicting as the simulation."""
