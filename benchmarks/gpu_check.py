@@ -152,8 +152,8 @@ def run_parallel_parts(log, name, cmds, seconds, env) -> None:
     for c, proc in zip(cmds, procs):
         try:
             output, _ = proc.communicate(timeout=max(seconds - (time.monotonic() - start), 1))
-            log(output[-1500:], f"== ({name}) {' '.join(c[c.index('--methods') + 1:c.index('--methods') + 4])}: "
-                                f"exit {proc.returncode}")
+            run = f"{c[c.index('--methods') + 1]}-{c[c.index('--tag') + 1]}-seed{c[c.index('--seeds') + 1]}"
+            log(output[-1500:], f"== ({name}) {run}: exit {proc.returncode}")
         except subprocess.TimeoutExpired:
             for p in procs:
                 p.kill()

@@ -76,6 +76,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert not [n for n in names if n.endswith((".json", ".png"))]  # the study's records, no run folders
     log = (out / "gpu_check.log").read_text()
     assert all(f"== ({part}) exit 0" in log for part in ("b", "c", "d", "c compiled")), parts
+    assert all(f"== (e seed 5) {arm}-seed5: exit 0" in log for arm in ("ce-n20-lr01", "dbt-n20-lr02-s100")), parts
 
     # a budget too small for the later parts: they are skipped with a line saying so, the earlier files stay
     small = subprocess.run(cmd[:-1] + ["30"] + ["--out", str(tmp_path / "small")], capture_output=True, text=True,
