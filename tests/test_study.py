@@ -417,12 +417,20 @@ def test_per_seed_cells_quoted_in_notes_are_the_records_numbers(name):
 
 
 def test_readme_evidence_cells_are_paired_tests_of_the_studies():
-    """Each "mean [low, high]" cell of the README's evidence table is a paired test row of some study's summary."""
+    """Each "mean [low, high]" cell of the README's evidence table is a paired test row of some study's summary,
+    and each method's mean is that of one of its variants in some study's per-exit table."""
     readme = (ROOT / "README.md").read_text()
     evidence = next(t for t in _tables(readme) if t[0][:2] == ["protocol (train + val per class, epochs)", "seeds"])
-    tested = {(r[2], r[4]) for n in STUDIES for t in _tables((ROOT / "results" / n / "SUMMARY.md").read_text())
+    summaries = [_tables((ROOT / "results" / n / "SUMMARY.md").read_text()) for n in STUDIES]
+    tested = {(r[2], r[4]) for tables in summaries for t in tables
               if t[0][:5] == ["difference", "seeds", "mean", "SE", "95% interval"] for r in t[1:]}
-    cells = [c.split(" (")[0] for row in evidence[1:] for c in row[2:]]
+    means = {(r[0].split("-")[0], r[-1]) for tables in summaries for t in tables
+             if t[0][:3] == ["run", "seeds", "exit 1"] and t[0][-1] == "mean" for r in t[1:]}
+    assert evidence[0][2:5] == ["ce", "dbt", "hdkd"]
+    for row in evidence[1:]:
+        for method, cell in zip(("ce", "dbt", "hdkd"), row[2:5]):
+            assert (method, cell.split(" (")[0]) in means, (method, cell)
+    cells = [c.split(" (")[0] for row in evidence[1:] for c in row[5:]]
     assert len(cells) == 6
     for cell in cells:
         mean, interval = cell.replace("−", "-").split(" ", 1)
