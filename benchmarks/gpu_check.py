@@ -50,6 +50,7 @@ STUDY = "tin100-cpu-control"
 ARMS = [("ce", "n20-lr01", []), ("dbt", "n20-lr01-s100", ["--loss-scale", "1"]),
         ("ce", "n20-lr02", ["--lr", "0.2"]), ("dbt", "n20-lr02-s100", ["--loss-scale", "1", "--lr", "0.2"])]
 PROTOCOL = ["--n-per-class", "20", "--val-per-class", "10", "--epochs", "100"]
+GPU_PROTOCOL = [*PROTOCOL, "--device", "cuda"]
 GPU_SEEDS = [5, 4, 3, 2, 1, 0]  # downward: the CPU chains run upward from seed 0
 
 
@@ -125,6 +126,14 @@ def hdkd_arms(last_epochs: dict) -> list:
     options = next(o for m, t, o in ARMS if t == tag)  # --loss-scale 1 and the lr, as DBT ran there
     return [("hdkd", f"{tag}-t1", options),
             ("hdkd", f"{tag}-t{temperature:g}", [*options, "--temperature", f"{temperature:g}"])]
+
+
+def study_args(data_root, protocol, seed, method, tag, options, runs, results) -> list:
+    """`python -m hdkdlib.study`'s arguments for one run of part (e)."""
+    return ["--data-root", str(data_root), *protocol, "--methods", method, "--tag", tag, *options,
+            "--seeds", str(seed), "--runs", str(runs),
+            "--jobs", "2",  # a subprocess with its log (one run: the second job slot stays empty)
+            "--results", str(results), "--name", STUDY, "--split-dir", str(Path(runs) / "splits")]
 
 
 def rounds(control_seeds, hdkd, hdkd_seeds) -> list:
@@ -241,7 +250,7 @@ def main(argv=None) -> int:
         log("== (e) skipped: no data")
     else:
         study = (["--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8", "--val-per-class", "4", "--device", "cpu",
-                  "--n-per-class", "8"] if args.dry_run else [*PROTOCOL, "--device", "cuda"])
+                  "--n-per-class", "8"] if args.dry_run else GPU_PROTOCOL)
         if args.dry_run:
             plan = rounds(GPU_SEEDS[:1], [], [])
         else:
@@ -252,11 +261,8 @@ def main(argv=None) -> int:
             if left() < (10 if args.dry_run else 120):
                 log(f"== (e) stopped before {label}: {left():.0f} s left")
                 break
-            arms = [[py, "-m", "hdkdlib.study", "--data-root", str(args.data_root), *study,
-                     "--methods", method, "--tag", tag, *options, "--seeds", str(seed), "--runs", str(runs),
-                     "--jobs", "2",  # a subprocess with its log (one run: the second job slot stays empty)
-                     "--results", str(results), "--name", STUDY, "--split-dir", str(runs / "splits")]
-                    for seed, method, tag, options in members]
+            arms = [[py, "-m", "hdkdlib.study", *study_args(args.data_root, study, seed, method, tag, options, runs,
+                                                            results)] for seed, method, tag, options in members]
             run_parallel_parts(log, f"e {label}", arms, left(), env)
         with tarfile.open(out / "results.tgz", "w:gz") as tar:
             if results.is_dir():

@@ -345,11 +345,11 @@ def argparser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+def parse_args(argv) -> argparse.Namespace:
+    """The study's options, with `train_options`: the training settings given (every option the study's own
+    parser does not know, typed, checked and explained by hdkdlib.config's parser)."""
     p = argparser()
     args, rest = p.parse_known_args(argv)
-    # every other option is a training setting: typed, checked and explained by hdkdlib.config's parser
     options = vars(config.argparser(dataset="folder32", prog="python -m hdkdlib.study (training options)")
                    .parse_args(rest))
     args.train_options = {k: v for k, v in options.items() if v is not None}
@@ -361,6 +361,21 @@ def main(argv=None) -> int:
         p.error("--name is required (the study), except with --summarize-only")
     if args.name and not STUDY_NAME.match(args.name):
         p.error(f"--name {args.name!r}: a study's name is one folder name (letters, digits, . _ -)")
+    return args
+
+
+def run_settings(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields every run of the command shares (what `run` takes as settings)."""
+    settings = {**args.train_options, "data_root": args.data_root, "epochs": resolve_epochs(args),
+                "progress": args.progress}
+    if args.split_dir:
+        settings["split_dir"] = args.split_dir
+    return settings
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
     failed = []
     try:
         if not args.name:
@@ -376,13 +391,9 @@ def main(argv=None) -> int:
             print("\n".join(f"written: {p}" for p in draw_figures(study)))
             return 0
         elif not args.summarize_only:
-            settings = {**args.train_options, "data_root": args.data_root, "epochs": resolve_epochs(args),
-                        "progress": args.progress}
-            if args.split_dir:
-                settings["split_dir"] = args.split_dir
             try:
                 run(args.methods, args.seeds, args.name, results=study.path.parent, runs=args.runs, tag=args.tag,
-                    jobs=args.jobs, invocation="python -m hdkdlib.study " + shlex.join(argv), **settings)
+                    jobs=args.jobs, invocation="python -m hdkdlib.study " + shlex.join(argv), **run_settings(args))
             except RunsFailed as e:
                 failed = e.names
         if study.exists():

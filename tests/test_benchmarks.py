@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hdkdlib import data
+from hdkdlib import data, studyrecords
 from hdkdlib.studyrecords import Study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,6 +133,32 @@ def test_gpu_check_chooses_the_hdkd_arms_by_the_protocols_rule():
     recorded = set(gpu_check.records_of_the_study().runs()["run"])
     complete = all(f"dbt-{tag}-seed{s}" in recorded for m, tag, _ in gpu_check.ARMS if m == "dbt" for s in range(6))
     assert bool(gpu_check.recorded_hdkd_arms()) == complete
+
+
+def test_gpu_runs_of_the_study_pool_with_its_recorded_cpu_runs(tmp_path):
+    """Part (e)'s commands give each arm the settings of that arm's committed CPU runs (recorded by an older
+    commit's script): the study takes a GPU seed beside them, not refusing it as another protocol. The HDKD arms
+    (hypothetical lr and T here) make configs of the same protocol as their control arm."""
+    from hdkdlib import config, study
+    gpu_check = _gpu_check()
+    records = gpu_check.records_of_the_study()
+    rows = records.runs().to_dict("records")
+    arms = [*gpu_check.ARMS, ("hdkd", "n20-lr02-s100-t2.3", ["--loss-scale", "1", "--lr", "0.2", "--temperature", "2.3"])]
+    for method, tag, options in arms:
+        args = study.parse_args(gpu_check.study_args(tmp_path / "data", gpu_check.GPU_PROTOCOL, 5, method, tag,
+                                                     options, tmp_path / "runs", tmp_path / "results"))
+        cfg, = study.configs(args.methods, args.seeds, args.runs, args.tag, **study.run_settings(args))
+        assert cfg.device == "cuda" and cfg.seed == 5 and cfg.method == method
+        row = {"run": f"{method}-{tag}-seed5", "variant": f"{method}-{tag}", "config": json.dumps(config.config_to_dict(cfg))}
+        if method != "hdkd":
+            assert any(r["variant"] == row["variant"] for r in rows), row["variant"]
+            records._refuse_other_protocol(rows, row)  # raises StudyRecordError naming the settings that differ
+        else:
+            dbt = json.loads(next(r["config"] for r in rows if r["variant"] == "dbt-n20-lr02-s100"))
+            mine = config.config_to_dict(cfg)
+            shared = set(mine) & set(dbt) - studyrecords.NOT_PROTOCOL - studyrecords.NOT_SETTINGS
+            assert {k for k in shared if mine[k] != dbt[k]} == {"temperature"}  # the method aside
+            assert mine["temperature"] == 2.3
 
 
 def _check_early_exit_record(record: dict) -> None:
