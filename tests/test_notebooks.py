@@ -81,15 +81,6 @@ def test_papermill_wrong_type_fails_naming_the_parameter(tmp_path):
     assert not (tmp_path / "figures").exists() or not any((tmp_path / "figures").iterdir())
 
 
-def test_papermill_runs_toy_notebook_with_a_parameter_and_writes_figures(tmp_path):
-    result, out = _run(tmp_path, seed=3, steps=60, n_points=900)
-    assert result.returncode == 0, result.stderr[-2000:]
-    figures = {p.name for p in (tmp_path / "figures").iterdir()}
-    assert {"01_toy_dense_kd.png", "01_toy_dense_kd.svg", "01_toy_weights.png"} <= figures
-    executed = json.loads(out.read_text())
-    injected = [c for c in executed["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
-    assert "seed = 3" in "".join(injected[0]["source"])
-
 
 @pytest.mark.parametrize("name,parameter,value,message", [
     ("03_cifar100.ipynb", "method", "hdkdd", "parameter 'method' is 'hdkdd'; valid values: ce, dbt"),
@@ -114,17 +105,27 @@ def test_bad_parameters_stop_at_the_check_cell(tmp_path, name, parameter, value,
 
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
-    """Notebooks 01, 03 and 06 executed by papermill as `make run` does (quick parameters where they exist)."""
+    """Notebooks 01, 03 and 06 executed by papermill as `make run` does (quick parameters where they exist;
+    notebook 01 with three given, as a user would)."""
     tmp = tmp_path_factory.mktemp("executed")
     env = {**os.environ, "HDKD_RUNS": str(tmp / "runs"), "HDKD_FIGURES": str(tmp / "figures")}
     out = {}
-    for name, params in (("01_toy_dense_kd.ipynb", ["-p", "steps", "100"]), ("03_cifar100.ipynb", []),
+    for name, params in (("01_toy_dense_kd.ipynb", ["-p", "seed", "3", "-p", "steps", "60", "-p", "n_points", "900"]),
+                         ("03_cifar100.ipynb", []),
                          ("06_exit_thresholds.ipynb", ["-p", "steps", "200"])):
         out[name] = tmp / name
         result = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / name), str(out[name]),
                                  "--cwd", str(ROOT / "notebooks"), *params], capture_output=True, text=True, env=env)
         assert result.returncode == 0, result.stderr[-2000:]
     return out
+
+
+def test_papermill_runs_toy_notebook_with_a_parameter_and_writes_figures(executed):
+    figures = {p.name for p in (executed["01_toy_dense_kd.ipynb"].parent / "figures").iterdir()}
+    assert {"01_toy_dense_kd.png", "01_toy_dense_kd.svg", "01_toy_weights.png"} <= figures
+    notebook = json.loads(executed["01_toy_dense_kd.ipynb"].read_text())
+    injected = [c for c in notebook["cells"] if "injected-parameters" in c["metadata"].get("tags", [])]
+    assert "seed = 3" in "".join(injected[0]["source"])
 
 
 def test_executed_notebooks_hold_no_machine_paths_or_echoed_values(executed):
