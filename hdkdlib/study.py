@@ -174,7 +174,7 @@ def _watch(waiting, active, failed, cfgs, jobs, record, env, poll_s) -> None:
 
 
 def run(methods, seeds, name: str, results=None, runs=None, tag: str = "", jobs: int = 1,
-        invocation: str = "", **settings) -> Study:
+        invocation: str = "", at_once: int = 0, **settings) -> Study:
     """Train (or resume, or pick up) every (method, seed) run of a study and record the finished ones in
     results/<name>/; returns the study. `settings` are TrainConfig fields shared by every run (data_root, epochs,
     ...). Runs train from the project root (paths in the configs are relative to it, so records are portable)."""
@@ -187,7 +187,7 @@ def run(methods, seeds, name: str, results=None, runs=None, tag: str = "", jobs:
     if recorded & {Path(c.out).name for c in cfgs}:
         print(f"already recorded in {study.path}: {', '.join(sorted(recorded & {Path(c.out).name for c in cfgs}))}")
     cfgs = [c for c in cfgs if Path(c.out).name not in recorded]
-    record = Recorder(study, invocation, min(jobs, len(cfgs)))
+    record = Recorder(study, invocation, at_once or min(jobs, len(cfgs)))
     here = Path.cwd()
     os.chdir(ROOT)  # the configs' paths are relative to the project root
     try:
@@ -219,8 +219,9 @@ def merge_from(study: Study, other: Path) -> List[str]:
     """Bring the finished runs of another checkout's study folder (a worktree at a fixed commit that trained them,
     or the results a lent GPU brought back) into this study. Its records, or, in a folder of run copies
     (config.json, metrics.jsonl, results.json per run), those made from them. Nothing here is overwritten: a run
-    present in both with other numbers stops the merge before anything is written. Hand-written files
-    (PROTOCOL*.md, NOTES.md) stay this checkout's. Returns the runs added."""
+    recorded here stays as it is, and one that the other folder holds with other numbers (the same seed finished
+    on another device too) is named; a run counts once, from whichever device's record came first. Hand-written
+    files (PROTOCOL*.md, NOTES.md) stay this checkout's. Returns the runs added."""
     if not other.is_dir():
         raise SystemExit(f"--merge-from: no results folder {other}: give the checkout whose "
                          f"results/{study.name}/ holds the runs")
@@ -236,7 +237,13 @@ def merge_from(study: Study, other: Path) -> List[str]:
         invocations = legacy_invocations(other)
         incoming = [_run_copy_record(d, invocations) for d in sorted(other.iterdir())
                     if d.is_dir() and (d / "results.json").is_file()]
-    return study.add(incoming)
+    runs, curves = study.load()
+    for row, curve in incoming:
+        mine = runs.loc[runs["run"] == row["run"]]
+        if len(mine) and not study.same(mine, curves, row, curve):
+            print(f"kept {row['run']} as recorded in {study.path}: {other} holds it with other numbers (a run counts "
+                  "once, from the record that came first)", file=sys.stderr)
+    return study.add([(row, curve) for row, curve in incoming if row["run"] not in set(runs["run"])])
 
 
 def _run_copy_record(folder: Path, invocations: list) -> tuple:
@@ -332,6 +339,8 @@ def argparser() -> argparse.ArgumentParser:
     p.add_argument("--throughput", default=str(ROOT / "benchmarks" / "train_throughput.json"),
                    help="with --epochs auto: the speeds, from benchmarks/train_throughput.py")
     p.add_argument("--jobs", type=int, default=1, help="runs trained at once, as separate processes")
+    p.add_argument("--at-once", type=int, default=0, help="runs sharing the device, recorded per run, when several "
+                                                          "study commands train at once (default: this one's runs)")
     p.add_argument("--progress", action="store_true", help="progress bars (with --jobs 1)")
     p.add_argument("--runs", help="where the runs train (default runs/<name>)")
     p.add_argument("--split-dir", help="split files of these images (default <runs>/splits; derived from the "
@@ -353,8 +362,8 @@ def parse_args(argv) -> argparse.Namespace:
     options = vars(config.argparser(dataset="folder32", prog="python -m hdkdlib.study (training options)")
                    .parse_args(rest))
     args.train_options = {k: v for k, v in options.items() if v is not None}
-    if args.jobs < 1:
-        p.error("--jobs must be >= 1")
+    if args.jobs < 1 or args.at_once < 0:
+        p.error("--jobs must be >= 1 and --at-once >= 0")
     if args.epochs != "auto" and not args.epochs.isdigit():
         p.error(f"--epochs must be a number or auto, got {args.epochs!r}")
     if not args.name and not args.summarize_only:
@@ -393,12 +402,17 @@ def main(argv=None) -> int:
         elif not args.summarize_only:
             try:
                 run(args.methods, args.seeds, args.name, results=study.path.parent, runs=args.runs, tag=args.tag,
-                    jobs=args.jobs, invocation="python -m hdkdlib.study " + shlex.join(argv), **run_settings(args))
+                    jobs=args.jobs, invocation="python -m hdkdlib.study " + shlex.join(argv), at_once=args.at_once,
+                    **run_settings(args))
             except RunsFailed as e:
                 failed = e.names
         if study.exists():
-            print(write_summaries(study).read_text())
-            print(f"written: {study.path.parent / 'README.md'}")
+            try:
+                print(write_summaries(study).read_text())
+                print(f"written: {study.path.parent / 'README.md'}")
+            except ImportError as e:  # a lent GPU without tabulate: its records are written, the summary is not
+                print(f"summary not written ({e}): the records are; run --summarize-only where the project's "
+                      "requirements are installed")
         elif args.summarize_only or args.merge_from:
             raise StudyRecordError(f"no study at {study.path} (no {studyrecords.RUNS}): check --name and --results")
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:

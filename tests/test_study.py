@@ -160,9 +160,9 @@ def test_damaged_curves_and_missing_studies_are_one_line(tmp_path, capsys):
 
 
 # --- merges ------------------------------------------------------------------------------------------------------
-def test_merge_brings_finished_runs_once_and_overwrites_nothing(tmp_path):
+def test_merge_brings_finished_runs_once_and_overwrites_nothing(tmp_path, capsys):
     """--merge-from: a worktree's run copies (with RUNS.json, the older layout) or another study's records arrive
-    once each; an unfinished run stays behind; a run that differs stops the merge before anything is written."""
+    once each; an unfinished run stays behind; a run recorded here with other numbers keeps its record."""
     ours = Study(tmp_path / "main" / "results" / "s")
     ours.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "mine", "ce-seed0", [0.1, 0.2]))])
     theirs = tmp_path / "wt" / "results" / "s"
@@ -185,13 +185,14 @@ def test_merge_brings_finished_runs_once_and_overwrites_nothing(tmp_path):
     assert study.merge_from(ours, gpu.path) == ["dbt-seed4", "dbt-seed5"]
     assert ours.metrics(ours.curves(), "dbt-seed5") == RunFolder(tmp_path / "g" / "dbt-seed5").metrics()
 
+    # the same seed finished elsewhere too, with other numbers: the record here stays and is named; the rest arrives
     _run_copy(theirs, "ce-seed3", [0.7, 0.8])
     (theirs / "ce-seed0" / "results.json").write_text(
         (theirs / "ce-seed0" / "results.json").read_text().replace('"top1": 0.1', '"top1": 0.15'))
-    before = {p.name: p.read_bytes() for p in ours.path.iterdir()}
-    with pytest.raises(StudyRecordError, match="run ce-seed0 differs between .*nothing was written"):
-        study.merge_from(ours, theirs)
-    assert {p.name: p.read_bytes() for p in ours.path.iterdir()} == before
+    capsys.readouterr()
+    assert study.merge_from(ours, theirs) == ["ce-seed3"]
+    assert "kept ce-seed0 as recorded" in capsys.readouterr().err
+    assert ours.record(ours.runs(), "ce-seed0")["test_top1"] == [0.1, 0.2]
     with pytest.raises(SystemExit, match="is this study's folder"):
         study.merge_from(ours, ours.path)
     (theirs / "RUNS.json").write_text("[1, 2]")
@@ -516,6 +517,20 @@ def test_bad_data_or_settings_for_a_study_are_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
     assert not (tmp_path / "results" / "s").exists()
+
+
+def test_records_are_kept_where_the_summary_cannot_be_written(tmp_path, capsys, monkeypatch):
+    """A lent GPU lacks tabulate (pandas' to_markdown): a merge or a study run there records its runs and exits 0,
+    saying the summary is left for --summarize-only, not a traceback and exit 1 after the record is written."""
+    theirs = tmp_path / "wt" / "results" / "s"
+    _run_copy(theirs, "ce-seed0", [0.1, 0.2])
+
+    def no_tabulate(_):
+        raise ImportError("Missing optional dependency 'tabulate'")
+    monkeypatch.setattr(study, "write_summaries", no_tabulate)
+    assert study.main(["--name", "s", "--results", str(tmp_path / "main"), "--merge-from", str(tmp_path / "wt")]) == 0
+    assert "summary not written (Missing optional dependency 'tabulate')" in capsys.readouterr().out
+    assert list(Study(tmp_path / "main" / "s").runs()["run"]) == ["ce-seed0"]
 
 
 def test_held_out_means_and_final_temperatures_per_variant():
