@@ -10,9 +10,9 @@
   (d) early exit in time at batch 1 and 256                    -> early_exit.json
   (e) with the time left, seeds of the 100-class control       -> results.tgz (metrics and run logs only)
       (results/tin100-cpu-control/PROTOCOL.md): its four control arms, seed 5 first, then 4, ... (the CPU
-      chains run upward from 0), in parallel on the GPU; their records pool with the CPU runs. Once the
-      records hold the control's seeds 0-5, its two HDKD arms (lr and T chosen by the protocol's rule from
-      those records: hdkd_arms), two seeds at a time, seed 5 first
+      chains run upward from 0), in parallel on the GPU, only runs not recorded yet; their records pool
+      with the CPU runs. Once the records hold the control's seeds 0-5, its HDKD arms (lr and T chosen by
+      the protocol's rule from those records: hdkd_arms), four runs at a time, seed 5 first
   and gpu_check.log, the whole console output. At most 8 files, flat, in --out (default $OUT).
 
 Each part runs under its own deadline and writes its file as soon as it has numbers, so a timeout loses
@@ -32,10 +32,12 @@ matplotlib, seaborn and tqdm, which the GPU machine has (../shared/device-wheels
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
 import tarfile
@@ -43,6 +45,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # this checkout's hdkdlib: the GPU machine does not install it
 DATA_SHA256 = "5fe9779d692b4a136c56c89d19d820256282d08dd1516cc74737f3307651ebdf"  # ../shared/data/README.md
 DATA_ARCHIVE = "tinyimagenet100-32.tar.gz"
 STUDY = "tin100-cpu-control"
@@ -101,63 +104,66 @@ def unpack_data(log, data_root: Path) -> bool:
 
 
 def records_of_the_study():
-    sys.path.insert(0, str(ROOT))  # this checkout's hdkdlib: the GPU machine does not install it
     from hdkdlib.studyrecords import Study
     return Study(ROOT / "results" / STUDY)
 
 
-def finished_seed(seed: int, arms=ARMS) -> bool:
-    """Whether every one of these arms has this seed's finished record in results/ (CPU or GPU)."""
-    recorded = set(records_of_the_study().runs()["run"])
-    return all(f"{m}-{tag}-seed{seed}" in recorded for m, tag, _ in arms)
-
-
 def hdkd_arms(last_epochs: dict) -> list:
-    """PROTOCOL.md's two HDKD arms, once both DBT arms have seeds 0-5 ({run: its last epoch's metrics}), else []:
-    at the lr where DBT's held-out top-1 (last epoch, mean over exits and seeds 0-5) is higher (a tie: 0.1), one
-    at T = 1 (today's default) and one at T fixed at the median of DBT's final temperatures there, to one decimal."""
+    """PROTOCOL.md's HDKD arms once the records hold seeds 0-5 of the four control arms ({run: its last epoch's
+    metrics}), else []: at the lr where DBT's held-out top-1 (last epoch, mean over exits and seeds 0-5) is higher
+    (a tie: 0.1), one at T = 1 (today's default) and one at T fixed at the median of DBT's final temperatures there,
+    to one decimal (none when that is 1: it would be the first arm again)."""
     from statistics import median
-    dbt = {tag: [last_epochs.get(f"dbt-{tag}-seed{s}") for s in range(6)] for m, tag, _ in ARMS if m == "dbt"}
-    if any(r is None for runs in dbt.values() for r in runs):
+
+    from hdkdlib.studysummary import held_out_means
+    control = {f"{m}-{tag}-seed{s}" for m, tag, _ in ARMS for s in range(6)}
+    if not control <= set(last_epochs):
         return []
-    held_out = {tag: sum(sum(r["val_top1"]) / len(r["val_top1"]) for r in runs) / 6 for tag, runs in dbt.items()}
-    tag = max(sorted(held_out), key=lambda t: held_out[t])  # sorted: lr01 first, so a tie keeps 0.1
-    temperature = round(median(r["temperature"] for r in dbt[tag]), 1)
+    held_out = held_out_means({n: last_epochs[n] for n in sorted(control) if n.startswith("dbt-")})
+    tag = max(sorted(held_out), key=held_out.get).split("-", 1)[1]  # sorted: lr01 first, so a tie keeps 0.1
+    temperature = round(median(last_epochs[f"dbt-{tag}-seed{s}"]["temperature"] for s in range(6)), 1)
     options = next(o for m, t, o in ARMS if t == tag)  # --loss-scale 1 and the lr, as DBT ran there
-    return [("hdkd", f"{tag}-t1", options),
-            ("hdkd", f"{tag}-t{temperature:g}", [*options, "--temperature", f"{temperature:g}"])]
-
-
-def study_args(data_root, protocol, seed, method, tag, options, runs, results) -> list:
-    """`python -m hdkdlib.study`'s arguments for one run of part (e)."""
-    return ["--data-root", str(data_root), *protocol, "--methods", method, "--tag", tag, *options,
-            "--seeds", str(seed), "--runs", str(runs),
-            "--jobs", "2",  # a subprocess with its log (one run: the second job slot stays empty)
-            "--results", str(results), "--name", STUDY, "--split-dir", str(Path(runs) / "splits")]
-
-
-def rounds(control_seeds, hdkd, hdkd_seeds) -> list:
-    """Part (e)'s runs, four at a time: the control's four arms of each seed, then, once PROTOCOL.md fixes them,
-    the two HDKD arms of two seeds at a time: [(label, [(seed, method, tag, options), ...]), ...]."""
-    plan = [(f"seed {s}", [(s, *arm) for arm in ARMS]) for s in control_seeds]
-    for k in range(0, len(hdkd_seeds), 2):
-        pair = hdkd_seeds[k:k + 2]
-        plan.append((f"hdkd seed {', '.join(map(str, pair))}", [(s, *arm) for s in pair for arm in hdkd]))
-    return plan
+    arms = [("hdkd", f"{tag}-t1", options)]
+    if temperature != 1:
+        arms.append(("hdkd", f"{tag}-t{temperature:g}", [*options, "--temperature", f"{temperature:g}"]))
+    return arms
 
 
 def recorded_hdkd_arms() -> list:
     records = records_of_the_study()
     runs, curves = records.load()
-    return hdkd_arms({n: records.metrics(curves, n)[-1] for n in runs["run"] if n.startswith("dbt-")})
+    return hdkd_arms({n: records.metrics(curves, n)[-1] for n in runs["run"]})
+
+
+def study_args(data_root, protocol, seed, method, tag, options, runs, results, at_once=1) -> list:
+    """`python -m hdkdlib.study`'s arguments for one run of part (e), `at_once` runs sharing the GPU."""
+    return ["--data-root", str(data_root), *protocol, "--methods", method, "--tag", tag, *options,
+            "--seeds", str(seed), "--runs", str(runs), "--at-once", str(at_once),
+            "--jobs", "2",  # a subprocess with its log (one run: the second job slot stays empty)
+            "--results", str(results), "--name", STUDY, "--split-dir", str(Path(runs) / "splits")]
+
+
+def rounds(recorded: set, hdkd: list, seeds=GPU_SEEDS) -> list:
+    """Part (e)'s runs that are not recorded yet (a seed's run counts once, from whichever device finished it),
+    at most four at a time: the control's arms a seed at a time, then, once PROTOCOL.md fixes them, the HDKD
+    arms: [(label, [(seed, method, tag, options), ...]), ...]."""
+    def missing(seed, arms):
+        return [(seed, *arm) for arm in arms if f"{arm[0]}-{arm[1]}-seed{seed}" not in recorded]
+    plan = [(f"seed {s}", missing(s, ARMS)) for s in seeds if missing(s, ARMS)]
+    waiting = [run for s in seeds for run in missing(s, hdkd)]
+    for k in range(0, len(waiting), 4):
+        members = waiting[k:k + 4]
+        plan.append((f"hdkd seed {', '.join(str(s) for s in dict.fromkeys(r[0] for r in members))}", members))
+    return plan
 
 
 def run_parallel_parts(log, name, cmds, seconds, env) -> None:
-    """Several commands at once (the arms of one seed share the GPU), stopped together at the deadline."""
+    """Several commands at once (runs sharing the GPU), stopped together at the deadline: each in its own
+    process group, so that the training processes a study starts stop with it."""
     log(f"== ({name}) {len(cmds)} runs at once   [deadline {seconds:.0f} s]")
     start = time.monotonic()
-    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for c in cmds]
+    procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for c in cmds]
     for c, proc in zip(cmds, procs):
         try:
             output, _ = proc.communicate(timeout=max(seconds - (time.monotonic() - start), 1))
@@ -165,7 +171,8 @@ def run_parallel_parts(log, name, cmds, seconds, env) -> None:
             log(output[-1500:], f"== ({name}) {run}: exit {proc.returncode}")
         except subprocess.TimeoutExpired:
             for p in procs:
-                p.kill()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
             log(f"== ({name}) stopped at its deadline: finished runs are kept")
             return
     log(f"== ({name}) done in {time.monotonic() - start:.0f} s")
@@ -252,17 +259,16 @@ def main(argv=None) -> int:
         study = (["--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8", "--val-per-class", "4", "--device", "cpu",
                   "--n-per-class", "8"] if args.dry_run else GPU_PROTOCOL)
         if args.dry_run:
-            plan = rounds(GPU_SEEDS[:1], [], [])
+            plan = rounds(set(), [], GPU_SEEDS[:1])
         else:
-            hdkd = recorded_hdkd_arms()
-            plan = rounds([s for s in GPU_SEEDS if not finished_seed(s)], hdkd,
-                          [s for s in GPU_SEEDS if hdkd and not finished_seed(s, hdkd)])
+            plan = rounds(set(records_of_the_study().runs()["run"]), recorded_hdkd_arms())
         for label, members in plan:
             if left() < (10 if args.dry_run else 120):
                 log(f"== (e) stopped before {label}: {left():.0f} s left")
                 break
             arms = [[py, "-m", "hdkdlib.study", *study_args(args.data_root, study, seed, method, tag, options, runs,
-                                                            results)] for seed, method, tag, options in members]
+                                                            results, len(members))]
+                    for seed, method, tag, options in members]
             run_parallel_parts(log, f"e {label}", arms, left(), env)
         with tarfile.open(out / "results.tgz", "w:gz") as tar:
             if results.is_dir():

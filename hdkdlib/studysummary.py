@@ -164,7 +164,8 @@ def held_out_means(last_epochs: Dict[str, dict]) -> Dict[str, float]:
     """Per variant, the last epoch's validation top-1 (%) averaged over exits and seeds: where settings, such as
     a method's learning rate, are chosen."""
     per_run = pd.Series({n: 100 * float(np.mean(last["val_top1"])) for n, last in last_epochs.items()})
-    return per_run.groupby(per_run.index.map(variant)).mean().to_dict()
+    # rounded: equal accuracies tie (a protocol's tie rule decides), whatever order the floats were summed in
+    return per_run.groupby(per_run.index.map(variant)).mean().round(9).to_dict()
 
 
 def temperature_rows(last_epochs: Dict[str, dict]) -> list:

@@ -71,6 +71,8 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
         names = archive.getnames()
         archive.extractall(tmp_path / "back", filter="data")
     recorded = set(Study(tmp_path / "back" / "results" / "tin100-cpu-control").runs()["run"])
+    back = Study(tmp_path / "back" / "results" / "tin100-cpu-control")
+    assert back.record(back.runs(), "ce-n20-lr01-seed5")["at_once"] == "4"  # the four arms shared the device
     for arm in ("ce-n20-lr01", "dbt-n20-lr01-s100", "ce-n20-lr02", "dbt-n20-lr02-s100"):  # the control's arms, seed 5
         assert f"{arm}-seed5" in recorded and f"logs/{arm}-seed5.log" in names, (out / "gpu_check.log").read_text()[-4000:]
     assert not [n for n in names if n.endswith((".json", ".png"))]  # the study's records, no run folders
@@ -102,15 +104,15 @@ def _gpu_check():
 
 
 def test_gpu_check_chooses_the_hdkd_arms_by_the_protocols_rule():
-    """tin100-cpu-control's HDKD arms: none until both DBT arms have seeds 0-5; then at the lr where DBT's
+    """tin100-cpu-control's HDKD arms: none until the four control arms have seeds 0-5; then at the lr where DBT's
     held-out top-1 (mean over exits and seeds) is higher, a tie going to 0.1, with T = 1 and T = the median of
-    DBT's final temperatures there to one decimal (hand-computed below)."""
+    DBT's final temperatures there to one decimal (hand-computed below); one arm when that median is 1."""
     gpu_check = _gpu_check()
-    last = {f"dbt-n20-lr01-s100-seed{s}": {"val_top1": [0.20, 0.30], "temperature": t}
-            for s, t in enumerate([2.0, 2.5, 2.7, 3.0, 9.0, 1.0])}
+    last = {f"ce-n20-lr0{k}-seed{s}": {"val_top1": [0.9, 0.9]} for k in (1, 2) for s in range(6)}  # plays no part
+    last.update({f"dbt-n20-lr01-s100-seed{s}": {"val_top1": [0.20, 0.30], "temperature": t}
+                 for s, t in enumerate([2.0, 2.5, 2.7, 3.0, 9.0, 1.0])})
     last.update({f"dbt-n20-lr02-s100-seed{s}": {"val_top1": [0.10, 0.20 + 0.01 * s], "temperature": 4.0}
                  for s in range(6)})
-    last["ce-n20-lr01-seed0"] = {"val_top1": [0.9, 0.9]}  # CE's held-out accuracy plays no part
     # lr 0.1: 25% at every seed; lr 0.2: 15% + 0.5 s% -> 16.25% on average: lr 0.1; median of 1, 2, 2.5, 2.7, 3, 9 = 2.6
     arms = gpu_check.hdkd_arms(last)
     assert arms == [("hdkd", "n20-lr01-s100-t1", ["--loss-scale", "1"]),
@@ -119,19 +121,32 @@ def test_gpu_check_chooses_the_hdkd_arms_by_the_protocols_rule():
                          for s in range(6)}}
     assert gpu_check.hdkd_arms(better)[1] == ("hdkd", "n20-lr02-s100-t4", ["--loss-scale", "1", "--lr", "0.2",
                                                                           "--temperature", "4"])
-    tie = {**last, **{f"dbt-n20-lr02-s100-seed{s}": {"val_top1": [0.25, 0.25], "temperature": 4.0} for s in range(6)}}
+    # a tie, also when the same accuracies come at other seeds (float sums in another order)
+    accuracies = [[0.172, 0.514, 0.232, 0.012, 0.789, 0.204, 0.552], [0.942, 0.88, 0.561, 0.237, 0.414, 0.526, 0.352],
+                  [0.975, 0.867, 0.591, 0.361, 0.47, 0.931, 0.275], [0.675, 0.561, 0.623, 0.98, 0.746, 0.005, 0.392],
+                  [0.802, 0.877, 0.84, 0.977, 0.907, 0.96, 0.758], [0.524, 0.828, 0.132, 0.531, 0.796, 0.574, 0.21]]
+    order = [2, 4, 1, 5, 0, 3]  # lr 0.2's seeds: unrounded, its mean comes out 1.4e-14 higher
+    tie = {**last, **{f"dbt-n20-lr0{k}-s100-seed{s}": {"val_top1": accuracies[s if k == 1 else order[s]],
+                                                       "temperature": 2.0} for k in (1, 2) for s in range(6)}}
     assert gpu_check.hdkd_arms(tie)[0][1] == "n20-lr01-s100-t1"
-    for missing in ("dbt-n20-lr02-s100-seed5", "dbt-n20-lr01-s100-seed0"):
+    cold = {**last, **{f"dbt-n20-lr01-s100-seed{s}": {"val_top1": [0.2, 0.3], "temperature": 1.04} for s in range(6)}}
+    assert gpu_check.hdkd_arms(cold) == [("hdkd", "n20-lr01-s100-t1", ["--loss-scale", "1"])]  # T_dbt rounds to 1
+    for missing in ("dbt-n20-lr02-s100-seed5", "dbt-n20-lr01-s100-seed0", "ce-n20-lr02-seed3"):
         assert gpu_check.hdkd_arms({k: v for k, v in last.items() if k != missing}) == []
-    # part (e)'s plan: the control's four arms a seed at a time, then the HDKD arms two seeds at a time
-    plan = gpu_check.rounds([5], arms, [3, 2, 1])
-    assert [label for label, _ in plan] == ["seed 5", "hdkd seed 3, 2", "hdkd seed 1"]
+    # part (e)'s plan: only runs not recorded; the control's arms a seed at a time, then HDKD's four runs at a time
+    recorded = {f"{m}-{tag}-seed{s}" for m, tag, _ in gpu_check.ARMS for s in (0, 1, 2, 3, 4)} - {"ce-n20-lr02-seed4"}
+    recorded |= {"hdkd-n20-lr01-s100-t2.6-seed4"}
+    plan = gpu_check.rounds(recorded, arms, seeds=[5, 4, 3, 2])
+    assert [label for label, _ in plan] == ["seed 5", "seed 4", "hdkd seed 5, 4, 3", "hdkd seed 3, 2"]
     assert plan[0][1] == [(5, *arm) for arm in gpu_check.ARMS]
-    assert [(seed, tag) for seed, _, tag, _ in plan[1][1]] == [(3, "n20-lr01-s100-t1"), (3, "n20-lr01-s100-t2.6"),
-                                                               (2, "n20-lr01-s100-t1"), (2, "n20-lr01-s100-t2.6")]
-    # the committed records: until they hold seeds 0-5 of both DBT arms, no HDKD arm is chosen
+    assert plan[1][1] == [(4, "ce", "n20-lr02", ["--lr", "0.2"])]
+    assert [(seed, tag) for seed, _, tag, _ in plan[2][1]] == [(5, "n20-lr01-s100-t1"), (5, "n20-lr01-s100-t2.6"),
+                                                               (4, "n20-lr01-s100-t1"), (3, "n20-lr01-s100-t1")]
+    assert [(seed, tag) for seed, _, tag, _ in plan[3][1]] == [(3, "n20-lr01-s100-t2.6"), (2, "n20-lr01-s100-t1"),
+                                                               (2, "n20-lr01-s100-t2.6")]
+    # the committed records: until they hold seeds 0-5 of the four control arms, no HDKD arm is chosen
     recorded = set(gpu_check.records_of_the_study().runs()["run"])
-    complete = all(f"dbt-{tag}-seed{s}" in recorded for m, tag, _ in gpu_check.ARMS if m == "dbt" for s in range(6))
+    complete = all(f"{m}-{tag}-seed{s}" in recorded for m, tag, _ in gpu_check.ARMS for s in range(6))
     assert bool(gpu_check.recorded_hdkd_arms()) == complete
 
 
