@@ -158,24 +158,24 @@ def rounds(recorded: set, hdkd: list, seeds=GPU_SEEDS) -> list:
 
 
 def run_parallel_parts(log, name, cmds, seconds, env) -> None:
-    """Several commands at once (runs sharing the GPU), stopped together at the deadline: each in its own
-    process group, so that the training processes a study starts stop with it."""
+    """Several commands at once (runs sharing the GPU), stopped together at the deadline or when this script
+    stops: each in its own process group, so that the training processes a study starts stop with it."""
     log(f"== ({name}) {len(cmds)} runs at once   [deadline {seconds:.0f} s]")
     start = time.monotonic()
     procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               start_new_session=True) for c in cmds]
-    for c, proc in zip(cmds, procs):
-        try:
+    try:
+        for c, proc in zip(cmds, procs):
             output, _ = proc.communicate(timeout=max(seconds - (time.monotonic() - start), 1))
             run = f"{c[c.index('--methods') + 1]}-{c[c.index('--tag') + 1]}-seed{c[c.index('--seeds') + 1]}"
             log(output[-1500:], f"== ({name}) {run}: exit {proc.returncode}")
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-            log(f"== ({name}) stopped at its deadline: finished runs are kept")
-            return
-    log(f"== ({name}) done in {time.monotonic() - start:.0f} s")
+        log(f"== ({name}) done in {time.monotonic() - start:.0f} s")
+    except subprocess.TimeoutExpired:
+        log(f"== ({name}) stopped at its deadline: finished runs are kept")
+    finally:  # the deadline, or this script interrupted (SIGTERM is made an exit in main)
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
 
 
 def merge_early_exit(out: Path) -> None:
@@ -196,6 +196,7 @@ def main(argv=None) -> int:
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny settings: checks the mechanics only")
     args = p.parse_args(argv)
     t0 = time.monotonic()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a timeout's SIGTERM: the runs' cleanup still runs
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "gpu_check.log")

@@ -237,13 +237,9 @@ def merge_from(study: Study, other: Path) -> List[str]:
         invocations = legacy_invocations(other)
         incoming = [_run_copy_record(d, invocations) for d in sorted(other.iterdir())
                     if d.is_dir() and (d / "results.json").is_file()]
-    runs, curves = study.load()
-    for row, curve in incoming:
-        mine = runs.loc[runs["run"] == row["run"]]
-        if len(mine) and not study.same(mine, curves, row, curve):
-            print(f"kept {row['run']} as recorded in {study.path}: {other} holds it with other numbers (a run counts "
-                  "once, from the record that came first)", file=sys.stderr)
-    return study.add([(row, curve) for row, curve in incoming if row["run"] not in set(runs["run"])])
+    return study.add(incoming, on_differ=lambda run: print(
+        f"kept {run} as recorded in {study.path}: {other} holds it with other numbers (a run counts once, from the "
+        "record that came first)", file=sys.stderr))
 
 
 def _run_copy_record(folder: Path, invocations: list) -> tuple:
@@ -411,8 +407,10 @@ def main(argv=None) -> int:
                 print(write_summaries(study).read_text())
                 print(f"written: {study.path.parent / 'README.md'}")
             except ImportError as e:  # a lent GPU without tabulate: its records are written, the summary is not
+                if "tabulate" not in str(e) or args.summarize_only:
+                    raise
                 print(f"summary not written ({e}): the records are; run --summarize-only where the project's "
-                      "requirements are installed")
+                      "requirements are installed", file=sys.stderr)
         elif args.summarize_only or args.merge_from:
             raise StudyRecordError(f"no study at {study.path} (no {studyrecords.RUNS}): check --name and --results")
     except (ValueError, OSError, RuntimeError, FloatingPointError) as e:

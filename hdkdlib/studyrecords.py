@@ -25,7 +25,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Optional
 
 import pandas as pd
 
@@ -222,10 +222,11 @@ class Study:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
-    def add(self, new: Iterable[tuple]) -> List[str]:
+    def add(self, new: Iterable[tuple], on_differ: Optional[Callable[[str], None]] = None) -> List[str]:
         """Put (row, curve rows) records in the study, under its lock; returns the runs added. A run already there
-        with the same numbers is left as it is; with other numbers, with other settings than its variant's runs,
-        or a record that is no run's: nothing is written and the error names it."""
+        with the same numbers is left as it is; with other numbers: it stays as recorded, and on_differ(run) is
+        told, or without on_differ nothing is written and the error names it; a run with other settings than its
+        variant's runs, or a record that is no run's: nothing is written and the error names it."""
         with self.locked():
             runs, curves = self.load()
             rows, epochs, added = runs.to_dict("records"), curves.to_dict("records"), []
@@ -233,8 +234,10 @@ class Study:
                 mine = runs.loc[runs["run"] == row["run"]]
                 if len(mine):
                     if not self.same(mine, curves, row, curve):
-                        raise StudyRecordError(f"run {row['run']} differs between {self.path / RUNS} and the one "
-                                               "given; nothing was written: keep one by hand")
+                        if on_differ is None:
+                            raise StudyRecordError(f"run {row['run']} differs between {self.path / RUNS} and the "
+                                                   "one given; nothing was written: keep one by hand")
+                        on_differ(row["run"])
                     continue
                 self._refuse_other_protocol(rows, row)
                 epochs = [e for e in epochs if e["run"] != row["run"]] + list(curve)  # drops a crash's leftovers

@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import pytest
@@ -174,6 +175,33 @@ def test_gpu_runs_of_the_study_pool_with_its_recorded_cpu_runs(tmp_path):
             shared = set(mine) & set(dbt) - studyrecords.NOT_PROTOCOL - studyrecords.NOT_SETTINGS
             assert {k for k in shared if mine[k] != dbt[k]} == {"temperature"}  # the method aside
             assert mine["temperature"] == 2.3
+
+
+def _running(pid: int) -> bool:
+    """Whether a process runs (a zombie nobody reaped, as in a container without init, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in "ZX"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_round_past_its_deadline_stops_the_training_its_studies_started(tmp_path):
+    """gpu_check's runs at once: at the deadline each command's whole process group is killed, so the training
+    process a study starts (its child) does not go on using the GPU after gpu_check has stopped."""
+    gpu_check = _gpu_check()
+    spawn = ("import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', 'import time; "
+             "time.sleep(120)']); open(sys.argv[1], 'w').write(str(child.pid)); time.sleep(120)")
+    pidfiles = [tmp_path / f"child{k}" for k in range(2)]
+    cmds = [[sys.executable, "-c", spawn, str(f)] for f in pidfiles]
+    lines = []
+    start = time.monotonic()
+    gpu_check.run_parallel_parts(lambda *text: lines.extend(text), "e seed 5", cmds, 5, dict(os.environ))
+    assert time.monotonic() - start < 60 and any("stopped at its deadline" in line for line in lines)
+    children = [int(f.read_text()) for f in pidfiles]
+    deadline = time.monotonic() + 10
+    while any(map(_running, children)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(map(_running, children))
 
 
 def _check_early_exit_record(record: dict) -> None:

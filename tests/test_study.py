@@ -529,8 +529,16 @@ def test_records_are_kept_where_the_summary_cannot_be_written(tmp_path, capsys, 
         raise ImportError("Missing optional dependency 'tabulate'")
     monkeypatch.setattr(study, "write_summaries", no_tabulate)
     assert study.main(["--name", "s", "--results", str(tmp_path / "main"), "--merge-from", str(tmp_path / "wt")]) == 0
-    assert "summary not written (Missing optional dependency 'tabulate')" in capsys.readouterr().out
+    assert "summary not written (Missing optional dependency 'tabulate')" in capsys.readouterr().err
     assert list(Study(tmp_path / "main" / "s").runs()["run"]) == ["ce-seed0"]
+    with pytest.raises(ImportError, match="tabulate"):  # where the summary is the whole job, it is an error
+        study.main(["--name", "s", "--results", str(tmp_path / "main"), "--summarize-only"])
+
+    def no_scipy(_):
+        raise ImportError("No module named 'scipy'")
+    monkeypatch.setattr(study, "write_summaries", no_scipy)  # any other missing module is not passed over
+    with pytest.raises(ImportError, match="scipy"):
+        study.main(["--name", "s", "--results", str(tmp_path / "main"), "--merge-from", str(tmp_path / "wt")])
 
 
 def test_held_out_means_and_final_temperatures_per_variant():
