@@ -46,6 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's hdkdlib: the GPU machine does not install it
+from hdkdlib.study import run_name  # noqa: E402  (the one spelling of a run's name)
 DATA_SHA256 = "5fe9779d692b4a136c56c89d19d820256282d08dd1516cc74737f3307651ebdf"  # ../shared/data/README.md
 DATA_ARCHIVE = "tinyimagenet100-32.tar.gz"
 STUDY = "tin100-cpu-control"
@@ -116,12 +117,12 @@ def hdkd_arms(last_epochs: dict) -> list:
     from statistics import median
 
     from hdkdlib.studysummary import held_out_means
-    control = {f"{m}-{tag}-seed{s}" for m, tag, _ in ARMS for s in range(6)}
+    control = {run_name(m, tag, s) for m, tag, _ in ARMS for s in range(6)}
     if not control <= set(last_epochs):
         return []
     held_out = held_out_means({n: last_epochs[n] for n in sorted(control) if n.startswith("dbt-")})
     tag = max(sorted(held_out), key=held_out.get).split("-", 1)[1]  # sorted: lr01 first, so a tie keeps 0.1
-    temperature = round(median(last_epochs[f"dbt-{tag}-seed{s}"]["temperature"] for s in range(6)), 1)
+    temperature = round(median(last_epochs[run_name("dbt", tag, s)]["temperature"] for s in range(6)), 1)
     options = next(o for m, t, o in ARMS if t == tag)  # --loss-scale 1 and the lr, as DBT ran there
     arms = [("hdkd", f"{tag}-t1", options)]
     if temperature != 1:
@@ -148,7 +149,7 @@ def rounds(recorded: set, hdkd: list, seeds=GPU_SEEDS) -> list:
     at most four at a time: the control's arms a seed at a time, then, once PROTOCOL.md fixes them, the HDKD
     arms: [(label, [(seed, method, tag, options), ...]), ...]."""
     def missing(seed, arms):
-        return [(seed, *arm) for arm in arms if f"{arm[0]}-{arm[1]}-seed{seed}" not in recorded]
+        return [(seed, *arm) for arm in arms if run_name(arm[0], arm[1], seed) not in recorded]
     plan = [(f"seed {s}", missing(s, ARMS)) for s in seeds if missing(s, ARMS)]
     waiting = [run for s in seeds for run in missing(s, hdkd)]
     for k in range(0, len(waiting), 4):
@@ -167,7 +168,7 @@ def run_parallel_parts(log, name, cmds, seconds, env) -> None:
     try:
         for c, proc in zip(cmds, procs):
             output, _ = proc.communicate(timeout=max(seconds - (time.monotonic() - start), 1))
-            run = f"{c[c.index('--methods') + 1]}-{c[c.index('--tag') + 1]}-seed{c[c.index('--seeds') + 1]}"
+            run = run_name(*(c[c.index(option) + 1] for option in ("--methods", "--tag", "--seeds")))
             log(output[-1500:], f"== ({name}) {run}: exit {proc.returncode}")
         log(f"== ({name}) done in {time.monotonic() - start:.0f} s")
     except subprocess.TimeoutExpired:
