@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -363,6 +364,20 @@ class HDKD(_DenseTerms, LearnedWeights):
 _REGISTRY = {"ce": CESum, "dbt": DBT, "imta_kd": IMTAKD, "dkd": DenseKD,
              "hmsdnet": HMSDNet, "hdbt": HDBT, "hdkd": HDKD}
 LEARNED = ("hmsdnet", "hdbt", "hdkd")
+
+
+def weight_matrix(weights: Dict[str, float], num_exits: int) -> np.ndarray:
+    """K x K matrix of named term weights (`ce{i}`, `kd{i}<-{j}`): diagonal = CE weight of exit i, (i, j) above it =
+    weight of KD from exit j into exit i; NaN where no term exists."""
+    m = np.full((num_exits, num_exits), np.nan)
+    for name, w in weights.items():
+        if name.startswith("ce"):
+            i = int(name[2:]) - 1
+            m[i, i] = w
+        else:
+            i, j = (int(v) - 1 for v in name[2:].split("<-"))
+            m[i, j] = w
+    return m
 
 
 def names() -> List[str]:

@@ -10,6 +10,7 @@ import pandas as pd
 import seaborn as sns
 
 from .cost import si_scale
+from .objectives import weight_matrix
 from .paths import figures_dir
 
 
@@ -69,19 +70,6 @@ def weight_trajectories(history: Dict[str, list], ax=None, top: int | None = Non
     ax.legend(fontsize=LEGEND_FONTSIZE, handlelength=3, ncol=1 + len(frame.columns) // 12, loc="center left",
               bbox_to_anchor=(1.01, 0.5), frameon=False)  # beside the plot, never over the curves
     return ax
-
-
-def weight_matrix(weights: Dict[str, float], num_exits: int) -> np.ndarray:
-    """K x K matrix: diagonal = CE weight of exit i, (i, j) above it = weight of KD from exit j into exit i."""
-    m = np.full((num_exits, num_exits), np.nan)
-    for name, w in weights.items():
-        if name.startswith("ce"):
-            i = int(name[2:]) - 1
-            m[i, i] = w
-        else:
-            i, j = (int(v) - 1 for v in name[2:].split("<-"))
-            m[i, j] = w
-    return m
 
 
 def weight_heatmap(weights: Dict[str, float], num_exits: int, ax=None, title: str = "Learned loss weights"):

@@ -10,7 +10,7 @@ from typing import Dict, List
 import numpy as np
 import pandas as pd
 
-from . import config, objectives, plots, resume, stats
+from . import config, objectives, resume, stats
 from .records import read_text as records_text
 from .studyrecords import Study, per_exit, seed_of, variant
 
@@ -206,7 +206,7 @@ EARLY_STUDENTS = 4  # the protocols' "students 1-4": the early exits whose KD we
 
 def kd_weight_per_student(weights: dict, num_exits: int) -> np.ndarray:
     """Each student exit's KD weights summed over its teachers (exits 1 .. K-1), as recorded: loss scale included."""
-    matrix = plots.weight_matrix(weights, num_exits)
+    matrix = objectives.weight_matrix(weights, num_exits)
     return np.nansum(np.triu(matrix, 1), axis=1)[:-1]
 
 
@@ -252,7 +252,7 @@ def summarize(study: Study, epochs_full: int = 300) -> str:
     out += temperature_rows(last)
     learned = weight_learning_runs(records)
     for name in sorted({variant(n) for n in learned}):
-        mats = [plots.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if variant(n) == name]
+        mats = [objectives.weight_matrix(r["weights"], len(exits)) for n, r in learned.items() if variant(n) == name]
         matrix = pd.DataFrame(np.mean(mats, axis=0), index=pd.Index(exits, name="exit"), columns=exits)
         seeds = f"mean over {len(mats)} seeds" if len(mats) > 1 else "one seed"
         out += ["", f"Final learned weights of {name} ({seeds}): row = student exit, "
