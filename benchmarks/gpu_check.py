@@ -202,8 +202,8 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     log = Log(out / "gpu_check.log")
 
-    def left(reserve=15.0):
-        return args.budget - (time.monotonic() - t0) - reserve
+    def left(reserve=15.0):  # seconds for the parts still to come, 15 kept for the archive and the last lines
+        return max(0.0, args.budget - (time.monotonic() - t0) - reserve)
 
     import torch
     if not torch.cuda.is_available() and not args.dry_run:

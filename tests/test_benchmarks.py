@@ -81,11 +81,12 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert all(f"== ({part}) exit 0" in log for part in ("b", "c", "d", "c compiled")), parts
     assert all(f"== (e seed 5) {arm}-seed5: exit 0" in log for arm in ("ce-n20-lr01", "dbt-n20-lr02-s100")), parts
 
-    # a budget too small for the later parts: they are skipped with a line saying so, the earlier files stay
-    small = subprocess.run(cmd[:-1] + ["30"] + ["--out", str(tmp_path / "small")], capture_output=True, text=True,
+    # a budget too small for every part after (a): each is skipped with a line saying so, (a)'s file stays
+    small = subprocess.run(cmd[:-1] + ["6"] + ["--out", str(tmp_path / "small")], capture_output=True, text=True,
                            timeout=600)
     assert small.returncode == 0, small.stderr[-2000:]
-    assert "skipped" in (tmp_path / "small" / "gpu_check.log").read_text()
+    log = (tmp_path / "small" / "gpu_check.log").read_text()
+    assert all(f"== ({part}) skipped" in log for part in ("b", "c", "d", "c compiled")) and "== (e) stopped" in log, log
     assert (tmp_path / "small" / "device.json").exists()
 
 

@@ -390,7 +390,7 @@ def _cli(fake_root, out, *extra, epochs="2"):
 
 def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command(fake_root, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli(fake_root, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(_cli(fake_root, out, epochs="1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "config.json").exists() and time.time() < deadline:
         time.sleep(0.05)
@@ -399,25 +399,32 @@ def test_a_run_killed_before_its_first_checkpoint_restarts_with_the_same_command
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     assert (out / "config.json").exists() and not (out / "checkpoint.pt").exists()
-    again = subprocess.run(_cli(fake_root, out), capture_output=True, text=True)  # the same command
+    again = subprocess.run(_cli(fake_root, out, epochs="1"), capture_output=True, text=True)  # the same command
     assert again.returncode == 0, again.stderr[-2000:]
     assert "stopped before its first checkpoint: starting it again" in again.stderr
-    assert len(_metrics(out)) == 2 and (out / "model.pt").exists()
+    assert len(_metrics(out)) == 1 and (out / "model.pt").exists()
 
 
 def test_two_runs_into_one_folder_one_trains_the_other_is_refused(fake_root, tmp_path):
+    """The second is refused while the first trains (50 epochs: it cannot finish before the second starts), then the
+    first, stopped, has written its checkpoint over nothing of the second's."""
     out = tmp_path / "run"
-    first = subprocess.Popen(_cli(fake_root, out, epochs="3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(_cli(fake_root, out, epochs="50"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
     deadline = time.time() + 120
     while not (out / "config.json").exists() and time.time() < deadline:
         time.sleep(0.05)
-    second = subprocess.run(_cli(fake_root, out, epochs="3"), capture_output=True, text=True)
-    _, err = first.communicate(timeout=600)
-    assert first.returncode == 0, err[-2000:]
+    config = (out / "config.json").read_bytes()
+    second = subprocess.run(_cli(fake_root, out, epochs="50"), capture_output=True, text=True)
+    assert first.poll() is None, first.communicate()[1][-2000:]
     assert second.returncode == 2
     assert f"run folder {out} is in use by process {first.pid}" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1  # one line, no traceback
-    assert len(_metrics(out)) == 3
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 130 and "stopped by signal" in err, err[-2000:]
+    assert (out / "config.json").read_bytes() == config
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] > 0
 
 
 def test_a_moved_run_folder_is_loaded_or_resumed_where_it_now_lives(fake_root, tmp_path):
@@ -679,7 +686,7 @@ def test_a_transformer_with_exits_trains_under_hdkd_with_adamw_and_resumes_bit_i
     warm-up): the loss is finite, the learned weights move, and an interrupted run resumes to the same state."""
     def cfg(out):
         return TrainConfig(dataset="synthetic", recipe="finetune", arch="swin_t_exits", method="hdkd", epochs=2,
-                           warmup_epochs=1, batch_size=8, n_per_class=2, val_per_class=2, meta_schedule="fixed",
+                           warmup_epochs=1, batch_size=10, n_per_class=1, val_per_class=2, meta_schedule="fixed",
                            meta_lr=0.01, device="cpu", progress=False, check_every=1, threads=1,
                            split_dir=str(tmp_path / "splits"), out=str(out))
     whole = train.prepare(cfg(tmp_path / "whole"))
