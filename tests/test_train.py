@@ -415,13 +415,17 @@ def test_two_runs_into_one_folder_one_trains_the_other_is_refused(fake_root, tmp
     while not (out / "config.json").exists() and time.time() < deadline:
         time.sleep(0.05)
     config = (out / "config.json").read_bytes()
-    second = subprocess.run(_cli(fake_root, out, epochs="50"), capture_output=True, text=True)
-    assert first.poll() is None, first.communicate()[1][-2000:]
-    assert second.returncode == 2
-    assert f"run folder {out} is in use by process {first.pid}" in second.stderr
-    assert len(second.stderr.strip().splitlines()) == 1  # one line, no traceback
-    first.send_signal(signal.SIGTERM)
-    _, err = first.communicate(timeout=120)
+    try:  # refused at once; a second run that was let in would train its 50 epochs: the timeout ends the test then
+        second = subprocess.run(_cli(fake_root, out, epochs="50"), capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, first.communicate()[1][-2000:]
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"run folder {out} is in use by process {first.pid}" in second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1  # one line, no traceback
+        first.send_signal(signal.SIGTERM)
+        _, err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
     assert first.returncode == 130 and "stopped by signal" in err, err[-2000:]
     assert (out / "config.json").read_bytes() == config
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] > 0
