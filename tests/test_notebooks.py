@@ -64,27 +64,9 @@ def test_check_parameters_accepts_right_types_and_names_the_wrong_one():
     assert check_parameters({**ns, "pd": pytest, "check_parameters": check_parameters, "In": [""], "Out": {}})
 
 
-def _run(tmp_path, **parameters):
-    env = {**os.environ, "HDKD_FIGURES": str(tmp_path / "figures")}
-    out = tmp_path / "out.ipynb"
-    cmd = [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "01_toy_dense_kd.ipynb"), str(out),
-           "--cwd", str(ROOT / "notebooks")]
-    for k, v in parameters.items():
-        cmd += ["-p", k, str(v)]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env), out
-
-
-def test_papermill_wrong_type_fails_naming_the_parameter(tmp_path):
-    result, out = _run(tmp_path, steps="many")
-    assert result.returncode != 0
-    assert "parameter 'steps' must be int, got str 'many'" in result.stderr + result.stdout
-    assert not (tmp_path / "figures").exists() or not any((tmp_path / "figures").iterdir())
-
-
-
 @pytest.mark.parametrize("name,parameter,value,message", [
     ("03_cifar100.ipynb", "method", "hdkdd", "parameter 'method' is 'hdkdd'; valid values: ce, dbt"),
-    ("03_cifar100.ipynb", "epochs", "ten", "parameter 'epochs' must be int, got str 'ten'"),
+    ("01_toy_dense_kd.ipynb", "steps", "many", "parameter 'steps' must be int, got str 'many'"),
     ("04_imagenet.ipynb", "seed", "1.5", "parameter 'seed' must be int, got float 1.5"),
     ("05_ablations.ipynb", "methods", "ce,foo", "parameter 'methods': unknown ['foo']"),
     ("06_exit_thresholds.ipynb", "method", "x", "parameter 'method' is 'x'"),
