@@ -253,9 +253,8 @@ def test_a_study_trained_in_parallel_equals_one_trained_in_process(tmp_path, cap
     # a variant beside them: a training option changes a setting, --tag names the runs; NOTES.md is kept in
     (tmp_path / "results" / "parallel" / "NOTES.md").write_text("A hand-written reading.")
     one_run = common[:common.index("--methods")] + ["--methods", "hdkd", "--seeds", "0"] + common[common.index("--epochs"):]
-    result = subprocess.run(one_run + ["--runs", str(tmp_path / "parallel"), "--name", "parallel", "--tag", "T2",
-                                       "--temperature", "2"], capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:] + result.stdout[-2000:]
+    assert study.main(one_run[3:] + ["--runs", str(tmp_path / "parallel"), "--name", "parallel", "--tag", "T2",
+                                     "--temperature", "2"]) == 0, capsys.readouterr()  # what the CLI above runs
     runs = Study(tmp_path / "results" / "parallel").runs().set_index("run")
     assert runs.loc["hdkd-T2-seed0", "setting:temperature"] == 2.0  # the setting that varies has a column
     assert json.loads(runs.loc["hdkd-T2-seed0", "config"])["temperature"] == 2.0
