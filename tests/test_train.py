@@ -392,11 +392,11 @@ def test_two_runs_into_one_folder_one_trains_the_other_is_refused_and_sigterm_ch
     out = tmp_path / "run"
     first = subprocess.Popen(_cli(fake_root, out, epochs="50"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
-    deadline = time.time() + 120
-    while not (out / "config.json").exists() and time.time() < deadline:
-        time.sleep(0.05)
-    config = (out / "config.json").read_bytes()
     try:  # refused at once; a second run that was let in would train its 50 epochs: the timeout ends the test then
+        deadline = time.time() + 120
+        while not (out / "config.json").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        config = (out / "config.json").read_bytes()
         second = subprocess.run(_cli(fake_root, out, epochs="50"), capture_output=True, text=True, timeout=120)
         assert first.poll() is None, first.communicate()[1][-2000:]
         assert second.returncode == 2, second.stderr[-2000:]
