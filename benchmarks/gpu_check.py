@@ -35,6 +35,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import signal
@@ -116,10 +117,16 @@ def hdkd_arms(last_epochs: dict) -> list:
     to one decimal (none when that is 1: it would be the first arm again)."""
     from statistics import median
 
+    from hdkdlib.studyrecords import StudyRecordError
     from hdkdlib.studysummary import held_out_means
     control = {run_name(m, tag, s) for m, tag, _ in ARMS for s in range(6)}
     if not control <= set(last_epochs):
         return []
+    for name in sorted(n for n in control if n.startswith("dbt-")):  # a NaN would lose every comparison: lr 0.1
+        last = last_epochs[name]
+        if not (all(0 <= v <= 1 for v in last.get("val_top1", [math.nan])) and last.get("temperature", 0) > 0):
+            raise StudyRecordError(f"{name}'s last epoch lacks its held-out top-1 per exit or its temperature, "
+                                   "which fix the HDKD arms: restore the study's records from git")
     held_out = held_out_means({n: last_epochs[n] for n in sorted(control) if n.startswith("dbt-")})
     tag = max(sorted(held_out), key=held_out.get).split("-", 1)[1]  # sorted: lr01 first, so a tie keeps 0.1
     temperature = round(median(last_epochs[run_name("dbt", tag, s)]["temperature"] for s in range(6)), 1)
@@ -263,7 +270,11 @@ def main(argv=None) -> int:
         if args.dry_run:
             plan = rounds(set(), [], GPU_SEEDS[:1])
         else:
-            plan = rounds(set(records_of_the_study().runs()["run"]), recorded_hdkd_arms())
+            try:
+                plan = rounds(set(records_of_the_study().runs()["run"]), recorded_hdkd_arms())
+            except ValueError as e:  # damaged records (a StudyRecordError): part (c) and the results still run
+                log(f"== (e) skipped: {e}")
+                plan = []
         for label, members in plan:
             if left() < (10 if args.dry_run else 120):
                 log(f"== (e) stopped before {label}: {left():.0f} s left")

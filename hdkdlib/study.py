@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-from . import cli, config, objectives, records, studyrecords, studysummary, train
+from . import cli, config, objectives, records, resume, studyrecords, studysummary, train
 from .paths import atomic_write_text, project_root
 from .runfolder import RunFolder
 from .studyrecords import Study, StudyRecordError
@@ -121,6 +121,7 @@ class Recorder:
         self.started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 
     def __call__(self, cfg) -> None:
+        resume.resolve(cfg, "auto")  # a finished folder left by another command (other settings) is refused
         self.study.add([studyrecords.record_from_run_folder(cfg.out, self.at_once, self.invocation, self.started)])
 
 

@@ -38,11 +38,13 @@ RUNS, CURVES, LOCK = "runs.csv", "curves.csv.gz", ".lock"
 FIXED = ("run", "variant", "seed", "method")  # the first columns of runs.csv; then the settings that vary
 NOT_SETTINGS = {"seed", "method", "out", "progress"}  # differ by design, or say nothing about the numbers
 # where and how fast a run trained: runs of one protocol may differ in these (a GPU's seeds pool with a CPU's)
-NOT_PROTOCOL = (set(config.OPTION_GROUPS["speed"]) | set(config.OPTION_GROUPS["run"])
+# (bf16 is no such setting: it changes the numbers, not only the speed)
+NOT_PROTOCOL = ((set(config.OPTION_GROUPS["speed"]) - {"bf16"}) | set(config.OPTION_GROUPS["run"])
                 | {"data_root", "split_dir", "workers", "download"})
 # pandas before 3 parses floats exactly only when asked to (3 always does, and deprecates the option)
 EXACT_FLOATS = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
-RUN_NAME = re.compile(r"^[A-Za-z0-9_.+]+(-[A-Za-z0-9_.+*]+)*-seed\d+$")
+# a seed without leading zeros: seed01 would be a second run of seed 1, averaged with it
+RUN_NAME = re.compile(r"^[A-Za-z0-9_.+]+(-[A-Za-z0-9_.+*]+)*-seed(0|[1-9][0-9]*)$")
 _ITEM = re.compile(r"^(.+)\[(\d+)\]$")
 
 
@@ -106,6 +108,9 @@ def record_from_run_folder(path, at_once="", invocation: str = "", started: str 
                                "finish or collect that run first")
     run = folder.path.name
     config = result["config"]
+    if [r["epoch"] for r in curves] != list(range(1, config["epochs"] + 1)):
+        raise StudyRecordError(f"{folder.path / 'metrics.jsonl'} holds {len(curves)} of the run's {config['epochs']} "
+                               "epochs (a cut-short or partial copy): copy the whole run folder again")
     row = {"run": run, "variant": variant(run), "seed": seed_of(run), "method": config["method"],
            "test_top1": [r["top1"] for r in result["anytime"]], "test_top5": [r["top5"] for r in result["anytime"]],
            "flops": [r["flops"] for r in result["anytime"]],
@@ -177,18 +182,27 @@ class Study:
                                               f"run {run}'s config")
                 if not isinstance(settings, dict) or settings.get("method") != row["method"]:
                     raise ValueError(f"not the settings of a {row['method']!r} run")
-                completed_config(settings)
+                epochs = completed_config(settings).epochs
             except ValueError as e:
                 refuse(line, f"{run}'s config is not a run's settings ({e})")
+            if run.split("-")[0] != row["method"]:  # the summary pairs runs by the method their name gives
+                refuse(line, f"{run} is the name of no {row['method']!r} run (<method>[-<tag>]-seed<k>)")
             if not all(isinstance(row[c], str) and row[c] for c in ("commit", "device", "torch")):
                 refuse(line, f"{run} lacks its commit, device or torch version")
             top1 = [row[c] for c in exits]
             if not all(isinstance(t, float) and (math.isnan(t) or 0 <= t <= 1) for t in top1) or math.isnan(top1[0]):
                 refuse(line, f"{run}'s test top-1 per exit must be fractions in [0, 1], got {top1}")
+            if any(math.isnan(t) for t in top1[:sum(not math.isnan(t) for t in top1)]):  # exits 1..k, no gap
+                refuse(line, f"{run}'s test top-1 lacks an exit before its last one, got {top1}")
+            if row.get("epochs") != epochs:
+                refuse(line, f"{run} records {row.get('epochs')} epochs of its config's {epochs}")
         if runs["run"].duplicated().any():
             refuse(0, f"lists {runs['run'][runs['run'].duplicated()].iloc[0]} twice")
         if runs.empty:
             return
+        counts = runs[exits].notna().sum(axis=1).groupby(runs["variant"]).nunique()
+        if (counts > 1).any():  # the summary's mean over exits would be over fewer exits for one seed
+            refuse(0, f"the {counts[counts > 1].index[0]} runs record test top-1 for different numbers of exits")
         lacking = [c for c in NEEDED_CURVES if c not in curves.columns]
         if lacking:
             raise StudyRecordError(f"{self.path / CURVES} lacks the columns {', '.join(lacking)}: restore it from git")
@@ -200,6 +214,16 @@ class Study:
                 map(pd.api.types.is_numeric_dtype, curves.drop(columns="run").dtypes)):
             raise StudyRecordError(f"{self.path / CURVES} holds a value that is not a number (or a fractional "
                                    "epoch): restore it from git")
+        held = curves.groupby("run")["epoch"].agg(sorted)
+        for run, epochs in zip(runs["run"], runs["epochs"]):
+            if held[run] != list(range(1, int(epochs) + 1)):
+                raise StudyRecordError(f"{self.path / CURVES} does not hold epochs 1-{int(epochs)} of {run} once each: "
+                                       "restore it from git (or merge the run again from its run folder)")
+        accuracies = curves[[c for c in curves.columns if re.match(r"^\w*top[15]\[", c)]]
+        temperature = curves["temperature"] if "temperature" in curves.columns else pd.Series(dtype=float)
+        if ((accuracies < 0) | (accuracies > 1)).any().any() or (temperature <= 0).any():
+            raise StudyRecordError(f"{self.path / CURVES} holds an accuracy outside [0, 1] or a temperature <= 0: "
+                                   "restore it from git")
 
     # --- per run ----------------------------------------------------------------------------------------------
     def record(self, runs: pd.DataFrame, run: str) -> Dict:

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hdkdlib import data, studyrecords
+from hdkdlib.studyrecords import StudyRecordError
 from hdkdlib.studyrecords import Study
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +136,10 @@ def test_gpu_check_chooses_the_hdkd_arms_by_the_protocols_rule():
     assert gpu_check.hdkd_arms(cold) == [("hdkd", "n20-lr01-s100-t1", ["--loss-scale", "1"])]  # T_dbt rounds to 1
     for missing in ("dbt-n20-lr02-s100-seed5", "dbt-n20-lr01-s100-seed0", "ce-n20-lr02-seed3"):
         assert gpu_check.hdkd_arms({k: v for k, v in last.items() if k != missing}) == []
+    # a blank held-out exit would lose every comparison (lr 0.1 by default), a lost temperature end part (e)
+    for damage in ({"val_top1": [float("nan"), 0.3], "temperature": 2.0}, {"val_top1": [0.3, 0.3]}):
+        with pytest.raises(StudyRecordError, match="dbt-n20-lr02-s100-seed3's last epoch lacks its held-out"):
+            gpu_check.hdkd_arms({**better, "dbt-n20-lr02-s100-seed3": damage})
     # part (e)'s plan: only runs not recorded; the control's arms a seed at a time, then HDKD's four runs at a time
     recorded = {f"{m}-{tag}-seed{s}" for m, tag, _ in gpu_check.ARMS for s in (0, 1, 2, 3, 4)} - {"ce-n20-lr02-seed4"}
     recorded |= {"hdkd-n20-lr01-s100-t2.6-seed4"}

@@ -31,10 +31,10 @@ def _fake_cifar_folder(root: Path) -> Path:
     return root
 
 
-def _run_copy(root: Path, run: str, top1, epochs: int = 3, method: str = "ce", weights=None) -> Path:
+def _run_copy(root: Path, run: str, top1, epochs: int = 3, weights=None) -> Path:
     """A finished run's files as a study keeps them (config.json, metrics.jsonl, results.json), with awkward
-    floats (thirds, tiny and huge values) so an inexact round trip would show."""
-    folder = root / run
+    floats (thirds, tiny and huge values) so an inexact round trip would show; its method is its name's."""
+    folder, method = root / run, run.split("-")[0]
     folder.mkdir(parents=True)
     weights = weights or {f"ce{k}": 1.0 for k in range(1, len(top1) + 1)}
     cfg = {"method": method, "seed": int(run.rsplit("seed", 1)[1]), "epochs": epochs, "dataset": "folder32",
@@ -57,7 +57,7 @@ def test_records_round_trip_the_run_folders_numbers_exactly(tmp_path):
     equal (==, not close) to the run folder's; the curves file is the same bytes when written again."""
     hdkd_weights = {"ce1": 0.5, "ce2": 1 / 3, "kd1<-2": 2e-9}
     folders = [_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 1 / 3]),
-               _run_copy(tmp_path / "runs", "hdkd-seed0", [0.25, 0.5], epochs=4, method="hdkd", weights=hdkd_weights)]
+               _run_copy(tmp_path / "runs", "hdkd-seed0", [0.25, 0.5], epochs=4, weights=hdkd_weights)]
     target = Study(tmp_path / "results" / "s")
     assert target.add([studyrecords.record_from_run_folder(f) for f in folders]) == ["ce-seed0", "hdkd-seed0"]
     runs, curves = target.runs(), target.curves()
@@ -103,6 +103,12 @@ def _set(column, value, row=0):
 DAMAGED_RUNS = {  # a change to runs.csv -> the words of its one-line refusal
     "a header only": (lambda t: t[["run", "seed"]].iloc[:0], "lacks the columns variant, method, config"),
     "a run without a seed": (_set("run", "ce"), "'ce' is not a run's name"),
+    "a seed with a leading zero": (lambda t: _set("variant", "ce")(_set("seed", "0")(_set("run", "ce-seed00")(t))),
+                                   "'ce-seed00' is not a run's name"),  # else averaged with ce-seed0
+    "another method's name": (lambda t: _set("variant", "dbt")(_set("run", "dbt-seed0")(t)),
+                              "dbt-seed0 is the name of no 'ce' run"),  # the summary pairs by the name's method
+    "a gap among the exits": (_set("test_top1[2]", ""), "lacks an exit before its last one, got [0.1, nan, 0.3]"),
+    "other epochs than its config's": (_set("epochs", "2"), "ce-seed0 records 2 epochs of its config's 3"),
     "a run twice": (lambda t: pd.concat([t, t]), "lists ce-seed0 twice"),
     "another variant": (_set("variant", "dbt"), "are not those of ce-seed0"),
     "no JSON config": (_set("config", "method=ce"), "ce-seed0's config is not a run's settings"),
@@ -120,7 +126,7 @@ def test_a_damaged_runs_table_is_one_line_and_nothing_is_written(tmp_path, capsy
     """Each damage to runs.csv: --summarize-only exits 2 with one line naming the file and the problem; a merge into
     the damaged study writes nothing."""
     target = Study(tmp_path / "results" / "s")
-    target.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2]))])
+    target.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2, 0.3]))])
     change, words = DAMAGED_RUNS[case]
     table = pd.read_csv(target.path / studyrecords.RUNS, dtype=str, keep_default_na=False)
     change(table).to_csv(target.path / studyrecords.RUNS, index=False)
@@ -129,7 +135,7 @@ def test_a_damaged_runs_table_is_one_line_and_nothing_is_written(tmp_path, capsy
     assert study.main(["--name", "s", "--results", str(tmp_path / "results"), "--summarize-only"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err and "runs.csv" in err, err
-    _run_copy(tmp_path / "other" / "results" / "s", "ce-seed1", [0.3, 0.4])
+    _run_copy(tmp_path / "other" / "results" / "s", "ce-seed1", [0.3, 0.4, 0.5])
     assert study.main(["--name", "s", "--results", str(tmp_path / "results"), "--merge-from", str(tmp_path / "other")]) == 2
     assert {p.name: p.read_bytes() for p in target.path.iterdir() if p.is_file()} == before
 
@@ -144,7 +150,9 @@ def test_damaged_curves_and_missing_studies_are_one_line(tmp_path, capsys):
              "unpacks to more than 64 MiB": gzip.compress(b"0" * (65 * 2 ** 20)),  # 65 MiB from 64 KiB
              "lacks the columns epoch": gzip.compress(text.replace("run,epoch,", "run,epch,", 1).encode()),
              "has no epochs of ce-seed0": gzip.compress(text.split("\n", 1)[0].encode() + b"\n"),
-             "not a number": gzip.compress(text.replace("\nce-seed0,1,", "\nce-seed0,one,", 1).encode())}
+             "not a number": gzip.compress(text.replace("\nce-seed0,1,", "\nce-seed0,one,", 1).encode()),
+             "does not hold epochs 1-3 of ce-seed0 once each": gzip.compress(text.replace("\nce-seed0,2,", "\nce-seed0,1,", 1).encode()),
+             "an accuracy outside [0, 1]": gzip.compress(text.replace(",0.1,0.2428", ",1.1,0.2428", 1).encode())}
     args = ["--name", "s", "--results", str(tmp_path / "results"), "--summarize-only"]
     for words, packed in cases.items():
         curves.write_bytes(packed)
@@ -157,6 +165,44 @@ def test_damaged_curves_and_missing_studies_are_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: usage and the error, exit 2
         study.main(["--name", "../s", "--results", str(tmp_path / "results"), "--summarize-only"])
     assert "one folder name" in capsys.readouterr().err
+
+
+def test_a_variants_runs_with_different_numbers_of_exits_are_refused(tmp_path):
+    """A seed whose last exit is blank would be averaged over fewer exits than the others: the records are
+    refused, naming the variant, and nothing is written."""
+    target = Study(tmp_path / "results" / "s")
+    target.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2, 0.3]))])
+    before = {p.name: p.read_bytes() for p in target.path.iterdir()}
+    with pytest.raises(StudyRecordError, match="the ce runs record test top-1 for different numbers of exits"):
+        target.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "ce-seed1", [0.3, 0.4]))])
+    assert {p.name: p.read_bytes() for p in target.path.iterdir()} == before
+    assert target.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "dbt-seed1", [0.3, 0.4]))])
+
+
+def test_a_cut_short_run_copy_is_no_record(tmp_path, capsys):
+    """A run copy whose metrics.jsonl lost its last line (a copy taken mid-write) would record the epoch before as
+    the last one (the held-out top-1 and temperature a protocol reads): refused, naming the file."""
+    folder = _run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2], epochs=3)
+    lines = (folder / "metrics.jsonl").read_text()
+    (folder / "metrics.jsonl").write_text(lines[:-40])
+    with pytest.raises(StudyRecordError, match=r"metrics.jsonl holds 2 of the run's 3 epochs .*copy the whole"):
+        studyrecords.record_from_run_folder(folder)
+    assert "is cut short" in capsys.readouterr().err
+
+
+def test_a_finished_run_folder_of_other_settings_is_not_recorded(tmp_path, capsys):
+    """A finished run folder left in the runs folder by another command (here 3 epochs at lr 0.1) is not taken as
+    this command's run (5 epochs): one line naming the folder and the settings, nothing recorded."""
+    _run_copy(tmp_path / "runs" / "s", "ce-seed0", [0.1, 0.2], epochs=3)
+    (tmp_path / "runs" / "s" / "ce-seed0" / "model.pt").write_bytes(b"")  # finished: weights and results
+    assert RunFolder(tmp_path / "runs" / "s" / "ce-seed0").finished()
+    capsys.readouterr()
+    assert study.main(["--name", "s", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs" / "s"),
+                       "--methods", "ce", "--seeds", "0", "--epochs", "5", "--arch", "toy_mlp", "--device", "cpu",
+                       "--data-root", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "holds a run with other settings" in err and "epochs" in err, err
+    assert not Study(tmp_path / "results" / "s").exists()
 
 
 # --- merges ------------------------------------------------------------------------------------------------------
@@ -498,9 +544,16 @@ def test_a_run_of_another_protocol_is_never_mixed_into_a_variant(tmp_path):
     gpu = _run_copy(tmp_path / "runs", "ce-seed2", [0.3, 0.4])
     for name in ("config.json", "results.json"):
         text = json.loads((gpu / name).read_text())
-        text["config"].update(device="cuda", threads=8)
+        text["config"].update(device="cuda", threads=8, bf16=False)
         (gpu / name).write_text(json.dumps(text))
     assert target.add([studyrecords.record_from_run_folder(gpu)]) == ["ce-seed2"]
+    bf16 = _run_copy(tmp_path / "runs", "ce-seed3", [0.3, 0.4])  # bf16 changes the numbers: another protocol
+    for name in ("config.json", "results.json"):
+        text = json.loads((bf16 / name).read_text())
+        text["config"].update(device="cuda", bf16=True)
+        (bf16 / name).write_text(json.dumps(text))
+    with pytest.raises(StudyRecordError, match=r"run ce-seed3 has other settings .*\(bf16: True, not False\)"):
+        target.add([studyrecords.record_from_run_folder(bf16)])
 
 
 def test_bad_data_or_settings_for_a_study_are_one_line(tmp_path, capsys):
