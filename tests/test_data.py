@@ -71,6 +71,32 @@ def test_damaged_cifar_files_are_named(tmp_path):
         D.load_cifar(tmp_path, "cifar100")
 
 
+@pytest.mark.parametrize("entry, message", [
+    ({"data": np.zeros((4, 3072), np.uint8), "fine_labels": [0.6, 1.6, 2.6, 3.6]},  # a cast would truncate
+     r"train: the labels are float64 shaped \(4,\), not a list of integer class indices"),
+    ({"data": np.zeros((4, 3072), np.uint8), "fine_labels": [[0], [1], [2], [3]]},  # would fail at the first step
+     r"train: the labels are int64 shaped \(4, 1\), not a list of integer class indices"),
+    ({"data": np.zeros((4, 3072), np.uint8), "fine_labels": ["a", "b", "c", "d"]}, r"train: the labels are <U1"),
+    (7, r"train has no 'data'/'fine_labels' entries: not a cifar100 batch file"),
+])
+def test_cifar_labels_and_entries_are_checked_before_any_cast(tmp_path, entry, message):
+    base = D.write_fake_cifar(tmp_path, "cifar100", n_train=100, n_test=10)
+    with open(base / "train", "wb") as f:
+        pickle.dump(entry, f)
+    _relist(base, "train")
+    with pytest.raises(D.DatasetError, match=message):
+        D.load_cifar(tmp_path, "cifar100")
+
+
+def test_a_cifar_meta_file_without_class_names_is_named(tmp_path):
+    base = D.write_fake_cifar(tmp_path, "cifar100", n_train=100, n_test=10)
+    with open(base / "meta", "wb") as f:
+        pickle.dump({"coarse_label_names": []}, f)
+    _relist(base, "meta")
+    with pytest.raises(D.DatasetError, match=r"meta has no 'fine_label_names' list: not cifar100's meta file"):
+        D.load_cifar(tmp_path, "cifar100")
+
+
 @pytest.mark.parametrize("dtype, scale, offset, message", [
     (np.float32, 1 / 255, 0, r"pixels are float32 in 0..1, which look like \[0, 1\] floats; CIFAR pixels are integers "
                              r"0..255: multiply them by 255, round, and write the file again with uint8 pixels"),
@@ -235,6 +261,41 @@ def test_folder_links_are_not_followed_and_no_file_counts_twice(tmp_path):
     tree = D.image_folder(tmp_path, "train")
     assert [os.path.basename(p) for p, _ in tree.samples] == ["0.png", "1.png", "0.png"]
     assert tree.targets == [0, 0, 1]
+
+
+def test_a_file_in_two_class_folders_is_refused_not_given_the_first_label(tmp_path):
+    _tree(tmp_path, {"train/cat/0.png": _img(1), "train/dog/1.png": _img(2)})
+    os.symlink(tmp_path / "train" / "cat" / "0.png", tmp_path / "train" / "dog" / "same.png")
+    with pytest.raises(D.DatasetError, match=r"dog/same.png is the file cat/ holds too .*keep it in one class folder"):
+        D.image_folder(tmp_path, "train")
+
+
+def test_images_of_different_sizes_name_one_of_the_rare_size(tmp_path):
+    _tree(tmp_path, {"train/cat/0.png": _img(1), "train/cat/1.png": _img(2), "train/dog/2.png": _img(3),
+                     "train/dog/odd.png": np.zeros((6, 5, 3), np.uint8)})
+    with pytest.raises(D.DatasetError, match=r"different sizes: .*train/dog/odd.png is 5x6 \(1 such\), 3 are 4x4: "
+                                             r"resize them .*--dataset folder"):
+        D.folder_to_tensor(tmp_path, "train")
+
+
+def test_a_test_tree_of_another_image_size_is_refused_before_training(tmp_path):
+    """A network that takes any input size (ResNet, Swin) would be tested at another resolution than it trained."""
+    from types import SimpleNamespace
+    from hdkdlib.data.bundle import _tensor_data
+    _tree(tmp_path, {"train/cat/0.png": _img(1), "train/dog/1.png": _img(2),
+                     "test/cat/2.png": np.zeros((8, 8, 3), np.uint8), "test/dog/3.png": np.zeros((8, 8, 3), np.uint8)})
+    with pytest.raises(D.DatasetError, match=r"test holds \(8, 8\) images, .*train \(4, 4\): resize one tree"):
+        _tensor_data(SimpleNamespace(dataset="folder32", data_root=str(tmp_path), download=False))
+
+
+def test_file_names_that_are_not_utf8_are_fingerprinted(tmp_path):
+    """A valid POSIX file name need not be UTF-8 (os.fsdecode maps its bytes to surrogates)."""
+    from hdkdlib.data.bundle import files_fingerprint
+    _tree(tmp_path, {"train/cat/0.png": _img(1)})
+    odd = os.path.join(os.fsencode(tmp_path / "train" / "cat"), b"\xff\xfe.png")
+    Image.fromarray(_img(2)).save(os.fsdecode(odd), format="PNG")
+    tree = D.image_folder(tmp_path, "train")
+    assert len(tree.samples) == 2 and files_fingerprint(tmp_path, tree)["sha256"]
 
 
 def test_an_image_in_two_splits_is_refused(tmp_path):
@@ -417,7 +478,8 @@ def test_split_file_is_reused_and_checked(tmp_path):
     with pytest.raises(D.DatasetError, match=r"toy.json: its indices do not match its checksum .*restore it \(git checkout -- .*toy.json\); otherwise delete it and it is drawn again"):
         splits.load_or_create(LABELS, dataset="toy", val_per_class=10, path=path)
     assert json.loads(path.read_text()) == content  # a failed load never rewrites the file
-    with pytest.raises(ValueError, match="class 0 has 100 images; the split needs 10 for validation \\+ 95"):
+    with pytest.raises(ValueError, match="class 0 has 100 images; the split needs 10 for validation \\+ 95 for training: lower "
+                                         "--val-per-class or --n-per-class"):
         splits.make_split(LABELS, val_per_class=10, train_per_class=95)
 
 
@@ -466,6 +528,26 @@ def test_a_split_file_of_another_protocol_is_refused_not_trained_on(tmp_path):
     with pytest.raises(D.DatasetError, match=r"holds another protocol's split \(seed 0.* asks seed 3"):
         splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=40, seed=3, path=theirs)
     assert splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=40, path=theirs) == content
+
+
+@pytest.mark.parametrize("edit", ["another seed's draw, its seed field edited", "two images swapped"])
+def test_a_split_file_that_is_not_the_seeds_draw_is_refused(tmp_path, edit):
+    """The same seed, sizes and per-class counts, a matching checksum, other images: refused, left as it is."""
+    path = tmp_path / "toy.json"
+    if edit == "two images swapped":
+        splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=50, path=path)
+        def swap(content):  # a held-out image of class 0 and a training image of class 0 change places
+            v, t = content["val"][0], next(i for i in content["train"] if LABELS[i] == LABELS[content["val"][0]])
+            content["val"] = sorted(content["val"][1:] + [t])
+            content["train"] = sorted([i for i in content["train"] if i != t] + [v])
+        _rechecksummed(path, swap)
+    else:
+        splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=50, seed=1, path=path)
+        _rechecksummed(path, lambda content: content.update(seed=0))
+    before = path.read_text()
+    with pytest.raises(D.DatasetError, match=r"toy.json holds other images than seed 0's draw .*restore it"):
+        splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=50, path=path)
+    assert path.read_text() == before
 
 
 def test_a_split_file_that_holds_no_split_is_one_line(tmp_path):

@@ -62,7 +62,7 @@ def files_fingerprint(root, *image_trees, head_bytes: int = 4096) -> Dict:
         path, label = sample
         with open(path, "rb") as f:
             head = hashlib.sha256(f.read(head_bytes)).hexdigest()
-        return f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}\0{head}\0{label}\n".encode()
+        return os.fsencode(f"{os.path.relpath(path, root)}\0{os.path.getsize(path)}\0{head}\0{label}\n")
     h = hashlib.sha256()
     with ThreadPoolExecutor(8) as pool:  # file opens dominate on network file systems
         for tree in image_trees:
@@ -86,6 +86,9 @@ def _tensor_data(cfg):
     test_split = "test" if (root / "test").is_dir() else "val"
     x, y, classes = folder_to_tensor(root, "train")
     xt, yt, _ = folder_to_tensor(root, test_split)
+    if xt.shape[1:] != x.shape[1:]:  # a network that takes any size would be tested at another resolution
+        raise DatasetError(f"{root / test_split} holds {tuple(xt.shape[2:])} images, {root / 'train'} "
+                           f"{tuple(x.shape[2:])}: resize one tree to the other's size")
     check_disjoint(root, ("train", test_split))
     return x, y, xt, yt, len(classes), None, None
 

@@ -151,6 +151,19 @@ def _pixels(data, path: Path) -> np.ndarray:
     return data.astype(np.uint8)
 
 
+def _labels(labels, path: Path) -> np.ndarray:
+    """The labels as int64, checked before the cast: a cast would truncate 1.6 to 1 and a column of labels
+    would fail only at the first training step."""
+    try:
+        y = np.asarray(labels)
+    except Exception as e:  # ragged
+        raise DatasetError(f"{path}: the labels are not a list of integers ({type(e).__name__}: {e})") from e
+    if y.ndim != 1 or (y.size and y.dtype.kind not in "ui"):
+        raise DatasetError(f"{path}: the labels are {y.dtype} shaped {y.shape}, not a list of integer class indices; "
+                           "write the file again with integer labels")
+    return y.astype(np.int64)
+
+
 def load(root, name: str = "cifar100", train: bool = True, download_if_missing: bool = False
          ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     """(images uint8 [N, 3, 32, 32], labels int64 [N], class names) of the train or test split."""
@@ -176,10 +189,10 @@ def load(root, name: str = "cifar100", train: bool = True, download_if_missing: 
     images, labels = [], []
     for f in files:
         entry = _unpickle(base / f)
-        if "data" not in entry or spec["label_key"] not in entry:
+        if not isinstance(entry, dict) or "data" not in entry or spec["label_key"] not in entry:
             raise DatasetError(f"{base / f} has no 'data'/'{spec['label_key']}' entries: not a {name} batch file")
         data = _pixels(entry["data"], base / f)
-        y = np.asarray(entry[spec["label_key"]], dtype=np.int64)
+        y = _labels(entry[spec["label_key"]], base / f)
         if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(y) != len(data):
             raise DatasetError(f"{base / f}: data shaped {data.shape} with {len(y)} labels; expected [N, 3072] "
                                f"uint8 rows (3 x 32 x 32) and N labels")
@@ -187,5 +200,9 @@ def load(root, name: str = "cifar100", train: bool = True, download_if_missing: 
             raise DatasetError(f"{base / f}: labels outside [0, {spec['num_classes'] - 1}]")
         images.append(data.reshape(-1, 3, 32, 32))
         labels.append(y)
-    classes = list(_unpickle(base / cls.meta["filename"])[spec["names_key"]])
+    meta = _unpickle(base / cls.meta["filename"])
+    if not isinstance(meta, dict) or not isinstance(meta.get(spec["names_key"]), list):
+        raise DatasetError(f"{base / cls.meta['filename']} has no '{spec['names_key']}' list: not {name}'s meta "
+                           "file; delete the folder and download again")
+    classes = list(meta[spec["names_key"]])
     return torch.from_numpy(np.concatenate(images)), torch.from_numpy(np.concatenate(labels)), classes

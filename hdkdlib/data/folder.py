@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -68,7 +69,7 @@ class ImageTree(datasets.ImageFolder):
     @staticmethod
     def make_dataset(directory, class_to_idx=None, extensions=None, is_valid_file=None, allow_empty=False):
         valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
-        samples, seen = [], set()
+        samples, seen = [], {}  # real path -> its class
         for name in sorted(class_to_idx):
             walk = []
             for folder, dirs, files in os.walk(os.path.join(directory, name)):  # followlinks=False
@@ -78,8 +79,11 @@ class ImageTree(datasets.ImageFolder):
                 for file in sorted(f for f in files if not _hidden(f)):
                     path = os.path.join(folder, file)
                     real = os.path.realpath(path)
+                    if valid(path) and seen.get(real, name) != name:  # one file, two labels
+                        raise DatasetError(f"{path} is the file {seen[real]}/ holds too ({real}): an image of two "
+                                           "classes; keep it in one class folder")
                     if valid(path) and real not in seen:
-                        seen.add(real)
+                        seen[real] = name
                         samples.append((path, class_to_idx[name]))
         # Checked on the samples themselves, not on the folder's files: a class whose files are all skipped (no
         # image extension, hidden, or already counted) would still be a class, an output no image ever trains.
@@ -221,9 +225,12 @@ def folder_to_tensor(root, split: str = "train", workers: int = 8) -> Tuple[torc
     ds = ImageTree(str(root / split), loader=read_image)
     with ThreadPoolExecutor(workers) as pool:
         arrays = list(pool.map(lambda s: np.asarray(read_image(s[0])), ds.samples))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) != 1:
-        raise DatasetError(f"{root / split}: images have different sizes {sorted(shapes)[:4]}; "
-                           "use image_folder() with transforms for such data")
+    shapes = Counter(a.shape[:2] for a in arrays)
+    if len(shapes) != 1:  # name an image of the rarest size: the one to find among thousands
+        rare, common = min(shapes, key=shapes.get), max(shapes, key=shapes.get)
+        odd = next(path for (path, _), a in zip(ds.samples, arrays) if a.shape[:2] == rare)
+        raise DatasetError(f"{root / split}: images have different sizes: {odd} is {rare[1]}x{rare[0]} ({shapes[rare]} "
+                           f"such), {shapes[common]} are {common[1]}x{common[0]}: resize them to one size, or use "
+                           "--dataset folder (its transforms resize)")
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return images, torch.tensor(ds.targets, dtype=torch.long), classes

@@ -53,7 +53,8 @@ def make_split(labels, *, val_per_class: int, train_per_class: Optional[int] = N
         need = val_per_class + (train_per_class or 0)
         if len(idx) < need:
             raise ValueError(f"class {c} has {len(idx)} images; the split needs {val_per_class} for validation"
-                             + (f" + {train_per_class} for training" if train_per_class else ""))
+                             + (f" + {train_per_class} for training" if train_per_class else "")
+                             + ": lower --val-per-class" + (" or --n-per-class" if train_per_class else ""))
         if train_per_class is None and len(idx) <= val_per_class:
             raise ValueError(f"class {c} has {len(idx)} images, all held out for validation (val_per_class "
                              f"{val_per_class}): none is left for training; lower val_per_class")
@@ -110,6 +111,10 @@ def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class:
                                "different copy of the dataset. Use the dataset it was made for, or pass another path.")
         check_contents(split, len(labels), path)
         check_protocol(split, labels, val_per_class, train_per_class, seed, path)
+        drawn = make_split(labels, val_per_class=val_per_class, train_per_class=train_per_class, seed=seed)
+        if (split["val"], split["train"]) != (drawn["val"], drawn["train"]):  # the draw is cheap: compare it
+            raise DatasetError(f"split file {path} holds other images than seed {seed}'s draw (of another seed with "
+                               f"its fields edited, or edited and checksummed again); {_REGENERATE.format(path=path)}")
         return split
     split = make_split(labels, val_per_class=val_per_class, train_per_class=train_per_class, seed=seed, dataset=dataset)
     atomic_write_text(path, json.dumps(split, separators=(",", ":")))  # never a half-written split file
