@@ -118,6 +118,10 @@ def resolve(settings: Union[TrainConfig, Dict], mode: str = "auto") -> Plan:
         if mode == "continue":
             say(f"nothing to resume in {folder.path}: starting a new run there")
         return Plan(config_from_dict(values), "start")
+    if folder.evaluated() and not (folder.trained() or folder.resumable()):
+        raise FileExistsError(f"run folder {folder.path} holds a finished run's results without its network (model.pt "
+                              "and the checkpoints are gone): it is not trained again over them; restore model.pt "
+                              "to load it, or choose another out folder")
     recorded = folder.config()["config"]
     if mode == "continue":  # the recorded settings; those given must agree
         values = {**stored_config(recorded), **values}

@@ -30,6 +30,7 @@ from .paths import atomic_write, atomic_write_text
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 CHECKPOINT, PREVIOUS, MODEL, LOCK = "checkpoint.pt", "checkpoint.prev.pt", "model.pt", ".lock"
+CHECKPOINT_KEYS = {"model", "objective", "optimizer", "epoch", "batch", "step", "meta_steps", "accumulators", "config"}
 FILES = (CONFIG, METRICS, RESULTS, CHECKPOINT, PREVIOUS, MODEL, LOCK)
 
 
@@ -263,8 +264,9 @@ class RunFolder:
         return self._read_json(RESULTS, "delete it and run the same command with --resume: the run is evaluated "
                                         "again from model.pt")
 
-    def load_checkpoint(self, device, say=print) -> Dict:
-        """checkpoint.pt, or checkpoint.prev.pt when the newer one cannot be read (after saying so)."""
+    def load_checkpoint(self, device, say=print, foreign=lambda state: None) -> Dict:
+        """checkpoint.pt, or checkpoint.prev.pt when the newer one cannot be read or is no checkpoint of this run
+        (foreign(state): why not, or None), after saying so."""
         errors = []
         for name in (CHECKPOINT, PREVIOUS):
             path = self.file(name)
@@ -272,6 +274,12 @@ class RunFolder:
                 continue
             try:
                 state = records.load_tensors(path, device)
+                missing = CHECKPOINT_KEYS - set(state) if isinstance(state, dict) else CHECKPOINT_KEYS
+                if missing:
+                    raise records.Unreadable(path, f"it is no checkpoint (it lacks {', '.join(sorted(missing))})")
+                why = foreign(state)
+                if why:
+                    raise records.Unreadable(path, f"it is the checkpoint of another run ({why})")
             except records.Unreadable as e:
                 errors.append(f"{path.name} not loaded: {e.reason}")
                 continue

@@ -26,7 +26,7 @@ from .config import to_argv as cli_args
 from .data.bundle import DataBundle, build_data
 from .runfolder import RunFolder, RunFolderBusy, RunFolderDamaged, RunFolderMismatch
 from .progress import bar as progress_bar
-from .resume import resolve
+from .resume import resolve, settings_differ
 from .step import CapturedStep, TrainStep, compile_step
 
 __all__ = ["TrainConfig", "Trainer", "TrainingInterrupted", "prepare", "run", "load_run", "main", "cli_args",
@@ -114,9 +114,9 @@ class Trainer:
         if self.writes:
             self.folder.save_checkpoint(self.state_dict())
 
-    def load_checkpoint(self) -> None:
+    def load_checkpoint(self, state: Optional[Dict] = None) -> None:
         """Continue from the run folder's checkpoint (or the previous one, if the newer one is unreadable)."""
-        state = self.folder.load_checkpoint(self.device, say=say)
+        state = state or self.folder.load_checkpoint(self.device, say=say, foreign=self._other_run)
         self.model.load_state_dict(state["model"])
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -130,12 +130,23 @@ class Trainer:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
         self._acc = {k: v.to(self.device) for k, v in state["accumulators"].items()}
 
+    def _other_run(self, state: Dict) -> Optional[str]:
+        """Why a checkpoint is not this run's (copied from another run folder), or None."""
+        if not isinstance(state.get("config"), dict):
+            return "no settings recorded"
+        differ = settings_differ(state["config"], config_to_dict(self.cfg))
+        return f"other {', '.join(differ[:4])}" if differ else None
+
     def load_finished(self) -> None:
         """A finished run's final state: its last checkpoint (network, weights, their optimizers), or, with the
         checkpoints deleted or unreadable, model.pt and the final weights in results.json."""
         if self.folder.resumable():
             try:
-                return self.load_checkpoint()
+                state = self.folder.load_checkpoint(self.device, say=say, foreign=self._other_run)
+                if state["epoch"] == self.cfg.epochs and state["batch"] == 0:
+                    return self.load_checkpoint(state)
+                say(f"the readable checkpoint of {self.folder.path} is of epoch {state['epoch']}, not the last: "
+                    "loading model.pt and the final weights instead")  # never the network of an epoch before
             except RuntimeError as e:
                 say(f"{e}; loading model.pt and the weights in results.json instead")
         self.model.load_state_dict(self.folder.load_model(self.device))
@@ -310,6 +321,7 @@ def load_run(run_dir, device: str = "auto") -> Trainer:
         raise FileNotFoundError(f"{folder.path} is not a finished run folder (config.json and model.pt expected)")
     plan = resolve({"out": str(folder.path), "device": device, "progress": False}, "continue")
     trainer = prepare(dataclasses.replace(plan.cfg, out=""))  # no folder: evaluating it writes nothing there
+    folder.begin(trainer._config_record(), "load")  # the data and split it trained on, as a resume checks them
     trainer.model.load_state_dict(folder.load_model(trainer.device))
     return trainer
 
@@ -350,7 +362,11 @@ def main(argv=None) -> int:
         plan = resolve(given, "continue" if resume else "new")  # --resume: the recorded settings; given ones agree
         trainer = prepare(plan.cfg)
         trainer.fit(plan.action)
-        results = None if no_eval else trainer.evaluate()
+        if plan.action == "load":  # finished: its results stay those it recorded (not evaluated again here)
+            say(f"{plan.cfg.out} holds a finished run: its recorded results")
+            results = trainer.folder.results()
+        else:
+            results = None if no_eval else trainer.evaluate()
         if results is not None:
             print(" ".join(f"exit{r['exit']}={100 * r['top1']:.2f}" for r in results["anytime"]))
         finished = True

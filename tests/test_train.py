@@ -16,7 +16,7 @@ import torch
 
 from hdkdlib import data, objectives, train
 from hdkdlib.paths import DiskFull
-from hdkdlib.runfolder import RunFolder, RunFolderDamaged
+from hdkdlib.runfolder import RunFolder, RunFolderDamaged, RunFolderMismatch
 from hdkdlib.resume import resolve
 from hdkdlib.train import TrainConfig, TrainingInterrupted, main
 
@@ -589,6 +589,75 @@ def test_a_finished_run_opens_from_model_and_results_alone(fake_root, tmp_path):
     (out / "checkpoint.pt").write_bytes(b"not a checkpoint")  # unreadable: the same, after saying so
     again, _ = train.run(_cfg(fake_root, out, epochs=1))
     assert all(torch.equal(v, state[k]) for k, v in again.model.state_dict().items())
+
+
+def test_a_finished_run_is_loaded_with_its_last_network_and_its_results_are_never_rewritten(fake_root, tmp_path,
+                                                                                               capsys):
+    """checkpoint.pt torn: the last network is model.pt, not checkpoint.prev.pt's epoch before; --resume on a
+    finished run shows its recorded results and writes nothing."""
+    out = tmp_path / "run"
+    trainer, results = train.run(_cfg(fake_root, out, epochs=2))
+    last = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:500])
+    again, _ = train.run(_cfg(fake_root, out, epochs=2))
+    assert again.epoch == 2 and all(torch.equal(v, last[k]) for k, v in again.model.state_dict().items())
+    assert again.objective.named_weights() == pytest.approx(trainer.objective.named_weights(), rel=1e-6)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    capsys.readouterr()
+    assert main(_train_argv(fake_root, out, "--epochs", "2", "--resume")) == 0
+    assert "holds a finished run: its recorded results" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def test_a_finished_runs_results_without_its_network_are_not_trained_over(fake_root, tmp_path, capsys):
+    """model.pt and the checkpoints deleted (to save space): the folder is not taken for a run that stopped before
+    its first checkpoint, whose restart would delete results.json and metrics.jsonl."""
+    out = tmp_path / "run"
+    train.run(_cfg(fake_root, out, epochs=1))
+    for name in ("model.pt", "checkpoint.pt", "checkpoint.prev.pt"):
+        (out / name).unlink(missing_ok=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    with pytest.raises(FileExistsError, match=r"holds a finished run's results without its network .*restore model.pt"):
+        train.run(_cfg(fake_root, out, epochs=1))
+    capsys.readouterr()
+    assert main(_train_argv(fake_root, out, "--epochs", "1")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "without its network" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+
+
+def test_a_checkpoint_of_another_run_or_no_checkpoint_is_passed_over_for_the_previous_one(fake_root, tmp_path):
+    """checkpoint.pt copied from a run at another lr, or a model.pt copied over it: not resumed (it would go on
+    silently, or stop with a KeyError); checkpoint.prev.pt is, after one warning naming why."""
+    out, other = tmp_path / "run", tmp_path / "other"
+    _interrupt(train.prepare(_cfg(fake_root, out, epochs=2)), lambda t: t.epoch == 1)
+    _interrupt(train.prepare(_cfg(fake_root, other, epochs=2, lr=0.2)), lambda t: t.epoch == 1)
+    ours = torch.load(out / "checkpoint.prev.pt", weights_only=True)
+    for source, words in ((other / "checkpoint.pt", "it is the checkpoint of another run (other lr)"),
+                          (other / "model.pt", "it is no checkpoint (it lacks accumulators, batch, config")):
+        if not source.exists():  # an interrupted run has no model.pt yet: its network's state dict is one
+            torch.save(torch.load(other / "checkpoint.pt", weights_only=True)["model"], source)
+        (out / "checkpoint.pt").write_bytes(source.read_bytes())
+        said = []
+        resumed = train.prepare(_cfg(fake_root, out, epochs=2))
+        state = resumed.folder.load_checkpoint("cpu", say=said.append, foreign=resumed._other_run)
+        assert len(said) == 1 and said[0].startswith(f"warning: checkpoint.pt not loaded: {words}"), said
+        assert said[0].endswith("resuming from checkpoint.prev.pt (epoch 1, batch 0)")
+        assert all(torch.equal(v, ours["model"][k]) for k, v in state["model"].items())
+    assert _resume(_cfg(fake_root, out, epochs=2)).epoch == 2
+
+
+def test_loading_a_finished_run_checks_the_data_it_trained_on(tmp_path):
+    """load_run evaluates nothing on other images than the run trained on (the data root's contents changed)."""
+    root = tmp_path / "data"
+    data.write_fake_cifar(root, "cifar10", n_train=400, n_test=100, seed=0)
+    train.run(_cfg(root, tmp_path / "run", epochs=1))
+    assert train.load_run(tmp_path / "run", device="cpu").model is not None
+    shutil.rmtree(root / "cifar-10-batches-py")
+    data.write_fake_cifar(root, "cifar10", n_train=400, n_test=100, seed=1)
+    # the fake data of another seed has other labels, so another split: refused by its checksum first
+    with pytest.raises(RunFolderMismatch, match=r"holds a run with other settings \(split \(checksum\)\)"):
+        train.load_run(tmp_path / "run", device="cpu")
 
 
 def test_a_run_killed_during_its_evaluation_says_so_and_resume_finishes_it(fake_root, tmp_path):
