@@ -16,7 +16,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import numbers
 import operator
+import typing
 
 import torch
 from dataclasses import dataclass, field
@@ -173,6 +175,10 @@ class TrainConfig:
                 setattr(self, key, value)
 
     def validate(self) -> "TrainConfig":
+        for name, hint in typing.get_type_hints(TrainConfig).items():  # a config.json edited by hand, or JSON
+            wrong = _wrong_type(getattr(self, name), hint)              # parameters: "2" or 2.5 epochs
+            if wrong:
+                raise ValueError(f"{name} must be {wrong}, got {getattr(self, name)!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"unknown dataset {self.dataset!r}; valid: {', '.join(DATASETS)}")
         if self.arch not in models.names():
@@ -335,6 +341,25 @@ class TrainConfig:
 def config_to_dict(cfg: TrainConfig) -> Dict:
     """The settings as config.json and checkpoints record them (JSON types: the milestones as a list)."""
     return {**dataclasses.asdict(cfg), "lr_milestones": list(cfg.lr_milestones)}
+
+
+def _wrong_type(value, hint) -> Optional[str]:
+    """What a setting of type `hint` must be, if `value` is not that (numpy numbers count as numbers), else None."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if value is None:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        ok = isinstance(value, (list, tuple)) and not any(isinstance(v, bool) or not isinstance(v, numbers.Integral)
+                                                          for v in value)
+        return None if ok else "a list of whole numbers"
+    checks = {bool: (lambda v: isinstance(v, bool), "true or false"),
+              int: (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool), "a whole number"),
+              float: (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool), "a number"),
+              str: (lambda v: isinstance(v, str), "text")}
+    ok, words = checks.get(hint, (lambda v: True, ""))
+    return None if ok(value) else words
 
 
 def config_from_dict(values: Dict) -> TrainConfig:

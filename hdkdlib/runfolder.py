@@ -116,8 +116,11 @@ class RunFolder:
         """The record config.json holds (None if the run never began)."""
         if not self.exists():
             return None
-        return self._read_json(CONFIG, "restore it from a copy (without it the run's settings are unknown), or "
-                                       "start again in a new out folder")
+        fix = "restore it from a copy (without it the run's settings are unknown), or start again in a new out folder"
+        record = self._read_json(CONFIG, fix)
+        if not isinstance(record.get("config"), dict):  # another tool's config.json, or one edited by hand
+            raise RunFolderDamaged(f"{CONFIG} in {self.path} holds no run's settings (a 'config' object): {fix}")
+        return record
 
     def _read_json(self, name: str, fix: str):
         try:

@@ -5,6 +5,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from hdkdlib.config import RECIPES, TrainConfig, argparser, config_from_dict, to_argv
@@ -114,6 +115,22 @@ def test_argparser_defaults_are_none_so_only_given_values_override():
 def test_numbers_that_parse_but_make_no_sense_are_refused_before_anything_runs(name, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{name: value}).validate()
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("epochs", "2", "epochs must be a whole number, got '2'"),
+    ("epochs", 2.5, "epochs must be a whole number, got 2.5"),  # else range(2.5) fails, or 3 epochs train
+    ("batch_size", True, "batch_size must be a whole number, got True"),
+    ("lr", "0.1", "lr must be a number, got '0.1'"),
+    ("nesterov", "yes", "nesterov must be true or false, got 'yes'"),
+    ("lr_milestones", [1.5, 3], r"lr_milestones must be a list of whole numbers, got \(1.5, 3\)"),
+    ("arch", 7, "arch must be text, got 7"),
+])
+def test_settings_of_the_wrong_type_are_refused_by_name(name, value, message):
+    """A hand-edited config.json (or JSON parameters) reaches the settings without argparse's types."""
+    with pytest.raises(ValueError, match=message):
+        config_from_dict({name: value})
+    assert config_from_dict({"epochs": np.int64(3), "lr": 1, "lr_milestones": [1, 2]}).epochs == 3  # numbers are
 
 
 def test_cli_refuses_nan_before_writing_the_run_folder(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from hdkdlib import runfolder
 from hdkdlib.config import TrainConfig
-from hdkdlib.runfolder import RunFolder
+from hdkdlib.runfolder import RunFolder, RunFolderDamaged
 
 
 def _record(**settings):
@@ -159,6 +159,14 @@ def test_one_tensor_reader_refuses_a_payload_unexecuted_and_in_our_words(tmp_pat
     torch.save({"w": torch.ones(2), "extra": _payload(marker)}, model)  # the payload is real: an unsafe load runs it
     torch.load(model, weights_only=False)
     assert marker.exists()
+
+
+@pytest.mark.parametrize("record", [{"settings": {"epochs": 2}}, {"config": [1]}])
+def test_a_config_json_without_a_runs_settings_is_one_line(tmp_path, record):
+    """Another tool's config.json in the out folder, or one edited by hand: named, not a KeyError later."""
+    (tmp_path / "config.json").write_text(json.dumps(record))
+    with pytest.raises(RunFolderDamaged, match=r"config.json in .* holds no run's settings \(a 'config' object\)"):
+        RunFolder(tmp_path).config()
 
 
 def test_results_store_round_trip(tmp_path):
