@@ -62,9 +62,11 @@ def atomic_write(path, write, before_replace=None) -> Path:
     tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
     try:
         write(tmp)
+        _sync(tmp)  # on disk before the rename: after a power loss the name holds the old file or the new one
         if before_replace is not None:
             before_replace()
         os.replace(tmp, path)
+        _sync(path.parent, directory=True)  # the rename itself
     except BaseException as e:
         full = _disk_full(e, path.parent)  # asked before the partial file is removed and frees its space
         tmp.unlink(missing_ok=True)
@@ -73,6 +75,17 @@ def atomic_write(path, write, before_replace=None) -> Path:
                                          "free space or choose another --out") from e
         raise
     return path
+
+
+def _sync(path: Path, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    try:
+        os.fsync(fd)
+    except OSError:  # a file system that cannot sync a folder (some network ones): the rename stands as it is
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
 
 
 def _disk_full(error: BaseException, folder: Path) -> bool:

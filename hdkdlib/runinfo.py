@@ -6,14 +6,20 @@ import subprocess
 import sys
 from importlib import metadata
 
-from .paths import project_root
+from pathlib import Path
 
 PACKAGES = ("torch", "torchvision", "numpy", "pandas", "papermill", "hdkdlib")
 
 
+def code_root() -> Path:
+    """The checkout this code runs from (HDKD_ROOT may put run folders and data elsewhere: not the code)."""
+    return Path(__file__).resolve().parent.parent
+
+
 def git_commit() -> str:
+    """The commit of the code that runs (+dirty when its files differ from it), or "unknown" outside a checkout."""
     try:
-        root = project_root()
+        root = code_root()
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
                                 timeout=10).stdout.strip()
         # results/ holds metrics that runs write into a checkout: they do not make the code a run used dirty

@@ -309,9 +309,20 @@ def prepare(cfg: TrainConfig, data_bundle: Optional[DataBundle] = None) -> Train
     process = distributed.setup(cfg.device)
     torch.manual_seed(cfg.seed)
     trainer = Trainer(cfg, process, data_bundle)
-    if trainer.device.type == "cpu":  # threads 0: what suits this model and how busy the machine is now
-        torch.set_num_threads(cfg.threads or distributed.auto_threads(trainer.exit_flops[-1] * cfg.batch_size))
+    if trainer.device.type == "cpu":
+        torch.set_num_threads(cfg.threads or _recorded_threads(trainer.folder)
+                              or distributed.auto_threads(trainer.exit_flops[-1] * cfg.batch_size))
     return trainer
+
+
+def _recorded_threads(folder: Optional[RunFolder]) -> Optional[int]:
+    """For threads 0 (what suits the model and how busy the machine is now): a run that goes on from a checkpoint
+    keeps the thread count it began with, since a convolution's sums differ between thread counts (a resume
+    would not be bit-identical)."""
+    if folder is None or not folder.resumable():
+        return None
+    used = folder.config().get("threads_used")
+    return used if isinstance(used, int) and not isinstance(used, bool) and used > 0 else None
 
 
 def load_run(run_dir, device: str = "auto") -> Trainer:

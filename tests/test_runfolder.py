@@ -1,6 +1,7 @@
 """hdkdlib.runfolder on its own: the readers other runs' files go through."""
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -56,7 +57,7 @@ def test_the_recorded_commit_is_dirty_for_code_changes_but_not_for_results(tmp_p
     subprocess.run(git + ["add", "."], check=True)
     subprocess.run(git + ["commit", "-q", "-m", "start"], check=True)
     head = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    monkeypatch.setattr(runinfo, "project_root", lambda: tmp_path)
+    monkeypatch.setattr(runinfo, "code_root", lambda: tmp_path)
     assert runinfo.git_commit() == head
     (tmp_path / "results/cifar/RUNS.json").write_text("v2\n")
     assert runinfo.git_commit() == head
@@ -92,6 +93,22 @@ def test_writers_of_one_file_at_once_each_put_a_whole_file_in_place(tmp_path):
     assert errors == []
     assert target.read_text() in texts
     assert [p.name for p in tmp_path.iterdir()] == ["split.json"]  # no temporary file left behind
+
+
+def test_a_file_is_on_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    """Checkpoint rotation renames the old checkpoint away first: after a power loss both names could hold empty
+    files unless the new one was synced before its rename, and the folder after it."""
+    import os
+
+    from hdkdlib import paths
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+                        or real_fsync(fd))
+    monkeypatch.setattr(os, "replace", lambda a, b: events.append(("replace", str(b))) or real_replace(a, b))
+    paths.atomic_write(tmp_path / "checkpoint.pt", lambda tmp: Path(tmp).write_bytes(b"new"),
+                       before_replace=lambda: events.append(("rotate", "")))
+    assert [e[0] for e in events] == ["fsync", "rotate", "replace", "fsync"]
+    assert events[0][1].endswith(".tmp") and events[3][1] == str(tmp_path)
 
 
 # --- one reader per kind of file (issue 36) ----------------------------------------------------------------
@@ -159,6 +176,18 @@ def test_one_tensor_reader_refuses_a_payload_unexecuted_and_in_our_words(tmp_pat
     torch.save({"w": torch.ones(2), "extra": _payload(marker)}, model)  # the payload is real: an unsafe load runs it
     torch.load(model, weights_only=False)
     assert marker.exists()
+
+
+def test_the_recorded_commit_is_the_codes_whatever_hdkd_root_names(tmp_path, monkeypatch):
+    """HDKD_ROOT moves run folders and data, not the code: another repository there is not the commit recorded."""
+    import subprocess
+    from hdkdlib import runinfo
+    code = subprocess.run(["git", "-C", str(runinfo.code_root()), "rev-parse", "HEAD"], capture_output=True, text=True)
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path), "commit", "-q",
+                    "--allow-empty", "-m", "other"], check=True)
+    monkeypatch.setenv("HDKD_ROOT", str(tmp_path))
+    assert runinfo.git_commit().split("+")[0] == (code.stdout.strip() or "unknown")
 
 
 @pytest.mark.parametrize("record", [{"settings": {"epochs": 2}}, {"config": [1]}])

@@ -660,6 +660,21 @@ def test_loading_a_finished_run_checks_the_data_it_trained_on(tmp_path):
         train.load_run(tmp_path / "run", device="cpu")
 
 
+def test_a_resumed_cpu_run_keeps_the_thread_count_it_began_with(fake_root, tmp_path):
+    """threads 0 (chosen by the model and how busy the machine is) would pick another count on resume, and a
+    convolution's sums differ between thread counts; a count given on resume is used as given."""
+    out = tmp_path / "run"
+    _interrupt(train.prepare(_cfg(fake_root, out, epochs=2, threads=3)), lambda t: t.epoch == 1)
+    before = torch.get_num_threads()
+    try:
+        train.prepare(resolve(_cfg(fake_root, out, epochs=2, threads=0), "continue").cfg)
+        assert torch.get_num_threads() == 3
+        train.prepare(resolve(_cfg(fake_root, out, epochs=2, threads=1), "continue").cfg)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_run_killed_during_its_evaluation_says_so_and_resume_finishes_it(fake_root, tmp_path):
     out = tmp_path / "run"
     train.prepare(_cfg(fake_root, out, epochs=1)).fit()  # model.pt written, results.json not: killed while evaluating
