@@ -6,7 +6,8 @@
 
 Modes (what the caller asks for):
     "new"       a new run; a folder holding one that reached a checkpoint is an error (the CLI without --resume)
-    "continue"  the run recorded in the folder, with its recorded settings; given ones must agree (--resume)
+    "continue"  the run recorded in the folder, with its recorded settings; given ones must agree (--resume);
+                an out folder where no run began is an error (a mistyped --out)
     "auto"      continue (or load) what the folder holds, else start (train.run, the notebooks)
 Actions (what the folder then calls for): "start", "continue" (from its checkpoint), "evaluate" (trained, not
 evaluated) and "load" (finished: trained and evaluated).
@@ -115,8 +116,9 @@ def resolve(settings: Union[TrainConfig, Dict], mode: str = "auto") -> Plan:
     if folder is not None:
         folder.refuse_if_records_without_config()
     if folder is None or not folder.exists():
-        if mode == "continue":
-            say(f"nothing to resume in {folder.path}: starting a new run there")
+        if mode == "continue":  # a mistyped --out would start a new run with the default settings
+            raise FileNotFoundError(f"nothing to resume in {folder.path} (no run began there): check --out, or leave "
+                                    "out --resume to start a new run")
         return Plan(config_from_dict(values), "start")
     if folder.evaluated() and not (folder.trained() or folder.resumable()):
         raise FileExistsError(f"run folder {folder.path} holds a finished run's results without its network (model.pt "

@@ -41,6 +41,18 @@ def test_fake_cifar_has_the_real_file_layout(tmp_path):
     assert entry["data"].dtype == np.uint8 and entry["data"].shape[1] == 3072 and isinstance(entry["labels"], list)
 
 
+def test_fake_cifar_is_never_written_over_a_real_copy(tmp_path):
+    """Over real files its manifest would make the loader accept the fakes as the real data: refused, untouched;
+    over its own fakes it writes again."""
+    base = D.write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    D.write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10, seed=1)  # fakes over fakes
+    (base / D.cifar.FAKE_MANIFEST).unlink()  # now like a real download
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    with pytest.raises(FileExistsError, match=r"cifar-10-batches-py holds cifar10 files that no fake writer wrote"):
+        D.write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
 def test_missing_dataset_names_the_path_and_the_fix(tmp_path, monkeypatch):
     with pytest.raises(D.DatasetError, match=r"cifar-100-python/train.*download=True.*cifar-100-python.tar.gz"):
         D.load_cifar(tmp_path, "cifar100")

@@ -24,8 +24,10 @@ def test_resolve_with_each_mode(tmp_path, capsys):
     assert plan.action == "start" and isinstance(plan.cfg, TrainConfig)
     folder.begin(_record(out=str(folder.path)), plan.action)
     assert folder.exists() and capsys.readouterr().err == ""
-    assert resume.resolve(_settings(tmp_path / "new"), "continue").action == "start"
-    assert f"nothing to resume in {tmp_path / 'new'}: starting a new run there" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match=r"nothing to resume in .*new \(no run began there\): check --out, "
+                                                r"or leave out --resume to start a new run"):
+        resume.resolve(_settings(tmp_path / "new"), "continue")  # a mistyped --out: not a new run of the defaults
+    assert not (tmp_path / "new").exists()
 
     folder.save_checkpoint({"epoch": 0, "batch": 3})
     with pytest.raises(FileExistsError, match="an interrupted run: continue it with the same command plus --resume"):

@@ -30,6 +30,11 @@ def write_fake_cifar(root, name: str = "cifar100", n_train: int = 500, n_test: i
     train/test: optional (uint8 [N, 3, 32, 32], int labels [N]) arrays to write instead of random ones."""
     spec = SPECS[name]
     cls, base = spec["cls"], folder(root, name)
+    ours = [f for f, _ in cls.train_list] + [cls.test_list[0][0], cls.meta["filename"]]
+    if any((base / f).exists() for f in ours) and not (base / FAKE_MANIFEST).is_file():
+        # the manifest written below would make the loader take fake files for the real ones in their place
+        raise FileExistsError(f"{base} holds {name} files that no fake writer wrote (no {FAKE_MANIFEST}): write the "
+                              "fake data into another folder")
     base.mkdir(parents=True, exist_ok=True)
     k = spec["num_classes"]
     x_train, y_train = (np.asarray(a) for a in train) if train is not None else _random_images(n_train, k, seed)
