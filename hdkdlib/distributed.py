@@ -87,10 +87,12 @@ def sum_over_ranks(tensors: List[torch.Tensor]) -> List[torch.Tensor]:
 
 
 def shard(n: int, rank: int, world_size: int) -> Tuple[int, int]:
-    """This rank's contiguous block [start, stop) of n items: blocks of ceil(n / world_size), the last ones
-    shorter (or empty). Consecutive blocks in rank order are the items in order, so gathering restores it."""
-    size = -(-n // world_size)
-    return min(rank * size, n), min((rank + 1) * size, n)
+    """This rank's contiguous block [start, stop) of n items: sizes differ by at most one (the first n % world_size
+    blocks one longer), so no rank is empty while n >= world_size (ceil-sized blocks left the last ranks empty: 5
+    items on 4 ranks). Consecutive blocks in rank order are the items in order, so gathering restores it."""
+    size, longer = divmod(n, world_size)
+    start = rank * size + min(rank, longer)
+    return start, start + size + (rank < longer)
 
 
 def evaluation_block(n: int, rank: int, world_size: int) -> slice:

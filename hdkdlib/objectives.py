@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed
+
 WEIGHT_MAPS = ("softmax", "softplus", "softplus_total", "bounded")
 INITS = ("dbt", "ds", "uniform", "random")
 
@@ -291,6 +293,8 @@ class _Annealed:
     def after_step(self, logits):
         with torch.no_grad():
             confidence = F.softmax(logits[-1].detach().float() / self.temperature, dim=1).max(1).values.mean()
+            # over the global batch: each rank deciding on its own would let the ranks' temperatures drift apart
+            confidence = distributed.mean_over_ranks([confidence])[0]
             self.temperature.mul_(torch.where(confidence > self.threshold, self.growth, 1.0))
 
     def state_for_log(self) -> Dict[str, float]:

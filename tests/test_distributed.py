@@ -1,5 +1,6 @@
 """Evaluation under torchrun: every rank evaluates its block of a split and the blocks are gathered. The
 gathered result must be exactly what one process computes, uneven blocks and padding included."""
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -47,9 +48,24 @@ def _worker(rank, world, init_file, result_file):
     try:
         out = _evaluate(rank, world)
         out["block"] = len(_loaders(rank, world)[0].labels)
+        out["temperature"] = _annealed(_confident_half()[4 * rank:4 * rank + 4])  # this rank's half of the batch
         torch.save(out, f"{result_file}.{rank}")
     finally:
         dist.destroy_process_group()
+
+
+def _annealed(last_logits) -> float:
+    """DBT's temperature after one step on these last-exit logits."""
+    from hdkdlib import objectives
+    obj = objectives.build("dbt", 2)
+    obj.after_step([torch.zeros(len(last_logits), 4), last_logits])
+    return float(obj.temperature)
+
+
+def _confident_half():
+    """Last-exit logits of 8 samples: the first 4 confident (max-probability near 1), the last 4 uniform; the
+    batch's mean max-probability is about 0.62, above DBT's threshold 0.5, one half's 1.0, the other's 0.25."""
+    return torch.cat([torch.tensor([[20.0, 0, 0, 0]]).repeat(4, 1), torch.zeros(4, 4)])
 
 
 def test_shard_blocks_cover_the_items_in_order():
@@ -57,10 +73,12 @@ def test_shard_blocks_cover_the_items_in_order():
         for world in range(1, 6):
             blocks = [distributed.shard(n, r, world) for r in range(world)]
             assert [i for a, b in blocks for i in range(a, b)] == list(range(n))
-            assert max(b - a for a, b in blocks) - min(b - a for a, b in blocks) <= -(-n // world)
+            assert max(b - a for a, b in blocks) - min(b - a for a, b in blocks) <= 1  # none empty while n >= world
 
 
-def test_two_process_evaluation_equals_one_process(tmp_path):
+def test_two_process_evaluation_and_annealing_equal_one_process(tmp_path):
+    """Evaluation blocks gathered; DBT's temperature decided on the global batch (each rank deciding on its own
+    half would give rank 0 T = 1.05 and rank 1 T = 1: the ranks would drift apart)."""
     one = _evaluate(0, 1)
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2, join=True)
     for rank in (0, 1):
@@ -72,6 +90,7 @@ def test_two_process_evaluation_equals_one_process(tmp_path):
             for key in ("loss", "top1", "top5"):
                 torch.testing.assert_close(torch.tensor(two[name]["metrics"][key]),
                                            torch.tensor(one[name]["metrics"][key]), rtol=0, atol=1e-6)
+        assert two["temperature"] == _annealed(_confident_half()) == pytest.approx(1.05)
         expected = torch.cat([torch.full((2, 1, 3), 0.0), torch.full((2, 2, 3), 1.0)], dim=1)
         assert torch.equal(two["ragged"], expected)
 
