@@ -76,8 +76,10 @@ def _msdnet_ops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> floa
 def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str | None = None) -> List[Dict]:
     """[{'exit': k, 'flops': cumulative FLOPs, 'params': cumulative parameters}] for k = 1..K.
 
-    input_shape is one sample's shape, e.g. (3, 32, 32). Parameters count each module that
-    has run by that exit once (so exit k includes earlier heads but no later stage).
+    input_shape is one sample's shape, e.g. (3, 32, 32). Parameters: those of stages 1..k and heads 1..k, each
+    once (so exit k includes earlier heads but no later stage), counted by ownership: a module's hooks miss
+    parameters its forward reads without calling a module (attention's in_proj, ViT's class token and position
+    embedding, Swin's relative-position tables). A network without stages and heads: those of the modules run.
     """
     convention = convention or getattr(model, "cost_convention", "msdnet")
     if convention not in CONVENTIONS:
@@ -106,7 +108,23 @@ def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str | Non
     finally:
         for h in handles:
             h.remove()
-    return rows
+    owned = _params_by_exit(model)
+    return [{**row, "params": n} for row, n in zip(rows, owned)] if owned else rows
+
+
+def _params_by_exit(model: nn.Module) -> List[int] | None:
+    """Cumulative parameter counts of stages[:k] and heads[:k] (a parameter shared by two counts once)."""
+    if not (isinstance(getattr(model, "stages", None), nn.ModuleList) and isinstance(getattr(model, "heads", None),
+                                                                                     nn.ModuleList)):
+        return None
+    seen, total, counts = set(), 0, []
+    for stage, head in zip(model.stages, model.heads):
+        for p in [*stage.parameters(), *head.parameters()]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        counts.append(total)
+    return counts
 
 
 def exit_flops(model: nn.Module, input_shape: Sequence[int], convention: str | None = None) -> List[float]:

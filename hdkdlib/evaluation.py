@@ -204,7 +204,7 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
                 if k == K - 1:  # everyone left leaves here
                     preds.index_copy_(0, alive, pred), exits.index_fill_(0, alive, k)
                     break
-                leave = conf >= thresholds[k]
+                leave = conf.double() >= thresholds[k]  # as apply_thresholds: 0.9 is not rounded to float32
                 # Compaction by sorted indices: the leavers first (a stable sort keeps the order of both groups),
                 # so one count, the one host synchronisation per exit, splits them; a boolean mask would sync
                 # once per use.

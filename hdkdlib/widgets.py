@@ -18,7 +18,8 @@ shows the saved widget without a kernel behind it, so the widget says in its own
 move only while the kernel runs the cell.
 
 Thresholds below 1/C (C classes) act as 0: every sample's top probability is at least 1/C. The sliders span
-1/C to 1.
+1/C (every sample leaves) to just above 1 (none leaves: a threshold of inf, as evaluation.fit_thresholds gives
+where no sample should leave).
 """
 from __future__ import annotations
 
@@ -98,11 +99,18 @@ def headless_kernel() -> bool:
     return kernel is not None and not getattr(kernel, "_allow_stdin", True)
 
 
+NEVER = 1.01  # a slider's position above every max-probability: no sample leaves at that exit
+
+
 class _Views:
     """The picture and the line of an explorer's state (both kinds of explorer below)."""
 
     def thresholds(self):
-        return [s.value for s in self._sliders] + [float("-inf")]
+        """The sliders' ends are the thresholds beyond them: above 1 no sample leaves (inf: a saturated float32
+        softmax reaches 1.0 exactly), at 1/C every one does (-inf: a float32 max-probability can fall just below
+        1/C)."""
+        return [float("inf") if s.value > 1 else float("-inf") if s.value <= s.min else s.value
+                for s in self._sliders] + [float("-inf")]
 
     def result(self) -> Dict:
         """evaluation.apply_thresholds at the sliders' thresholds."""
@@ -130,7 +138,7 @@ class ThresholdExplorer(_Views, W.VBox):
 class _Threshold:
     """A slider's value without a widget (the headless explorer's)."""
 
-    def __init__(self, value: float, min: float, max: float = 1.0):
+    def __init__(self, value: float, min: float, max: float = NEVER):
         self.value, self.min, self.max = value, min, max
 
 
@@ -149,7 +157,7 @@ class StaticExplorer(_Views):
 def threshold_explorer(probs, targets, exit_flops: Sequence[float], thresholds: Optional[Sequence[float]] = None,
                        show: bool = True):
     """Sliders for the thresholds of exits 1..K-1 (the last exit takes the rest) over `probs` [K, N, C], spanning
-    1/C (below it every sample leaves) to 1.
+    1/C (every sample leaves) to NEVER (none leaves: thresholds of inf start there).
 
     Returns the widget; `widget.result()` gives the current evaluation.apply_thresholds result. With
     show=True it is displayed (one output, three views: see the module's docstring). In a headless run it
@@ -159,19 +167,19 @@ def threshold_explorer(probs, targets, exit_flops: Sequence[float], thresholds: 
         raise ValueError(f"{K} exits but {len(exit_flops)} exit_flops")
     start = list(thresholds) if thresholds is not None else [0.9] * (K - 1) + [float("-inf")]
     lowest = 1.0 / C
-    values = [min(max(start[k], lowest), 1.0) for k in range(K - 1)]
+    values = [min(max(start[k], lowest), NEVER) for k in range(K - 1)]  # inf at NEVER, -inf at 1/C
     if headless_kernel():
         box = StaticExplorer([_Threshold(v, lowest) for v in values], probs, targets, exit_flops)
         if show:
             display(box)
         return box
-    sliders = [W.FloatSlider(value=v, min=lowest, max=1.0, step=0.01, description=f"exit {k + 1}",
+    sliders = [W.FloatSlider(value=v, min=lowest, max=NEVER, step=0.01, description=f"exit {k + 1}",
                              continuous_update=False, readout_format=".2f")
                for k, v in enumerate(values)]
     label = W.HTML()
     image = W.Image(format="png", layout=W.Layout(width="450px"))
     title = W.HTML("<b>Confidence threshold per exit</b> (a sample leaves at the first exit whose "
-                   f"max-probability reaches it; below 1/{C} every sample would leave)<br><i>"
+                   f"max-probability reaches it; at 1/{C} every sample leaves, above 1 none)<br><i>"
                    f"{html.escape(NEEDS_THE_KERNEL)}</i>")
     box = ThresholdExplorer([title, *sliders, label, image], sliders, probs, targets, exit_flops)
 

@@ -106,6 +106,10 @@ def test_every_family_exits_early_as_simulated_and_costs_what_the_backbone_costs
         trunk(torch.zeros(1, 3, size, size))
     plain = counter.get_total_flops() / 2
     assert plain <= flops[-1] <= 1.03 * plain, (flops[-1], plain)  # our heads add a few percent at most
+    # parameters by ownership: attention's in_proj, ViT's class token and position embedding, Swin's relative-
+    # position tables are read without calling a module, so forward hooks would miss them
+    counts = [r["params"] for r in rows]
+    assert all(a < b for a, b in zip(counts, counts[1:])) and counts[-1] == sum(p.numel() for p in model.parameters())
 
 
 def test_swin_stages_are_channels_last_and_priced_as_such():

@@ -102,6 +102,26 @@ def test_real_early_exit_matches_simulation_and_spends_the_predicted_flops(train
         assert real["flops"] == pytest.approx(expected_total, rel=1e-9)
 
 
+def test_a_confidence_equal_to_the_threshold_in_float32_leaves_only_as_the_simulation_says():
+    """0.9 is not a float32 number: a confidence of float32(0.9) (just below 0.9) must not leave at threshold 0.9
+    in real early exit while the simulation, which compares in float64, keeps it (the two must agree)."""
+    import math
+    torch.manual_seed(0)
+    model = models.build("toy_mlp", 2, in_features=2, num_exits=2).eval()
+    target = torch.tensor(0.9, dtype=torch.float32)
+    bias = next(b.item() for b in torch.linspace(math.log(9) - 1e-5, math.log(9) + 1e-5, 2001)
+                if torch.softmax(torch.tensor([[b.item(), 0.0]]), 1)[0, 0] == target)
+    with torch.no_grad():  # exit 1 answers class 0 with probability float32(0.9) whatever the input
+        model.heads[0].weight.zero_()
+        model.heads[0].bias.copy_(torch.tensor([bias, 0.0]))
+    x, y = torch.randn(4, 2), torch.zeros(4, dtype=torch.long)
+    probs, _ = E.predict(model, [(x, y)])
+    assert probs[0].max(1).values.tolist() == [target.item()] * 4
+    simulated = E.apply_thresholds(probs, y, [0.9, -math.inf], [1.0, 2.0])["exit_index"]
+    assert simulated.tolist() == [1] * 4  # float32(0.9) < 0.9
+    assert torch.equal(E.early_exit_predict(model, x, [0.9, -math.inf])["exit_index"], simulated)
+
+
 def test_early_exit_on_msdnet_skips_stages_for_confident_samples():
     torch.manual_seed(0)
     model = models.build("msdnet_cifar_budget", 10).eval()
@@ -184,10 +204,26 @@ def test_explorer_displays_one_bundle_with_widget_png_and_text_views():
     moved, _ = DisplayFormatter().format(box)
     assert moved["image/png"] != data["image/png"] and "leaving per exit: 100% 0% 0%" in moved["text/plain"]
     assert all("<style" not in str(child.value) for child in box.children if isinstance(child.value, str))
-    # 4 classes: a threshold below 1/4 acts as 0, so the sliders span 1/4 to 1; a start below is raised to 1/4
+    # 4 classes: a threshold below 1/4 acts as 0, so the sliders span 1/4 to just above 1 (none leaves); a start
+    # below is raised to 1/4
     low = widgets.threshold_explorer(probs, targets, flops, thresholds=[0.0, 0.5, float("-inf")], show=False)
-    assert [(s.min, s.max) for s in low.children[1:3]] == [(0.25, 1.0)] * 2 and low.children[1].value == 0.25
+    assert [(s.min, s.max) for s in low.children[1:3]] == [(0.25, widgets.NEVER)] * 2 and low.children[1].value == 0.25
     assert "run the cell to move them" in box.children[0].value  # a reopened notebook's sliders need the kernel
+
+
+def test_the_explorer_evaluates_the_thresholds_it_is_given_at_the_ends_of_its_sliders():
+    """fit_thresholds gives inf where no sample should leave, and a saturated float32 softmax reaches 1.0 exactly:
+    a slider clamped to 1 would let those samples leave. The ends of the sliders are inf and -inf."""
+    from hdkdlib import widgets
+    probs = torch.softmax(torch.randn(3, 40, 4, generator=torch.Generator().manual_seed(0)) * 3, 2)
+    probs[1, :30] = torch.tensor([1.0, 0.0, 0.0, 0.0])  # saturated at exit 2
+    targets, flops = torch.arange(40) % 4, [1.0, 2.0, 3.0]
+    for given in ([0.5, float("inf"), float("-inf")], [float("-inf"), 0.7, float("-inf")], [0.25, 0.5, float("-inf")],
+                  [0.9, 1.0, float("-inf")]):
+        box = widgets.threshold_explorer(probs, targets, flops, thresholds=given, show=False)
+        expected = E.apply_thresholds(probs, targets, given, flops)
+        assert box.result()["exit_fractions"] == expected["exit_fractions"], given
+    assert box.result()["exit_fractions"][1] > 0  # a threshold of 1.0 itself lets the saturated samples leave
 
 
 def _msdnet_with_statistics(seed=0):

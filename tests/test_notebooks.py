@@ -125,7 +125,7 @@ def test_executed_notebooks_hold_no_machine_paths_or_echoed_values(executed):
 
 
 def _explorer_outputs(notebook: dict) -> list:
-    return [o for c in notebook["cells"] if "threshold_explorer(test_probs" in "".join(c["source"])
+    return [o for c in notebook["cells"] if "threshold_explorer(val_probs" in "".join(c["source"])
             for o in c.get("outputs", [])]
 
 

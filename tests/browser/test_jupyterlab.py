@@ -138,7 +138,7 @@ def _open(driver, url, name=NOTEBOOK):
 def _explorer_output(driver):
     """The output area of the cell that displays the explorer (None until the page has it)."""
     for cell in driver.find_elements(By.CSS_SELECTOR, ".jp-Notebook .jp-CodeCell"):
-        if "threshold_explorer(test_probs" in cell.find_element(By.CSS_SELECTOR, ".jp-InputArea").text:
+        if "threshold_explorer(val_probs" in cell.find_element(By.CSS_SELECTOR, ".jp-InputArea").text:
             return cell.find_element(By.CSS_SELECTOR, ".jp-OutputArea")
     return None
 
@@ -202,7 +202,7 @@ def test_explorer_live_then_reopened_as_saved(lab, browser):
 
     def saved(_):
         nb = json.loads((root / NOTEBOOK).read_text())
-        outputs = [o for c in nb["cells"] if "threshold_explorer(test_probs" in "".join(c["source"])
+        outputs = [o for c in nb["cells"] if "threshold_explorer(val_probs" in "".join(c["source"])
                    for o in c.get("outputs", [])]
         return "widgets" in nb["metadata"] and outputs and "image/png" in outputs[0].get("data", {})
     WebDriverWait(browser, 60).until(saved)
@@ -265,7 +265,7 @@ def test_exported_html_shows_the_explorer_picture_offline_and_one_line_per_bar(l
         offline_browser.save_screenshot(str(SHOTS / f"5-exported-{stem}-top.png"))
         cells = offline_browser.find_elements(By.CSS_SELECTOR, ".jp-Cell")
         if name == EXECUTED:
-            explorer = [c for c in cells if "threshold_explorer(test_probs" in c.text][0]
+            explorer = [c for c in cells if "threshold_explorer(val_probs" in c.text][0]
             picture = explorer.find_element(By.CSS_SELECTOR, ".jp-OutputArea img")
             offline_browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", picture)
             time.sleep(0.5)
