@@ -348,7 +348,8 @@ def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_bat
     Under DDP every rank holds the same theta' (gradients are all-reduced); v and the finite differences
     are averaged across ranks, which gives exactly the single-process result for the global batches."""
     # Under bf16 autocast the probes' difference (about eps of the loss) would drown in bf16 rounding (measured:
-    # 79% relative error against the exact hypergradient): the passes after the training pass run in float32.
+    # 1.2 relative error against the exact hypergradient on a small MLP): the passes after the training pass run
+    # in float32.
     with torch.autocast(params[0].device.type, enabled=False):
         return _fd_hypergradient_float32(model, objective, params, grads, teacher_logits, train_batch, val_batch,
                                          step=step, val_loss=val_loss, eps=eps)
