@@ -53,12 +53,22 @@ def per_run_meta_lr(meta_steps: int, traverse: float, span: float = math.log(1e3
     if not 0 < traverse <= 1:
         raise ValueError(f"meta_traverse must lie in (0, 1] (a fraction of the run's weight steps), got {traverse}")
     return min(span / (traverse * meta_steps), max_lr)
+
+
 def updates_weights_at(step: int, interval: int = 1, warmup_steps: int = 0) -> bool:
     """Whether training step `step` (from 0) carries a weight update: every `interval` steps once the warm-up is
     over. The warm-up lets the network learn before a one-step hypergradient judges the terms: early on a
     distillation term's teacher is as weak as its student, and a short-horizon signal turns such terms down
     before they could help (DR-MGF waits 100 epochs)."""
     return step >= warmup_steps and step % interval == 0
+
+
+def weight_steps(total_steps: int, interval: int = 1, warmup_steps: int = 0) -> int:
+    """How many of training steps 0..total_steps-1 carry a weight update (updates_weights_at): the multiples of
+    `interval` in [warmup_steps, total_steps). Not ceil((total - warmup) / interval): the updates keep the
+    multiples of `interval`, so a warm-up that ends between two of them does not shift them."""
+    first = -(-max(warmup_steps, 0) // interval)  # the first multiple of interval at or after the warm-up, / interval
+    return max(-(-total_steps // interval) - first, 0)
 
 
 Batch = Tuple[torch.Tensor, torch.Tensor]

@@ -321,8 +321,9 @@ class TrainConfig:
                              f"use 1..{steps_per_epoch}")
         if self.meta_schedule == "fixed":
             return self.meta_lr
-        learning = self.epochs * steps_per_epoch - self.warmup_steps(steps_per_epoch)
-        return bilevel.per_run_meta_lr(math.ceil(learning / self.meta_interval), self.meta_traverse)
+        total = self.epochs * steps_per_epoch
+        return bilevel.per_run_meta_lr(bilevel.weight_steps(total, self.meta_interval, self.warmup_steps(steps_per_epoch)),
+                                       self.meta_traverse)
 
     def objective_options(self) -> Dict:
         """The options objectives.build gets from these settings (also: the weights a run starts from)."""

@@ -96,6 +96,19 @@ def test_without_lr_normalisation_an_lr_drop_stalls_the_weights():
     assert normalised > 0.2 and raw < normalised / 10, (raw, normalised)  # seen: 0.38 and 0.014
 
 
+def test_weight_steps_counts_the_steps_that_update_the_weights():
+    # brute force: the per-run weight lr is planned from the number of updates the trainer makes
+    for total in (1, 7, 20, 100):
+        for interval in (1, 2, 3, 5):
+            for warmup in (0, 1, 3, 5, 6, 19, 100, 150):
+                made = sum(bilevel.updates_weights_at(s, interval, warmup) for s in range(total))
+                assert bilevel.weight_steps(total, interval, warmup) == made, (total, interval, warmup)
+    from hdkdlib.config import TrainConfig
+    cfg = TrainConfig(method="hdkd", epochs=10, meta_interval=5, meta_warmup=0.03, meta_schedule="per_run")
+    # 10 epochs of 10 steps, warm-up 3 steps: updates at steps 5, 10, ..., 95 (19, not ceil(97 / 5) = 20)
+    assert cfg.meta_lr_for(10) == pytest.approx(bilevel.per_run_meta_lr(19, cfg.meta_traverse))
+
+
 def test_per_run_meta_lr_and_its_bad_inputs():
     assert bilevel.per_run_meta_lr(1000, 0.5) == pytest.approx(math.log(1e3) / 500)
     assert bilevel.per_run_meta_lr(4000, 0.25) == pytest.approx(math.log(1e3) / 1000)
