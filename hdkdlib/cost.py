@@ -84,6 +84,7 @@ def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str | Non
     convention = convention or getattr(model, "cost_convention", "msdnet")
     if convention not in CONVENTIONS:
         raise ValueError(f"unknown convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    owned = _params_by_exit(model)  # by ownership where the network has stages and heads; else by the hooks
     ops = [0.0]
     seen_params: set = set()
     params = [0]
@@ -91,25 +92,25 @@ def per_exit(model: nn.Module, input_shape: Sequence[int], convention: str | Non
     def hook(module, args, out):
         if convention == "msdnet":
             ops[0] += _msdnet_ops(module, args[0], out)
-        for p in module.parameters(recurse=False):
-            if id(p) not in seen_params:
-                seen_params.add(id(p))
-                params[0] += p.numel()
+        if owned is None:
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen_params:
+                    seen_params.add(id(p))
+                    params[0] += p.numel()
 
     leaves = [m for m in model.modules() if next(m.children(), None) is None]
-    handles = [m.register_forward_hook(hook) for m in leaves]
+    handles = [m.register_forward_hook(hook) for m in leaves] if convention == "msdnet" or owned is None else []
     rows = []
     try:
         x = torch.zeros(1, *input_shape, device=next(model.parameters()).device)
         with evaluating(model), flop_counter() as counter:
             for k, _ in enumerate(model.exits(x), start=1):
                 flops = ops[0] if convention == "msdnet" else counter.get_total_flops() / 2
-                rows.append({"exit": k, "flops": float(flops), "params": int(params[0])})
+                rows.append({"exit": k, "flops": float(flops), "params": int(owned[k - 1] if owned else params[0])})
     finally:
         for h in handles:
             h.remove()
-    owned = _params_by_exit(model)
-    return [{**row, "params": n} for row, n in zip(rows, owned)] if owned else rows
+    return rows
 
 
 def _params_by_exit(model: nn.Module) -> List[int] | None:
