@@ -275,6 +275,21 @@ def test_folder_links_are_not_followed_and_no_file_counts_twice(tmp_path):
     assert tree.targets == [0, 0, 1]
 
 
+def test_images_in_a_format_the_dataset_skips_are_named_not_dropped(tmp_path):
+    """torchvision reads only its extensions; a class's .gif images would silently leave it smaller than the folder
+    shows. Files of no image kind (notes.txt, Tiny-ImageNet's boxes files) stay allowed."""
+    _tree(tmp_path, {"train/cat/0.png": _img(1), "train/dog/1.png": _img(2)})
+    Image.fromarray(_img(3)).save(tmp_path / "train" / "cat" / "2.gif")
+    (tmp_path / "train" / "dog" / "dog_boxes.txt").write_text("1.png 0 0 4 4")
+    with pytest.raises(D.DatasetError, match=r"^1 image files under \S*train are not read \(1 .gif; e.g. \S*cat/2.gif\): "
+                                             r"the dataset reads only .jpg, .*convert them to PNG or JPEG"):
+        D.folder_to_tensor(tmp_path, "train")
+    Image.open(tmp_path / "train" / "cat" / "2.gif").convert("RGB").save(tmp_path / "train" / "cat" / "2.png")
+    (tmp_path / "train" / "cat" / "2.gif").unlink()  # the fix the message gives
+    x, y, classes = D.folder_to_tensor(tmp_path, "train")
+    assert y.tolist() == [0, 0, 1] and x[:, 0, 0, 0].tolist() == [1, 3, 2]
+
+
 def test_a_file_in_two_class_folders_is_refused_not_given_the_first_label(tmp_path):
     _tree(tmp_path, {"train/cat/0.png": _img(1), "train/dog/1.png": _img(2)})
     os.symlink(tmp_path / "train" / "cat" / "0.png", tmp_path / "train" / "dog" / "same.png")

@@ -69,7 +69,7 @@ class ImageTree(datasets.ImageFolder):
     @staticmethod
     def make_dataset(directory, class_to_idx=None, extensions=None, is_valid_file=None, allow_empty=False):
         valid = is_valid_file or (lambda path: has_file_allowed_extension(path, extensions))
-        samples, seen = [], {}  # real path -> its class
+        samples, seen, skipped = [], {}, []  # seen: real path -> its class; skipped: images of other formats
         for name in sorted(class_to_idx):
             walk = []
             for folder, dirs, files in os.walk(os.path.join(directory, name)):  # followlinks=False
@@ -85,13 +85,33 @@ class ImageTree(datasets.ImageFolder):
                     if valid(path) and real not in seen:
                         seen[real] = name
                         samples.append((path, class_to_idx[name]))
+                    elif is_valid_file is None and not valid(path) and _image_suffix(file) is not None:
+                        skipped.append(path)
         # Checked on the samples themselves, not on the folder's files: a class whose files are all skipped (no
         # image extension, hidden, or already counted) would still be a class, an output no image ever trains.
         counts = np.bincount([i for _, i in samples], minlength=len(class_to_idx))
         empty = [name for name in sorted(class_to_idx) if counts[class_to_idx[name]] == 0]
         if empty:
             _refuse_empty_class(Path(directory), empty, extensions)
+        if skipped:
+            _refuse_skipped_images(Path(directory), skipped, extensions)
         return samples
+
+
+def _image_suffix(name: str) -> Optional[str]:
+    """The file's extension if Pillow opens files of that kind (.gif, .jfif, .tga), else None (.txt, .xml)."""
+    Image.init()
+    suffix = os.path.splitext(name)[1].lower()
+    return suffix if Image.registered_extensions().get(suffix) in Image.OPEN else None
+
+
+def _refuse_skipped_images(base: Path, skipped: List[str], extensions) -> None:
+    """Images the tree holds in a format the dataset does not read would leave their classes smaller than the
+    folder shows, unnoticed (torchvision skips them in silence): refused, naming them."""
+    kinds = Counter(_image_suffix(p) for p in skipped).most_common()
+    raise DatasetError(f"{len(skipped)} image files under {base} are not read (" + ", ".join(f"{n} {k}" for k, n in kinds)
+                       + f"; e.g. {skipped[0]}): the dataset reads only {', '.join(extensions or IMG_EXTENSIONS)}; "
+                       "convert them to PNG or JPEG, or move them out of the tree")
 
 
 def _refuse_empty_class(base: Path, empty: List[str], extensions) -> None:
