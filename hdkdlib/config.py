@@ -257,6 +257,9 @@ class TrainConfig:
             raise ValueError(f"beta1 and beta2 must lie in [0, 1), got {self.beta1} and {self.beta2}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"unknown lr_schedule {self.lr_schedule!r}; valid: {', '.join(LR_SCHEDULES)}")
+        if self.lr_schedule == "cosine" and (self.lr_milestones or self.lr_gamma != TrainConfig.lr_gamma):
+            raise ValueError("lr_milestones and lr_gamma are options of the step schedule (cosine ignores them): drop "
+                             "them, or use lr_schedule step (--lr-schedule step)")
         if not 0 <= self.warmup_epochs < self.epochs:
             raise ValueError(f"warmup_epochs must lie in [0, epochs), got {self.warmup_epochs} of {self.epochs}")
         if self.weights:
@@ -265,6 +268,9 @@ class TrainConfig:
             raise ValueError(f"compile must be '', 'network' or 'step', got {self.compile!r}")
         if self.cuda_graphs not in CUDA_GRAPHS:
             raise ValueError(f"cuda_graphs must be one of {', '.join(CUDA_GRAPHS)}, got {self.cuda_graphs!r}")
+        if self.cuda_graphs == "on" and self.compile == "step":
+            raise ValueError("cuda_graphs on and compile step exclude each other (the compiled step is not captured): "
+                             "drop one of them")
         self.lr_milestones = self._checked_milestones()
         return self
 
@@ -287,7 +293,9 @@ class TrainConfig:
         return milestones
 
     def milestones(self) -> Tuple[int, ...]:
-        return self.lr_milestones or (self.epochs // 2, self.epochs * 3 // 4)
+        """The given milestones, else 50% and 75% of the run; those of a 1- or 2-epoch run that fall on epoch 0 or
+        on each other are dropped (1 epoch: none; 2: one drop), as given ones may not be 0 or repeated."""
+        return self.lr_milestones or tuple(sorted({m for m in (self.epochs // 2, self.epochs * 3 // 4) if m >= 1}))
 
     def lr_at(self, epoch: int) -> float:
         """The network's lr during `epoch` (from 0): a linear warm-up over warmup_epochs, then step or cosine."""

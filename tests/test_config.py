@@ -166,7 +166,15 @@ def test_optimizer_schedule_and_weights_options():
     step = TrainConfig(epochs=8).validate()
     assert (step.optimizer, step.lr, step.weight_decay, step.lr_schedule) == ("sgd", 0.1, 1e-4, "step")
     assert [step.lr_at(e) for e in (3, 4, 6)] == [0.1, pytest.approx(0.01), pytest.approx(0.001)]
+    # the default drops at 50% and 75%: none lands on epoch 0 or twice on one epoch in a short run
+    for epochs, lrs in ((1, [0.1]), (2, [0.1, 0.01]), (3, [0.1, 0.01, 0.001]), (4, [0.1, 0.1, 0.01, 0.001])):
+        short = TrainConfig(epochs=epochs).validate()
+        assert [short.lr_at(e) for e in range(epochs)] == pytest.approx(lrs), epochs
     cases = [(dict(beta1=0.8), "beta1 and beta2 are AdamW options: add optimizer adamw"),
+             (dict(lr_schedule="cosine", lr_milestones=(3,)), "lr_milestones and lr_gamma are options of the step "
+                                                              "schedule \\(cosine ignores them\\)"),
+             (dict(lr_schedule="cosine", lr_gamma=0.5), "lr_milestones and lr_gamma are options of the step schedule"),
+             (dict(cuda_graphs="on", compile="step"), "cuda_graphs on and compile step exclude each other"),
              (dict(optimizer="adamw", momentum=0.5), "momentum and nesterov are SGD options"),
              (dict(optimizer="adam"), "unknown optimizer 'adam'; valid: sgd, adamw"),
              (dict(lr_schedule="linear"), "unknown lr_schedule 'linear'; valid: step, cosine"),
