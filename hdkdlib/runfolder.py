@@ -147,6 +147,8 @@ class RunFolder:
                 raise self.other_settings(["split (checksum)"])
             if action != "start":  # a run that restarts from nothing may start on other data
                 self._check_same_data(here.get("data") or {}, record.get("data") or {})
+            if action == "continue":
+                self._check_same_processes(here.get("world_size"), record.get("world_size"))
             if action == "start":
                 say(f"{self.path} holds a run that stopped before its first checkpoint: starting it again from the "
                     "beginning")
@@ -163,6 +165,15 @@ class RunFolder:
                 f"sha256 {recorded['sha256'][:12]} from {recorded.get('root')}, but {given.get('root')} holds "
                 f"sha256 {given['sha256'][:12]}: give the data root of the images it trained on, or choose another "
                 "out folder for a new run")
+
+    def _check_same_processes(self, recorded, given) -> None:
+        """A run trains on in as many processes as it began with: batch_size is per process, so another count
+        changes the global batch, and a mid-epoch checkpoint's batch index would point elsewhere in the epoch."""
+        if recorded and given and recorded != given:
+            raise RunFolderMismatch(
+                f"run folder {self.path} trained in {recorded} process(es), this resume has {given}: batch_size is per "
+                f"process, so the global batch would change; resume with {recorded} (torchrun --nproc-per-node "
+                f"{recorded}, or 1: plain python), or choose another out folder for a new run")
 
     # --- the lock -----------------------------------------------------------------------------------------
     def acquire(self) -> None:

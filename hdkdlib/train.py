@@ -169,7 +169,8 @@ class Trainer:
         graphs asked for where there is no GPU: eager, said in one line (and recorded in config.json)."""
         if self.cfg.compile == "step":
             return "compiled"
-        wanted = self.cfg.cuda_graphs == "on" or (self.cfg.cuda_graphs == "auto" and self.device.type == "cuda")
+        wanted = self.cfg.cuda_graphs == "on" or (self.cfg.cuda_graphs == "auto" and self.device.type == "cuda"
+                                                  and not self.cfg.compile)
         if wanted and (self.device.type != "cuda" or self.world_size > 1):
             if self.cfg.cuda_graphs == "on" and self.rank == 0:
                 say(f"cuda_graphs on needs one CUDA device (this run: {self.device}, {self.world_size} process(es)): "
@@ -212,7 +213,9 @@ class Trainer:
                                      "Lower lr (or meta_lr), or try bf16 off.")
 
     def _epoch_metrics(self, seconds: float, images: int) -> Dict:
-        acc, seen, val = self._acc, max(int(self._acc["seen"]), 1), evaluation.per_exit_metrics(self.model, self.data.val)
+        # the global batch's: summed over ranks (copies: each rank's checkpoint keeps its own sums)
+        acc = dict(zip(self._acc, distributed.sum_over_ranks([t.clone() for t in self._acc.values()])))
+        seen, val = max(int(acc["seen"]), 1), evaluation.per_exit_metrics(self.model, self.data.val)
         row = {"epoch": self.epoch + 1, "lr": self.cfg.lr_at(self.epoch), "train_loss": float(acc["loss"]) / seen,
                "train_top1": (acc["correct"].double() / seen).tolist(), "val_loss": val["loss"], "val_top1": val["top1"],
                "val_top5": val["top5"], "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds,

@@ -72,3 +72,17 @@ def test_settings_a_run_does_not_use_may_change_its_default():
     assert differ({**fixed, "meta_traverse": 0.25}, fixed) == []
     assert differ({**fixed, "meta_lr": 0.01}, fixed) == ["meta_lr"]
     assert differ({"method": "ce", "lr": 0.2}, {"method": "hdkd"}) == ["lr", "method"]
+
+
+def test_a_run_resumes_only_in_as_many_processes_as_it_began(tmp_path):
+    """batch_size is per process: another process count changes the global batch, and a mid-epoch checkpoint's
+    batch index would point elsewhere in the epoch order. Evaluating it elsewhere is fine."""
+    folder = RunFolder(tmp_path / "run")
+    folder.begin({**_record(), "world_size": 2}, "start")
+    folder.save_checkpoint({"epoch": 0, "batch": 3})
+    with pytest.raises(ValueError, match=r"trained in 2 process\(es\), this resume has 1: batch_size is per process, .*"
+                                         r"resume with 2 \(torchrun --nproc-per-node 2"):
+        folder.begin({**_record(), "world_size": 1}, "continue")
+    folder.begin({**_record(), "world_size": 2}, "continue")
+    folder.begin({**_record(), "world_size": 1}, "load")
+    assert json.loads((folder.path / "config.json").read_text())["world_size"] == 2  # nothing rewritten

@@ -215,6 +215,19 @@ def test_cuda_graphs_asked_for_without_a_gpu_say_so_and_run_eagerly(tmp_path, ca
     assert "cuda_graphs on needs one CUDA device" in capsys.readouterr().err
 
 
+def test_cuda_graphs_auto_captures_only_an_uncompiled_step_on_one_gpu():
+    """auto: CUDA graphs on one GPU when nothing is compiled (a compiled network may capture graphs itself);
+    a compiled step is never captured; CPUs and DDP run eagerly. Decided from the settings alone (no GPU needed)."""
+    from types import SimpleNamespace
+    from hdkdlib.train import TrainConfig, Trainer
+    mode = lambda device, world_size=1, **settings: Trainer.step_mode.func(SimpleNamespace(
+        cfg=TrainConfig(**settings).validate(), device=torch.device(device), world_size=world_size, rank=0))
+    assert mode("cuda") == "captured" and mode("cuda", cuda_graphs="off") == "eager"
+    assert mode("cuda", compile="network") == "eager" and mode("cuda", compile="network", cuda_graphs="on") == "captured"
+    assert mode("cuda", compile="step") == "compiled"
+    assert mode("cpu") == mode("cuda", world_size=2) == "eager"
+
+
 def test_the_hdkd_step_compiles_as_one_graph():
     """No graph break in the whole step, weight update included (a break would split it into graphs that
     neither torch.compile nor a CUDA graph can treat as one)."""
