@@ -56,6 +56,7 @@ ARMS = [("ce", "n20-lr01", []), ("dbt", "n20-lr01-s100", ["--loss-scale", "1"]),
         ("ce", "n20-lr02", ["--lr", "0.2"]), ("dbt", "n20-lr02-s100", ["--loss-scale", "1", "--lr", "0.2"])]
 PROTOCOL = ["--n-per-class", "20", "--val-per-class", "10", "--epochs", "100"]
 GPU_PROTOCOL = [*PROTOCOL, "--device", "cuda"]
+CLASSES = 100  # tinyimagenet100-32's
 GPU_SEEDS = [5, 4, 3, 2, 1, 0]  # downward: the CPU chains run upward from seed 0
 
 
@@ -165,13 +166,31 @@ def rounds(recorded: set, hdkd: list, seeds=GPU_SEEDS) -> list:
     return plan
 
 
+def json_or_empty(path: Path) -> dict:
+    """A part's JSON record, or {} where the part wrote none (timed out, failed): the caller then goes without."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def shortest_round_s(members, throughput: dict, images_per_run: int):
+    """A lower bound on the seconds a round of part (e) needs: its slowest run alone at the captured batch-64
+    speed part (c) measured for its method (runs sharing the GPU only go slower); None where (c) has no number."""
+    rates = {(r["method"], r.get("meta_interval")): r["images_per_s"] for r in throughput.get("rows", [])
+             if r.get("mode") == "cap" and r.get("batch_size") == 64}
+    seconds = [images_per_run / rates[("ce", None) if method != "hdkd" else ("hdkd", 1)]
+               for _, method, _, _ in members if (("ce", None) if method != "hdkd" else ("hdkd", 1)) in rates]
+    return max(seconds) if seconds and len(seconds) == len(members) else None
+
+
 def run_parallel_parts(log, name, cmds, seconds, env) -> None:
     """Several commands at once (runs sharing the GPU), stopped together at the deadline or when this script
     stops: each in its own process group, so that the training processes a study starts stop with it."""
     log(f"== ({name}) {len(cmds)} runs at once   [deadline {seconds:.0f} s]")
     start = time.monotonic()
     procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True) for c in cmds]
+                              process_group=0) for c in cmds]
     try:
         for c, proc in zip(cmds, procs):
             output, _ = proc.communicate(timeout=max(seconds - (time.monotonic() - start), 1))
@@ -272,22 +291,36 @@ def main(argv=None) -> int:
         else:
             try:
                 plan = rounds(set(records_of_the_study().runs()["run"]), recorded_hdkd_arms())
-            except ValueError as e:  # damaged records (a StudyRecordError): part (c) and the results still run
-                log(f"== (e) skipped: {e}")
+            except Exception as e:  # noqa: BLE001 (damaged records, a StudyRecordError, or a failed read: the
+                log(f"== (e) skipped: {type(e).__name__}: {e}")  # compiled step and the other files still come)
                 plan = []
-        for label, members in plan:
-            if left() < (10 if args.dry_run else 120):
-                log(f"== (e) stopped before {label}: {left():.0f} s left")
-                break
-            arms = [[py, "-m", "hdkdlib.study", *study_args(args.data_root, study, seed, method, tag, options, runs,
-                                                            results, len(members))]
-                    for seed, method, tag, options in members]
-            run_parallel_parts(log, f"e {label}", arms, left(), env)
-        with tarfile.open(out / "results.tgz", "w:gz") as tar:
-            if results.is_dir():
-                tar.add(results, arcname="results")
-            for f in sorted(runs.glob("*.log")) if runs.is_dir() else []:
-                tar.add(f, arcname=f"logs/{f.name}")
+        throughput = json_or_empty(out / "train_throughput.json")
+        images_per_run = CLASSES * int(study[study.index("--n-per-class") + 1]) * int(study[study.index("--epochs") + 1])
+        def archive():  # after every round and on the way out: a kill at the limit keeps the finished runs
+            tmp = out / "results.tgz.part"
+            with tarfile.open(tmp, "w:gz") as tar:
+                if results.is_dir():
+                    tar.add(results, arcname="results")
+                for f in sorted(runs.glob("*.log")) if runs.is_dir() else []:
+                    tar.add(f, arcname=f"logs/{f.name}")
+            os.replace(tmp, out / "results.tgz")
+        try:
+            for label, members in plan:
+                if left() < (10 if args.dry_run else 120):
+                    log(f"== (e) stopped before {label}: {left():.0f} s left")
+                    break
+                need = shortest_round_s(members, throughput, images_per_run)
+                if need is not None and need + 30 > left():  # it would be killed with nothing recorded
+                    log(f"== (e) stopped before {label}: it needs at least {need:.0f} s at part (c)'s speed, "
+                        f"{left():.0f} s left")
+                    break
+                arms = [[py, "-m", "hdkdlib.study", *study_args(args.data_root, study, seed, method, tag, options,
+                                                                runs, results, len(members))]
+                        for seed, method, tag, options in members]
+                run_parallel_parts(log, f"e {label}", arms, left(), env)
+                archive()
+        finally:
+            archive()
     run_part(log, "c compiled", [py, "benchmarks/train_throughput.py", *compiled, "--json",
                                  str(out / "train_compiled.json")], left(), 5 if args.dry_run else 120, env)
     log(f"== done in {time.monotonic() - t0:.0f} s of {args.budget:.0f}; files: "

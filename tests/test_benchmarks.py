@@ -191,6 +191,23 @@ def _running(pid: int) -> bool:
         return False
 
 
+def test_a_round_that_cannot_finish_is_known_before_it_starts():
+    """Part (e) skips a round whose slowest run alone, at part (c)'s captured batch-64 speed, outlasts the time
+    left: killed at the deadline it would record nothing. DBT trains at CE's speed; without a number: unknown."""
+    gpu_check = _gpu_check()
+    rows = [{"method": "ce", "meta_interval": None, "batch_size": 64, "mode": "cap", "images_per_s": 1000.0},
+            {"method": "hdkd", "meta_interval": 1, "batch_size": 64, "mode": "cap", "images_per_s": 250.0},
+            {"method": "hdkd", "meta_interval": 1, "batch_size": 64, "mode": "eager", "images_per_s": 50.0},
+            {"method": "hdkd", "meta_interval": 10, "batch_size": 64, "mode": "cap", "images_per_s": 900.0},
+            {"method": "ce", "meta_interval": None, "batch_size": 256, "mode": "cap", "images_per_s": 9000.0}]
+    control = [(5, "ce", "n20-lr01", []), (5, "dbt", "n20-lr02-s100", ["--loss-scale", "1", "--lr", "0.2"])]
+    assert gpu_check.shortest_round_s(control, {"rows": rows}, 200_000) == 200.0
+    hdkd = [*control, (4, "hdkd", "n20-lr01-s100-t1", ["--loss-scale", "1"])]
+    assert gpu_check.shortest_round_s(hdkd, {"rows": rows}, 200_000) == 800.0
+    assert gpu_check.shortest_round_s(hdkd, {"rows": rows[:1]}, 200_000) is None  # no HDKD number: unknown
+    assert gpu_check.shortest_round_s(control, {}, 200_000) is None  # part (c) wrote nothing
+
+
 def test_a_round_past_its_deadline_stops_the_training_its_studies_started(tmp_path):
     """gpu_check's runs at once: at the deadline each command's whole process group is killed, so the training
     process a study starts (its child) does not go on using the GPU after gpu_check has stopped."""
