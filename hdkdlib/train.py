@@ -90,7 +90,14 @@ class Trainer:
                 "threads_used": torch.get_num_threads(), "step_mode": self.step_mode,
                 "world_size": self.world_size, "split": {k: self.data.split.get(k) for k in
                                                          ("protocol", "seed", "checksum", "val_per_class", "train_per_class")},
-                "data": self.data.fingerprint, "exit_flops": self.exit_flops, "meta_lr_used": self.meta.lr if self.meta is not None else None}
+                "data": self.data.fingerprint, "tf32": self._tf32(), "exit_flops": self.exit_flops, "meta_lr_used": self.meta.lr if self.meta is not None else None}
+
+    def _tf32(self) -> Optional[Dict[str, bool]]:
+        """Whether CUDA convolutions and matmuls may round to TF32 (PyTorch's defaults: convolutions yes, matmuls
+        no): a GPU run's arithmetic differs from a CPU run's there. None on a CPU."""
+        if self.device.type != "cuda":
+            return None
+        return {"convolutions": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
 
     @property
     def writes(self) -> bool:  # rank 0 alone writes the run folder

@@ -625,6 +625,20 @@ def test_gpu_loader_crops_inside_padded_image_and_normalises():
     assert len(plain) == 4 and torch.equal(yv, y[:50])
 
 
+def test_gpu_loader_draws_an_epoch_on_the_host_whatever_its_device():
+    """A seed means the same batches on every device (CPU and GPU runs of one seed pair in a study): the plan is
+    the host generator's stream for (seed, epoch), then moved; a device's own generator would give other numbers.
+    The meta device stands in for a GPU here: it has no generator, so a draw there fails."""
+    from hdkdlib.data.order import epoch_seed
+    loader, _, _ = _loader(seed=3)
+    g = torch.Generator().manual_seed(epoch_seed(3, 2))
+    n = len(loader.labels)
+    expected = (torch.randperm(n, generator=g), torch.randint(0, 9, (n, 2), generator=g), torch.rand(n, generator=g) < 0.5)
+    assert all(torch.equal(a, b) for a, b in zip(loader.epoch_plan(2), expected))
+    loader.device = torch.device("meta")
+    assert [(t.device.type, t.shape) for t in loader.epoch_plan(2)] == [("meta", e.shape) for e in expected]
+
+
 def test_gpu_loader_flips_and_offsets_are_uniform():
     loader, _, _ = _loader(seed=0, n=20000)
     _, offsets, flips = loader.epoch_plan(0)

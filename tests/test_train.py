@@ -149,7 +149,7 @@ def test_results_and_config_record(fake_root, tmp_path):
     assert saved["config"]["method"] == "hdkd" and saved["git_commit"] and saved["packages"]["torch"]
     assert len(saved["weights_history"]) == 1 and res["split"]["checksum"]
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["config"]["lr"] == 0.05 and "cpu" in cfg["device"]
+    assert cfg["config"]["lr"] == 0.05 and "cpu" in cfg["device"] and cfg["tf32"] is None  # GPU runs: their TF32 use
     assert cfg["config"]["threads"] == 0 and cfg["threads_used"] == 1  # auto: the toy MLP trains on one thread
     train.prepare(_cfg(fake_root, "", threads=2))
     assert torch.get_num_threads() == 2  # an explicit count is kept

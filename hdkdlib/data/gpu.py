@@ -2,7 +2,9 @@
 random crop with zero padding, horizontal flip and normalisation done there in batch.
 
 All randomness of an epoch (order, crop offsets, flips) is drawn up front from a generator seeded with
-(seed, epoch), so batches are reproducible and a resumed run can start mid-epoch at any batch.
+(seed, epoch), so batches are reproducible and a resumed run can start mid-epoch at any batch. It is drawn on
+the host and then moved (three small tensors an epoch): a CUDA generator gives other numbers for the same seed,
+and a seed must mean the same batches on a CPU and a GPU for their runs to pair in one study.
 """
 from __future__ import annotations
 
@@ -57,11 +59,11 @@ class GpuLoader:
         n = len(self.labels)
         if not self.train:
             return torch.arange(n, device=self.device), None, None
-        g = epoch_generator(self.seed, epoch, self.device)
-        order = torch.randperm(n, generator=g, device=self.device)
-        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g, device=self.device)
-        flips = torch.rand(n, generator=g, device=self.device) < 0.5
-        return order, offsets, flips
+        g = epoch_generator(self.seed, epoch)  # on the host whatever the device (module docstring)
+        order = torch.randperm(n, generator=g)
+        offsets = torch.randint(0, 2 * self.pad + 1, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+        return order.to(self.device), offsets.to(self.device), flips.to(self.device)
 
     def augment(self, idx: torch.Tensor, offsets, flips) -> torch.Tensor:
         x = self.images[idx]

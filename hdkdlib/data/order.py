@@ -11,8 +11,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def epoch_generator(seed: int, epoch: int, device="cpu") -> torch.Generator:
-    return torch.Generator(device=device).manual_seed(epoch_seed(seed, epoch))
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """A host generator: its numbers are the same on every machine, whatever device the run trains on."""
+    return torch.Generator().manual_seed(epoch_seed(seed, epoch))
 
 
 def num_batches(n: int, batch_size: int, world_size: int, drop_last: bool) -> int:
