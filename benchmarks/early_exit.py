@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -165,6 +166,8 @@ def main(argv=None) -> dict:
         result = measure_path(model, path, x, args.repeats)
         result["agreement_with_eager"] = agreement(model, path, x)
         record["paths"].append(result)
+        if args.out:  # after every path: a deadline reached in a later path keeps the ones measured
+            write_record(Path(args.out), record)
         if not args.json:
             print(f"== {path}: plain forward {result['forward_ms_per_image']:.3f} ms/image "
                   f"({record['device']}, batch {args.batch_size})")
@@ -182,9 +185,16 @@ def main(argv=None) -> dict:
     if args.json:  # a flat list: one row per path and exit, the "all" row and the mixed case of each path
         print(json.dumps(flat_rows(record), indent=1))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(record, indent=1))
+        write_record(Path(args.out), record)
     return record
+
+
+def write_record(out: Path, record: dict) -> None:
+    """The whole record in place at once (a temporary file, then renamed): a kill never leaves half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

@@ -227,6 +227,29 @@ def test_a_round_past_its_deadline_stops_the_training_its_studies_started(tmp_pa
     assert not any(map(_running, children))
 
 
+def test_early_exit_keeps_the_paths_measured_before_a_failure_or_deadline(tmp_path, monkeypatch):
+    """benchmarks/early_exit.py writes its record after every path: a deadline (gpu_check part (d)) or a crash in
+    a later path keeps the paths already measured, as a whole JSON file."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import early_exit
+    finally:
+        sys.path.pop(0)
+    measured = early_exit.measure_path
+
+    def measure_path(model, path, x, repeats):
+        if path == "fast":
+            raise RuntimeError("killed")
+        return measured(model, path, x, repeats)
+    monkeypatch.setattr(early_exit, "measure_path", measure_path)
+    out = tmp_path / "early_exit-2.json"
+    with pytest.raises(RuntimeError, match="killed"):
+        early_exit.main(["--device", "cpu", "--arch", "msdnet_cifar_budget", "--batch-size", "2", "--repeats", "1",
+                         "--paths", "eager", "fast", "--out", str(out)])
+    assert [p["path"] for p in json.loads(out.read_text())["paths"]] == ["eager"]
+    assert [f.name for f in tmp_path.iterdir()] == [out.name]  # no temporary file left
+
+
 def _check_early_exit_record(record: dict) -> None:
     """benchmarks/early_exit.py's record of msdnet_cifar_budget at batch 8 (part (d) of the dry run): a row per
     exit and path, ratios that grow to the full network's 1.0, and the mixed case predicting as the simulation."""
