@@ -174,6 +174,15 @@ def json_or_empty(path: Path) -> dict:
         return {}
 
 
+def captured_steps_that_differ(profile: dict, tolerance: float = 0.01) -> list:
+    """Part (b)'s cases whose captured step ended farther from the eager step (same seed and batches) than
+    `tolerance` of eager's movement: "hdkd/1 0.31". Part (e)'s runs train captured, so any such case means their
+    records would not be the protocol's training. Cases without a distance (part (b) cut short) pass."""
+    return [f"{r['method']}/{r['meta_interval'] or 1} {r['distance_from_eager']:.2g}" for r in profile.get("rows", [])
+            if r.get("mode") == "cap" and r.get("distance_from_eager") is not None
+            and not r["distance_from_eager"] <= tolerance]
+
+
 def shortest_round_s(members, throughput: dict, images_per_run: int):
     """A lower bound on the seconds a round of part (e) needs: its slowest run alone at the captured batch-64
     speed part (c) measured for its method (runs sharing the GPU only go slower); None where (c) has no number."""
@@ -286,7 +295,12 @@ def main(argv=None) -> int:
     else:
         study = (["--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8", "--val-per-class", "4", "--device", "cpu",
                   "--n-per-class", "8"] if args.dry_run else GPU_PROTOCOL)
-        if args.dry_run:
+        differ = captured_steps_that_differ(json_or_empty(out / "profile.json"))
+        if differ:
+            log(f"== (e) skipped: the captured step trains otherwise than the eager one ({', '.join(differ)} of "
+                "eager's movement apart, part (b)): runs trained so would not be the protocol's")
+            plan = []
+        elif args.dry_run:
             plan = rounds(set(), [], GPU_SEEDS[:1])
         else:
             try:

@@ -58,6 +58,7 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     assert json.loads((out / "device.json").read_text())["dry_run"] is True
     profiled = json.loads((out / "profile.json").read_text())["rows"]
     assert {(r["method"], r["mode"]) for r in profiled} == {(m, k) for m in ("ce", "hdkd") for k in ("eager", "cap")}
+    assert all(r["distance_from_eager"] == 0.0 for r in profiled)  # on a CPU "cap" runs eagerly: the same steps
     throughput = json.loads((out / "train_throughput.json").read_text())  # benchmarks/train_throughput.py
     rows = throughput["rows"]
     assert {(r["mode"], r["method"], r["meta_interval"]) for r in rows} == {
@@ -206,6 +207,20 @@ def test_a_round_that_cannot_finish_is_known_before_it_starts():
     assert gpu_check.shortest_round_s(hdkd, {"rows": rows}, 200_000) == 800.0
     assert gpu_check.shortest_round_s(hdkd, {"rows": rows[:1]}, 200_000) is None  # no HDKD number: unknown
     assert gpu_check.shortest_round_s(control, {}, 200_000) is None  # part (c) wrote nothing
+
+
+def test_part_e_trusts_the_gpu_only_where_captured_steps_train_as_eager_ones():
+    """Part (b) trains each case eager and captured from one seed on the same batches; a captured step that ends
+    apart (a stale buffer, a lost lr change) would make every run of part (e) wrong, so (e) is skipped then."""
+    gpu_check = _gpu_check()
+    rows = [{"method": "ce", "meta_interval": None, "mode": "eager", "distance_from_eager": 0.0},
+            {"method": "ce", "meta_interval": None, "mode": "cap", "distance_from_eager": 2e-5},
+            {"method": "hdkd", "meta_interval": 1, "mode": "eager", "distance_from_eager": 0.0},
+            {"method": "hdkd", "meta_interval": 1, "mode": "cap", "distance_from_eager": 0.31}]
+    assert gpu_check.captured_steps_that_differ({"rows": rows}) == ["hdkd/1 0.31"]
+    assert gpu_check.captured_steps_that_differ({"rows": rows[:2]}) == []
+    assert gpu_check.captured_steps_that_differ({"rows": [{**rows[3], "distance_from_eager": float("nan")}]})
+    assert gpu_check.captured_steps_that_differ({}) == []  # part (b) wrote nothing: nothing known against it
 
 
 def test_a_round_past_its_deadline_stops_the_training_its_studies_started(tmp_path):
