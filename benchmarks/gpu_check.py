@@ -188,9 +188,10 @@ def shortest_round_s(members, throughput: dict, images_per_run: int):
     speed part (c) measured for its method (runs sharing the GPU only go slower); None where (c) has no number."""
     rates = {(r["method"], r.get("meta_interval")): r["images_per_s"] for r in throughput.get("rows", [])
              if r.get("mode") == "cap" and r.get("batch_size") == 64}
-    seconds = [images_per_run / rates[("ce", None) if method != "hdkd" else ("hdkd", 1)]
-               for _, method, _, _ in members if (("ce", None) if method != "hdkd" else ("hdkd", 1)) in rates]
-    return max(seconds) if seconds and len(seconds) == len(members) else None
+    cases = [("hdkd", 1) if method == "hdkd" else ("ce", None) for _, method, _, _ in members]  # DBT: CE's speed
+    if not cases or not all(c in rates for c in cases):
+        return None
+    return max(images_per_run / rates[c] for c in cases)
 
 
 def run_parallel_parts(log, name, cmds, seconds, env) -> None:
