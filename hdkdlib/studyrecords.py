@@ -118,12 +118,14 @@ def record_from_run_folder(path, at_once="", invocation: str = "", started: str 
            "train_minutes": sum(r["epoch_seconds"] for r in curves) / 60, "device": result["device"],
            "torch": result["packages"]["torch"], "commit": began["git_commit"], "at_once": str(at_once),
            "started": started, "invocation": invocation, "config": json.dumps(config, sort_keys=True)}
-    return flatten(row), [flatten({"run": run, **r}) for r in curves]
+    # curves hold numbers; how an epoch's steps ran (its step_mode) is the run folder's, not the study's
+    return flatten(row), [flatten({"run": run, **{k: v for k, v in r.items() if k not in NOT_CURVES}}) for r in curves]
 
 
 # --- the files ------------------------------------------------------------------------------------------------
 TEXT = ("run", "variant", "method", "device", "torch", "commit", "at_once", "started", "invocation", "config")
 NEEDED_CURVES = ("run", "epoch", "epoch_seconds", "images_per_s", "train_top1[1]", "val_top1[1]")
+NOT_CURVES = ("step_mode",)  # metrics.jsonl's text fields
 PROVENANCE = ("at_once", "started", "invocation")  # how a run was trained, not what it measured
 REST = ("epochs", "train_minutes", "device", "torch", "commit", *PROVENANCE)  # runs.csv's last columns, in order
 

@@ -173,7 +173,8 @@ class Trainer:
     @functools.cached_property
     def step_mode(self) -> str:
         """How steps run: compiled (--compile step), captured (CUDA graphs: the default on a GPU), or eager. CUDA
-        graphs asked for where there is no GPU: eager, said in one line (and recorded in config.json)."""
+        graphs asked for where there is no GPU: eager, said in one line (and recorded in config.json). A capture
+        that fails later falls back to eager: step_mode_ran says so in metrics.jsonl."""
         if self.cfg.compile == "step":
             return "compiled"
         wanted = self.cfg.cuda_graphs == "on" or (self.cfg.cuda_graphs == "auto" and self.device.type == "cuda"
@@ -184,6 +185,12 @@ class Trainer:
                     "the step runs eagerly")
             return "eager"
         return "captured" if wanted else "eager"
+
+    def step_mode_ran(self) -> str:
+        """How this epoch's steps ran: step_mode (what config.json records), or eager once capturing failed, with
+        the reason (every epoch's line in metrics.jsonl says it)."""
+        failed = getattr(getattr(self, "_call", None), "failed", None)
+        return f"eager (capture failed: {failed})" if failed else self.step_mode
 
     def step_function(self) -> TrainStep:
         """The run's TrainStep, built on first use after the state is loaded."""
@@ -226,7 +233,8 @@ class Trainer:
         row = {"epoch": self.epoch + 1, "lr": self.cfg.lr_at(self.epoch), "train_loss": float(acc["loss"]) / seen,
                "train_top1": (acc["correct"].double() / seen).tolist(), "val_loss": val["loss"], "val_top1": val["top1"],
                "val_top5": val["top5"], "images_per_s": images / max(seconds, 1e-9), "epoch_seconds": seconds,
-               "weights": self.objective.named_weights(), **self.objective.state_for_log()}
+               "weights": self.objective.named_weights(), "step_mode": self.step_mode_ran(),
+               **self.objective.state_for_log()}
         return row
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:

@@ -215,6 +215,40 @@ def test_cuda_graphs_asked_for_without_a_gpu_say_so_and_run_eagerly(tmp_path, ca
     assert "cuda_graphs on needs one CUDA device" in capsys.readouterr().err
 
 
+def test_a_capture_that_fails_is_recorded_as_eager_in_every_epochs_line(tmp_path, monkeypatch, capsys):
+    """config.json keeps the mode asked for (captured); once capturing fails and the step falls back to eager,
+    each epoch's line in metrics.jsonl says how its steps ran, with the reason. The failure is simulated: no CPU
+    can capture a CUDA graph."""
+    import json
+    from hdkdlib import train
+    from hdkdlib.train import Trainer, TrainConfig
+
+    class FailingCapture(CapturedStep):  # CapturedStep's own failure path: failed set, one line, eager from then on
+        def __init__(self, step, capture, say):
+            super().__init__(step, capture=False, say=say)
+
+        def _graphed(self, kind, inputs):
+            self.failed = "RuntimeError: operation not permitted when stream is capturing"
+            self.say(f"the training step cannot be captured as a CUDA graph ({self.failed}); training eagerly")
+            return None
+
+    def cfg(out):
+        return TrainConfig(dataset="synthetic", arch="toy_mlp", method="ce", epochs=2, batch_size=16, lr=0.05,
+                           device="cpu", progress=False, out=str(out)).validate()
+
+    train.run(cfg(tmp_path / "eager"))
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "step_mode", property(lambda self: "captured"))
+        m.setattr(train, "CapturedStep", FailingCapture)
+        train.run(cfg(tmp_path / "failed"))
+    assert "cannot be captured as a CUDA graph" in capsys.readouterr().err
+    lines = lambda run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step_mode"] for row in lines("eager")] == ["eager", "eager"]
+    assert [row["step_mode"] for row in lines("failed")] == \
+        ["eager (capture failed: RuntimeError: operation not permitted when stream is capturing)"] * 2
+    assert json.loads((tmp_path / "failed" / "config.json").read_text())["step_mode"] == "captured"
+
+
 def test_cuda_graphs_auto_captures_only_an_uncompiled_step_on_one_gpu():
     """auto: CUDA graphs on one GPU when nothing is compiled (a compiled network may capture graphs itself);
     a compiled step is never captured; CPUs and DDP run eagerly. Decided from the settings alone (no GPU needed)."""
