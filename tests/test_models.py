@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -189,6 +190,29 @@ def test_gradient_equilibrium_divides_stage_gradients_by_exits_depending_on_them
         torch.testing.assert_close(g_bal[j], g_plain[j] / (K - j))
 
 
+@pytest.mark.parametrize("name,shape", [("toy_mlp", (4, 2)), ("resnet18_exits", (2, 3, 32, 32))])
+def test_gradient_equilibrium_gives_each_exits_gradient_at_the_input_one_kth(name, shape):
+    """IMTA's factors telescope: exit k's gradient reaches the input through 1/(K-k) at its head and
+    (K-j-1)/(K-j) at every earlier exit j, so 1/K of what it is without the rule, for every exit and network
+    (a torchvision backbone passes an exit's feature on twice: both copies are scaled). Not MSDNet: as in IMTA's
+    code, only the coarsest scale (its heads' input) is scaled, and the finer scales carry gradient on unscaled.
+    Tolerance: float32 rounding of the multiplications."""
+    options = dict(num_exits=4) if name == "toy_mlp" else {}
+    torch.manual_seed(0)
+    plain = models.build(name, 3, **options)
+    balanced = models.build(name, 3, gradient_equilibrium=True, **options)
+    balanced.load_state_dict(plain.state_dict())
+    x = torch.randn(shape)
+    K = plain.num_exits
+    for k in range(K):
+        grads = []
+        for model in (plain, balanced):
+            xi = x.clone().requires_grad_()
+            model(xi)[k].square().sum().backward()
+            grads.append(xi.grad)
+        torch.testing.assert_close(grads[1], grads[0] / K, rtol=1e-4, atol=1e-6 * grads[0].abs().max().item())
+
+
 def test_bad_input_messages():
     with pytest.raises(ValueError, match="valid names: .*msdnet_cifar_anytime"):
         models.build("msdnet_cifar", 100)
@@ -196,6 +220,10 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match=r"32x32"):
         model(torch.randn(1, 3, 64, 64))
     import torchvision
+    for bad, shown in ((dict(n_blocks=0), "{'n_blocks': 0}"), (dict(step=0), "{'step': 0}"),
+                       (dict(growth=0), "{'growth': 0}")):
+        with pytest.raises(ValueError, match=f"MSDNet needs n_blocks, .* >= 1, got {re.escape(shown)}"):
+            models.build("msdnet_cifar_anytime", 10, **bad)
     with pytest.raises(ValueError, match="available nodes: .*layer1.0.conv1"):
         models.BackboneExits(torchvision.models.resnet18(), ["layer9"], 10)
     out = subprocess.run([sys.executable, "-m", "hdkdlib", "info", "nope"], capture_output=True, text=True)

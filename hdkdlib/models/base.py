@@ -107,11 +107,13 @@ class MultiExitNet(nn.Module):
             return state, self.heads[k](state[self.head_index])
         K = self.num_exits
         state = list(state)
-        i = self.head_index % len(state)
-        state[i] = scale_grad(state[i], 1.0 / (K - k))
-        logits = self.heads[k](state[i])
-        state[i] = scale_grad(state[i], float(K - k - 1))
-        return state, logits
+        feature = state[self.head_index % len(state)]
+        scaled = scale_grad(feature, 1.0 / (K - k))
+        logits = self.heads[k](scaled)
+        onward = scale_grad(scaled, float(K - k - 1))
+        # a stage may pass the exit's feature on more than once (a torchvision node that later stages read too):
+        # every copy of it goes on scaled, or the later exits' gradients would reach it unscaled through the other
+        return [onward if s is feature else s for s in state], logits
 
     def exits(self, x: torch.Tensor) -> Iterator[torch.Tensor]:
         """Yield the logits of exit 1, 2, ... computing each stage only when asked for."""

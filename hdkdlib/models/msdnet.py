@@ -166,6 +166,10 @@ class MSDNet(MultiExitNet):
                  input_size: int | None = None, gradient_equilibrium: bool = False, conv_bias: bool = False):
         if len(gr_factor) != len(bn_factor):
             raise ValueError(f"gr_factor {list(gr_factor)} and bn_factor {list(bn_factor)} must have one entry per scale")
+        small = {k: v for k, v in dict(n_blocks=n_blocks, step=step, base=base, channels=channels, growth=growth,
+                                       scales=len(gr_factor)).items() if v < 1}
+        if small:  # a block of no layers would add an exit on the same features; growth 0 divides by zero
+            raise ValueError(f"MSDNet needs n_blocks, step, base, channels, growth and scales >= 1, got {small}")
         n_scales = len(gr_factor)
         steps = block_steps(n_blocks, step_mode, step, base)
         n_layers = sum(steps)
