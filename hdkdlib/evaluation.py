@@ -82,6 +82,11 @@ def _check_probs(probs: torch.Tensor, targets: torch.Tensor, name: str):
         raise ValueError(f"empty {name} split: {name}_probs has no samples")
     if targets.shape != (probs.shape[1],):
         raise ValueError(f"{name}_targets shaped {list(targets.shape)} for {probs.shape[1]} samples")
+    C = probs.shape[2]
+    if targets.is_floating_point() or int(targets.min()) < 0 or int(targets.max()) >= C:
+        raise ValueError(f"{name}_targets must be class indices 0..{C - 1} for {C} classes, got "
+                         f"{targets.dtype} from {targets.min().item()} to {targets.max().item()}: a label outside "
+                         "the classes would count as a miss")
     sums = probs.sum(2)
     if not torch.allclose(sums, torch.ones_like(sums), atol=1e-3) or (probs < 0).any():
         worst = (sums - 1).abs().max().item()
@@ -130,6 +135,14 @@ def fit_thresholds(val_probs: torch.Tensor, shares: torch.Tensor) -> List[float]
     return thresholds + [-math.inf]
 
 
+def _check_thresholds(thresholds: Sequence[float], K: int) -> None:
+    if len(thresholds) != K:
+        raise ValueError(f"{K} exits but {len(thresholds)} thresholds")
+    if any(math.isnan(float(t)) for t in thresholds):
+        raise ValueError(f"thresholds {list(thresholds)} hold a NaN, which no confidence reaches: give each exit a "
+                         "number (inf: nobody leaves there)")
+
+
 def apply_thresholds(probs: torch.Tensor, targets: torch.Tensor, thresholds: Sequence[float],
                      exit_flops: Sequence[float]) -> Dict:
     """Each sample leaves at the first exit whose confidence (max probability) reaches its threshold;
@@ -139,6 +152,7 @@ def apply_thresholds(probs: torch.Tensor, targets: torch.Tensor, thresholds: Seq
     K, N, _ = probs.shape
     if len(thresholds) != K or len(exit_flops) != K:
         raise ValueError(f"{K} exits but {len(thresholds)} thresholds and {len(exit_flops)} exit_flops")
+    _check_thresholds(thresholds, K)
     conf, pred = probs.max(2)
     t = torch.tensor(list(thresholds[:-1]) + [-math.inf], dtype=torch.float64).view(K, 1)
     leaves = conf.double() >= t
@@ -187,8 +201,7 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
     stages run on the others only. Returns predictions, exit indices (0-based), wall time, and the
     flops spent (sum over samples of the cumulative cost of their exit) if exit_flops is given."""
     K = model.num_exits
-    if len(thresholds) != K:
-        raise ValueError(f"{K} exits but {len(thresholds)} thresholds")
+    _check_thresholds(thresholds, K)
     model.check_input(x)  # as model(x) would
     preds = torch.empty(len(x), dtype=torch.long, device=x.device)
     exits = torch.empty(len(x), dtype=torch.long, device=x.device)

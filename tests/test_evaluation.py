@@ -159,6 +159,21 @@ def test_bad_inputs():
         E.budgeted(probs, y, probs[:, :0], y[:0], [1, 2, 3])
     with pytest.raises(ValueError, match=r"must be \[K, N, C\]"):
         E.anytime(probs[0], y)
+    # a label outside the classes (or a float label) would be scored as a miss: refused, as are NaN thresholds,
+    # which no confidence reaches (nobody would leave there)
+    for labels, shown in ((torch.where(y == 0, 4, y), "from 1 to 4"), (y - 1, "from -1 to 2"),
+                          (y.double(), "torch.float64")):
+        with pytest.raises(ValueError, match=f"test_targets must be class indices 0..3 for 4 classes, got .*{shown}"):
+            E.anytime(probs, labels)
+    with pytest.raises(ValueError, match="val_targets must be class indices"):
+        E.budgeted(probs, y + 4, probs, y, [1, 2, 3])
+    nan = [0.5, float("nan"), -float("inf")]
+    with pytest.raises(ValueError, match="hold a NaN, which no confidence reaches"):
+        E.apply_thresholds(probs, y, nan, [1, 2, 3])
+    model = models.build("toy_mlp", 4, in_features=2, num_exits=3).eval()
+    with pytest.raises(ValueError, match="hold a NaN"):
+        E.early_exit_predict(model, torch.randn(5, 2), nan)
+    assert E.apply_thresholds(probs, y, [float("inf")] * 2 + [0.0], [1, 2, 3])["exit_fractions"] == [0, 0, 1]
 
 
 def test_threshold_explorer_updates_with_the_sliders(trained_toy):
