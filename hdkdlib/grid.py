@@ -30,7 +30,8 @@ def ablation_grid(methods: List[str], root, variants: bool = True) -> Dict[str, 
             "hdkd init=random": dict(method="hdkd", init="random"),
             "hdkd frozen": dict(method="hdkd", freeze_weights_from=str(root / "hdkd")),
             "hdkd val=ce": dict(method="hdkd", val_loss="ce"),
-            "hdkd alpha=1": dict(method="hdkd", alpha=1.0),
+            # the balanced loss at alpha 1 is val=ce's: its other end, the ratio term alone
+            "hdkd alpha=0": dict(method="hdkd", alpha=0.0),
             "hdkd exact": dict(method="hdkd", meta_method="exact"),
             "hdkd meta_interval=5": dict(method="hdkd", meta_interval=5),  # must fit an epoch (9 steps, quick mode)
             "hdkd T=3": dict(method="hdkd", temperature=3.0),

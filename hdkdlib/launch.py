@@ -28,3 +28,15 @@ def torchrun(cfg: TrainConfig, nproc: int) -> bool:
     print(" ".join(command))
     subprocess.run(command, check=True)
     return True
+
+
+def batch_per_process(batch_size: int, nproc: int) -> int:
+    """Each process's share of a batch given in all (a recipe's batch, such as MSDNet's ImageNet 256, is the
+    global one; TrainConfig.batch_size is per process). Refused unless it splits evenly."""
+    if nproc < 1 or batch_size < 1:
+        raise ValueError(f"batch_size and the process count must be >= 1, got {batch_size} and {nproc}")
+    share, rest = divmod(batch_size, nproc)
+    if rest or not share:
+        raise ValueError(f"parameter 'batch_size': {batch_size} images in all do not split evenly over {nproc} "
+                         f"processes (GPUs); give a multiple of {nproc}, e.g. {max(share, 1) * nproc}")
+    return share

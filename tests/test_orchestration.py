@@ -47,6 +47,37 @@ def test_the_torchrun_command_rebuilds_the_settings_and_resumes_what_is_there(tm
         launch.torchrun(TrainConfig(dataset="synthetic", arch="toy_mlp"), 2)
 
 
+def test_the_grids_validation_objectives_are_different_losses():
+    """Each variant of the weights' validation objective (and the default, balanced at alpha 0.5) computes a
+    loss of its own on the same logits, after the same EMA updates: no ablation reruns another."""
+    from hdkdlib import objectives
+    from hdkdlib.config import TrainConfig
+    torch.manual_seed(0)
+    logits, y = [torch.randn(16, 5) for _ in range(3)], torch.randint(0, 5, (16,))
+    runs = grid.ablation_grid(["hdkd"], "runs")
+    values = {}
+    for name in ["hdkd", *(n for n, s in runs.items() if {"val_loss", "alpha"} & set(s))]:
+        cfg = TrainConfig(dataset="synthetic", arch="toy_mlp", **runs[name]).validate()
+        loss = objectives.ValidationLoss(3, kind=cfg.val_loss, alpha=cfg.alpha)
+        for scale in (1.0, 0.7):  # the EMAs move
+            loss.update(torch.stack([torch.nn.functional.cross_entropy(scale * z, y) for z in logits]).detach())
+        values[name] = float(loss(logits, y))
+    assert len(values) == 3, values
+    assert len({round(v, 6) for v in values.values()}) == len(values), values
+
+
+def test_a_batch_given_in_all_is_split_evenly_over_the_processes():
+    assert launch.batch_per_process(256, 1) == 256 and launch.batch_per_process(256, 8) == 32
+    assert launch.batch_per_process(255, 3) == 85
+    with pytest.raises(ValueError, match="256 images in all do not split evenly over 3 processes .*multiple of 3, "
+                                         "e.g. 255"):
+        launch.batch_per_process(256, 3)
+    with pytest.raises(ValueError, match="do not split evenly over 8 .* e.g. 8"):
+        launch.batch_per_process(4, 8)
+    with pytest.raises(ValueError, match="must be >= 1"):
+        launch.batch_per_process(256, 0)
+
+
 def test_a_run_that_starts_from_another_comes_after_it(tmp_path):
     runs = grid.ablation_grid(["ce", "imta_kd"], tmp_path, variants=True)
     assert "hdkd" in runs  # the frozen variant's source, added when the methods lack it
