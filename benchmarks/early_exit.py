@@ -64,7 +64,8 @@ def measure_path(model, path, x, repeats) -> dict:
     K, n = net.num_exits, len(x)
     with torch.no_grad(), autocast:
         forward = _timed(lambda: net(xin), device, repeats)
-        stage = cost.latency(net, tuple(x.shape[1:]), batch_size=n, repeats=repeats, warmup=1, device=device)
+        stage = cost.latency(net, tuple(x.shape[1:]), batch_size=n, repeats=repeats, warmup=1, device=device,
+                             memory_format=torch.channels_last if "cl" in path else torch.contiguous_format)
         flops = cost.exit_flops(model, tuple(x.shape[1:]))
 
         def leave_at(k):  # thresholds: nobody leaves before k, everybody at k

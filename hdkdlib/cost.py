@@ -167,14 +167,16 @@ def _sync(device: torch.device):
 
 
 def latency(model: nn.Module, input_shape: Sequence[int], *, batch_size: int = 256, repeats: int = 5,
-            warmup: int = 2, device=None) -> List[float]:
+            warmup: int = 2, device=None, memory_format=torch.contiguous_format) -> List[float]:
     """Cumulative seconds per image up to and including each exit, on `device` (default: the model's), at
     `batch_size`: every stage and head timed on its own (eval mode, no autograd), the median of `repeats`
-    timed passes after `warmup` untimed ones."""
+    timed passes after `warmup` untimed ones, on an input in `memory_format` (channels_last for a network
+    converted to it, as its real inputs are)."""
     if repeats < 1 or warmup < 0 or batch_size < 1:
         raise ValueError(f"need repeats >= 1, warmup >= 0, batch_size >= 1; got {repeats}, {warmup}, {batch_size}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     x = torch.randn(batch_size, *input_shape, device=device)
+    x = x.contiguous(memory_format=memory_format) if x.dim() == 4 else x
     per_stage = []
     with evaluating(model):
         model.check_input(x)

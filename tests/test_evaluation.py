@@ -284,6 +284,14 @@ def test_latency_is_cumulative_per_image_and_budgets_take_any_cost():
     assert len(seconds) == 3 and all(b > a for a, b in zip([0.0] + seconds, seconds))  # cumulative, positive
     with pytest.raises(ValueError, match="repeats >= 1"):
         cost.latency(model, (2,), repeats=0)
+    # a channels-last network is timed on channels-last inputs, as it is fed (benchmarks/early_exit.py's fast+cl)
+    images = models.build("msdnet_cifar_anytime", 10).eval()
+    seen = []
+    images.stages[0].register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+    cost.latency(images, (3, 32, 32), batch_size=2, repeats=1, warmup=0, memory_format=torch.channels_last)
+    cost.latency(images, (3, 32, 32), batch_size=2, repeats=1, warmup=0)
+    assert seen == [True, False]
     g = torch.Generator().manual_seed(0)
     val = torch.softmax(torch.randn(3, 50, 4, generator=g), 2)
     y = torch.randint(0, 4, (50,), generator=g)
