@@ -170,9 +170,16 @@ class TrainConfig:
         name = self.recipe or default_recipe(self.dataset)
         if name not in RECIPES:
             raise ValueError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
-        for key, value in {**SGD_DEFAULTS, **RECIPES[name]}.items():
-            if getattr(self, key) is None:
-                setattr(self, key, value)
+        recipe = {**SGD_DEFAULTS, **RECIPES[name]}
+        filled = [key for key in recipe if getattr(self, key) is None]
+        for key in filled:
+            setattr(self, key, recipe[key])
+        # a recipe's step milestones or Nesterov do not apply to a cosine schedule or AdamW chosen over it, and
+        # validate refuses only what was given
+        if self.lr_schedule == "cosine" and "lr_milestones" in filled:
+            self.lr_milestones = ()
+        if self.optimizer == "adamw" and "nesterov" in filled:
+            self.nesterov = False
 
     def validate(self) -> "TrainConfig":
         for name, hint in typing.get_type_hints(TrainConfig).items():  # a config.json edited by hand, or JSON
@@ -238,6 +245,9 @@ class TrainConfig:
                              f" not {self.method}: drop it")
         if self.temperature < 0:
             raise ValueError(f"temperature must be > 0 (or 0: the objective's default), got {self.temperature}")
+        if self.temperature and self.method not in objectives.with_temperature():
+            raise ValueError(f"temperature applies to the methods with distillation ({', '.join(objectives.with_temperature())}),"
+                             f" not {self.method}: drop it")
         if not 0 <= self.momentum < 1 or (self.nesterov and self.momentum == 0):
             raise ValueError(f"momentum must lie in [0, 1) (and be > 0 with nesterov), got {self.momentum}")
         if self.weight_decay < 0 or self.lr_gamma <= 0:

@@ -21,6 +21,7 @@ w is what makes the bilevel hypergradient cheap (see hdkdlib.bilevel).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -368,6 +369,11 @@ class HDKD(_DenseTerms, LearnedWeights):
 _REGISTRY = {"ce": CESum, "dbt": DBT, "imta_kd": IMTAKD, "dkd": DenseKD,
              "hmsdnet": HMSDNet, "hdbt": HDBT, "hdkd": HDKD}
 LEARNED = ("hmsdnet", "hdbt", "hdkd")
+
+
+def with_temperature() -> tuple:
+    """The objectives with a KD temperature (the others have no distillation term to soften)."""
+    return tuple(n for n, cls in _REGISTRY.items() if "temperature" in inspect.signature(cls).parameters)
 
 
 def weight_matrix(weights: Dict[str, float], num_exits: int) -> np.ndarray:

@@ -62,7 +62,8 @@ def test_help_shows_the_settings_in_sections_each_setting_once():
 
 def test_to_argv_round_trips_through_the_parser():
     for cfg in (TrainConfig(dataset="folder", method="dbt", lr_milestones=(5, 9), threads=1).validate(),
-                TrainConfig(recipe="dbt_cifar", nesterov=False, meta_schedule="fixed", meta_lr=0.01).validate()):
+                TrainConfig(recipe="dbt_cifar", nesterov=False, meta_schedule="fixed", meta_lr=0.01).validate(),
+                TrainConfig(dataset="folder", lr_schedule="cosine", method="ce").validate()):
         assert _cli_config(to_argv(cfg)) == cfg
 
 
@@ -176,6 +177,11 @@ def test_optimizer_schedule_and_weights_options():
              (dict(lr_schedule="cosine", lr_gamma=0.5), "lr_milestones and lr_gamma are options of the step schedule"),
              (dict(cuda_graphs="on", compile="step"), "cuda_graphs on and compile step exclude each other"),
              (dict(optimizer="adamw", momentum=0.5), "momentum and nesterov are SGD options"),
+             (dict(dataset="folder", lr_schedule="cosine", lr_milestones=(30,)), "lr_milestones and lr_gamma are"),
+             (dict(recipe="dbt_cifar", optimizer="adamw", nesterov=True), "momentum and nesterov are SGD options"),
+             (dict(method="ce", temperature=3.0), r"temperature applies to the methods with distillation \(dbt, "
+                                                   r"imta_kd, dkd, hdbt, hdkd\), not ce: drop it"),
+             (dict(method="hmsdnet", temperature=3.0), "temperature applies .* not hmsdnet"),
              (dict(optimizer="adam"), "unknown optimizer 'adam'; valid: sgd, adamw"),
              (dict(lr_schedule="linear"), "unknown lr_schedule 'linear'; valid: step, cosine"),
              (dict(warmup_epochs=300), r"warmup_epochs must lie in \[0, epochs\), got 300 of 300"),
@@ -186,6 +192,12 @@ def test_optimizer_schedule_and_weights_options():
         with pytest.raises(ValueError, match=message):
             TrainConfig(**options).validate()
     assert TrainConfig(arch="resnet18_exits", weights="ResNet18_Weights.IMAGENET1K_V1").validate().weights
+    # the recipe's step milestones and Nesterov give way to a cosine schedule or AdamW chosen over it (given
+    # ones are refused above)
+    assert TrainConfig(dataset="folder").validate().lr_milestones == (30, 60)
+    assert TrainConfig(dataset="folder", lr_schedule="cosine").validate().lr_milestones == ()
+    assert TrainConfig(recipe="dbt_cifar").validate().nesterov is True
+    assert TrainConfig(recipe="dbt_cifar", optimizer="adamw").validate().nesterov is False
 
 
 def test_run_folders_from_before_the_optimizer_settings_resume_as_sgd():
