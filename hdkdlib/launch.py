@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from .config import TrainConfig, to_argv
+from .resume import resolve
 from .runfolder import RunFolder
 
 
@@ -24,7 +25,9 @@ def torchrun(cfg: TrainConfig, nproc: int) -> bool:
         raise ValueError("a torchrun launch needs cfg.out: the run folder the processes train into")
     if RunFolder(cfg.out).finished():
         return False
-    command = torchrun_command(cfg, nproc)
+    # a folder begun with other settings is refused here, before the processes start: resumed, they would fill
+    # every setting the command leaves at its default from the folder's record and train with those
+    command = torchrun_command(resolve(cfg).cfg, nproc)
     print(" ".join(command))
     subprocess.run(command, check=True)
     return True

@@ -1,4 +1,5 @@
 """What the notebooks call instead of holding logic: the shared set-up cell, the torchrun launch, the grid."""
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 from hdkdlib import grid, launch, notebook
-from hdkdlib.config import TrainConfig, argparser, config_from_dict
-from hdkdlib.runfolder import RunFolder
+from hdkdlib.config import TrainConfig, argparser, config_from_dict, config_to_dict
+from hdkdlib.runfolder import RunFolder, RunFolderMismatch
 
 
 def test_set_up_checks_the_parameters_sets_threads_and_resolves_data(monkeypatch):
@@ -32,7 +33,7 @@ def test_the_torchrun_command_rebuilds_the_settings_and_resumes_what_is_there(tm
     assert command[5:7] == ["-m", "hdkdlib.train"] and "--resume" not in command
     given = {k: v for k, v in vars(argparser().parse_args(command[7:])).items() if v is not None}
     assert config_from_dict(given) == cfg
-    RunFolder(cfg.out).write_config({"config": {}})
+    RunFolder(cfg.out).write_config({"config": config_to_dict(cfg)})
     assert launch.torchrun_command(cfg, 4)[-1] == "--resume"
     with pytest.raises(ValueError, match="nproc must be >= 1"):
         launch.torchrun_command(cfg, 0)
@@ -43,6 +44,13 @@ def test_the_torchrun_command_rebuilds_the_settings_and_resumes_what_is_there(tm
     RunFolder(cfg.out).save_model({})
     RunFolder(cfg.out).write_results({})
     assert not launch.torchrun(cfg, 2) and len(launched) == 1  # finished: not launched again
+    # a folder begun with other settings: refused before launching (resumed, the processes would take the folder's
+    # lr for the one the command leaves at its default)
+    other = dataclasses.replace(cfg, lr=0.1, out=str(tmp_path / "other"))
+    RunFolder(other.out).write_config({"config": config_to_dict(dataclasses.replace(other, lr=0.05))})
+    with pytest.raises(RunFolderMismatch, match="lr"):
+        launch.torchrun(other, 2)
+    assert len(launched) == 1
     with pytest.raises(ValueError, match="needs cfg.out"):
         launch.torchrun(TrainConfig(dataset="synthetic", arch="toy_mlp"), 2)
 
