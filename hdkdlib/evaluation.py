@@ -135,7 +135,7 @@ def fit_thresholds(val_probs: torch.Tensor, shares: torch.Tensor) -> List[float]
     return thresholds + [-math.inf]
 
 
-def _check_thresholds(thresholds: Sequence[float], K: int) -> None:
+def check_thresholds(thresholds: Sequence[float], K: int) -> None:
     if len(thresholds) != K:
         raise ValueError(f"{K} exits but {len(thresholds)} thresholds")
     if any(math.isnan(float(t)) for t in thresholds):
@@ -152,7 +152,7 @@ def apply_thresholds(probs: torch.Tensor, targets: torch.Tensor, thresholds: Seq
     K, N, _ = probs.shape
     if len(thresholds) != K or len(exit_flops) != K:
         raise ValueError(f"{K} exits but {len(thresholds)} thresholds and {len(exit_flops)} exit_flops")
-    _check_thresholds(thresholds, K)
+    check_thresholds(thresholds, K)
     conf, pred = probs.max(2)
     t = torch.tensor(list(thresholds[:-1]) + [-math.inf], dtype=torch.float64).view(K, 1)
     leaves = conf.double() >= t
@@ -201,7 +201,7 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
     stages run on the others only. Returns predictions, exit indices (0-based), wall time, and the
     flops spent (sum over samples of the cumulative cost of their exit) if exit_flops is given."""
     K = model.num_exits
-    _check_thresholds(thresholds, K)
+    check_thresholds(thresholds, K)
     model.check_input(x)  # as model(x) would
     preds = torch.empty(len(x), dtype=torch.long, device=x.device)
     exits = torch.empty(len(x), dtype=torch.long, device=x.device)

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
+from .evaluation import check_thresholds
+
 
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold every BatchNorm that directly follows a Conv2d (or a Linear) inside an nn.Sequential into that
@@ -97,9 +99,7 @@ class StageGraphs:
         if x.shape[0] != 1:
             raise ValueError(f"StageGraphs runs one input at a time; got a batch of {x.shape[0]}: use "
                              "evaluation.early_exit_predict for batches")
-        K = self.model.num_exits
-        if len(thresholds) != K:
-            raise ValueError(f"{K} exits but {len(thresholds)} thresholds")
+        check_thresholds(thresholds, self.model.num_exits)
         if self.static_input is None:
             self.model.check_input(x)
             self._build(x)
@@ -114,5 +114,5 @@ class StageGraphs:
             else:
                 graph.replay()
             state, conf, pred = out
-            if k == K - 1 or conf.item() >= thresholds[k]:  # the one host sync of this exit
+            if k == len(self.stages) - 1 or conf.item() >= thresholds[k]:  # the one host sync of this exit
                 return int(pred.item()), k

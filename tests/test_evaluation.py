@@ -347,5 +347,7 @@ def test_stage_graphs_predict_as_batched_early_exit_one_input_at_a_time():
         graphs.predict(x[:2], thresholds)
     with pytest.raises(ValueError, match="built for inputs"):
         graphs.predict(x[:1].double(), thresholds)
+    with pytest.raises(ValueError, match="hold a NaN"):
+        graphs.predict(x[:1], [float("nan")] + thresholds[1:])
     with pytest.raises(ValueError, match="eval mode"):
         inference.StageGraphs(model.train())
