@@ -387,7 +387,14 @@ def config_from_dict(values: Dict) -> TrainConfig:
     if unknown:
         raise ValueError(f"unknown settings {unknown}; valid: {', '.join(sorted(names))}")
     values = dict(values)
+    # checked before TrainConfig fills the recipe's values (validate checks every type after): a hand-edited
+    # config.json gets one line, not a traceback
+    for name in ("dataset", "recipe"):
+        if name in values and not isinstance(values[name], str):
+            raise ValueError(f"{name} must be a name (text), got {values[name]!r}")
     if values.get("lr_milestones") is not None:
+        if not isinstance(values["lr_milestones"], (list, tuple)):
+            raise ValueError(f"lr_milestones must be a list of epochs, got {values['lr_milestones']!r}")
         values["lr_milestones"] = tuple(values["lr_milestones"])
     return TrainConfig(**values).validate()
 

@@ -84,6 +84,13 @@ def test_unknown_recipe_and_bad_values_are_refused_by_name():
             TrainConfig(**{name: value}, **extra).validate()
     with pytest.raises(ValueError, match="meta_lr 0.01 is used only with meta_schedule 'fixed'"):
         TrainConfig(meta_lr=0.01).validate()
+    # a hand-edited config.json: wrong types are one ValueError line, never a TypeError traceback
+    for values, message in (({"lr_milestones": 30}, "lr_milestones must be a list of epochs, got 30"),
+                            ({"recipe": ["imagenet"]}, r"recipe must be a name \(text\), got \['imagenet'\]"),
+                            ({"dataset": {"x": 1}}, "dataset must be a name"),
+                            ({"lr_milestones": ["a"]}, "lr_milestones must be")):
+        with pytest.raises(ValueError, match=message):
+            config_from_dict(values)
 
 
 def test_stored_configs_of_older_runs_keep_their_behaviour():
