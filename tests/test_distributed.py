@@ -123,3 +123,16 @@ def test_toy_fit_trains_on_one_thread_and_gives_the_threads_back():
     with distributed.cpu_threads(2):
         toy.fit(model, objective, (x, y), steps=3, progress=False)
         assert seen == [1, 1, 1] and torch.get_num_threads() == 2
+
+
+def test_only_cpu_and_existing_cuda_devices_are_accepted():
+    assert distributed.resolve_device("cpu") == torch.device("cpu")
+    for name in ("gpu", "meta", "xpu", "lazy", "cpu:3"):
+        with pytest.raises(ValueError, match=f"unknown device '{name}': use auto, cpu, cuda or cuda:N"):
+            distributed.resolve_device(name)
+    if torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"this machine has \d+ CUDA device"):
+            distributed.resolve_device(f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ValueError, match="no CUDA device is available"):
+            distributed.resolve_device("cuda:0")
