@@ -11,7 +11,9 @@ from __future__ import annotations
 import copy
 
 import torch
+import torch.fx
 from torch import nn
+from torch.fx.experimental.optimization import fuse as fx_fuse
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from .evaluation import check_thresholds
@@ -19,8 +21,9 @@ from .evaluation import check_thresholds
 
 def fold_batchnorm(model: nn.Module) -> int:
     """Fold every BatchNorm that directly follows a Conv2d (or a Linear) inside an nn.Sequential into that
-    layer, in place, and replace it by an Identity. The model must be in eval mode (running statistics are
-    what is folded). Returns how many were folded."""
+    layer, in place, and replace it by an Identity; in the torch.fx graphs of a torchvision backbone's segments,
+    torch.fx's own conv-bn fusion does it. The model must be in eval mode (running statistics are what is
+    folded). Returns how many were folded."""
     if model.training:
         raise ValueError("fold_batchnorm needs a model in eval mode: its running statistics are folded")
     folded = 0
@@ -36,7 +39,13 @@ def fold_batchnorm(model: nn.Module) -> int:
                 continue
             seq._modules[b] = nn.Identity()
             folded += 1
-    return folded
+    norms = lambda: sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    before = norms()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, torch.fx.GraphModule):
+                setattr(parent, name, fx_fuse(child, inplace=True, no_trace=True))
+    return folded + before - norms()
 
 
 def fast_copy(model: nn.Module, *, fold_bn: bool = True, channels_last: bool = False) -> nn.Module:

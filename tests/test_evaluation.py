@@ -278,6 +278,26 @@ def test_folded_batchnorm_predicts_as_the_original_and_early_exit_as_the_simulat
         inference.fold_batchnorm(model.train())
 
 
+def test_a_torchvision_backbones_batchnorms_are_folded_in_its_fx_graphs():
+    """resnet18_exits' segments are torch.fx graphs, not nn.Sequential: torch.fx's fusion folds all 20 of its
+    BatchNorms; the logits agree with the original's to float32 rounding of the folded weights."""
+    from hdkdlib import inference
+    torch.manual_seed(0)
+    model = models.build("resnet18_exits", 10)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+    model.eval()
+    fast = inference.fast_copy(model, fold_bn=False)
+    assert inference.fold_batchnorm(fast) == 20
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        for a, b in zip(model(x), fast(x)):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item())
+
+
 def test_latency_is_cumulative_per_image_and_budgets_take_any_cost():
     model = models.build("toy_mlp", 3, num_exits=3)
     seconds = cost.latency(model, (2,), batch_size=8, repeats=2, warmup=1)
