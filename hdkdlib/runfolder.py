@@ -1,7 +1,7 @@
 """The run folder: the only code that knows the names of the files in it, and how each is written.
 
     config.json        every setting, commit, packages, device, split checksum, the data's fingerprint (written
-                       when the run begins)
+                       when the run begins; each resume adds its commit, packages and device under "resumed")
     metrics.jsonl      one line per finished epoch
     checkpoint.pt      written every epoch and on Ctrl-C / SIGTERM; the one before is kept as checkpoint.prev.pt
     model.pt           the final network: its presence means training finished
@@ -29,6 +29,7 @@ from . import records
 from .paths import atomic_write, atomic_write_text
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
+RESUME_PROVENANCE = ("git_commit", "packages", "device", "threads_used", "step_mode")  # what each resume records
 CHECKPOINT, PREVIOUS, MODEL, LOCK = "checkpoint.pt", "checkpoint.prev.pt", "model.pt", ".lock"
 CHECKPOINT_KEYS = {"model", "objective", "optimizer", "epoch", "batch", "step", "meta_steps", "accumulators", "config"}
 FILES = (CONFIG, METRICS, RESULTS, CHECKPOINT, PREVIOUS, MODEL, LOCK)
@@ -156,6 +157,13 @@ class RunFolder:
         if action == "start":
             self.write_config(record)
 
+    def record_resume(self, record: Dict, epochs_done: int, batch: int) -> None:
+        """config.json keeps the code that began the run and adds, under "resumed", the code, packages and device
+        of each resume, from where its checkpoint stood: later epochs may have been trained by other code."""
+        here = self.config()
+        resume = {"epochs_done": epochs_done, "batch": batch, **{k: record.get(k) for k in RESUME_PROVENANCE}}
+        self.write_config({**here, "resumed": [*here.get("resumed", []), resume]})
+
     def _check_same_data(self, recorded: Dict, given: Dict) -> None:
         """A run continues (or is evaluated) on the data it began with; records from before data fingerprints
         cannot be checked."""
@@ -227,7 +235,7 @@ class RunFolder:
         recorded when the run began (the evaluating code goes to evaluated_with), and the weights' history."""
         began, provenance = self.config(), ("git_commit", "packages", "device")
         results = {**results, "evaluated_with": {k: results.get(k) for k in provenance},
-                   **{k: began.get(k) for k in provenance}}
+                   **{k: began.get(k) for k in provenance}, "resumed": began.get("resumed", [])}
         history = self.metrics()
         if history:
             results["weights_history"] = [row["weights"] for row in history]

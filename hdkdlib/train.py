@@ -82,6 +82,7 @@ class Trainer:
         self._stop_signal = None
         self.action = None  # what fit was asked to do: a notebook says "trained" or "loaded" (notebook.what_was_done)
         self.began = False  # the run folder checked and the state loaded: what fails from here on may pass on a rerun
+        self._resumed_from = None  # (record, epoch, batch) of a resume, until its first checkpoint records it
 
     # -- run folder
     def _config_record(self) -> Dict:
@@ -120,6 +121,9 @@ class Trainer:
     def save_checkpoint(self) -> None:
         if self.writes:
             self.folder.save_checkpoint(self.state_dict())
+            if self._resumed_from is not None:
+                self.folder.record_resume(*self._resumed_from)
+                self._resumed_from = None
 
     def load_checkpoint(self, state: Optional[Dict] = None) -> None:
         """Continue from the run folder's checkpoint (or the previous one, if the newer one is unreadable)."""
@@ -265,6 +269,8 @@ class Trainer:
             return []
         if action in ("continue", "evaluate"):  # a trained run whose checkpoints are gone: its final network
             self.load_checkpoint() if self.folder.resumable() else self.load_finished()
+            if action == "continue" and self.writes:  # written with its first checkpoint: a resume that
+                self._resumed_from = (self._config_record(), self.epoch, self.batch)  # fails changes nothing
         self.began = True
         history = []
         if threading.current_thread() is threading.main_thread():

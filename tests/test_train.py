@@ -79,8 +79,19 @@ def test_interrupt_and_resume_is_bit_identical(fake_root, tmp_path):
     assert re.search("epoch 2, batch 4; checkpoint saved.*--resume", str(stopped)), stopped
     ckpt = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (1, 4, stop_at)
+    began = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    (tmp_path / "resumed" / "config.json").write_text(json.dumps({**began, "git_commit": "0123abcd (began)"}))
 
     resumed = _resume(_cfg(fake_root, tmp_path / "resumed"))
+    # config.json keeps the commit the run began with and adds the resuming code's (here: this checkout's)
+    from hdkdlib import runinfo
+    record = json.loads((tmp_path / "resumed" / "config.json").read_text())
+    assert record["git_commit"] == "0123abcd (began)" and record["config"] == began["config"]
+    assert record["resumed"] == [{"epochs_done": 1, "batch": 4, "git_commit": runinfo.git_commit(), "packages": began["packages"],
+                                  "device": began["device"], "threads_used": began["threads_used"],
+                                  "step_mode": "eager"}]
+    assert "resumed" not in json.loads((tmp_path / "full" / "config.json").read_text())
+    assert resumed.evaluate()["resumed"] == record["resumed"] and full.evaluate()["resumed"] == []
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert torch.equal(full.objective.gamma, resumed.objective.gamma)
