@@ -2,12 +2,13 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from hdkdlib import bilevel, models, objectives as O
+from hdkdlib import bilevel, config, models, objectives as O
 
 
-def _setup(objective="hdkd", seed=0):
+def _setup(objective="hdkd", seed=0, gradient_equilibrium=False):
     torch.manual_seed(seed)
-    model = models.build("toy_mlp", 3, width=8, num_exits=3, batch_norm=True).double()
+    model = models.build("toy_mlp", 3, width=8, num_exits=3, batch_norm=True,
+                         gradient_equilibrium=gradient_equilibrium).double()
     obj = O.build(objective, 3, init="random", seed=seed).double()
     train = (torch.randn(16, 2, dtype=torch.float64), torch.randint(0, 3, (16,)))
     val = (torch.randn(12, 2, dtype=torch.float64), torch.randint(0, 3, (12,)))
@@ -57,6 +58,23 @@ def test_hypergradient_matches_brute_force(objective, momentum, weight_decay):
         assert rel < tol, (method, rel)
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)  # parameters and BN buffers untouched
+
+
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 1e-2)])
+def test_hypergradient_with_gradient_equilibrium_matches_brute_force(momentum, weight_decay):
+    # the real step follows IMTA's rescaled gradient (the brute force takes it from the model too); the held-out
+    # loss at theta' is what it is, unscaled: the exact path must not apply the scales to its gradient a second time
+    model, obj, train, val = _setup("hdkd", gradient_equilibrium=True)
+    lr = 0.1
+    buf = {n: 0.1 * torch.randn_like(p) for n, p in model.named_parameters()} if momentum else None
+    reference = _brute_force(model, obj, train, val, lr, momentum, weight_decay, buf)
+    assert reference.abs().max() > 1e-4
+    for method, tol in (("exact", 1e-4), ("finite_difference", 1e-2)):
+        hg = bilevel.hypergradient(model, obj, train, val, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                                   momentum_buffer=buf, method=method)
+        rel = ((hg - reference).norm() / reference.norm()).item()
+        assert rel < tol, (method, rel)
+    assert model.gradient_equilibrium  # switched back on after the held-out pass
 
 
 def test_the_finite_difference_probes_are_not_drowned_by_bf16_autocast():
@@ -335,6 +353,13 @@ def test_horizon_options_are_checked():
         bilevel.MetaStep(model, obj, method="finite_difference", horizon=2)
     with pytest.raises(ValueError, match=r"meta_horizon 3 needs meta_method 'exact'"):
         bilevel.hypergradient(model, obj, train, val, lr=0.1, method="finite_difference", horizon=3)
+    model, obj, train, val = _setup(gradient_equilibrium=True)
+    with pytest.raises(ValueError, match=r"meta_horizon 2 cannot be combined with gradient_equilibrium"):
+        bilevel.MetaStep(model, obj, method="exact", horizon=2)
+    with pytest.raises(ValueError, match=r"meta_horizon 3 cannot be combined with gradient_equilibrium"):
+        bilevel.hypergradient(model, obj, train, val, lr=0.1, method="exact", horizon=3)
+    with pytest.raises(ValueError, match=r"meta_horizon 2 cannot be combined with gradient_equilibrium"):
+        config.TrainConfig(method="hdkd", meta_method="exact", meta_horizon=2, gradient_equilibrium=True).validate()
 
 
 # --- the exact hypergradient through Adam where a gradient element is exactly zero (issue 36) --------------------

@@ -49,6 +49,25 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     return _ScaleGrad.apply(x, scale)
 
 
+def with_gradient_equilibrium(model: nn.Module) -> bool:
+    """Whether any multi-exit network in `model` (a wrapper's included) scales its gradients by IMTA's rule."""
+    return any(isinstance(m, MultiExitNet) and m.gradient_equilibrium for m in model.modules())
+
+
+@contextmanager
+def gradient_equilibrium_off(model: nn.Module):
+    """Passes made inside differentiate the network's loss itself, not IMTA's rescaled gradient (which is no loss's
+    gradient): a held-out loss's gradient through the virtual step needs the true one."""
+    nets = [m for m in model.modules() if isinstance(m, MultiExitNet) and m.gradient_equilibrium]
+    for m in nets:
+        m.gradient_equilibrium = False
+    try:
+        yield model
+    finally:
+        for m in nets:
+            m.gradient_equilibrium = True
+
+
 class MultiExitNet(nn.Module):
     """Stages + heads. Subclasses only build the two ModuleLists.
 
