@@ -124,6 +124,7 @@ def resolve(settings: Union[TrainConfig, Dict], mode: str = "auto") -> Plan:
         raise FileExistsError(f"run folder {folder.path} holds a finished run's results without its network (model.pt "
                               "and the checkpoints are gone): it is not trained again over them; restore model.pt "
                               "to load it, or choose another out folder")
+    folder.refuse_to_restart_over_metrics()
     recorded = folder.config()["config"]
     if mode == "continue":  # the recorded settings; those given must agree
         values = {**stored_config(recorded), **values}

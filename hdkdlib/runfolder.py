@@ -237,14 +237,31 @@ class RunFolder:
         results = {**results, "evaluated_with": {k: results.get(k) for k in provenance},
                    **{k: began.get(k) for k in provenance}, "resumed": began.get("resumed", [])}
         history = self.metrics()
+        for row in history:
+            if not isinstance(row.get("weights"), dict):
+                raise RunFolderDamaged(f"{METRICS} in {self.path}: epoch {row['epoch']}'s line holds no weights: restore "
+                                       "it from a copy of the run folder, or delete that line (only that epoch's "
+                                       "metrics are lost) and run again")
         if history:
             results["weights_history"] = [row["weights"] for row in history]
         return results
+
+    def refuse_to_restart_over_metrics(self) -> None:
+        """Epochs' metrics without a checkpoint or model (those deleted to save space): not a run that stopped before
+        its first checkpoint, which has at most its first epoch's line (written just before that checkpoint)."""
+        if self.resumable() or self.trained():
+            return
+        epochs = self.metrics()
+        if any(row.get("epoch", 0) > 1 for row in epochs):
+            raise FileExistsError(f"run folder {self.path} holds {len(epochs)} epochs' metrics but no checkpoint or "
+                                  f"model.pt to continue them: it is not trained again over them; restore "
+                                  f"{CHECKPOINT} to continue, or choose another out folder")
 
     def restart(self) -> None:
         """Forget a run that never reached its first checkpoint (it has nothing to lose but its config)."""
         if self.resumable() or self.trained():
             raise RuntimeError(f"{self.path} holds a checkpoint or a model: it is not restarted")
+        self.refuse_to_restart_over_metrics()
         for name in (CONFIG, METRICS, RESULTS):
             self.file(name).unlink(missing_ok=True)
 

@@ -642,6 +642,30 @@ def test_a_finished_runs_results_without_its_network_are_not_trained_over(fake_r
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
 
 
+def test_epochs_metrics_without_a_checkpoint_are_not_trained_over(fake_root, tmp_path, capsys):
+    """The checkpoints and model.pt deleted before evaluation: the folder is not taken for a run that stopped before
+    its first checkpoint (which has at most epoch 1's line), whose restart would delete metrics.jsonl."""
+    out = tmp_path / "run"
+    train.run(_cfg(fake_root, out, epochs=2))
+    for name in ("model.pt", "checkpoint.pt", "checkpoint.prev.pt", "results.json"):
+        (out / name).unlink(missing_ok=True)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
+    assert len(_metrics(out)) == 2
+    with pytest.raises(FileExistsError, match=r"holds 2 epochs' metrics but no checkpoint or model.pt"):
+        train.run(_cfg(fake_root, out, epochs=2))
+    capsys.readouterr()
+    assert main(_train_argv(fake_root, out, "--epochs", "2")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "epochs' metrics but no checkpoint" in err, err
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+    # a line without its weights (edited by hand): one line naming it when the results are completed from the folder
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    del rows[1]["weights"]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"metrics.jsonl in .*: epoch 2's line holds no weights"):
+        RunFolder(out).with_history({})
+
+
 def test_a_checkpoint_of_another_run_or_no_checkpoint_is_passed_over_for_the_previous_one(fake_root, tmp_path):
     """checkpoint.pt copied from a run at another lr, or a model.pt copied over it: not resumed (it would go on
     silently, or stop with a KeyError); checkpoint.prev.pt is, after one warning naming why."""
