@@ -59,6 +59,11 @@ def configs(methods, seeds, runs, tag: str = "", **settings) -> List[train.Train
     for key in ("data_root", "split_dir"):
         if settings.get(key):
             settings[key] = portable(settings[key])
+    names = [run_name(method, tag, seed) for seed in seeds for method in methods]
+    unrecordable = [n for n in names if not studyrecords.RUN_NAME.match(n)]
+    if unrecordable:  # refused before training: a run whose name runs.csv cannot hold would train for nothing
+        raise ValueError(f"run name {unrecordable[0]!r} cannot be recorded in runs.csv: seeds are whole numbers >= 0, "
+                         "and a tag is letters, digits, '.', '_' or '+' (parts joined by '-'): change --seeds or --tag")
     settings = {"dataset": "folder32", **settings}
     return [train.TrainConfig(**settings, method=method, seed=seed,
                               out=str(Path(portable(runs)) / run_name(method, tag, seed))).validate()

@@ -568,7 +568,12 @@ def test_bad_data_or_settings_for_a_study_are_one_line(tmp_path, capsys):
     common = ["--name", "s", "--results", str(tmp_path / "results"), "--runs", str(tmp_path / "runs"),
               "--methods", "ce", "--seeds", "0", "--epochs", "1", "--arch", "toy_mlp", "--device", "cpu"]
     for extra, words in ((["--data-root", str(tmp_path / "empty")], "train not found"),
-                         (["--data-root", str(tmp_path / "empty"), "--out", "x"], "cannot set out per run")):
+                         (["--data-root", str(tmp_path / "empty"), "--out", "x"], "cannot set out per run"),
+                         # names runs.csv could not hold: refused before anything trains, not after
+                         (["--data-root", str(tmp_path / "empty"), "--seeds", "-1"],
+                          "run name 'ce-seed-1' cannot be recorded in runs.csv"),
+                         (["--data-root", str(tmp_path / "empty"), "--tag", "T 3"],
+                          "run name 'ce-T 3-seed0' cannot be recorded")):
         capsys.readouterr()
         assert study.main(common + extra) == 2
         err = capsys.readouterr().err
