@@ -32,6 +32,7 @@ FROZEN_AT_START = "init"  # freeze_weights_from: keep the learned weights at the
 # Each epoch's batch order is drawn from a generator seeded with (seed + 1) * 1_000_003 + epoch (data.order, the
 # held-out stream's seed + 1): a seed within this bound keeps that inside torch's 64-bit seeds.
 MAX_SEED = 2 ** 40 - 1
+MAX_THREADS = 1024  # above any machine's cores: more asks the OS for threads it refuses, after the data has loaded
 
 RECIPES: Dict[str, Dict] = {
     # MSDNet's CIFAR code: batch 64, 300 epochs, lr x0.1 at 50% and 75%
@@ -198,8 +199,8 @@ class TrainConfig:
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
         if not -MAX_SEED <= self.seed <= MAX_SEED:
             raise ValueError(f"seed must lie in [-{MAX_SEED}, {MAX_SEED}], got {self.seed}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
+        if not 0 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"threads must lie in [0, {MAX_THREADS}] (0: torch's default), got {self.threads}")
         for name in ("epochs", "batch_size", "meta_interval", "eval_batch_size", "check_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -282,6 +283,12 @@ class TrainConfig:
             raise ValueError("cuda_graphs on and compile step exclude each other (the compiled step is not captured): "
                              "drop one of them")
         self.lr_milestones = self._checked_milestones()
+        if self.lr_schedule == "step":  # the lr bound holds for the schedule's last step too
+            last = self.lr * self.lr_gamma ** sum(m < self.epochs for m in self.milestones())
+            if not LR_RANGE[0] <= last <= LR_RANGE[1]:
+                raise ValueError(f"lr_gamma {self.lr_gamma:g} takes the lr from {self.lr:g} to {last:g} by the last "
+                                 f"milestone, outside [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}] (float32 training there does "
+                                 "nothing or diverges): use an lr_gamma nearer 1, e.g. 0.1")
         return self
 
     def _checked_milestones(self) -> Tuple[int, ...]:

@@ -51,7 +51,14 @@ class Trainer:
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         if cfg.init_from:  # another run's final network; IMTA's second stage trains new heads on frozen stages
-            self.model.load_state_dict(runfolder.final_network(cfg.init_from, self.device))
+            try:
+                self.model.load_state_dict(runfolder.final_network(cfg.init_from, self.device))
+            except RuntimeError as e:  # torch lists every mismatched tensor; the first names the problem
+                first = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e))
+                first = first if len(first) <= 160 else first[:160] + "..."  # a missing-keys line names them all
+                raise ValueError(f"init_from {cfg.init_from}: its network is not a {cfg.arch} with "
+                                 f"{self.data.num_classes} classes ({first.rstrip('.')}): give a finished run of "
+                                 f"arch {cfg.arch} on this dataset") from None
             if cfg.train_heads_only:
                 self.model.freeze_stages_and_reset_heads()
         # the loss is checked every check_every steps instead of every step: no host sync per step
@@ -346,7 +353,7 @@ def _recorded_threads(folder: Optional[RunFolder]) -> Optional[int]:
     if folder is None or not folder.resumable():
         return None
     used = folder.config().get("threads_used")
-    return used if isinstance(used, int) and not isinstance(used, bool) and used > 0 else None
+    return used if isinstance(used, int) and not isinstance(used, bool) and 0 < used <= config.MAX_THREADS else None
 
 
 def load_run(run_dir, device: str = "auto") -> Trainer:

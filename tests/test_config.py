@@ -77,11 +77,14 @@ def test_unknown_recipe_and_bad_values_are_refused_by_name():
              "alpha": (5.0, r"alpha must lie in \[0, 1\]"),
              "temperature": (-1.0, "temperature must be > 0"),
              "min_init_weight": (0.0, r"min_init_weight must lie in \(0, 1\]"),
-             "threads": (-2, "threads must be >= 0")}
+             "threads": (-2, r"threads must lie in \[0, 1024\]")}
+    cases["threads"] = (10 ** 9, r"threads must lie in \[0, 1024\]")  # the OS refuses them, after the data loaded
     for name, (value, message) in cases.items():
         extra = {"meta_schedule": "fixed"} if name == "meta_lr" else {}
         with pytest.raises(ValueError, match=message):
             TrainConfig(**{name: value}, **extra).validate()
+    with pytest.raises(ValueError, match=r"threads must lie in \[0, 1024\]"):
+        TrainConfig(threads=-2).validate()
     with pytest.raises(ValueError, match="meta_lr 0.01 is used only with meta_schedule 'fixed'"):
         TrainConfig(meta_lr=0.01).validate()
     # a hand-edited config.json: wrong types are one ValueError line, never a TypeError traceback
@@ -190,6 +193,9 @@ def test_optimizer_schedule_and_weights_options():
                                                    r"imta_kd, dkd, hdbt, hdkd\), not ce: drop it"),
              (dict(method="hmsdnet", temperature=3.0), "temperature applies .* not hmsdnet"),
              (dict(optimizer="adam"), "unknown optimizer 'adam'; valid: sgd, adamw"),
+             # the lr bound holds after the drops too: lr 1e-9 is refused, so is 0.1 x 1e-30 x 1e-30
+             (dict(lr_gamma=1e-30), r"lr_gamma 1e-30 takes the lr from 0.1 to 1e-61 by the last milestone"),
+             (dict(lr_gamma=1000.0), r"lr_gamma 1000 takes the lr from 0.1 to 100000 by the last milestone"),
              (dict(lr_schedule="linear"), "unknown lr_schedule 'linear'; valid: step, cosine"),
              (dict(warmup_epochs=300), r"warmup_epochs must lie in \[0, epochs\), got 300 of 300"),
              (dict(arch="vit_b_16_exits", weights="ViT_B_16_Weights.NOPE"),

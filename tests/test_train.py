@@ -351,6 +351,18 @@ def test_imta_second_stage_trains_new_heads_on_a_frozen_network(fake_root, tmp_p
         _cfg(fake_root, tmp_path, train_heads_only=True).validate()
 
 
+def test_init_from_a_network_of_another_arch_is_one_line(fake_root, tmp_path, capsys):
+    first, other = tmp_path / "toy", tmp_path / "msd"
+    train.run(_cfg(fake_root, first, method="ce", epochs=1))
+    capsys.readouterr()
+    assert main(_train_argv(fake_root, other, "--epochs", "1", "--arch", "msdnet_cifar_budget",
+                            "--init-from", str(first))) == 2
+    line = _one_line_error(capsys)  # not torch's list of every mismatched tensor
+    assert f"init_from {first}: its network is not a msdnet_cifar_budget with 10 classes" in line, line
+    assert line.endswith("give a finished run of arch msdnet_cifar_budget on this dataset") and not other.exists()
+    assert len(line) < 400  # the first mismatch, not every missing key
+
+
 def test_weight_lr_is_set_per_run_and_meta_interval_must_fit_an_epoch(fake_root, tmp_path):
     from hdkdlib import bilevel
     trainer = train.prepare(_cfg(fake_root, "", epochs=4, meta_schedule="per_run", meta_lr=1e-3))
