@@ -15,6 +15,7 @@ JSON records are bounded in size and depth.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import math
@@ -121,6 +122,14 @@ class RunFolder:
         record = self._read_json(CONFIG, fix)
         if not isinstance(record.get("config"), dict):  # another tool's config.json, or one edited by hand
             raise RunFolderDamaged(f"{CONFIG} in {self.path} holds no run's settings (a 'config' object): {fix}")
+        # the parts a resume reads (and adds to): a wrong shape is one line here, not a traceback there
+        for key, shape, ok in (("split", "an object", lambda v: isinstance(v, dict)),
+                               ("data", "an object", lambda v: v is None or isinstance(v, dict)),
+                               ("resumed", "a list of objects",
+                                lambda v: isinstance(v, list) and all(isinstance(r, dict) for r in v))):
+            if key in record and not ok(record[key]):
+                raise RunFolderDamaged(f"{CONFIG} in {self.path}: its {key!r} is {json.dumps(record[key])[:40]}, not "
+                                       f"{shape}: {fix}")
         return record
 
     def _read_json(self, name: str, fix: str):
@@ -187,7 +196,15 @@ class RunFolder:
     def acquire(self) -> None:
         """Hold the folder's lock for the life of this process's run; refuse if another process holds it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        f = open(self.file(LOCK), "a+")
+        try:  # never through a link: the lock file is truncated to hold our pid, and a link's target would be
+            fd = os.open(self.file(LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise RunFolderDamaged(f"{LOCK} in {self.path} is a link (to {os.readlink(self.file(LOCK))}): a run would "
+                                   f"write into its target; remove the link (rm {self.file(LOCK)}) and run "
+                                   "again") from None
+        f = os.fdopen(fd, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -300,8 +317,15 @@ class RunFolder:
         return rows
 
     def results(self) -> Dict:
-        return self._read_json(RESULTS, "delete it and run the same command with --resume: the run is evaluated "
-                                        "again from model.pt")
+        fix = "delete it and run the same command with --resume: the run is evaluated again from model.pt"
+        record = self._read_json(RESULTS, fix)
+        anytime = record.get("anytime", [])
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)
+        if not (isinstance(anytime, list) and all(isinstance(r, dict) and number(r.get("exit")) and number(r.get("top1"))
+                                                  for r in anytime)):
+            raise RunFolderDamaged(f"{RESULTS} in {self.path}: its 'anytime' is not a list of exits' results "
+                                   f"(exit, top1): {fix}")
+        return record
 
     def load_checkpoint(self, device, say=print, foreign=lambda state: None) -> Dict:
         """checkpoint.pt, or checkpoint.prev.pt when the newer one cannot be read or is no checkpoint of this run

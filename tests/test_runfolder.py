@@ -1,6 +1,7 @@
 """hdkdlib.runfolder on its own: the readers other runs' files go through."""
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,38 @@ def test_a_config_json_without_a_runs_settings_is_one_line(tmp_path, record):
     (tmp_path / "config.json").write_text(json.dumps(record))
     with pytest.raises(RunFolderDamaged, match=r"config.json in .* holds no run's settings \(a 'config' object\)"):
         RunFolder(tmp_path).config()
+
+
+@pytest.mark.parametrize("part,value", [("split", "abc"), ("data", [1]), ("resumed", 5), ("resumed", [1])])
+def test_a_config_json_whose_parts_have_other_shapes_is_one_line(tmp_path, part, value):
+    """The parts a resume reads and adds to, edited by hand: named, not an AttributeError or TypeError later."""
+    (tmp_path / "config.json").write_text(json.dumps({"config": {"epochs": 2}, part: value}))
+    with pytest.raises(RunFolderDamaged, match=rf"config.json in .*: its '{part}' is .*, not (an object|a list)"):
+        RunFolder(tmp_path).config()
+    (tmp_path / "config.json").write_text(json.dumps({"config": {}, "split": {}, "data": None, "resumed": []}))
+    assert RunFolder(tmp_path).config()["data"] is None  # the shapes runs write pass
+
+
+@pytest.mark.parametrize("anytime", ["none", [{"exit": 1}], [1, 2], {"exit": 1, "top1": 0.5}])
+def test_results_json_whose_exits_have_other_shapes_is_one_line(tmp_path, anytime):
+    (tmp_path / "results.json").write_text(json.dumps({"anytime": anytime}))
+    with pytest.raises(RunFolderDamaged, match=r"results.json in .*: its 'anytime' is not a list of exits' results"):
+        RunFolder(tmp_path).results()
+    (tmp_path / "results.json").write_text(json.dumps({"anytime": [{"exit": 1, "top1": 0.5, "flops": 3}]}))
+    assert RunFolder(tmp_path).results()["anytime"][0]["top1"] == 0.5
+
+
+def test_a_lock_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
+    (tmp_path / "notes.txt").write_text("precious notes")
+    (tmp_path / ".lock").symlink_to(tmp_path / "notes.txt")
+    with pytest.raises(RunFolderDamaged, match=r"\.lock in .* is a link .*remove the link"):
+        RunFolder(tmp_path).acquire()
+    assert (tmp_path / "notes.txt").read_text() == "precious notes"
+    (tmp_path / ".lock").unlink()
+    folder = RunFolder(tmp_path)
+    folder.acquire()
+    assert (tmp_path / ".lock").read_text() == str(os.getpid())
+    folder.release()
 
 
 def test_results_store_round_trip(tmp_path):
