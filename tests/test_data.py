@@ -526,6 +526,7 @@ def _rechecksummed(path, edit):
     (lambda s: s["train"].append(1000), r"'train' holds index 1000, outside \[0, 999\]"),
     (lambda s: s["val"].append(1.5), r"'val' holds 1.5, not an integer index"),
     (lambda s: s["val"].append(True), r"'val' holds True, not an integer index"),
+    (lambda s: s["val"].append(None), r"'val' holds None, not an integer index"),
     (lambda s: s.update(train={"0": 1}), r"'train' must be a list of image indices, not dict"),
 ])
 def test_split_contents_are_checked_even_with_a_matching_checksum(tmp_path, edit, message):
@@ -573,6 +574,21 @@ def test_a_split_file_that_is_not_the_seeds_draw_is_refused(tmp_path, edit):
         _rechecksummed(path, lambda content: content.update(seed=0))
     before = path.read_text()
     with pytest.raises(D.DatasetError, match=r"toy.json holds other images than seed 0's draw .*restore it"):
+        splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=50, path=path)
+    assert path.read_text() == before
+
+
+@pytest.mark.parametrize("edit, message", [
+    (dict(num_classes=100), r"its num_classes 100 is not its draw's \(10\)"),
+    (dict(dataset="cifar100", n_total=50000), r"its dataset 'cifar100', n_total 50000 are not its draw's \('toy', 1000\)"),
+    (dict(version=2), r"its version 2 is not its draw's \(1\)")])
+def test_a_split_files_description_must_be_its_draws(tmp_path, edit, message):
+    """The fields that describe a split go into every run's config.json: edited ones are refused, not recorded."""
+    path = tmp_path / "toy.json"
+    splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=50, path=path)
+    path.write_text(json.dumps({**json.loads(path.read_text()), **edit}))
+    before = path.read_text()
+    with pytest.raises(D.DatasetError, match=rf"^split file .*toy.json: {message}; if it is committed, restore it"):
         splits.load_or_create(LABELS, dataset="toy", val_per_class=10, train_per_class=50, path=path)
     assert path.read_text() == before
 

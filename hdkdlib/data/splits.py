@@ -111,14 +111,24 @@ def load_or_create(labels, *, dataset: str, val_per_class: int, train_per_class:
                                "different copy of the dataset. Use the dataset it was made for, or pass another path.")
         check_contents(split, len(labels), path)
         check_protocol(split, labels, val_per_class, train_per_class, seed, path)
-        drawn = make_split(labels, val_per_class=val_per_class, train_per_class=train_per_class, seed=seed)
+        drawn = make_split(labels, val_per_class=val_per_class, train_per_class=train_per_class, seed=seed,
+                           dataset=dataset)
         if (split["val"], split["train"]) != (drawn["val"], drawn["train"]):  # the draw is cheap: compare it
             raise DatasetError(f"split file {path} holds other images than seed {seed}'s draw (of another seed with "
                                f"its fields edited, or edited and checksummed again); {_REGENERATE.format(path=path)}")
+        # the fields that describe it go into every run's config.json: they must be the draw's too
+        differ = [k for k in DESCRIBED_BY if split.get(k) != drawn[k]]
+        if differ:
+            raise DatasetError(f"split file {path}: its {', '.join(f'{k} {split.get(k)!r}' for k in differ)} "
+                               f"{'is' if len(differ) == 1 else 'are'} not its draw's "
+                               f"({', '.join(repr(drawn[k]) for k in differ)}); {_REGENERATE.format(path=path)}")
         return split
     split = make_split(labels, val_per_class=val_per_class, train_per_class=train_per_class, seed=seed, dataset=dataset)
     atomic_write_text(path, json.dumps(split, separators=(",", ":")))  # never a half-written split file
     return split
+
+
+DESCRIBED_BY = ("version", "dataset", "seed", "protocol", "val_per_class", "train_per_class", "num_classes", "n_total")
 
 
 def check_contents(split: Dict, n_total: int, path) -> None:
@@ -132,9 +142,9 @@ def check_contents(split: Dict, n_total: int, path) -> None:
         if not isinstance(values, list):
             raise DatasetError(f"split file {path}: '{name}' must be a list of image indices, not "
                                f"{type(values).__name__}; {fix}")
-        bad = next((v for v in values if not isinstance(v, int) or isinstance(v, bool)), None)
-        if bad is not None:
-            raise DatasetError(f"split file {path}: '{name}' holds {bad!r}, not an integer index; {fix}")
+        bad = [v for v in values if not isinstance(v, int) or isinstance(v, bool)][:1]  # a null entry is one too
+        if bad:
+            raise DatasetError(f"split file {path}: '{name}' holds {bad[0]!r}, not an integer index; {fix}")
         bad = next((v for v in values if not 0 <= v < n_total), None)
         if bad is not None:
             raise DatasetError(f"split file {path}: '{name}' holds index {bad}, outside [0, {n_total - 1}] for "
