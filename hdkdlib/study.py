@@ -80,7 +80,9 @@ def epochs_within(minutes: float, throughput: dict, methods, seeds, train_images
     modes = {r["mode"] for r in rows}
     preferred = next((m for m in ("step+graph", "compile", "step") if m in modes), "eager")  # compiled rows first
     rows = [r for r in rows if r["mode"] == preferred]
-    ce = next(r["images_per_s"] for r in rows if r["method"] == "ce")
+    ce = next((r["images_per_s"] for r in rows if r["method"] == "ce"), None)
+    if ce is None:
+        raise ValueError("no CE row among the speeds")
     learned = [r for r in rows if r["method"] != "ce"]
     hdkd = min(learned, key=lambda r: abs(r["meta_interval"] - meta_interval))["images_per_s"] if learned else ce
     seconds_per_epoch = len(seeds) * sum(train_images / (hdkd if m in objectives.LEARNED else ce) for m in methods)
@@ -102,7 +104,10 @@ def resolve_epochs(args) -> int:
         return int(args.epochs)
     begun = [f for f in map(RunFolder, sorted(Path(args.runs).glob("*/"))) if f.exists()]
     if begun:
-        epochs = begun[0].config()["config"]["epochs"]
+        epochs = begun[0].config()["config"].get("epochs")
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"--epochs auto takes the epochs of the runs begun in {args.runs}, but "
+                             f"{begun[0].file('config.json')} records {epochs!r}: give --epochs N")
         print(f"epochs auto: {epochs}, as the runs already begun in {args.runs}", flush=True)
         return epochs
     path = Path(args.throughput)
@@ -110,8 +115,12 @@ def resolve_epochs(args) -> int:
         raise SystemExit(f"--epochs auto needs the speeds in {path}: run benchmarks/train_throughput.py first")
     n = train_images(args.data_root, args.train_options)
     probe = train.TrainConfig(**{"dataset": "folder32", **args.train_options})
-    epochs = epochs_within(args.minutes, records.read_json(path), args.methods, args.seeds, n,
-                           probe.meta_interval, probe.batch_size)
+    try:
+        epochs = epochs_within(args.minutes, records.read_json(path), args.methods, args.seeds, n,
+                               probe.meta_interval, probe.batch_size)
+    except (ValueError, KeyError, TypeError, AttributeError) as e:  # an old or hand-edited speeds file
+        raise ValueError(f"--epochs auto cannot read the speeds in {path} ({type(e).__name__}: {e}): run "
+                         "benchmarks/train_throughput.py again, or give --epochs N") from None
     print(f"epochs auto: {epochs} ({len(args.methods)} methods x {len(args.seeds)} seeds, {n} training images, "
           f"{args.minutes} minutes at the speeds in {path})", flush=True)
     return epochs

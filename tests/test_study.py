@@ -424,6 +424,35 @@ def test_epochs_within_a_time_budget():
     assert study.epochs_within(1, {"rows": rows}, ["ce", "dbt", "hdkd"], [0, 1], 45_000) == 4     # too little: 4
 
 
+def test_epochs_auto_from_bad_records_is_one_line(tmp_path, capsys):
+    """--epochs auto reads a begun run's config.json, or the speeds file: either one hand-edited or from older code
+    is one line naming it, not a KeyError or StopIteration traceback."""
+    root = tmp_path / "data"
+    for c in ("a", "b"):
+        (root / "train" / c).mkdir(parents=True)
+        (root / "train" / c / "0.png").write_bytes(b"")
+    common = ["--name", "s", "--results", str(tmp_path / "results"), "--data-root", str(root), "--methods", "ce",
+              "--seeds", "0", "--epochs", "auto", "--arch", "toy_mlp", "--device", "cpu", "--val-per-class", "0",
+              "--n-per-class", "1"]
+    speeds = tmp_path / "speeds.json"
+    speeds.write_text(json.dumps({"rows": [dict(method="hdkd", meta_interval=1, batch_size=64, mode="eager",
+                                                images_per_s=5.0)]}))
+    assert study.main(common + ["--runs", str(tmp_path / "none"), "--throughput", str(speeds)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--epochs auto cannot read the speeds in {speeds} (ValueError: no CE row" in err
+    speeds.write_text(json.dumps({"rows": [{"method": "ce"}]}))
+    assert study.main(common + ["--runs", str(tmp_path / "none"), "--throughput", str(speeds)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read the speeds" in err and "KeyError" in err, err
+    begun = tmp_path / "runs" / "ce-seed0"
+    begun.mkdir(parents=True)
+    (begun / "config.json").write_text(json.dumps({"config": {"arch": "toy_mlp"}}))
+    assert study.main(common + ["--runs", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "config.json records None: give --epochs N" in err, err
+    assert not (tmp_path / "results" / "s").exists()
+
+
 def _tables(text: str):
     """The markdown tables of a text: lists of rows of stripped cells, header first, the |---| line dropped."""
     tables, current = [], []
