@@ -12,8 +12,13 @@
       (results/tin100-cpu-control/PROTOCOL.md): its four control arms, seed 5 first, then 4, ... (the CPU
       chains run upward from 0), in parallel on the GPU, only runs not recorded yet; their records pool
       with the CPU runs. Once the records hold the control's seeds 0-5, its HDKD arms (lr and T chosen by
-      the protocol's rule from those records: hdkd_arms), four runs at a time, seed 5 first
+      the protocol's rule from those records: hdkd_arms), at most four runs at a time and only as many as
+      can finish in the time left at (c)'s speed, seed 5 first; in full float32 (NVIDIA_TF32_OVERRIDE=0), as
+      on the CPU. Each run's split and data checksums, step mode and TF32 use are written to the log.
   and gpu_check.log, the whole console output. At most 8 files, flat, in --out (default $OUT).
+It exits 1 (after writing every file it can) when (e) had no data or no readable records, when captured steps
+trained otherwise than eager ones, or when a run failed. Give --budget 60 s under the command's limit_s (the
+device tool lowers that limit when less device time is left), e.g. timeout_s 600 and the default 540.
 
 Each part runs under its own deadline and writes its file as soon as it has numbers, so a timeout loses
 nothing already measured; a part whose budget is too small is skipped with a line saying so. On the CPU
@@ -183,36 +188,77 @@ def captured_steps_that_differ(profile: dict, tolerance: float = 0.01) -> list:
             and not r["distance_from_eager"] <= tolerance]
 
 
-def shortest_round_s(members, throughput: dict, images_per_run: int):
-    """A lower bound on the seconds a round of part (e) needs: its slowest run alone at the captured batch-64
-    speed part (c) measured for its method (runs sharing the GPU only go slower); None where (c) has no number."""
+def seconds_alone(members, throughput: dict, images_per_run: int):
+    """Each run's seconds alone on the GPU at the captured batch-64 speed part (c) measured for its method (DBT:
+    CE's); None where (c) has no number for one of them."""
     rates = {(r["method"], r.get("meta_interval")): r["images_per_s"] for r in throughput.get("rows", [])
              if r.get("mode") == "cap" and r.get("batch_size") == 64}
-    cases = [("hdkd", 1) if method == "hdkd" else ("ce", None) for _, method, _, _ in members]  # DBT: CE's speed
+    cases = [("hdkd", 1) if method == "hdkd" else ("ce", None) for _, method, _, _ in members]
     if not cases or not all(c in rates for c in cases):
         return None
-    return max(images_per_run / rates[c] for c in cases)
+    return [images_per_run / rates[c] for c in cases]
 
 
-def run_parallel_parts(log, name, cmds, seconds, env) -> None:
+def shortest_round_s(members, throughput: dict, images_per_run: int):
+    """A lower bound on the seconds a round of part (e) needs: its slowest run alone (runs sharing the GPU only go
+    slower); None where (c) has no number."""
+    alone = seconds_alone(members, throughput, images_per_run)
+    return None if alone is None else max(alone)
+
+
+def runs_that_fit(members, throughput: dict, images_per_run: int, seconds: float, margin: float = 30) -> int:
+    """How many of a round's runs (its first k) can finish together in `seconds`: runs sharing one GPU take turns
+    on it (no MPS), so k of them may need the sum of their times alone. All of them where (c) has no number."""
+    alone = seconds_alone(members, throughput, images_per_run)
+    if alone is None:
+        return len(members)
+    total, k = margin, 0
+    for t in alone:
+        if total + t > seconds:
+            break
+        total, k = total + t, k + 1
+    return k
+
+
+def run_parallel_parts(log, name, cmds, seconds, env, on_finish=lambda: None) -> list:
     """Several commands at once (runs sharing the GPU), stopped together at the deadline or when this script
-    stops: each in its own process group, so that the training processes a study starts stop with it."""
+    stops: each in its own process group, so that the training processes a study starts stop with it.
+    on_finish() after each run that ends (the archive: a kill later keeps it). Returns the runs that failed or
+    exited with an error (not those stopped at the deadline)."""
     log(f"== ({name}) {len(cmds)} runs at once   [deadline {seconds:.0f} s]")
     start = time.monotonic()
     procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               process_group=0) for c in cmds]
+    names = [run_name(*(c[c.index(option) + 1] for option in ("--methods", "--tag", "--seeds"))) for c in cmds]
+    failed = []
     try:
-        for c, proc in zip(cmds, procs):
+        for run, proc in zip(names, procs):
             output, _ = proc.communicate(timeout=max(seconds - (time.monotonic() - start), 1))
-            run = run_name(*(c[c.index(option) + 1] for option in ("--methods", "--tag", "--seeds")))
             log(output[-1500:], f"== ({name}) {run}: exit {proc.returncode}")
+            if proc.returncode:
+                failed.append(run)
+            on_finish()
         log(f"== ({name}) done in {time.monotonic() - start:.0f} s")
-    except subprocess.TimeoutExpired:
-        log(f"== ({name}) stopped at its deadline: finished runs are kept")
+    except subprocess.TimeoutExpired:  # not a failure: their checkpoints stay on the GPU machine, nothing wrong
+        stopped = [run for run, proc in zip(names, procs) if proc.poll() is None]
+        log(f"== ({name}) stopped at its deadline ({', '.join(stopped)}): finished runs are kept")
     finally:  # the deadline, or this script interrupted (SIGTERM is made an exit in main)
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def log_provenance(log, runs: Path, members) -> None:
+    """What each run's config.json says it trained on (the run folders stay on the GPU machine): the split's
+    checksum and the data's, and how its steps ran, so that pooling with the CPU runs can be checked here."""
+    for seed, method, tag, _ in members:
+        try:
+            record = json.loads((runs / run_name(method, tag, seed) / "config.json").read_text())
+        except (OSError, ValueError):
+            continue
+        log(f"== (e) {run_name(method, tag, seed)}: split {(record.get('split') or {}).get('checksum')}, data "
+            f"{(record.get('data') or {}).get('sha256')}, step_mode {record.get('step_mode')}, tf32 "
+            f"{record.get('tf32')}, device {record.get('device')}")
 
 
 def merge_early_exit(out: Path) -> None:
@@ -291,8 +337,10 @@ def main(argv=None) -> int:
 
     # (e) seeds of the 100-class control with what is left, then the compiled step if time remains
     runs, results = out.parent / (out.name + "-runs"), out.parent / (out.name + "-results")
+    failed = []  # what makes this command exit 1: the numbers that did come back stay, the failure is not hidden
     if not unpack_data(log, Path(args.data_root)):
         log("== (e) skipped: no data")
+        failed.append("(e): no data")
     else:
         study = (["--epochs", "1", "--arch", "toy_mlp", "--batch-size", "8", "--val-per-class", "4", "--device", "cpu",
                   "--n-per-class", "8"] if args.dry_run else GPU_PROTOCOL)
@@ -301,6 +349,7 @@ def main(argv=None) -> int:
             log(f"== (e) skipped: the captured step trains otherwise than the eager one ({', '.join(differ)} of "
                 "eager's movement apart, part (b)): runs trained so would not be the protocol's")
             plan = []
+            failed.append("(e): captured steps differ")
         elif args.dry_run:
             plan = rounds(set(), [], GPU_SEEDS[:1])
         else:
@@ -309,6 +358,7 @@ def main(argv=None) -> int:
             except Exception as e:  # noqa: BLE001 (damaged records, a StudyRecordError, or a failed read: the
                 log(f"== (e) skipped: {type(e).__name__}: {e}")  # compiled step and the other files still come)
                 plan = []
+                failed.append("(e): the study's records")
         throughput = json_or_empty(out / "train_throughput.json")
         images_per_run = CLASSES * int(study[study.index("--n-per-class") + 1]) * int(study[study.index("--epochs") + 1])
         def archive():  # after every round and on the way out: a kill at the limit keeps the finished runs
@@ -319,20 +369,27 @@ def main(argv=None) -> int:
                 for f in sorted(runs.glob("*.log")) if runs.is_dir() else []:
                     tar.add(f, arcname=f"logs/{f.name}")
             os.replace(tmp, out / "results.tgz")
+        # full float32 like the CPU runs it pools with: NVIDIA's libraries round convolutions to TF32 by default
+        study_env = {**env, "NVIDIA_TF32_OVERRIDE": "0"}
         try:
             for label, members in plan:
                 if left() < (10 if args.dry_run else 120):
                     log(f"== (e) stopped before {label}: {left():.0f} s left")
                     break
                 need = shortest_round_s(members, throughput, images_per_run)
-                if need is not None and need + 30 > left():  # it would be killed with nothing recorded
+                k = runs_that_fit(members, throughput, images_per_run, left())
+                if k == 0:  # it would be killed with nothing recorded
                     log(f"== (e) stopped before {label}: it needs at least {need:.0f} s at part (c)'s speed, "
                         f"{left():.0f} s left")
                     break
+                if k < len(members):
+                    log(f"== (e) {label}: {k} of its {len(members)} runs can finish in the {left():.0f} s left")
+                    members = members[:k]
                 arms = [[py, "-m", "hdkdlib.study", *study_args(args.data_root, study, seed, method, tag, options,
                                                                 runs, results, len(members))]
                         for seed, method, tag, options in members]
-                run_parallel_parts(log, f"e {label}", arms, left(), env)
+                failed += run_parallel_parts(log, f"e {label}", arms, left(), study_env, on_finish=archive)
+                log_provenance(log, runs, members)
                 archive()
         finally:
             archive()
@@ -340,7 +397,9 @@ def main(argv=None) -> int:
                                  str(out / "train_compiled.json")], left(), 5 if args.dry_run else 120, env)
     log(f"== done in {time.monotonic() - t0:.0f} s of {args.budget:.0f}; files: "
         + ", ".join(sorted(f.name for f in out.iterdir())))
-    return 0
+    if failed:
+        log(f"== failed: {', '.join(failed)} (exit 1; the files above are kept)")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

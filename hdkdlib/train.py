@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 import signal
 import sys
 import threading
@@ -105,6 +106,8 @@ class Trainer:
         no): a GPU run's arithmetic differs from a CPU run's there. None on a CPU."""
         if self.device.type != "cuda":
             return None
+        if os.environ.get("NVIDIA_TF32_OVERRIDE") == "0":  # cuBLAS and cuDNN then never use TF32, whatever torch says
+            return {"convolutions": False, "matmul": False}
         return {"convolutions": torch.backends.cudnn.allow_tf32, "matmul": torch.backends.cuda.matmul.allow_tf32}
 
     @property

@@ -90,6 +90,13 @@ def test_gpu_check_dry_run_on_cpu(tmp_path):
     log = (tmp_path / "small" / "gpu_check.log").read_text()
     assert all(f"== ({part}) skipped" in log for part in ("b", "c", "d", "c compiled")) and "== (e) stopped" in log, log
     assert (tmp_path / "small" / "device.json").exists()
+    # no data for (e): every other file still comes back, and the command says it failed
+    nodata = cmd[:cmd.index("--data-root") + 1] + [str(tmp_path / "missing")] + cmd[cmd.index("--data-root") + 2:-1]
+    failed = subprocess.run(nodata + ["6", "--out", str(tmp_path / "nodata")], capture_output=True, text=True,
+                            timeout=600)
+    log = (tmp_path / "nodata" / "gpu_check.log").read_text()
+    assert failed.returncode == 1 and "== failed: (e): no data (exit 1" in log, log
+    assert (tmp_path / "nodata" / "device.json").exists()
 
 
 def test_gpu_check_without_cuda_says_so():
@@ -207,6 +214,11 @@ def test_a_round_that_cannot_finish_is_known_before_it_starts():
     assert gpu_check.shortest_round_s(hdkd, {"rows": rows}, 200_000) == 800.0
     assert gpu_check.shortest_round_s(hdkd, {"rows": rows[:1]}, 200_000) is None  # no HDKD number: unknown
     assert gpu_check.shortest_round_s(control, {}, 200_000) is None  # part (c) wrote nothing
+    # runs sharing the GPU take turns: k of them fit when the sum of their times alone (and 30 s) does
+    assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 1000) == 2  # 30 + 200 + 200, then 800 more
+    assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 1230) == 3
+    assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 229) == 0
+    assert gpu_check.runs_that_fit(hdkd, {}, 200_000, 10) == 3  # no number: the round is not cut
 
 
 def test_part_e_trusts_the_gpu_only_where_captured_steps_train_as_eager_ones():

@@ -351,6 +351,17 @@ def test_imta_second_stage_trains_new_heads_on_a_frozen_network(fake_root, tmp_p
         _cfg(fake_root, tmp_path, train_heads_only=True).validate()
 
 
+def test_tf32_use_recorded_for_a_gpu_run_follows_nvidias_override(monkeypatch):
+    """NVIDIA_TF32_OVERRIDE=0 keeps cuBLAS and cuDNN in float32 whatever torch's flags say: the record says so."""
+    gpu = SimpleNamespace(device=torch.device("cuda"))
+    monkeypatch.delenv("NVIDIA_TF32_OVERRIDE", raising=False)
+    assert train.Trainer._tf32(gpu) == {"convolutions": torch.backends.cudnn.allow_tf32,
+                                        "matmul": torch.backends.cuda.matmul.allow_tf32}
+    monkeypatch.setenv("NVIDIA_TF32_OVERRIDE", "0")
+    assert train.Trainer._tf32(gpu) == {"convolutions": False, "matmul": False}
+    assert train.Trainer._tf32(SimpleNamespace(device=torch.device("cpu"))) is None
+
+
 def test_init_from_a_network_of_another_arch_is_one_line(fake_root, tmp_path, capsys):
     first, other = tmp_path / "toy", tmp_path / "msd"
     train.run(_cfg(fake_root, first, method="ce", epochs=1))
