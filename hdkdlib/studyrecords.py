@@ -184,6 +184,8 @@ class Study:
                                               f"run {run}'s config")
                 if not isinstance(settings, dict) or settings.get("method") != row["method"]:
                     raise ValueError(f"not the settings of a {row['method']!r} run")
+                if settings.get("seed", row["seed"]) != row["seed"]:  # the summary pairs runs by their names' seed
+                    raise ValueError(f"trained with seed {settings.get('seed')!r}, not its name's {row['seed']}")
                 epochs = completed_config(settings).epochs
             except ValueError as e:
                 refuse(line, f"{run}'s config is not a run's settings ({e})")

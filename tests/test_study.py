@@ -115,6 +115,8 @@ DAMAGED_RUNS = {  # a change to runs.csv -> the words of its one-line refusal
     "a config of no run": (_set("config", "{}"), "not the settings of a 'ce' run"),
     "an unknown method": (lambda t: _set("config", t.loc[0, "config"].replace('"ce"', '"zz"'))(_set("method", "zz")(t)),
                           "ce-seed0's config is not a run's settings"),
+    "a config of another seed": (lambda t: _set("config", t.loc[0, "config"].replace('"seed": 0', '"seed": 3'))(t),
+                                 "trained with seed 3, not its name's 0"),  # paired by the name's seed
     "no commit": (_set("commit", ""), "ce-seed0 lacks its commit"),
     "top-1 above 1": (_set("test_top1[1]", "7.5"), "must be fractions in [0, 1], got [7.5"),
     "top-1 a word": (_set("test_top1[2]", "abc"), "must be fractions in [0, 1]"),
