@@ -321,6 +321,25 @@ def test_image_folder_batches_are_seeded_sharded_and_resumable(tmp_path):
     assert not all(torch.equal(p, q) for p, q in zip(whole, [y for _, y in loader().batches(1)]))
 
 
+def test_image_folder_crops_leave_every_generator_as_it_was(tmp_path, monkeypatch):
+    """Each image's crop is seeded from its place in the epoch; in the main process (workers 0) on a GPU, seeding
+    through torch.manual_seed would also reseed the GPU's generator (dropout's), unrestored, on every image."""
+    from hdkdlib.data.bundle import HostLoader as _HostLoader
+    data.write_fake_image_folder(tmp_path, classes=list("ab"), n_per_class=(4, 1), size=24)
+    ds = data.image_folder(tmp_path, "train")
+    host = _HostLoader(ds, list(range(8)), 4, train=True, seed=2, workers=0, device=torch.device("cpu"), rank=0,
+                       world_size=1, channels_last=False)
+    calls = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(seed))
+    torch.manual_seed(12345)
+    calls.clear()
+    state = torch.get_rng_state()
+    first = next(iter(host.batches(1)))[0]
+    assert calls == [] and torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(next(iter(host.batches(1)))[0], first)  # the crops are still the position's
+
+
 def test_compiled_step_trains_like_eager(fake_root, tmp_path):
     """compile="step": forward, backward, optimizer and bilevel update under torch.compile."""
     eager = train.prepare(_cfg(fake_root, "", epochs=1))

@@ -150,8 +150,10 @@ class _PlacedSamples(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, i):
-        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
-            torch.manual_seed((self.base + self.positions[i]) % 2 ** 63)
+        # the transforms draw from the CPU generator alone: seeding it (not torch.manual_seed, which would reseed
+        # every GPU's generator too, unrestored, under workers=0) leaves the caller's RNG as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed((self.base + self.positions[i]) % 2 ** 63)
             return self.dataset[self.items[i]]
 
 
