@@ -148,7 +148,8 @@ class TrainConfig:
                                               "weights, kept fixed (the frozen ablation); init: the weights' start, "
                                               "kept fixed (the no-learning ablation)")
     init_from: str = _opt("", "a finished run folder: start from its final network")
-    train_heads_only: bool = _opt(False, "IMTA's second stage: stages frozen, heads re-initialised and trained")
+    train_heads_only: bool = _opt(False, "IMTA's second stage: the network frozen, the early exits' last Linear "
+                                         "re-initialised and trained")
     # engine
     seed: int = _opt(0, "seed of the network initialisation and the batch order")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")

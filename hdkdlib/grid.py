@@ -18,7 +18,7 @@ def ablation_grid(methods: List[str], root, variants: bool = True) -> Dict[str, 
     """The methods, IMTA's two stages (with imta_kd) and, with variants, the HDKD choices of the method card."""
     root = Path(root)
     grid = {name: dict(method=name) for name in methods}
-    if "imta_kd" in methods:  # IMTA as its authors ran it: CE with gradient equilibrium, then new heads with KD
+    if "imta_kd" in methods:  # IMTA as its authors ran it: CE with gradient equilibrium, then new classifiers with KD
         grid["ce+GE"] = dict(method="ce", gradient_equilibrium=True)
         grid["imta 2-stage"] = dict(method="imta_kd", init_from=str(root / folder_name("ce+GE")),
                                     train_heads_only=True)

@@ -360,12 +360,20 @@ def test_imta_second_stage_trains_new_heads_on_a_frozen_network(fake_root, tmp_p
                           train_heads_only=True, **small))
     trained = first.model.state_dict()
     start = {k: v.clone() for k, v in second.model.state_dict().items()}
-    assert not torch.equal(start["heads.0.linear.weight"], trained["heads.0.linear.weight"])  # new heads
+    K = second.model.num_exits
+    new = {f"heads.{k}.linear.{p}" for k in range(K - 1) for p in ("weight", "bias")}  # the students' classifiers
+    assert not torch.equal(start["heads.0.linear.weight"], trained["heads.0.linear.weight"])
+    assert {n for n, p in second.model.named_parameters() if p.requires_grad} == new
+    # the teacher is stage 1's last exit itself, as IMTA's frozen network's: not a head that starts from scratch
+    x = torch.randn(4, 3, 32, 32)
+    first.model.eval(), second.model.train()
+    torch.testing.assert_close(second.model(x)[-1], first.model(x)[-1], rtol=0, atol=0)
     second.fit()
     end = second.model.state_dict()
-    stage_keys = [k for k in end if k.startswith("stages.")]
-    assert stage_keys and all(torch.equal(end[k], trained[k]) for k in stage_keys)  # weights and BN statistics
-    assert not torch.equal(end["heads.0.linear.weight"], start["heads.0.linear.weight"])
+    frozen = [k for k in end if k not in new]  # stages and the heads' features: weights and BN statistics
+    assert any(k.startswith("stages.") for k in frozen) and any(k.startswith(f"heads.{K - 1}.") for k in frozen)
+    assert all(torch.equal(end[k], trained[k]) for k in frozen)
+    assert all(not torch.equal(end[k], start[k]) for k in new if k.endswith("weight"))
     with pytest.raises(ValueError, match="train_heads_only needs init_from"):
         _cfg(fake_root, tmp_path, train_heads_only=True).validate()
 

@@ -96,21 +96,27 @@ class MultiExitNet(nn.Module):
         """Overridden by networks that accept only some input sizes."""
 
     def freeze_stages_and_reset_heads(self) -> None:
-        """IMTA's second stage: the stages stop learning (and stay in eval mode under train(), so their
-        BatchNorm statistics stay) and every head starts again from its initialisation."""
+        """IMTA's second stage (their IMTA_MSDNet): the stage-1 network stops learning, stages and heads alike (in
+        eval mode under train(), so its BatchNorm statistics stay); each student exit gets a new classifier (its
+        head's last Linear, re-initialised) on the frozen head's features. The last exit keeps stage 1's: its
+        logits are the students' teacher, as IMTA's frozen network's last exit is."""
         self.stages_frozen = True
-        for p in self.stages.parameters():
+        for p in self.parameters():
             p.requires_grad_(False)
-        for m in self.heads.modules():
-            if hasattr(m, "reset_parameters") and m is not self.heads:
-                m.reset_parameters()
-        if hasattr(self, "reset_parameters"):  # a network's own initialisation rule (MSDNet), heads only
-            self.reset_parameters(self.heads)
+        for head in list(self.heads)[:-1]:
+            linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+            if not linears:
+                raise ValueError(f"{type(self).__name__}'s heads end in no Linear layer: no classifier to train anew")
+            linears[-1].reset_parameters()
+            if hasattr(self, "reset_parameters"):  # a network's own initialisation rule (MSDNet: bias 0)
+                self.reset_parameters(linears[-1])
+            linears[-1].requires_grad_(True)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if getattr(self, "stages_frozen", False):
+        if getattr(self, "stages_frozen", False):  # the heads' features too: only their last Linear learns
             self.stages.eval()
+            self.heads.eval()
         return self
 
     def run_exit(self, k: int, state):
