@@ -32,6 +32,7 @@ FROZEN_AT_START = "init"  # freeze_weights_from: keep the learned weights at the
 # Each epoch's batch order is drawn from a generator seeded with (seed + 1) * 1_000_003 + epoch (data.order, the
 # held-out stream's seed + 1): a seed within this bound keeps that inside torch's 64-bit seeds.
 MAX_SEED = 2 ** 40 - 1
+KD_SHARE = {"dbt": "C", "imta_kd": "gamma"}  # the objective's name for the KD terms' share
 MAX_THREADS = 1024  # above any machine's cores: more asks the OS for threads it refuses, after the data has loaded
 
 RECIPES: Dict[str, Dict] = {
@@ -102,6 +103,11 @@ class TrainConfig:
     arch: Optional[str] = _opt(None, "network (recipe): " + ", ".join(models.names()))
     method: str = _opt("hdkd", "objective: " + ", ".join(objectives.names()))
     temperature: float = _opt(0.0, "KD temperature; 0: the objective's own default")
+    kd_share: float = _opt(0.0, "the KD terms' share of each student's loss: dbt's C (0: 0.5, Phuong & Lampert's), "
+                                "imta_kd's g (0: 0.9, IMTA's CIFAR setting; their ImageNet: 0.1)")
+    temperature_growth: float = _opt(0.0, "dbt: the factor T grows by after a confident step (0: 1.05)")
+    temperature_threshold: float = _opt(0.0, "dbt: the last exit's mean max-probability above which T grows "
+                                             "(0: 0.5)")
     loss_scale: float = _opt(0.0, "factor on the whole training loss (dbt and learned-weight methods); 0: the "
                                   "objective's own (dbt: 2*5/exits, Phuong & Lampert's; learned weights: 1)")
     init: str = _opt("", "learned-weight initialisation (dbt, ds, uniform, random); '': the objective's default")
@@ -250,6 +256,16 @@ class TrainConfig:
         if self.temperature and self.method not in objectives.with_temperature():
             raise ValueError(f"temperature applies to the methods with distillation ({', '.join(objectives.with_temperature())}),"
                              f" not {self.method}: drop it")
+        if not 0 <= self.kd_share < 1:
+            raise ValueError(f"kd_share must lie in (0, 1) (or 0: the objective's default), got {self.kd_share}")
+        if self.kd_share and self.method not in KD_SHARE:
+            raise ValueError(f"kd_share applies to {' and '.join(KD_SHARE)}, not {self.method}: drop it")
+        if (self.temperature_growth and self.temperature_growth < 1) or not 0 <= self.temperature_threshold < 1:
+            raise ValueError(f"temperature_growth must be >= 1 and temperature_threshold lie in (0, 1) (or 0: DBT's "
+                             f"1.05 and 0.5), got {self.temperature_growth} and {self.temperature_threshold}")
+        if (self.temperature_growth or self.temperature_threshold) and self.method != "dbt":
+            raise ValueError(f"temperature_growth and temperature_threshold are DBT's annealing, not {self.method}'s: "
+                             "drop them")
         if not 0 <= self.momentum < 1 or (self.nesterov and self.momentum == 0):
             raise ValueError(f"momentum must lie in [0, 1) (and be > 0 with nesterov), got {self.momentum}")
         if self.weight_decay < 0 or self.lr_gamma <= 0:
@@ -354,6 +370,10 @@ class TrainConfig:
     def objective_options(self) -> Dict:
         """The options objectives.build gets from these settings (also: the weights a run starts from)."""
         options = {"temperature": self.temperature} if self.temperature else {}
+        if self.kd_share:
+            options[KD_SHARE[self.method]] = self.kd_share
+        options.update({k: v for k, v in (("growth", self.temperature_growth),
+                                          ("threshold", self.temperature_threshold)) if v})
         if self.loss_scale:  # DBT names it loss_scale; the learned-weight objectives pass scale to LearnedWeights
             options["scale" if self.method in objectives.LEARNED else "loss_scale"] = self.loss_scale
         if self.method in objectives.LEARNED:
@@ -416,9 +436,10 @@ OPTION_GROUPS: Dict[str, Tuple[str, ...]] = {
     "optimisation": ("recipe", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2",
                      "weight_decay", "lr_schedule", "warmup_epochs", "lr_milestones", "lr_gamma"),
     "loss weights and bilevel update": (
-        "method", "temperature", "loss_scale", "init", "weight_map", "weight_bound", "min_init_weight",
-        "freeze_weights_from", "meta_interval", "meta_warmup", "meta_schedule", "meta_traverse", "meta_lr",
-        "hypergrad_norm", "meta_method", "meta_horizon", "val_loss", "alpha"),
+        "method", "temperature", "kd_share", "temperature_growth", "temperature_threshold", "loss_scale", "init",
+        "weight_map", "weight_bound", "min_init_weight", "freeze_weights_from", "meta_interval", "meta_warmup",
+        "meta_schedule", "meta_traverse", "meta_lr", "hypergrad_norm", "meta_method", "meta_horizon", "val_loss",
+        "alpha"),
     "speed": ("device", "threads", "bf16", "channels_last", "compile", "compile_mode", "cuda_graphs",
               "eval_batch_size", "check_every"),
     "run": ("seed", "out", "progress"),

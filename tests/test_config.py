@@ -193,6 +193,11 @@ def test_optimizer_schedule_and_weights_options():
                                                    r"imta_kd, dkd, hdbt, hdkd\), not ce: drop it"),
              (dict(method="hmsdnet", temperature=3.0), "temperature applies .* not hmsdnet"),
              (dict(optimizer="adam"), "unknown optimizer 'adam'; valid: sgd, adamw"),
+             (dict(method="ce", kd_share=0.3), "kd_share applies to dbt and imta_kd, not ce: drop it"),
+             (dict(method="dbt", kd_share=1.0), r"kd_share must lie in \(0, 1\)"),
+             (dict(method="hdkd", temperature_growth=1.1), "temperature_growth and temperature_threshold are DBT's"),
+             (dict(method="dbt", temperature_growth=0.9), "temperature_growth must be >= 1"),
+             (dict(method="dbt", temperature_threshold=1.5), r"temperature_threshold lie in \(0, 1\)"),
              # the lr bound holds after the drops too: lr 1e-9 is refused, so is 0.1 x 1e-30 x 1e-30
              (dict(lr_gamma=1e-30), r"lr_gamma 1e-30 takes the lr from 0.1 to 1e-61 by the last milestone"),
              (dict(lr_gamma=1000.0), r"lr_gamma 1000 takes the lr from 0.1 to 100000 by the last milestone"),
@@ -237,3 +242,19 @@ def test_a_seed_beyond_the_batch_order_generator_is_one_line_naming_it(tmp_path,
         TrainConfig(seed=seed).validate()
         for s in (seed, seed + 1):
             epoch_generator(s, 10 ** 9)
+
+
+def test_the_baselines_kd_share_and_annealing_reach_their_objectives():
+    """IMTA's ImageNet recipe (g = 0.1) and DBT's C and annealing are settings of a run, not only of the Python
+    objective: each reaches the objective's weights and temperature rule."""
+    from hdkdlib import objectives
+    imta = TrainConfig(method="imta_kd", kd_share=0.1, temperature=1.0).validate()
+    assert imta.objective_options() == {"temperature": 1.0, "gamma": 0.1}
+    w = objectives.build("imta_kd", 3, **imta.objective_options()).named_weights()
+    assert w["ce1"] == pytest.approx(0.9) and w["kd1<-3"] == pytest.approx(0.1) and w["ce3"] == 1.0
+    dbt = TrainConfig(method="dbt", kd_share=0.3, temperature_growth=1.1, temperature_threshold=0.6).validate()
+    obj = objectives.build("dbt", 3, **dbt.objective_options())
+    w = {k: v / obj.scale for k, v in obj.named_weights().items()}  # DBT's whole loss x 2*5/K aside
+    assert w["ce1"] == pytest.approx(0.7) and w["kd1<-3"] == pytest.approx(0.3)
+    assert (obj.growth, obj.threshold) == (pytest.approx(1.1), pytest.approx(0.6))
+    assert TrainConfig(method="dbt").objective_options() == {}  # 0: the objective's own defaults
