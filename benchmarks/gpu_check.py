@@ -3,8 +3,9 @@
   (a) device and versions                                      -> device.json
   (b) kernels, host-to-device copies and syncs per step        -> profile.json
       (torch profiler; CE and HDKD, eager and captured, batch 64)
-  (c) training throughput, images/s: CE and HDKD (weight       -> train_throughput.json (row by row)
-      update every step / every 10), batch 64 and 256, captured,
+  (c) training throughput, images/s, in float32 (as (e)      -> train_throughput.json (row by row)
+      trains): CE and HDKD (weight update every step / every
+      10), batch 64 and 256, captured,
       eager, and bf16 + channels-last captured; then the whole  -> train_compiled.json
       step compiled (CUDA graphs) at batch 64
   (d) early exit in time at batch 1 and 256                    -> early_exit.json
@@ -199,13 +200,6 @@ def seconds_alone(members, throughput: dict, images_per_run: int):
     return [images_per_run / rates[c] for c in cases]
 
 
-def shortest_round_s(members, throughput: dict, images_per_run: int):
-    """A lower bound on the seconds a round of part (e) needs: its slowest run alone (runs sharing the GPU only go
-    slower); None where (c) has no number."""
-    alone = seconds_alone(members, throughput, images_per_run)
-    return None if alone is None else max(alone)
-
-
 def runs_that_fit(members, throughput: dict, images_per_run: int, seconds: float, margin: float = 30) -> int:
     """How many of a round's runs (its first k) can finish together in `seconds`: runs sharing one GPU take turns
     on it (no MPS), so k of them may need the sum of their times alone. All of them where (c) has no number."""
@@ -229,7 +223,10 @@ def run_parallel_parts(log, name, cmds, seconds, env, on_finish=lambda: None) ->
     start = time.monotonic()
     procs = [subprocess.Popen(c, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               process_group=0) for c in cmds]
-    names = [run_name(*(c[c.index(option) + 1] for option in ("--methods", "--tag", "--seeds"))) for c in cmds]
+    def label(k, c):  # a study's run by its name, any other command by its place
+        options = ("--methods", "--tag", "--seeds")
+        return run_name(*(c[c.index(o) + 1] for o in options)) if all(o in c for o in options) else f"command {k}"
+    names = [label(k, c) for k, c in enumerate(cmds)]
     failed = []
     try:
         for run, proc in zip(names, procs):
@@ -239,13 +236,15 @@ def run_parallel_parts(log, name, cmds, seconds, env, on_finish=lambda: None) ->
                 failed.append(run)
             on_finish()
         log(f"== ({name}) done in {time.monotonic() - start:.0f} s")
-    except subprocess.TimeoutExpired:  # not a failure: their checkpoints stay on the GPU machine, nothing wrong
+    except subprocess.TimeoutExpired:  # those stopped are no failure (nothing wrong was recorded); others may be
         stopped = [run for run, proc in zip(names, procs) if proc.poll() is None]
+        failed += [run for run, proc in zip(names, procs) if proc.poll() and run not in failed]
         log(f"== ({name}) stopped at its deadline ({', '.join(stopped)}): finished runs are kept")
     finally:  # the deadline, or this script interrupted (SIGTERM is made an exit in main)
         for p in procs:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(p.pid, signal.SIGKILL)
+    return failed
 
 
 def log_provenance(log, runs: Path, members) -> None:
@@ -324,8 +323,10 @@ def main(argv=None) -> int:
               "--steps", "50", "--warmup", "10"]
         compiled = ["--device", "cuda", "--batch-sizes", "64", "--modes", "step+graph", "--methods", "ce", "hdkd/1",
                     "--steps", "50", "--warmup", "5"]
+    # in float32, as part (e) trains: its rounds are sized by these speeds (TF32 convolutions would be faster)
+    float32 = {**env, "NVIDIA_TF32_OVERRIDE": "0"}
     run_part(log, "c", [py, "benchmarks/train_throughput.py", *tp, "--json", str(out / "train_throughput.json")],
-             min(left(), args.budget * 0.3), 5 if args.dry_run else 60, env)
+             min(left(), args.budget * 0.3), 5 if args.dry_run else 60, float32)
 
     # (d) early exit in time, at batch 1 (latency) and 256 (throughput)
     for bs in (["8"] if args.dry_run else ["1", "256"]):
@@ -369,18 +370,17 @@ def main(argv=None) -> int:
                 for f in sorted(runs.glob("*.log")) if runs.is_dir() else []:
                     tar.add(f, arcname=f"logs/{f.name}")
             os.replace(tmp, out / "results.tgz")
-        # full float32 like the CPU runs it pools with: NVIDIA's libraries round convolutions to TF32 by default
-        study_env = {**env, "NVIDIA_TF32_OVERRIDE": "0"}
+        study_env = float32  # like the CPU runs it pools with: NVIDIA's libraries round convolutions to TF32 by default
         try:
             for label, members in plan:
                 if left() < (10 if args.dry_run else 120):
                     log(f"== (e) stopped before {label}: {left():.0f} s left")
                     break
-                need = shortest_round_s(members, throughput, images_per_run)
                 k = runs_that_fit(members, throughput, images_per_run, left())
                 if k == 0:  # it would be killed with nothing recorded
-                    log(f"== (e) stopped before {label}: it needs at least {need:.0f} s at part (c)'s speed, "
-                        f"{left():.0f} s left")
+                    first = 30 + seconds_alone(members[:1], throughput, images_per_run)[0]
+                    log(f"== (e) stopped before {label}: its first run needs at least {first:.0f} s at part (c)'s "
+                        f"speed (30 s kept), {left():.0f} s left")
                     break
                 if k < len(members):
                     log(f"== (e) {label}: {k} of its {len(members)} runs can finish in the {left():.0f} s left")

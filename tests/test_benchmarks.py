@@ -200,8 +200,9 @@ def _running(pid: int) -> bool:
 
 
 def test_a_round_that_cannot_finish_is_known_before_it_starts():
-    """Part (e) skips a round whose slowest run alone, at part (c)'s captured batch-64 speed, outlasts the time
-    left: killed at the deadline it would record nothing. DBT trains at CE's speed; without a number: unknown."""
+    """Part (e) cuts a round to its first runs whose times alone, at part (c)'s captured batch-64 speed, add up
+    to the time left (runs sharing a GPU take turns), and skips it when none fits: killed at the deadline it would
+    record nothing. DBT trains at CE's speed; without a number: unknown."""
     gpu_check = _gpu_check()
     rows = [{"method": "ce", "meta_interval": None, "batch_size": 64, "mode": "cap", "images_per_s": 1000.0},
             {"method": "hdkd", "meta_interval": 1, "batch_size": 64, "mode": "cap", "images_per_s": 250.0},
@@ -209,11 +210,11 @@ def test_a_round_that_cannot_finish_is_known_before_it_starts():
             {"method": "hdkd", "meta_interval": 10, "batch_size": 64, "mode": "cap", "images_per_s": 900.0},
             {"method": "ce", "meta_interval": None, "batch_size": 256, "mode": "cap", "images_per_s": 9000.0}]
     control = [(5, "ce", "n20-lr01", []), (5, "dbt", "n20-lr02-s100", ["--loss-scale", "1", "--lr", "0.2"])]
-    assert gpu_check.shortest_round_s(control, {"rows": rows}, 200_000) == 200.0
+    assert gpu_check.seconds_alone(control, {"rows": rows}, 200_000) == [200.0, 200.0]
     hdkd = [*control, (4, "hdkd", "n20-lr01-s100-t1", ["--loss-scale", "1"])]
-    assert gpu_check.shortest_round_s(hdkd, {"rows": rows}, 200_000) == 800.0
-    assert gpu_check.shortest_round_s(hdkd, {"rows": rows[:1]}, 200_000) is None  # no HDKD number: unknown
-    assert gpu_check.shortest_round_s(control, {}, 200_000) is None  # part (c) wrote nothing
+    assert gpu_check.seconds_alone(hdkd, {"rows": rows}, 200_000) == [200.0, 200.0, 800.0]
+    assert gpu_check.seconds_alone(hdkd, {"rows": rows[:1]}, 200_000) is None  # no HDKD number: unknown
+    assert gpu_check.seconds_alone(control, {}, 200_000) is None  # part (c) wrote nothing
     # runs sharing the GPU take turns: k of them fit when the sum of their times alone (and 30 s) does
     assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 1000) == 2  # 30 + 200 + 200, then 800 more
     assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 1230) == 3
@@ -252,6 +253,21 @@ def test_a_round_past_its_deadline_stops_the_training_its_studies_started(tmp_pa
     while any(map(_running, children)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(map(_running, children))
+
+
+def test_a_rounds_failed_runs_are_returned_whether_or_not_the_deadline_came():
+    """Part (e) exits 1 when a run failed: run_parallel_parts names the runs that exited with an error, also those
+    that failed while an earlier one in the list was still running at the deadline; stopped ones are no failures."""
+    gpu_check = _gpu_check()
+
+    def cmd(code, tag):
+        return [sys.executable, "-c", code, "--methods", "hdkd", "--tag", tag, "--seeds", "5"]
+    quiet = lambda *text: None
+    assert gpu_check.run_parallel_parts(quiet, "e", [cmd("pass", "a"), cmd("raise SystemExit(3)", "b")], 60,
+                                        dict(os.environ)) == ["hdkd-b-seed5"]
+    assert gpu_check.run_parallel_parts(quiet, "e", [cmd("import time; time.sleep(60)", "a"),
+                                                     cmd("raise SystemExit(3)", "b")], 5,
+                                        dict(os.environ)) == ["hdkd-b-seed5"]
 
 
 def test_early_exit_keeps_the_paths_measured_before_a_failure_or_deadline(tmp_path, monkeypatch):
