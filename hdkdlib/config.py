@@ -32,7 +32,6 @@ FROZEN_AT_START = "init"  # freeze_weights_from: keep the learned weights at the
 # Each epoch's batch order is drawn from a generator seeded with (seed + 1) * 1_000_003 + epoch (data.order, the
 # held-out stream's seed + 1): a seed within this bound keeps that inside torch's 64-bit seeds.
 MAX_SEED = 2 ** 40 - 1
-KD_SHARE = {"dbt": "C", "imta_kd": "gamma"}  # the objective's name for the KD terms' share
 MAX_THREADS = 1024  # above any machine's cores: more asks the OS for threads it refuses, after the data has loaded
 
 RECIPES: Dict[str, Dict] = {
@@ -104,9 +103,10 @@ class TrainConfig:
     method: str = _opt("hdkd", "objective: " + ", ".join(objectives.names()))
     temperature: float = _opt(0.0, "KD temperature; 0: the objective's own default")
     kd_share: float = _opt(0.0, "the KD terms' share of each student's loss: dbt's C (0: 0.5, Phuong & Lampert's), "
-                                "imta_kd's g (0: 0.9, IMTA's CIFAR setting; their ImageNet: 0.1)")
-    temperature_growth: float = _opt(0.0, "dbt: the factor T grows by after a confident step (0: 1.05)")
-    temperature_threshold: float = _opt(0.0, "dbt: the last exit's mean max-probability above which T grows "
+                                "imta_kd's g (0: 0.9, IMTA's CIFAR setting; their ImageNet: 0.1); learned weights: "
+                                "the share the dbt init starts from")
+    temperature_growth: float = _opt(0.0, "dbt, hdbt: the factor T grows by after a confident step (0: 1.05)")
+    temperature_threshold: float = _opt(0.0, "dbt, hdbt: the last exit's mean max-probability above which T grows "
                                              "(0: 0.5)")
     loss_scale: float = _opt(0.0, "factor on the whole training loss (dbt and learned-weight methods); 0: the "
                                   "objective's own (dbt: 2*5/exits, Phuong & Lampert's; learned weights: 1)")
@@ -258,14 +258,14 @@ class TrainConfig:
                              f" not {self.method}: drop it")
         if not 0 <= self.kd_share < 1:
             raise ValueError(f"kd_share must lie in (0, 1) (or 0: the objective's default), got {self.kd_share}")
-        if self.kd_share and self.method not in KD_SHARE:
-            raise ValueError(f"kd_share applies to {' and '.join(KD_SHARE)}, not {self.method}: drop it")
+        if self.kd_share and self.method not in kd_share_names():
+            raise ValueError(f"kd_share applies to {', '.join(kd_share_names())}, not {self.method}: drop it")
         if (self.temperature_growth and self.temperature_growth < 1) or not 0 <= self.temperature_threshold < 1:
             raise ValueError(f"temperature_growth must be >= 1 and temperature_threshold lie in (0, 1) (or 0: DBT's "
                              f"1.05 and 0.5), got {self.temperature_growth} and {self.temperature_threshold}")
-        if (self.temperature_growth or self.temperature_threshold) and self.method != "dbt":
-            raise ValueError(f"temperature_growth and temperature_threshold are DBT's annealing, not {self.method}'s: "
-                             "drop them")
+        if (self.temperature_growth or self.temperature_threshold) and self.method not in objectives.accepting("growth"):
+            raise ValueError(f"temperature_growth and temperature_threshold are DBT's annealing "
+                             f"({', '.join(objectives.accepting('growth'))}), not {self.method}'s: drop them")
         if not 0 <= self.momentum < 1 or (self.nesterov and self.momentum == 0):
             raise ValueError(f"momentum must lie in [0, 1) (and be > 0 with nesterov), got {self.momentum}")
         if self.weight_decay < 0 or self.lr_gamma <= 0:
@@ -305,7 +305,8 @@ class TrainConfig:
             if not LR_RANGE[0] <= last <= LR_RANGE[1]:
                 raise ValueError(f"lr_gamma {self.lr_gamma:g} takes the lr from {self.lr:g} to {last:g} by the last "
                                  f"milestone, outside [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}] (float32 training there does "
-                                 "nothing or diverges): use an lr_gamma nearer 1, e.g. 0.1")
+                                 "nothing or diverges): raise the lr, or use an lr_gamma nearer 1 or fewer "
+                                 "milestones")
         return self
 
     def _checked_milestones(self) -> Tuple[int, ...]:
@@ -371,7 +372,7 @@ class TrainConfig:
         """The options objectives.build gets from these settings (also: the weights a run starts from)."""
         options = {"temperature": self.temperature} if self.temperature else {}
         if self.kd_share:
-            options[KD_SHARE[self.method]] = self.kd_share
+            options[kd_share_names()[self.method]] = self.kd_share
         options.update({k: v for k, v in (("growth", self.temperature_growth),
                                           ("threshold", self.temperature_threshold)) if v})
         if self.loss_scale:  # DBT names it loss_scale; the learned-weight objectives pass scale to LearnedWeights
@@ -383,6 +384,12 @@ class TrainConfig:
             if self.init:
                 options["init"] = self.init
         return options
+
+
+def kd_share_names() -> Dict[str, str]:
+    """{method: its objective's name for the KD terms' share}: DBT's C (the learned-weight methods start from it),
+    IMTA's gamma."""
+    return {**{m: "C" for m in objectives.accepting("C")}, **{m: "gamma" for m in objectives.accepting("gamma")}}
 
 
 def config_to_dict(cfg: TrainConfig) -> Dict:

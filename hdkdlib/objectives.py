@@ -375,9 +375,14 @@ _REGISTRY = {"ce": CESum, "dbt": DBT, "imta_kd": IMTAKD, "dkd": DenseKD,
 LEARNED = ("hmsdnet", "hdbt", "hdkd")
 
 
+def accepting(option: str) -> tuple:
+    """The objectives whose constructor takes `option` (a run setting that means nothing to the others)."""
+    return tuple(n for n, cls in _REGISTRY.items() if option in inspect.signature(cls).parameters)
+
+
 def with_temperature() -> tuple:
     """The objectives with a KD temperature (the others have no distillation term to soften)."""
-    return tuple(n for n, cls in _REGISTRY.items() if "temperature" in inspect.signature(cls).parameters)
+    return accepting("temperature")
 
 
 def weight_matrix(weights: Dict[str, float], num_exits: int) -> np.ndarray:

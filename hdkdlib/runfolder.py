@@ -197,7 +197,7 @@ class RunFolder:
         """Hold the folder's lock for the life of this process's run; refuse if another process holds it."""
         self.path.mkdir(parents=True, exist_ok=True)
         try:  # never through a link: the lock file is truncated to hold our pid, and a link's target would be
-            fd = os.open(self.file(LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            fd = os.open(self.file(LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         except OSError as e:
             if e.errno != errno.ELOOP:
                 raise

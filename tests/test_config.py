@@ -193,9 +193,9 @@ def test_optimizer_schedule_and_weights_options():
                                                    r"imta_kd, dkd, hdbt, hdkd\), not ce: drop it"),
              (dict(method="hmsdnet", temperature=3.0), "temperature applies .* not hmsdnet"),
              (dict(optimizer="adam"), "unknown optimizer 'adam'; valid: sgd, adamw"),
-             (dict(method="ce", kd_share=0.3), "kd_share applies to dbt and imta_kd, not ce: drop it"),
+             (dict(method="ce", kd_share=0.3), "kd_share applies to dbt, hdbt, hdkd, imta_kd, not ce: drop it"),
              (dict(method="dbt", kd_share=1.0), r"kd_share must lie in \(0, 1\)"),
-             (dict(method="hdkd", temperature_growth=1.1), "temperature_growth and temperature_threshold are DBT's"),
+             (dict(method="hdkd", temperature_growth=1.1), r"are DBT's annealing \(dbt, hdbt\), not hdkd's"),
              (dict(method="dbt", temperature_growth=0.9), "temperature_growth must be >= 1"),
              (dict(method="dbt", temperature_threshold=1.5), r"temperature_threshold lie in \(0, 1\)"),
              # the lr bound holds after the drops too: lr 1e-9 is refused, so is 0.1 x 1e-30 x 1e-30
@@ -258,3 +258,8 @@ def test_the_baselines_kd_share_and_annealing_reach_their_objectives():
     assert w["ce1"] == pytest.approx(0.7) and w["kd1<-3"] == pytest.approx(0.3)
     assert (obj.growth, obj.threshold) == (pytest.approx(1.1), pytest.approx(0.6))
     assert TrainConfig(method="dbt").objective_options() == {}  # 0: the objective's own defaults
+    hdbt = objectives.build("hdbt", 3, **TrainConfig(method="hdbt", temperature_growth=1.2, kd_share=0.2)
+                            .validate().objective_options())  # learned weights: annealed too, and start from C
+    assert hdbt.growth == pytest.approx(1.2)
+    w = {k: v / hdbt.scale for k, v in hdbt.named_weights().items()}
+    assert w["ce1"] == pytest.approx(0.8, abs=1e-6) and w["kd1<-3"] == pytest.approx(0.2, abs=1e-6)
