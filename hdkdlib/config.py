@@ -32,6 +32,7 @@ FROZEN_AT_START = "init"  # freeze_weights_from: keep the learned weights at the
 # Each epoch's batch order is drawn from a generator seeded with (seed + 1) * 1_000_003 + epoch (data.order, the
 # held-out stream's seed + 1): a seed within this bound keeps that inside torch's 64-bit seeds.
 MAX_SEED = 2 ** 40 - 1
+HEADS_RESET = ("classifiers", "all")
 MAX_THREADS = 1024  # above any machine's cores: more asks the OS for threads it refuses, after the data has loaded
 
 RECIPES: Dict[str, Dict] = {
@@ -156,6 +157,9 @@ class TrainConfig:
     init_from: str = _opt("", "a finished run folder: start from its final network")
     train_heads_only: bool = _opt(False, "IMTA's second stage: the network frozen, the early exits' last Linear "
                                          "re-initialised and trained")
+    heads_reset: str = _opt("classifiers", "train_heads_only: what starts again: classifiers (IMTA's: each early "
+                                           "exit's last Linear; the last exit, the teacher, stays) or all (every head; "
+                                           "runs begun before 2026-12-05)")
     # engine
     seed: int = _opt(0, "seed of the network initialisation and the batch order")
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N")
@@ -272,6 +276,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0 and lr_gamma > 0, got {self.weight_decay} and {self.lr_gamma}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0: load in the main process), got {self.workers}")
+        if self.heads_reset not in HEADS_RESET:
+            raise ValueError(f"unknown heads_reset {self.heads_reset!r}; valid: {', '.join(HEADS_RESET)}")
         if self.train_heads_only and not self.init_from:
             raise ValueError("train_heads_only needs init_from: the run whose network the heads are trained on")
         if self.optimizer not in OPTIMIZERS:
@@ -439,7 +445,7 @@ def config_from_dict(values: Dict) -> TrainConfig:
 OPTION_GROUPS: Dict[str, Tuple[str, ...]] = {
     "data": ("dataset", "data_root", "download", "val_per_class", "n_per_class", "split_seed", "split_dir",
              "workers"),
-    "network": ("arch", "weights", "gradient_equilibrium", "init_from", "train_heads_only"),
+    "network": ("arch", "weights", "gradient_equilibrium", "init_from", "train_heads_only", "heads_reset"),
     "optimisation": ("recipe", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2",
                      "weight_decay", "lr_schedule", "warmup_epochs", "lr_milestones", "lr_gamma"),
     "loss weights and bilevel update": (

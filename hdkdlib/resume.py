@@ -28,11 +28,11 @@ MODES = ("new", "continue", "auto")
 # Settings added after runs were already made, with the value that reproduces how those runs trained: a run
 # folder whose config.json lacks one resumes with this value, not with today's default.
 LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none", "nesterov": False, "recipe": "",
-                 "optimizer": "sgd", "lr_schedule": "step", "warmup_epochs": 0}
+                 "optimizer": "sgd", "lr_schedule": "step", "warmup_epochs": 0, "heads_reset": "all"}
 
 # Defaults changed after runs were made under the former value: a run folder that began under it (and has
 # something to continue) keeps it when the new settings hold today's default.
-FORMER_DEFAULTS = {"meta_traverse": 0.25}
+FORMER_DEFAULTS = {"meta_traverse": 0.25, "heads_reset": "all"}
 
 # The weight update's settings: they change nothing in a run whose loss weights are fixed (a fixed-weight method,
 # or learned weights frozen from another run), so a changed default of theirs must not stop such a run resuming.
@@ -60,6 +60,7 @@ def unused_settings(values: Dict) -> set:
     """The settings that cannot change what a run with these (completed) settings computes."""
     bound = set() if values.get("weight_map") == "bounded" and values.get("method") in objectives.LEARNED \
         else {"weight_bound"}
+    bound |= set() if values.get("train_heads_only") else {"heads_reset"}  # only a second stage resets heads
     if values.get("method") not in objectives.LEARNED or values.get("freeze_weights_from"):
         return set(WEIGHT_UPDATE_SETTINGS) | bound
     return bound | ({"meta_lr"} if values.get("meta_schedule") == "per_run" else {"meta_traverse"})

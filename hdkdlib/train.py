@@ -61,7 +61,7 @@ class Trainer:
                                  f"{self.data.num_classes} classes ({first.rstrip('.')}): give a finished run of "
                                  f"arch {cfg.arch} on this dataset") from None
             if cfg.train_heads_only:
-                self.model.freeze_stages_and_reset_heads()
+                self.model.freeze_stages_and_reset_heads(cfg.heads_reset)
         # the loss is checked every check_every steps instead of every step: no host sync per step
         self.objective = objectives.build(cfg.method, self.model.num_exits, check_inputs=False,
                                           **cfg.objective_options()).to(self.device)

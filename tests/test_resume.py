@@ -74,6 +74,24 @@ def test_settings_a_run_does_not_use_may_change_its_default():
     assert differ({"method": "ce", "lr": 0.2}, {"method": "hdkd"}) == ["lr", "method"]
 
 
+def test_a_second_stage_begun_before_heads_reset_keeps_resetting_every_head(tmp_path, capsys):
+    """IMTA's second stage once re-initialised every head; its run folders (no heads_reset recorded) resume under
+    that rule with the same command; any other run ignores the setting, whatever its record says."""
+    stage2 = {"method": "imta_kd", "init_from": "stage1", "train_heads_only": True}
+    record = _record(**stage2)
+    del record["config"]["heads_reset"]
+    folder = RunFolder(tmp_path / "run")
+    folder.begin(record, "start")
+    folder.save_checkpoint({"epoch": 0, "batch": 3})
+    plan = resume.resolve(_settings(folder.path, **stage2), "auto")
+    assert plan.action == "continue" and plan.cfg.heads_reset == "all"
+    assert resume.resolve({"out": str(folder.path)}, "continue").cfg.heads_reset == "all"
+    assert "began under a former default (heads_reset all): continuing with it" in capsys.readouterr().err
+    plain = _record(method="ce")["config"]
+    del plain["heads_reset"]
+    assert resume.settings_differ(plain, _record(method="ce")["config"]) == []
+
+
 def test_a_run_resumes_only_in_as_many_processes_as_it_began(tmp_path):
     """batch_size is per process: another process count changes the global batch, and a mid-epoch checkpoint's
     batch index would point elsewhere in the epoch order. Evaluating it elsewhere is fine."""

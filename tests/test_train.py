@@ -374,6 +374,13 @@ def test_imta_second_stage_trains_new_heads_on_a_frozen_network(fake_root, tmp_p
     assert any(k.startswith("stages.") for k in frozen) and any(k.startswith(f"heads.{K - 1}.") for k in frozen)
     assert all(torch.equal(end[k], trained[k]) for k in frozen)
     assert all(not torch.equal(end[k], start[k]) for k in new if k.endswith("weight"))
+    # heads_reset "all": the rule of runs begun before this one (a legacy folder resumes with it): every head anew
+    legacy = train.prepare(_cfg(fake_root, tmp_path / "legacy", method="imta_kd", init_from=str(tmp_path / "stage1"),
+                                train_heads_only=True, heads_reset="all", **small))
+    trainable = {n for n, p in legacy.model.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, _ in legacy.model.named_parameters() if n.startswith("heads.")}
+    assert not torch.equal(legacy.model.state_dict()[f"heads.{K - 1}.linear.weight"],
+                           trained[f"heads.{K - 1}.linear.weight"])
     with pytest.raises(ValueError, match="train_heads_only needs init_from"):
         _cfg(fake_root, tmp_path, train_heads_only=True).validate()
 

@@ -95,14 +95,24 @@ class MultiExitNet(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Overridden by networks that accept only some input sizes."""
 
-    def freeze_stages_and_reset_heads(self) -> None:
+    def freeze_stages_and_reset_heads(self, reset: str = "classifiers") -> None:
         """IMTA's second stage (their IMTA_MSDNet): the stage-1 network stops learning, stages and heads alike (in
         eval mode under train(), so its BatchNorm statistics stay); each student exit gets a new classifier (its
         head's last Linear, re-initialised) on the frozen head's features. The last exit keeps stage 1's: its
-        logits are the students' teacher, as IMTA's frozen network's last exit is."""
-        self.stages_frozen = True
-        for p in self.parameters():
+        logits are the students' teacher, as IMTA's frozen network's last exit is.
+        reset "all" (runs begun before this rule): the stages frozen, every head re-initialised and trained."""
+        if reset not in ("classifiers", "all"):
+            raise ValueError(f"unknown heads reset {reset!r}; valid: classifiers, all")
+        self.stages_frozen = reset
+        for p in (self if reset == "classifiers" else self.stages).parameters():
             p.requires_grad_(False)
+        if reset == "all":
+            for m in self.heads.modules():
+                if hasattr(m, "reset_parameters") and m is not self.heads:
+                    m.reset_parameters()
+            if hasattr(self, "reset_parameters"):
+                self.reset_parameters(self.heads)
+            return
         for head in list(self.heads)[:-1]:
             linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
             if not linears:
@@ -114,8 +124,10 @@ class MultiExitNet(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        if getattr(self, "stages_frozen", False):  # the heads' features too: only their last Linear learns
+        frozen = getattr(self, "stages_frozen", False)
+        if frozen:
             self.stages.eval()
+        if frozen == "classifiers":  # the heads' features too: only their last Linear learns
             self.heads.eval()
         return self
 
