@@ -507,6 +507,8 @@ def to_argv(cfg: TrainConfig) -> List[str]:
             continue
         if f.name in ("dataset", "recipe") and value == f.default:
             continue
+        if f.name == "heads_reset" and not cfg.train_heads_only:  # it changes nothing then (a record's legacy value)
+            continue
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + f.name.replace("_", "-"))
         elif isinstance(value, tuple):

@@ -31,7 +31,7 @@ import pandas as pd
 
 from . import config, records
 from .paths import atomic_write, atomic_write_text
-from .resume import completed_config
+from .resume import completed_config, stored_config, unused_settings
 from .runfolder import RunFolder
 
 RUNS, CURVES, LOCK = "runs.csv", "curves.csv.gz", ".lock"
@@ -281,10 +281,14 @@ class Study:
         """A variant's runs differ in their seed only: a run with other settings (another protocol, begun under
         another command) is refused, naming the settings, before anything is written. Where the run trained, on
         which device and how fast are no settings of the protocol; settings one run lacks (added to the library
-        after it began) are not compared."""
-        given = json.loads(row["config"])
-        for other in (json.loads(r["config"]) for r in rows if r["variant"] == row["variant"]):
-            differ = [k for k in sorted(set(given) & set(other) - NOT_PROTOCOL) if given[k] != other[k]]
+        after it began) count at the value that reproduces them."""
+        # completed as a resume completes them: a setting one run lacks counts at the value that reproduces it
+        # (kd_share 0.3 against an older run without kd_share is another protocol); unused ones are not compared
+        given = stored_config(json.loads(row["config"]))
+        for other in (stored_config(json.loads(r["config"])) for r in rows if r["variant"] == row["variant"]):
+            skip = NOT_PROTOCOL | (unused_settings(given) & unused_settings(other))
+            differ = [k for k in sorted(set(given) | set(other)) if k not in skip
+                      and json.dumps(given.get(k)) != json.dumps(other.get(k))]
             if differ:
                 raise StudyRecordError(
                     f"run {row['run']} has other settings than the {row['variant']} runs in {self.path / RUNS} ("

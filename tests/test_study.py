@@ -590,6 +590,15 @@ def test_a_run_of_another_protocol_is_never_mixed_into_a_variant(tmp_path):
         (bf16 / name).write_text(json.dumps(text))
     with pytest.raises(StudyRecordError, match=r"run ce-seed3 has other settings .*\(bf16: True, not False\)"):
         target.add([studyrecords.record_from_run_folder(bf16)])
+    # a setting added to the library since the variant's first runs counts at the value that reproduces those runs
+    target.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "dbt-seed0", [0.1, 0.2]))])
+    share = _run_copy(tmp_path / "runs", "dbt-seed1", [0.3, 0.4])
+    for name in ("config.json", "results.json"):
+        text = json.loads((share / name).read_text())
+        text["config"].update(kd_share=0.3)
+        (share / name).write_text(json.dumps(text))
+    with pytest.raises(StudyRecordError, match=r"run dbt-seed1 has other settings .*\(kd_share: 0.3, not 0.0\)"):
+        target.add([studyrecords.record_from_run_folder(share)])
 
 
 def test_bad_data_or_settings_for_a_study_are_one_line(tmp_path, capsys):
