@@ -687,15 +687,22 @@ def test_a_finished_runs_results_without_its_network_are_not_trained_over(fake_r
     its first checkpoint, whose restart would delete results.json and metrics.jsonl."""
     out = tmp_path / "run"
     train.run(_cfg(fake_root, out, epochs=1))
-    for name in ("model.pt", "checkpoint.pt", "checkpoint.prev.pt"):
+    _refused_and_kept(fake_root, out, 1, ("model.pt", "checkpoint.pt", "checkpoint.prev.pt"),
+                      r"holds a finished run's results without its network .*restore model.pt", capsys)
+
+
+def _refused_and_kept(fake_root, out, epochs, deleted, message, capsys):
+    """With `deleted` gone from a finished run's folder, the same run is refused by message, in Python and as one
+    command-line line, and every file left is kept as it was."""
+    for name in deleted:
         (out / name).unlink(missing_ok=True)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
-    with pytest.raises(FileExistsError, match=r"holds a finished run's results without its network .*restore model.pt"):
-        train.run(_cfg(fake_root, out, epochs=1))
+    with pytest.raises(FileExistsError, match=message):
+        train.run(_cfg(fake_root, out, epochs=epochs))
     capsys.readouterr()
-    assert main(_train_argv(fake_root, out, "--epochs", "1")) == 2
+    assert main(_train_argv(fake_root, out, "--epochs", str(epochs))) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "without its network" in err, err
+    assert err.count("\n") == 1 and re.search(message, err), err
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
 
 
@@ -704,17 +711,9 @@ def test_epochs_metrics_without_a_checkpoint_are_not_trained_over(fake_root, tmp
     its first checkpoint (which has at most epoch 1's line), whose restart would delete metrics.jsonl."""
     out = tmp_path / "run"
     train.run(_cfg(fake_root, out, epochs=2))
-    for name in ("model.pt", "checkpoint.pt", "checkpoint.prev.pt", "results.json"):
-        (out / name).unlink(missing_ok=True)
-    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"}
     assert len(_metrics(out)) == 2
-    with pytest.raises(FileExistsError, match=r"holds 2 epochs' metrics but no checkpoint or model.pt"):
-        train.run(_cfg(fake_root, out, epochs=2))
-    capsys.readouterr()
-    assert main(_train_argv(fake_root, out, "--epochs", "2")) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "epochs' metrics but no checkpoint" in err, err
-    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+    _refused_and_kept(fake_root, out, 2, ("model.pt", "checkpoint.pt", "checkpoint.prev.pt", "results.json"),
+                      r"holds 2 epochs' metrics but no checkpoint or model.pt", capsys)
     # a line without its weights (edited by hand): one line naming it when the results are completed from the folder
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     del rows[1]["weights"]
