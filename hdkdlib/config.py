@@ -32,7 +32,7 @@ FROZEN_AT_START = "init"  # freeze_weights_from: keep the learned weights at the
 # Each epoch's batch order is drawn from a generator seeded with (seed + 1) * 1_000_003 + epoch (data.order, the
 # held-out stream's seed + 1): a seed within this bound keeps that inside torch's 64-bit seeds.
 MAX_SEED = 2 ** 40 - 1
-HEADS_RESET = ("classifiers", "all")
+HEADS_RESET = models.base.HEADS_RESET
 MAX_THREADS = 1024  # above any machine's cores: more asks the OS for threads it refuses, after the data has loaded
 
 RECIPES: Dict[str, Dict] = {

@@ -202,6 +202,7 @@ def test_optimizer_schedule_and_weights_options():
              (dict(lr_gamma=1e-30), r"lr_gamma 1e-30 takes the lr from 0.1 to 1e-61 by the last milestone"),
              (dict(lr_gamma=1000.0), r"lr_gamma 1000 takes the lr from 0.1 to 100000 by the last milestone"),
              (dict(lr_schedule="linear"), "unknown lr_schedule 'linear'; valid: step, cosine"),
+             (dict(train_heads_only=True, heads_reset="stages"), "unknown heads_reset 'stages'; valid: classifiers, all"),
              (dict(warmup_epochs=300), r"warmup_epochs must lie in \[0, epochs\), got 300 of 300"),
              (dict(arch="vit_b_16_exits", weights="ViT_B_16_Weights.NOPE"),
               "unknown weights 'ViT_B_16_Weights.NOPE' for vit_b_16; valid: ViT_B_16_Weights.IMAGENET1K_V1"),

@@ -383,6 +383,12 @@ def test_imta_second_stage_trains_new_heads_on_a_frozen_network(fake_root, tmp_p
                            trained[f"heads.{K - 1}.linear.weight"])
     with pytest.raises(ValueError, match="train_heads_only needs init_from"):
         _cfg(fake_root, tmp_path, train_heads_only=True).validate()
+    # a rule it does not know is refused before anything is frozen or reset
+    before = {k: v.clone() for k, v in first.model.state_dict().items()}
+    with pytest.raises(ValueError, match="unknown heads_reset 'stages'; valid: classifiers, all"):
+        first.model.freeze_stages_and_reset_heads("stages")
+    assert all(p.requires_grad for p in first.model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in first.model.state_dict().items())
 
 
 def test_tf32_use_recorded_for_a_gpu_run_follows_nvidias_override(monkeypatch):

@@ -49,16 +49,26 @@ def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
     return _ScaleGrad.apply(x, scale)
 
 
+# IMTA's second stage starts again with: "classifiers" (each early exit's last Linear) or "all" (every head; runs
+# begun before that rule)
+HEADS_RESET = ("classifiers", "all")
+
+
+def _equilibrium_nets(model: nn.Module) -> List["MultiExitNet"]:
+    """The multi-exit networks in `model` (a wrapper's included) that scale their gradients by IMTA's rule."""
+    return [m for m in model.modules() if isinstance(m, MultiExitNet) and m.gradient_equilibrium]
+
+
 def with_gradient_equilibrium(model: nn.Module) -> bool:
     """Whether any multi-exit network in `model` (a wrapper's included) scales its gradients by IMTA's rule."""
-    return any(isinstance(m, MultiExitNet) and m.gradient_equilibrium for m in model.modules())
+    return bool(_equilibrium_nets(model))
 
 
 @contextmanager
 def gradient_equilibrium_off(model: nn.Module):
     """Passes made inside differentiate the network's loss itself, not IMTA's rescaled gradient (which is no loss's
     gradient): a held-out loss's gradient through the virtual step needs the true one."""
-    nets = [m for m in model.modules() if isinstance(m, MultiExitNet) and m.gradient_equilibrium]
+    nets = _equilibrium_nets(model)
     for m in nets:
         m.gradient_equilibrium = False
     try:
@@ -101,8 +111,8 @@ class MultiExitNet(nn.Module):
         head's last Linear, re-initialised) on the frozen head's features. The last exit keeps stage 1's: its
         logits are the students' teacher, as IMTA's frozen network's last exit is.
         reset "all" (runs begun before this rule): the stages frozen, every head re-initialised and trained."""
-        if reset not in ("classifiers", "all"):
-            raise ValueError(f"unknown heads reset {reset!r}; valid: classifiers, all")
+        if reset not in HEADS_RESET:
+            raise ValueError(f"unknown heads_reset {reset!r}; valid: {', '.join(HEADS_RESET)}")
         self.stages_frozen = reset
         for p in (self if reset == "classifiers" else self.stages).parameters():
             p.requires_grad_(False)
