@@ -18,11 +18,13 @@ runs.csv last: a run is in the study when its row is.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import gzip
 import io
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
@@ -118,16 +120,20 @@ def record_from_run_folder(path, at_once="", invocation: str = "", started: str 
            "train_minutes": sum(r["epoch_seconds"] for r in curves) / 60, "device": result["device"],
            "torch": result["packages"]["torch"], "commit": began["git_commit"], "at_once": str(at_once),
            "started": started, "invocation": invocation, "config": json.dumps(config, sort_keys=True)}
+    fingerprint = (result.get("data") or {}).get("sha256")  # runs of older commits recorded none
+    if isinstance(fingerprint, str):
+        row["data_sha256"] = fingerprint
     # curves hold numbers; how an epoch's steps ran (its step_mode) is the run folder's, not the study's
     return flatten(row), [flatten({"run": run, **{k: v for k, v in r.items() if k not in NOT_CURVES}}) for r in curves]
 
 
 # --- the files ------------------------------------------------------------------------------------------------
-TEXT = ("run", "variant", "method", "device", "torch", "commit", "at_once", "started", "invocation", "config")
+TEXT = ("run", "variant", "method", "device", "torch", "commit", "data_sha256", "at_once", "started", "invocation",
+        "config")
 NEEDED_CURVES = ("run", "epoch", "epoch_seconds", "images_per_s", "train_top1[1]", "val_top1[1]")
 NOT_CURVES = ("step_mode",)  # metrics.jsonl's text fields
 PROVENANCE = ("at_once", "started", "invocation")  # how a run was trained, not what it measured
-REST = ("epochs", "train_minutes", "device", "torch", "commit", *PROVENANCE)  # runs.csv's last columns, in order
+REST = ("epochs", "train_minutes", "device", "torch", "commit", "data_sha256", *PROVENANCE)  # runs.csv's last columns, in order
 
 
 class Study:
@@ -200,6 +206,10 @@ class Study:
                 refuse(line, f"{run}'s test top-1 lacks an exit before its last one, got {top1}")
             if row.get("epochs") != epochs:
                 refuse(line, f"{run} records {row.get('epochs')} epochs of its config's {epochs}")
+            data = row.get("data_sha256", math.nan)
+            if not (isinstance(data, float) and math.isnan(data)) and not (
+                    isinstance(data, str) and re.fullmatch(r"[0-9a-f]{64}", data)):
+                refuse(line, f"{run}'s data_sha256 {data!r} is no sha256 digest")
         if runs["run"].duplicated().any():
             refuse(0, f"lists {runs['run'][runs['run'].duplicated()].iloc[0]} twice")
         if runs.empty:
@@ -246,7 +256,15 @@ class Study:
     def locked(self):
         """The study's lock (flock): the chains of one study record and summarise one at a time."""
         self.path.mkdir(parents=True, exist_ok=True)
-        with open(self.path / LOCK, "w") as lock:
+        try:  # never through a link: opening one would create or truncate its target
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as e:
+            if e.errno != errno.ELOOP:
+                raise
+            raise StudyRecordError(f"{self.path / LOCK} is a link (to {os.readlink(self.path / LOCK)}): the study's "
+                                   f"lock would write into its target; remove the link (rm {self.path / LOCK}) and "
+                                   "run again") from None
+        with os.fdopen(fd) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 
@@ -284,6 +302,13 @@ class Study:
         after it began) count at the value that reproduces them."""
         # completed as a resume completes them: a setting one run lacks counts at the value that reproduces it
         # (kd_share 0.3 against an older run without kd_share is another protocol); unused ones are not compared
+        data = row.get("data_sha256")
+        for other in rows:  # the summary pairs any two variants' runs by seed: all of them saw the same data
+            if isinstance(data, str) and isinstance(other.get("data_sha256"), str) and other["data_sha256"] != data:
+                raise StudyRecordError(
+                    f"run {row['run']} trained on other data than {other['run']} in {self.path / RUNS} (decoded "
+                    f"pixels and labels sha256 {data[:12]}..., not {other['data_sha256'][:12]}...): a run on other "
+                    "data is never mixed into a study; nothing was written. Record it in another study (--name)")
         given = stored_config(json.loads(row["config"]))
         for other in (stored_config(json.loads(r["config"])) for r in rows if r["variant"] == row["variant"]):
             skip = NOT_PROTOCOL | (unused_settings(given) & unused_settings(other))

@@ -601,6 +601,53 @@ def test_a_run_of_another_protocol_is_never_mixed_into_a_variant(tmp_path):
         target.add([studyrecords.record_from_run_folder(share)])
 
 
+def _with_data(folder: Path, sha256: str) -> Path:
+    """The run copy as trained on data of that fingerprint (results.json's "data", as train writes it)."""
+    record = json.loads((folder / "results.json").read_text())
+    record["data"] = {"root": "/data/x", "of": "decoded pixels and labels", "sha256": sha256}
+    (folder / "results.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_a_run_on_other_data_is_never_mixed_into_a_study(tmp_path):
+    """The data's fingerprint is recorded, and a run whose data differ from any run's of the study (another
+    variant's too: the summary pairs variants by seed) is refused, nothing written; records of commits that wrote
+    no fingerprint are compared by their settings alone; the same data from another folder pools."""
+    a, b = "a" * 64, "b" * 64
+    target = Study(tmp_path / "results" / "s")
+    target.add([studyrecords.record_from_run_folder(_with_data(_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2]), a))])
+    assert target.record(target.runs(), "ce-seed0")["data_sha256"] == a
+    before = {p.name: p.read_bytes() for p in target.path.iterdir()}
+    for run in ("ce-seed1", "dbt-seed0"):
+        other = _with_data(_run_copy(tmp_path / "runs", run, [0.3, 0.4]), b)
+        with pytest.raises(StudyRecordError, match=rf"run {run} trained on other data than ce-seed0 .*sha256 "
+                                                   r"bbbbbbbbbbbb\.\.\., not aaaaaaaaaaaa.*nothing was written"):
+            target.add([studyrecords.record_from_run_folder(other)])
+        assert {p.name: p.read_bytes() for p in target.path.iterdir()} == before
+    older = _run_copy(tmp_path / "runs", "dbt-seed1", [0.3, 0.4])  # no fingerprint recorded
+    same = _with_data(_run_copy(tmp_path / "runs", "dbt-seed2", [0.3, 0.4]), a)
+    assert target.add([studyrecords.record_from_run_folder(f) for f in (older, same)]) == ["dbt-seed1", "dbt-seed2"]
+    runs = target.runs()
+    assert runs.set_index("run")["data_sha256"].isna().tolist() == [False, True, False]
+    # a damaged fingerprint in runs.csv is refused on reading, one line
+    text = (target.path / studyrecords.RUNS).read_text().replace(a, "not-a-digest", 1)
+    (target.path / studyrecords.RUNS).write_text(text)
+    with pytest.raises(StudyRecordError, match="ce-seed0's data_sha256 'not-a-digest' is no sha256 digest"):
+        target.runs()
+
+
+def test_the_study_lock_is_never_opened_through_a_link(tmp_path):
+    """A link in the lock's place would have the lock create or truncate its target: refused, target unchanged."""
+    target = Study(tmp_path / "results" / "s")
+    target.path.mkdir(parents=True)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (target.path / studyrecords.LOCK).symlink_to(victim)
+    with pytest.raises(StudyRecordError, match=r"\.lock is a link \(to .*victim.txt\).*remove the link"):
+        target.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2]))])
+    assert victim.read_text() == "keep me" and not (target.path / studyrecords.RUNS).exists()
+
+
 def test_bad_data_or_settings_for_a_study_are_one_line(tmp_path, capsys):
     """Training in-process (--jobs 1) meets the data's and the settings' checks: one line each, exit 2, nothing
     recorded."""
