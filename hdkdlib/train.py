@@ -277,9 +277,11 @@ class Trainer:
         if action == "load":
             self.load_finished()
             return []
-        if action in ("continue", "evaluate"):  # a trained run whose checkpoints are gone: its final network
+        if action == "evaluate":  # trained: its final network, never a fallback checkpoint's epoch trained again
+            self.load_finished()
+        if action == "continue":  # a trained run whose checkpoints are gone: its final network
             self.load_checkpoint() if self.folder.resumable() else self.load_finished()
-            if action == "continue" and self.writes:  # written with its first checkpoint: a resume that
+            if self.writes:  # written with its first checkpoint: a resume that
                 self._resumed_from = (self._config_record(), self.epoch, self.batch)  # fails changes nothing
         self.began = True
         history = []
@@ -316,7 +318,7 @@ class Trainer:
             if self.writes:
                 self.folder.append_metrics(row)
             self.save_checkpoint()
-        if self.writes:
+        if self.writes and action != "evaluate":  # evaluating: model.pt is what was trained, kept as written
             self.folder.save_model(self.model.state_dict())
         return history
 

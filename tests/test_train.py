@@ -786,6 +786,20 @@ def test_a_run_killed_during_its_evaluation_says_so_and_resume_finishes_it(fake_
     assert result.returncode == 0 and RunFolder(out).finished(), result.stderr
 
 
+def test_evaluating_a_trained_run_never_trains_its_last_epoch_again(fake_root, tmp_path):
+    """Trained, not evaluated, its last checkpoint damaged: the resume evaluates model.pt and the last epoch's
+    weights; it does not fall back to the checkpoint before and train the last epoch again over model.pt."""
+    out = tmp_path / "run"
+    train.prepare(_cfg(fake_root, out, method="hdkd", epochs=2)).fit()
+    kept = {name: (out / name).read_bytes() for name in ("model.pt", "metrics.jsonl", "config.json")}
+    (out / "checkpoint.pt").write_bytes((out / "checkpoint.pt").read_bytes()[:100])
+    result = _train_cli(fake_root, out, "--method", "hdkd", "--epochs", "2", "--resume")
+    assert result.returncode == 0 and RunFolder(out).finished(), result.stderr
+    assert {name: (out / name).read_bytes() for name in kept} == kept
+    final = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["weights"]
+    assert RunFolder(out).results()["weights"] == pytest.approx(final, rel=1e-6)  # float32 parameters: 1e-6
+
+
 def test_a_full_disk_is_one_line_removes_the_partial_file_and_keeps_the_last_checkpoint(fake_root, tmp_path,
                                                                                         monkeypatch):
     out = tmp_path / "run"
