@@ -84,18 +84,36 @@ def recorded_config(folder: RunFolder) -> TrainConfig:
     return completed_config(folder.config()["config"])
 
 
+def _floats(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _floats(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_floats(v) for v in value]
+    return value
+
+
+def comparable(value) -> str:
+    """A setting's (or a record's) value as two are compared: JSON text, keys sorted, whole numbers as floats, so
+    temperature 3 (from Python) and 3.0 (from the command line or a CSV column) are one value; NaN equals NaN."""
+    return json.dumps(_floats(value), sort_keys=True, default=str)
+
+
 def settings_differ(recorded: Dict, new: Dict) -> list:
     """The settings that change what is computed in which a run folder's record and new settings differ."""
     old = stored_config(recorded)
     free = RESUMABLE_CHANGES | (unused_settings(old) & unused_settings(new))
-    return sorted(k for k in set(old) | set(new) if k not in free and json.dumps(old.get(k)) != json.dumps(new.get(k)))
+    return sorted(k for k in set(old) | set(new) if k not in free and comparable(old.get(k)) != comparable(new.get(k)))
 
 
 def _former_defaults(recorded: Dict, cfg: TrainConfig) -> Dict:
     """The settings whose default changed since the run began under the former one, where cfg holds today's."""
     here = stored_config(recorded)
     return {k: here[k] for k, former in FORMER_DEFAULTS.items()
-            if k not in unused_settings(here) and json.dumps(here.get(k)) == json.dumps(former)
+            if k not in unused_settings(here) and comparable(here.get(k)) == comparable(former)
             and getattr(cfg, k) == getattr(TrainConfig, k)}
 
 

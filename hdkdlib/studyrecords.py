@@ -33,7 +33,7 @@ import pandas as pd
 
 from . import config, records
 from .paths import atomic_write, atomic_write_text
-from .resume import completed_config, stored_config, unused_settings
+from .resume import comparable, completed_config, stored_config, unused_settings
 from .runfolder import RunFolder
 
 RUNS, CURVES, LOCK = "runs.csv", "curves.csv.gz", ".lock"
@@ -313,7 +313,7 @@ class Study:
         for other in (stored_config(json.loads(r["config"])) for r in rows if r["variant"] == row["variant"]):
             skip = NOT_PROTOCOL | (unused_settings(given) & unused_settings(other))
             differ = [k for k in sorted(set(given) | set(other)) if k not in skip
-                      and json.dumps(given.get(k)) != json.dumps(other.get(k))]
+                      and comparable(given.get(k)) != comparable(other.get(k))]
             if differ:
                 raise StudyRecordError(
                     f"run {row['run']} has other settings than the {row['variant']} runs in {self.path / RUNS} ("
@@ -322,14 +322,12 @@ class Study:
                       "another --tag or --name")
 
     def same(self, mine: pd.DataFrame, curves: pd.DataFrame, row: Dict, curve: List[Dict]) -> bool:
-        """Whether a run's stored numbers are those of (row, curve), its provenance aside (compared as JSON text:
-        NaN equals NaN, 60 equals 60.0)."""
+        """Whether a run's stored numbers are those of (row, curve), its provenance aside (resume.comparable: NaN
+        equals NaN, 60 equals 60.0, as a CSV column read back may turn one into the other)."""
         def numbers(record):
-            return json.dumps({k: v for k, v in unflatten(record).items() if k not in (*PROVENANCE, "setting")},
-                              sort_keys=True, default=str)
+            return comparable({k: v for k, v in unflatten(record).items() if k not in (*PROVENANCE, "setting")})
         theirs = sorted(({k: v for k, v in unflatten(r).items() if k != "run"} for r in curve), key=lambda r: r["epoch"])
-        return (numbers(mine.iloc[0].to_dict()) == numbers(row)
-                and json.dumps(self.metrics(curves, row["run"]), sort_keys=True) == json.dumps(theirs, sort_keys=True))
+        return numbers(mine.iloc[0].to_dict()) == numbers(row) and comparable(self.metrics(curves, row["run"])) == comparable(theirs)
 
     def _write(self, runs: pd.DataFrame, curves: pd.DataFrame) -> None:
         """Columns in a fixed order (the same records are the same bytes, whatever order the runs came in)."""
@@ -360,7 +358,7 @@ def runs_setting_columns(runs: pd.DataFrame) -> List[str]:
     """The settings whose value differs between the study's runs (seed and method have their own columns)."""
     configs = [json.loads(c) for c in runs["config"]]
     keys = sorted({k for c in configs for k in c} - NOT_SETTINGS)
-    return [k for k in keys if len({json.dumps(c.get(k), sort_keys=True) for c in configs}) > 1]
+    return [k for k in keys if len({comparable(c.get(k)) for c in configs}) > 1]
 
 
 def settings_table(runs: pd.DataFrame, keys: List[str]) -> pd.DataFrame:

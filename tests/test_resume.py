@@ -74,6 +74,23 @@ def test_settings_a_run_does_not_use_may_change_its_default():
     assert differ({"method": "ce", "lr": 0.2}, {"method": "hdkd"}) == ["lr", "method"]
 
 
+def test_a_whole_number_is_the_same_setting_as_its_float(tmp_path):
+    """temperature=3 from Python and --temperature 3 (3.0) from the command line are one setting: the run resumes;
+    3 against 3.5 and a bool against 1 still differ; a record's lists and maps compare by value too."""
+    def differ(old, new):
+        return resume.settings_differ(_record(**old)["config"], _record(**new)["config"])
+
+    assert differ({"method": "dbt", "temperature": 3, "lr": 1}, {"method": "dbt", "temperature": 3.0, "lr": 1.0}) == []
+    assert differ({"method": "dbt", "temperature": 3}, {"method": "dbt", "temperature": 3.5}) == ["temperature"]
+    assert resume.comparable({"a": [1, 2.5], "b": 60}) == resume.comparable({"b": 60.0, "a": [1.0, 2.5]})
+    assert resume.comparable(True) != resume.comparable(1) and resume.comparable(float("nan")) == "NaN"
+    folder = RunFolder(tmp_path / "run")
+    folder.begin(_record(method="dbt", temperature=3), "start")
+    folder.save_checkpoint({"epoch": 0, "batch": 3})
+    plan = resume.resolve(_settings(folder.path, method="dbt", temperature=3.0), "continue")
+    assert plan.action == "continue" and plan.cfg.temperature == 3
+
+
 def test_a_second_stage_begun_before_heads_reset_keeps_resetting_every_head(tmp_path, capsys):
     """IMTA's second stage once re-initialised every head; its run folders (no heads_reset recorded) resume under
     that rule with the same command; any other run ignores the setting, whatever its record says."""

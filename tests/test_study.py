@@ -241,6 +241,16 @@ def test_merge_brings_finished_runs_once_and_overwrites_nothing(tmp_path, capsys
     assert study.merge_from(ours, theirs) == ["ce-seed3"]
     assert "kept ce-seed0 as recorded" in capsys.readouterr().err
     assert ours.record(ours.runs(), "ce-seed0")["test_top1"] == [0.1, 0.2]
+    # a run whose whole-number values read back as floats (its curve's lr column is shared with 0.1-lr runs) is
+    # the same record: merged again, nothing is said or written
+    whole = _run_copy(theirs, "ce-seed6", [0.3, 0.4])
+    lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    (whole / "metrics.jsonl").write_text("".join(json.dumps({**r, "lr": 1, "epoch_seconds": 60}) + "\n" for r in lines))
+    assert study.merge_from(ours, theirs) == ["ce-seed6"]
+    before = {p.name: p.read_bytes() for p in ours.path.iterdir()}
+    capsys.readouterr()
+    assert study.merge_from(ours, theirs) == [] and "ce-seed6" not in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in ours.path.iterdir()} == before
     with pytest.raises(SystemExit, match="is this study's folder"):
         study.merge_from(ours, ours.path)
     (theirs / "RUNS.json").write_text("[1, 2]")
