@@ -279,7 +279,7 @@ class RunFolder:
         if self.resumable() or self.trained():
             raise RuntimeError(f"{self.path} holds a checkpoint or a model: it is not restarted")
         self.refuse_to_restart_over_metrics()
-        for name in (CONFIG, METRICS, RESULTS):
+        for name in (RESULTS, METRICS, CONFIG):  # config.json last: a kill between leaves no metrics without it
             self.file(name).unlink(missing_ok=True)
 
     # --- readers ------------------------------------------------------------------------------------------

@@ -156,7 +156,15 @@ class Trainer:
         if not isinstance(state.get("config"), dict):
             return "no settings recorded"
         differ = settings_differ(state["config"], config_to_dict(self.cfg))
-        return f"other {', '.join(differ[:4])}" if differ else None
+        if differ:
+            return f"other {', '.join(differ[:4])}"
+        # a position outside the run would skip its training and end it as finished (batch == batches: the epoch's
+        # steps all taken, a stop signal came before its metrics line)
+        epoch, batch, batches = state["epoch"], state["batch"], len(self.data.train)
+        if not all(type(v) is int for v in (epoch, batch, state["step"])) or not (
+                0 <= epoch <= self.cfg.epochs and 0 <= batch <= batches and (epoch < self.cfg.epochs or batch == 0)):
+            return f"epoch {epoch!r}, batch {batch!r} lie outside its {self.cfg.epochs} epochs of {batches} batches"
+        return None
 
     def load_finished(self) -> None:
         """A finished run's final state: its last checkpoint (network, weights, their optimizers), or, with the

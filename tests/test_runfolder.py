@@ -231,6 +231,28 @@ def test_a_lock_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
     folder.release()
 
 
+def test_a_restart_killed_midway_leaves_a_folder_that_starts_again(tmp_path, monkeypatch):
+    """A run that stopped before its first checkpoint is forgotten file by file; killed after the first removal,
+    the folder must not be left with metrics but no config.json, which every later start refuses."""
+    record = {"config": dataclasses.asdict(TrainConfig(dataset="synthetic", arch="toy_mlp").validate())}
+    folder = RunFolder(tmp_path / "run")
+    folder.begin(record, "start")
+    folder.append_metrics({"epoch": 1, "weights": {}})
+    real_unlink, removed = Path.unlink, []
+
+    def killed_after_one(path, missing_ok=False):
+        if removed:
+            raise KeyboardInterrupt  # the kill
+        real_unlink(path, missing_ok=missing_ok)
+        removed.append(path.name)
+    monkeypatch.setattr(Path, "unlink", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        folder.begin(record, "start")
+    monkeypatch.setattr(Path, "unlink", real_unlink)
+    folder.begin(record, "start")  # the same command again starts the run
+    assert folder.config() is not None and folder.metrics() == []
+
+
 def test_results_store_round_trip(tmp_path):
     for method, acc in (("ce", 0.5), ("hdkd", 0.6)):
         RunFolder(tmp_path / method).write_results({"config": {"method": method, "arch": "a", "dataset": "d", "seed": 0},

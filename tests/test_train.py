@@ -116,11 +116,14 @@ def test_run_folder_guards(fake_root, tmp_path):
     resumed = _resume(_cfg(fake_root, out, epochs=1))  # the truncated checkpoint.pt is skipped, after saying so; the intact .prev is used
     assert resumed.epoch == 1
     assert (out / "checkpoint.prev.pt").read_bytes() == good  # nothing good was overwritten
-    (out / "checkpoint.prev.pt").write_bytes(good[:100])  # both unreadable: a clear error, nothing deleted
+    # both unreadable: the run is trained, so its network is model.pt, evaluated as it is; nothing deleted
+    # (an interrupted run with no readable checkpoint is one line: test_a_damaged_record_is_one_line_...)
+    (out / "checkpoint.prev.pt").write_bytes(good[:100])
     (out / "checkpoint.pt").write_bytes(good[:100])
-    with pytest.raises(RuntimeError, match=r"cannot resume .*no readable checkpoint .*checkpoint.pt.*checkpoint.prev.pt"):
-        _resume(_cfg(fake_root, out, epochs=1))
-    assert (out / "checkpoint.pt").read_bytes() == good[:100]
+    resumed = _resume(_cfg(fake_root, out, epochs=1))
+    model = torch.load(out / "model.pt", weights_only=True)
+    assert resumed.epoch == 1 and all(torch.equal(v, model[k]) for k, v in resumed.model.state_dict().items())
+    assert (out / "checkpoint.pt").read_bytes() == good[:100] == (out / "checkpoint.prev.pt").read_bytes()
 
 
 def test_nan_stops_training_without_touching_the_last_good_checkpoint(fake_root, tmp_path):
@@ -844,6 +847,29 @@ def test_a_refused_checkpoint_says_in_our_words_that_it_was_not_loaded(fake_root
     assert state["epoch"] == 1 and len(said) == 1
     assert said[0].startswith("warning: checkpoint.pt not loaded: it holds objects other than tensors (a modified or "
                               "foreign file); it was not executed; resuming from checkpoint.prev.pt")
+
+
+def test_a_checkpoint_at_a_position_outside_the_run_is_not_loaded(fake_root, tmp_path):
+    """A checkpoint relabelled as the last epoch, or at a batch past the epoch's end, would end the run as finished
+    with its epochs untrained (exit 0): refused like a foreign one, the previous checkpoint taken; a setting stored
+    as a tensor is refused too, in our words."""
+    out = tmp_path / "run"
+    trainer = train.prepare(_cfg(fake_root, out, epochs=2))
+    _interrupt(trainer, lambda t: t.epoch == 1)
+    good = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (good["epoch"], good["batch"]) == (1, 1)
+    resumed = train.prepare(_cfg(fake_root, out, epochs=2))
+    batches = len(resumed.data.train)
+    for change, words in (({"epoch": 2}, f"epoch 2, batch 1 lie outside its 2 epochs of {batches} batches"),
+                          ({"batch": 10 ** 9}, "batch 1000000000 lie outside"),
+                          ({"batch": batches + 1}, f"batch {batches + 1} lie outside"),
+                          ({"epoch": 1.0}, "epoch 1.0, batch 1 lie outside"),
+                          ({"config": {**good["config"], "lr": torch.tensor(0.1)}}, "checkpoint of another run")):
+        torch.save({**good, **change}, out / "checkpoint.pt")
+        said = []
+        state = resumed.folder.load_checkpoint("cpu", say=said.append, foreign=resumed._other_run)
+        assert (state["epoch"], state["batch"]) == (1, 0) and len(said) == 1 and words in said[0], said
+        assert said[0].endswith("resuming from checkpoint.prev.pt (epoch 1, batch 0)")
 
 
 def test_meta_warmup_keeps_the_start_then_learns_and_bounded_weights_resume(fake_root, tmp_path):
