@@ -90,7 +90,7 @@ class Trainer:
         self._stop_signal = None
         self.action = None  # what fit was asked to do: a notebook says "trained" or "loaded" (notebook.what_was_done)
         self.began = False  # the run folder checked and the state loaded: what fails from here on may pass on a rerun
-        self._resumed_from = None  # (record, epoch, batch) of a resume, until its first checkpoint records it
+        self._resumed_from = None  # (record, epoch, batch) of a resume, recorded just before its first checkpoint
 
     # -- run folder
     def _config_record(self) -> Dict:
@@ -130,10 +130,10 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         if self.writes:
-            self.folder.save_checkpoint(self.state_dict())
-            if self._resumed_from is not None:
+            if self._resumed_from is not None:  # before the checkpoint it trained: a kill between keeps the record
                 self.folder.record_resume(*self._resumed_from)
                 self._resumed_from = None
+            self.folder.save_checkpoint(self.state_dict())
 
     def load_checkpoint(self, state: Optional[Dict] = None) -> None:
         """Continue from the run folder's checkpoint (or the previous one, if the newer one is unreadable)."""
@@ -289,8 +289,8 @@ class Trainer:
             self.load_finished()
         if action == "continue":  # a trained run whose checkpoints are gone: its final network
             self.load_checkpoint() if self.folder.resumable() else self.load_finished()
-            if self.writes:  # written with its first checkpoint: a resume that
-                self._resumed_from = (self._config_record(), self.epoch, self.batch)  # fails changes nothing
+            if self.writes:  # written with its first checkpoint: a resume that fails before it changes nothing
+                self._resumed_from = (self._config_record(), self.epoch, self.batch)
         self.began = True
         history = []
         if threading.current_thread() is threading.main_thread():

@@ -872,6 +872,22 @@ def test_a_checkpoint_at_a_position_outside_the_run_is_not_loaded(fake_root, tmp
         assert said[0].endswith("resuming from checkpoint.prev.pt (epoch 1, batch 0)")
 
 
+def test_a_resumes_record_is_written_before_its_first_checkpoint(fake_root, tmp_path, monkeypatch):
+    """Every checkpoint a resume writes has that resume in config.json already: a kill between the two writes
+    cannot leave epochs trained by the resuming code with no record of it."""
+    out = tmp_path / "run"
+    _interrupt(train.prepare(_cfg(fake_root, out, epochs=2)), lambda t: t.epoch == 1)
+    real, resumes_on_disk = RunFolder.save_checkpoint, []
+
+    def save(folder, state):
+        resumes_on_disk.append(len(folder.config().get("resumed", [])))
+        real(folder, state)
+    monkeypatch.setattr(RunFolder, "save_checkpoint", save)
+    _resume(_cfg(fake_root, out, epochs=2))
+    assert resumes_on_disk and set(resumes_on_disk) == {1}
+    assert json.loads((out / "config.json").read_text())["resumed"][0]["epochs_done"] == 1
+
+
 def test_meta_warmup_keeps_the_start_then_learns_and_bounded_weights_resume(fake_root, tmp_path):
     """meta_warmup 0.5 of a 2-epoch run: the weights after epoch 1 are still the start, after epoch 2 they moved;
     the bounded map trains, checkpoints its trust region's centre and resumes to the same weights."""
