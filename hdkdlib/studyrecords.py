@@ -33,7 +33,7 @@ import pandas as pd
 
 from . import config, records
 from .paths import atomic_write, atomic_write_text
-from .resume import comparable, completed_config, stored_config, unused_settings
+from .resume import comparable, completed_config, settings_differ, stored_config, unused_settings
 from .runfolder import RunFolder
 
 RUNS, CURVES, LOCK = "runs.csv", "curves.csv.gz", ".lock"
@@ -110,6 +110,10 @@ def record_from_run_folder(path, at_once="", invocation: str = "", started: str 
                                "finish or collect that run first")
     run = folder.path.name
     config = result["config"]
+    differ = settings_differ(began.get("config") or {}, stored_config(config) if isinstance(config, dict) else {})
+    if differ:  # a results.json of another run copied in beside this one's files
+        raise StudyRecordError(f"{folder.path}: results.json is not the result of the run config.json began "
+                               f"({', '.join(differ[:4])} differ): copy the whole run folder again")
     if [r["epoch"] for r in curves] != list(range(1, config["epochs"] + 1)):
         raise StudyRecordError(f"{folder.path / 'metrics.jsonl'} holds {len(curves)} of the run's {config['epochs']} "
                                "epochs (a cut-short or partial copy): copy the whole run folder again")

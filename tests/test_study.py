@@ -646,6 +646,19 @@ def test_a_run_on_other_data_is_never_mixed_into_a_study(tmp_path):
         target.runs()
 
 
+def test_a_run_copy_whose_results_are_another_runs_is_refused(tmp_path):
+    """results.json copied in from another run (other settings than config.json's) is no record of this run; a
+    speed setting changed by a resume (threads) is the same run."""
+    folder = _run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2])
+    record = json.loads((folder / "results.json").read_text())
+    (folder / "results.json").write_text(json.dumps({**record, "config": {**record["config"], "threads": 4}}))
+    assert studyrecords.record_from_run_folder(folder)[0]["run"] == "ce-seed0"
+    (folder / "results.json").write_text(json.dumps({**record, "config": {**record["config"], "lr": 0.2}}))
+    with pytest.raises(StudyRecordError, match=r"ce-seed0: results.json is not the result of the run config.json "
+                                               r"began \(lr differ\): copy the whole run folder again"):
+        studyrecords.record_from_run_folder(folder)
+
+
 def test_the_study_lock_is_never_opened_through_a_link(tmp_path):
     """A link in the lock's place would have the lock create or truncate its target: refused, target unchanged."""
     target = Study(tmp_path / "results" / "s")
