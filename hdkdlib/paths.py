@@ -99,6 +99,18 @@ def _disk_full(error: BaseException, folder: Path) -> bool:
         return False
 
 
+def open_lock_file(path: Path, refuse) -> int:
+    """A lock file's descriptor (created if missing), never opened through a link: its holder writes into it, and a
+    link's target would be created or overwritten. A link is refuse(one line saying so and what to do)."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise refuse(f"{path} is a link (to {os.readlink(path)}): its lock would write into the target; remove the "
+                     f"link (rm {path}) and run again") from None
+
+
 def atomic_write_text(path, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 

@@ -15,7 +15,6 @@ JSON records are bounded in size and depth.
 """
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import math
@@ -27,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import records
-from .paths import atomic_write, atomic_write_text
+from .paths import atomic_write, atomic_write_text, open_lock_file
 
 CONFIG, METRICS, RESULTS = "config.json", "metrics.jsonl", "results.json"
 RESUME_PROVENANCE = ("git_commit", "packages", "device", "threads_used", "step_mode")  # what each resume records
@@ -196,15 +195,7 @@ class RunFolder:
     def acquire(self) -> None:
         """Hold the folder's lock for the life of this process's run; refuse if another process holds it."""
         self.path.mkdir(parents=True, exist_ok=True)
-        try:  # never through a link: the lock file is truncated to hold our pid, and a link's target would be
-            fd = os.open(self.file(LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            raise RunFolderDamaged(f"{LOCK} in {self.path} is a link (to {os.readlink(self.file(LOCK))}): a run would "
-                                   f"write into its target; remove the link (rm {self.file(LOCK)}) and run "
-                                   "again") from None
-        f = os.fdopen(fd, "a+")
+        f = os.fdopen(open_lock_file(self.file(LOCK), RunFolderDamaged), "a+")  # it holds our pid
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -18,7 +18,6 @@ runs.csv last: a run is in the study when its row is.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import gzip
 import io
@@ -32,7 +31,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import pandas as pd
 
 from . import config, records
-from .paths import atomic_write, atomic_write_text
+from .paths import atomic_write, atomic_write_text, open_lock_file
 from .resume import comparable, completed_config, settings_differ, stored_config, unused_settings
 from .runfolder import RunFolder
 
@@ -260,15 +259,7 @@ class Study:
     def locked(self):
         """The study's lock (flock): the chains of one study record and summarise one at a time."""
         self.path.mkdir(parents=True, exist_ok=True)
-        try:  # never through a link: opening one would create or truncate its target
-            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
-        except OSError as e:
-            if e.errno != errno.ELOOP:
-                raise
-            raise StudyRecordError(f"{self.path / LOCK} is a link (to {os.readlink(self.path / LOCK)}): the study's "
-                                   f"lock would write into its target; remove the link (rm {self.path / LOCK}) and "
-                                   "run again") from None
-        with os.fdopen(fd) as lock:
+        with os.fdopen(open_lock_file(self.path / LOCK, StudyRecordError)) as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
 

@@ -221,7 +221,8 @@ def test_results_json_whose_exits_have_other_shapes_is_one_line(tmp_path, anytim
 def test_a_lock_that_is_a_link_is_refused_and_its_target_kept(tmp_path):
     (tmp_path / "notes.txt").write_text("precious notes")
     (tmp_path / ".lock").symlink_to(tmp_path / "notes.txt")
-    with pytest.raises(RunFolderDamaged, match=r"\.lock in .* is a link .*remove the link"):
+    with pytest.raises(RunFolderDamaged, match=r"\.lock is a link \(to .*notes.txt\): its lock would write into "
+                                               r"the target; remove the link"):
         RunFolder(tmp_path).acquire()
     assert (tmp_path / "notes.txt").read_text() == "precious notes"
     (tmp_path / ".lock").unlink()
