@@ -18,6 +18,9 @@ as separate `python -m hdkdlib.train` processes (logs in runs/<study>/<run>.log,
 epoch times then measure a shared device, and the records say how many shared it. Any other option of
 `python -m hdkdlib.train` (e.g. --temperature 3) applies to every run. Only settings and metrics are recorded,
 never images, weights or split files (a split is derived from the images' labels; its checksum is in the config).
+A run joins a study only beside runs of its protocol: its variant's runs differ from it in the seed alone (and in
+where and how fast they trained), and every run of the study saw the same data (the decoded pixels' sha256, where
+the run recorded one); anything else is refused, nothing written.
 """
 from __future__ import annotations
 
