@@ -136,7 +136,8 @@ TEXT = ("run", "variant", "method", "device", "torch", "commit", "data_sha256", 
 NEEDED_CURVES = ("run", "epoch", "epoch_seconds", "images_per_s", "train_top1[1]", "val_top1[1]")
 NOT_CURVES = ("step_mode",)  # metrics.jsonl's text fields
 PROVENANCE = ("at_once", "started", "invocation")  # how a run was trained, not what it measured
-REST = ("epochs", "train_minutes", "device", "torch", "commit", "data_sha256", *PROVENANCE)  # runs.csv's last columns, in order
+# runs.csv's last columns, in order
+REST = ("epochs", "train_minutes", "device", "torch", "commit", "data_sha256", *PROVENANCE)
 
 
 class Study:
@@ -322,7 +323,8 @@ class Study:
         def numbers(record):
             return comparable({k: v for k, v in unflatten(record).items() if k not in (*PROVENANCE, "setting")})
         theirs = sorted(({k: v for k, v in unflatten(r).items() if k != "run"} for r in curve), key=lambda r: r["epoch"])
-        return numbers(mine.iloc[0].to_dict()) == numbers(row) and comparable(self.metrics(curves, row["run"])) == comparable(theirs)
+        return (numbers(mine.iloc[0].to_dict()) == numbers(row)
+                and comparable(self.metrics(curves, row["run"])) == comparable(theirs))
 
     def _write(self, runs: pd.DataFrame, curves: pd.DataFrame) -> None:
         """Columns in a fixed order (the same records are the same bytes, whatever order the runs came in)."""

@@ -282,12 +282,11 @@ class Trainer:
         if self.writes:
             self.folder.begin(self._config_record(), action, say=say)
         distributed.barrier()  # the other ranks go on once rank 0 has checked (and perhaps reset) the folder
-        if action == "load":
+        if action in ("load", "evaluate"):  # trained: its final network; no epoch of it is trained again
             self.load_finished()
+            self.began = action == "evaluate"  # its evaluation, which follows, may pass on a rerun
             return []
-        if action == "evaluate":  # trained: its final network, never a fallback checkpoint's epoch trained again
-            self.load_finished()
-        if action == "continue":  # a trained run whose checkpoints are gone: its final network
+        if action == "continue":  # its checkpoint (gone since resolve found it: the final network, if trained)
             self.load_checkpoint() if self.folder.resumable() else self.load_finished()
             if self.writes:  # written with its first checkpoint: a resume that fails before it changes nothing
                 self._resumed_from = (self._config_record(), self.epoch, self.batch)
@@ -326,7 +325,7 @@ class Trainer:
             if self.writes:
                 self.folder.append_metrics(row)
             self.save_checkpoint()
-        if self.writes and action != "evaluate":  # evaluating: model.pt is what was trained, kept as written
+        if self.writes:
             self.folder.save_model(self.model.state_dict())
         return history
 

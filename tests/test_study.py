@@ -625,7 +625,8 @@ def test_a_run_on_other_data_is_never_mixed_into_a_study(tmp_path):
     no fingerprint are compared by their settings alone; the same data from another folder pools."""
     a, b = "a" * 64, "b" * 64
     target = Study(tmp_path / "results" / "s")
-    target.add([studyrecords.record_from_run_folder(_with_data(_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2]), a))])
+    first = _with_data(_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2]), a)
+    target.add([studyrecords.record_from_run_folder(first)])
     assert target.record(target.runs(), "ce-seed0")["data_sha256"] == a
     before = {p.name: p.read_bytes() for p in target.path.iterdir()}
     for run in ("ce-seed1", "dbt-seed0"):
