@@ -290,11 +290,13 @@ def legacy_invocations(folder: Path) -> list:
 
 
 def write_summaries(study: Study) -> Path:
-    """SUMMARY.md of the study and the index results/README.md, under the study's lock (a chain finishing a run
-    meanwhile waits: the summary holds every run recorded when it was written)."""
+    """SUMMARY.md of the study, under the study's lock (a chain finishing a run meanwhile waits: the summary holds
+    every run recorded when it was written), and the index results/README.md under the results folder's lock (two
+    studies summarising at once write it one after the other, so the last one written reads both)."""
     with study.locked():
         path = atomic_write_text(study.path / "SUMMARY.md", studysummary.summarize(study))
-    atomic_write_text(study.path.parent / "README.md", studysummary.index(studyrecords.studies(study.path.parent)))
+    with studyrecords.locked(study.path.parent / studyrecords.INDEX_LOCK):
+        atomic_write_text(study.path.parent / "README.md", studysummary.index(studyrecords.studies(study.path.parent)))
     return path
 
 

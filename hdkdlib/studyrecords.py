@@ -36,6 +36,7 @@ from .resume import comparable, completed_config, settings_differ, stored_config
 from .runfolder import RunFolder
 
 RUNS, CURVES, LOCK = "runs.csv", "curves.csv.gz", ".lock"
+INDEX_LOCK = ".index.lock"  # in the results folder: one index writer at a time, reading every study's records
 FIXED = ("run", "variant", "seed", "method")  # the first columns of runs.csv; then the settings that vary
 NOT_SETTINGS = {"seed", "method", "out", "progress"}  # differ by design, or say nothing about the numbers
 # where and how fast a run trained: runs of one protocol may differ in these (a GPU's seeds pool with a CPU's)
@@ -256,13 +257,9 @@ class Study:
         return [{k: v for k, v in unflatten(r).items() if k != "run"} for r in rows.to_dict("records")]
 
     # --- writing ------------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
     def locked(self):
         """The study's lock (flock): the chains of one study record and summarise one at a time."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        with os.fdopen(open_lock_file(self.path / LOCK, StudyRecordError)) as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
+        return locked(self.path / LOCK)
 
     def add(self, new: Iterable[tuple], on_differ: Optional[Callable[[str], None]] = None) -> List[str]:
         """Put (row, curve rows) records in the study, under its lock; returns the runs added. A run already there
@@ -370,6 +367,15 @@ def per_exit(runs: pd.DataFrame, quantity: str = "test_top1") -> pd.DataFrame:
     long = runs.melt(id_vars=["run", "variant"], value_vars=columns, var_name="exit", value_name="top1")
     long["exit"] = long["exit"].map(lambda c: int(_ITEM.match(c)[2]))
     return long.dropna(subset=["top1"]).sort_values(["run", "exit"]).reset_index(drop=True)
+
+
+@contextlib.contextmanager
+def locked(path: Path):
+    """An exclusive flock on the lock file path (created, with its folder, if missing)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with os.fdopen(open_lock_file(path, StudyRecordError)) as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def studies(root) -> List[Study]:

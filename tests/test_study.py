@@ -722,3 +722,32 @@ def test_held_out_means_and_final_temperatures_per_variant():
     assert means["ce"] == pytest.approx(50.0) and means["dbt-a"] == pytest.approx(100 * (0.3 + 0.5 + 0.1) / 3)
     header, _, row = map(_cells, studysummary.temperature_rows(last)[-1].splitlines())
     assert header == ["run", "seeds", "median", "min", "max"] and row == ["dbt-a", "3", "3.00", "2.00", "10.00"]
+
+
+def test_two_studies_summarising_at_once_leave_an_index_of_both(tmp_path, monkeypatch):
+    """results/README.md is written by each study's summary. Study a's index is computed, then study b records a run
+    and summarises before a's index is written: the index last written must list b's run (b waits for a's)."""
+    a, b = Study(tmp_path / "results" / "a"), Study(tmp_path / "results" / "b")
+    a.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "ce-seed0", [0.1, 0.2]))])
+    computed, b_done, index = threading.Event(), threading.Event(), studysummary.index
+
+    def slow_index(studies):
+        text = index(studies)
+        if not computed.is_set():  # a's index: hold it until b has summarised (or 3 s, while b waits for the lock)
+            computed.set()
+            b_done.wait(3)
+        return text
+    monkeypatch.setattr(studysummary, "index", slow_index)
+
+    def summarise_b():
+        computed.wait(60)
+        b.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs-b", "dbt-seed0", [0.3, 0.4]))])
+        study.write_summaries(b)
+        b_done.set()
+    thread = threading.Thread(target=summarise_b)
+    thread.start()
+    study.write_summaries(a)
+    thread.join(60)
+    assert b_done.is_set()
+    assert (tmp_path / "results" / "README.md").read_text() == index([a, b])
+    assert "| b | 1 | dbt (1) |" in index([a, b])
