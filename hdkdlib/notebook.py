@@ -8,10 +8,12 @@ too when a parameter the notebook does not declare was passed (a misspelt `-p ep
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Dict, NamedTuple
 
 
 _PLAIN = (bool, int, float, str, list, dict, tuple, type(None))
+_CHECKED = "_parameters_checked_in"  # set in a namespace once checked: the id of that namespace (not of a copy)
 
 
 def _type_name(t) -> str:
@@ -21,23 +23,27 @@ def _type_name(t) -> str:
 def check_parameters(namespace: Dict[str, Any], choices: Dict[str, tuple] | None = None) -> Dict[str, Any]:
     """Validate the annotated parameters in `namespace` (a notebook's globals()); return them as a dict.
 
-    An int is accepted (and converted) where a float is declared, since `-p lr 1` arrives as an int.
+    An int is accepted (and converted) where a float or a str is declared, since `-p lr 1` arrives as an int.
     `choices` maps a parameter name to its valid values."""
     declared = namespace.get("__annotations__", {})
     if not declared:
         raise RuntimeError("no annotated parameters found: declare them in the parameters cell as `name: type = value`")
     # papermill injects plain assignments; a plain value under a name the parameters cell does not declare is a
-    # misspelt parameter (`-p epoch 300`), which would otherwise be ignored without a word
-    unknown = sorted(n for n, v in namespace.items() if n not in declared and not n.startswith("_")
-                     and n not in ("In", "Out") and isinstance(v, _PLAIN))
-    if unknown:
-        raise NameError(f"unknown parameter{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: this notebook "
-                        f"declares {', '.join(declared)}")
+    # misspelt parameter (`-p epoch 300`), which would otherwise be ignored without a word. Only at a kernel's
+    # first check: once the cells after it have run, their own names (`m`, `params`) are in the namespace too, and
+    # a person running the set-up cell again in a live kernel passed no parameter.
+    if namespace.get(_CHECKED) != id(namespace):
+        unknown = sorted(n for n, v in namespace.items() if n not in declared and not n.startswith("_")
+                         and n not in ("In", "Out") and isinstance(v, _PLAIN))
+        if unknown:
+            raise NameError(f"unknown parameter{'s' * (len(unknown) > 1)} {', '.join(map(repr, unknown))}: this "
+                            f"notebook declares {', '.join(declared)}")
     params = {}
     for name, expected in declared.items():
         value = namespace.get(name)
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
+        # `-p lr 1` arrives as an int and `-p seeds 3` too: the declared type is what was meant
+        if expected in (float, str) and isinstance(value, int) and not isinstance(value, bool):
+            value = expected(value)
             namespace[name] = value
         ok = isinstance(value, expected) and not (expected in (int, float) and isinstance(value, bool))
         if not ok:
@@ -46,6 +52,7 @@ def check_parameters(namespace: Dict[str, Any], choices: Dict[str, tuple] | None
         if choices and name in choices and value not in choices[name]:
             raise ValueError(f"parameter {name!r} is {value!r}; valid values: {', '.join(map(str, choices[name]))}")
         params[name] = value
+    namespace[_CHECKED] = id(namespace)
     return params
 
 
@@ -113,6 +120,20 @@ def clear_counts_without_outputs(path) -> bool:
     return changed
 
 
+PATH_PARAMETERS = ("data_root", "out_dir", "run_dir")
+
+
+def project_path(value: str) -> str:
+    """A path parameter as the notebooks mean it: "" and "auto" as they are, an absolute path as given, and a
+    relative one from the project root. The notebooks print their paths that way (paths.display_path), while a
+    kernel starts in notebooks/ under JupyterLab and `make run` and wherever papermill was called otherwise."""
+    from .paths import project_root
+    if value in ("", "auto"):
+        return value
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() else project_root() / path)
+
+
 class Setup(NamedTuple):
     params: Dict[str, Any]  # the checked parameters
     data: Dict[str, Any]    # trainer settings of the notebook's data (empty when it trains on none)
@@ -120,10 +141,14 @@ class Setup(NamedTuple):
 
 
 def set_up(namespace: Dict[str, Any], choices: Dict[str, tuple] | None = None, dataset: str | None = None) -> Setup:
-    """The set-up cell every notebook shares: its parameters checked (check_parameters), torch's threads set to
-    the idle cores (use_idle_cores) and, for a notebook that trains on `dataset`, the data settings its data_root,
-    epochs and n_per_class parameters give (resolve_data)."""
+    """The set-up cell every notebook shares: its parameters checked (check_parameters), its path parameters taken
+    from the project root (project_path), torch's threads set to the idle cores (use_idle_cores) and, for a
+    notebook that trains on `dataset`, the data settings its data_root, epochs and n_per_class parameters give
+    (resolve_data)."""
     params = check_parameters(namespace, choices)
+    for name in PATH_PARAMETERS:
+        if name in params:
+            namespace[name] = params[name] = project_path(params[name])
     use_idle_cores()
     if dataset is None:
         return Setup(params, {}, False)

@@ -26,6 +26,40 @@ def test_set_up_checks_the_parameters_sets_threads_and_resolves_data(monkeypatch
         notebook.set_up({**ns, "epochs": "3"}, dataset="synthetic")
 
 
+def test_set_up_takes_relative_path_parameters_from_the_project_root(tmp_path, monkeypatch):
+    """Notebooks print runs/03_cifar100/<run>; pasted into run_dir it must name that folder whether the kernel
+    starts in notebooks/ (JupyterLab, make run) or elsewhere. Absolute paths, "" and "auto" stay as given."""
+    monkeypatch.setattr("hdkdlib.distributed.idle_threads", lambda: 1)
+    monkeypatch.setenv("HDKD_ROOT", str(tmp_path / "project"))
+    monkeypatch.chdir(tmp_path)
+    declared = {"data_root": str, "out_dir": str, "run_dir": str, "seed": int}
+    ns = {"__annotations__": declared, "data_root": "auto", "out_dir": "runs/03_cifar100/x",
+          "run_dir": str(tmp_path / "abs"), "seed": 0}
+    params = notebook.set_up(ns).params
+    assert params["out_dir"] == ns["out_dir"] == str(tmp_path / "project" / "runs" / "03_cifar100" / "x")
+    assert params["run_dir"] == str(tmp_path / "abs") and params["data_root"] == "auto"
+    ns = {"__annotations__": declared, "data_root": "data/tin", "out_dir": "", "run_dir": "", "seed": 0}
+    assert notebook.set_up(ns).params == {"data_root": str(tmp_path / "project" / "data" / "tin"), "out_dir": "",
+                                          "run_dir": "", "seed": 0}
+
+
+def test_set_up_can_run_again_in_a_live_kernel(monkeypatch):
+    """Running the set-up cell a second time (after an edit of the parameters cell) must not take the names the
+    cells after it made (a loop variable, params) for misspelt papermill parameters; the first check still does."""
+    monkeypatch.setattr("hdkdlib.distributed.idle_threads", lambda: 1)
+    ns = {"__annotations__": {"epochs": int, "seeds": str}, "epochs": 1, "seeds": "0,1"}
+    params = notebook.set_up(ns).params
+    ns.update(m="ce", method_list=["ce"], params=params, epochs=2)  # later cells ran; the parameter was edited
+    assert notebook.set_up(ns).params == {"epochs": 2, "seeds": "0,1"}
+    fresh = {"__annotations__": {"epochs": int, "seeds": str}, "epochs": 1, "seeds": "0,1", "m": "ce"}
+    with pytest.raises(NameError, match="unknown parameter 'm'"):
+        notebook.set_up(fresh)
+    # papermill's -p seeds 3 arrives as an int: a str parameter takes it as "3" (bools stay refused)
+    assert notebook.set_up({"__annotations__": {"seeds": str}, "seeds": 3}).params == {"seeds": "3"}
+    with pytest.raises(TypeError, match="parameter 'seeds' must be str, got bool"):
+        notebook.set_up({"__annotations__": {"seeds": str}, "seeds": True})
+
+
 def test_the_torchrun_command_rebuilds_the_settings_and_resumes_what_is_there(tmp_path, monkeypatch):
     cfg = TrainConfig(dataset="synthetic", arch="toy_mlp", epochs=3, lr=0.05, out=str(tmp_path / "run")).validate()
     command = launch.torchrun_command(cfg, 4)
