@@ -18,14 +18,15 @@ shows the saved widget without a kernel behind it, so the widget says in its own
 move only while the kernel runs the cell.
 
 Thresholds below 1/C (C classes) act as 0: every sample's top probability is at least 1/C. The sliders span
-1/C (every sample leaves) to just above 1 (none leaves: a threshold of inf, as evaluation.fit_thresholds gives
-where no sample should leave).
+1/C rounded down to their 0.01 steps (every sample leaves) to just above 1 (none leaves: a threshold of inf, as
+evaluation.fit_thresholds gives where no sample should leave), so every position is a round threshold.
 """
 from __future__ import annotations
 
 import base64
 import html
 import io
+import math
 from typing import Dict, Optional, Sequence
 
 import ipywidgets as W
@@ -100,6 +101,7 @@ def headless_kernel() -> bool:
 
 
 NEVER = 1.01  # a slider's position above every max-probability: no sample leaves at that exit
+STEPS_PER_UNIT = 100  # the sliders move in steps of 0.01
 
 
 class _Views:
@@ -157,7 +159,8 @@ class StaticExplorer(_Views):
 def threshold_explorer(probs, targets, exit_flops: Sequence[float], thresholds: Optional[Sequence[float]] = None,
                        show: bool = True):
     """Sliders for the thresholds of exits 1..K-1 (the last exit takes the rest) over `probs` [K, N, C], spanning
-    1/C (every sample leaves) to NEVER (none leaves: thresholds of inf start there).
+    1/C rounded down to the sliders' 0.01 steps (every sample leaves) to NEVER (none leaves: thresholds of inf
+    start there).
 
     Returns the widget; `widget.result()` gives the current evaluation.apply_thresholds result. With
     show=True it is displayed (one output, three views: see the module's docstring). In a headless run it
@@ -166,14 +169,14 @@ def threshold_explorer(probs, targets, exit_flops: Sequence[float], thresholds: 
     if len(exit_flops) != K:
         raise ValueError(f"{K} exits but {len(exit_flops)} exit_flops")
     start = list(thresholds) if thresholds is not None else [0.9] * (K - 1) + [float("-inf")]
-    lowest = 1.0 / C
-    values = [min(max(start[k], lowest), NEVER) for k in range(K - 1)]  # inf at NEVER, -inf at 1/C
+    lowest = math.floor(STEPS_PER_UNIT / C) / STEPS_PER_UNIT  # on the 0.01 grid (1/3 would put 1.00 out of reach)
+    values = [min(max(start[k], lowest), NEVER) for k in range(K - 1)]  # inf at NEVER, -inf at the lowest
     if headless_kernel():
         box = StaticExplorer([_Threshold(v, lowest) for v in values], probs, targets, exit_flops)
         if show:
             display(box)
         return box
-    sliders = [W.FloatSlider(value=v, min=lowest, max=NEVER, step=0.01, description=f"exit {k + 1}",
+    sliders = [W.FloatSlider(value=v, min=lowest, max=NEVER, step=1 / STEPS_PER_UNIT, description=f"exit {k + 1}",
                              continuous_update=False, readout_format=".2f")
                for k, v in enumerate(values)]
     label = W.HTML()

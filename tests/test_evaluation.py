@@ -224,6 +224,15 @@ def test_explorer_displays_one_bundle_with_widget_png_and_text_views():
     low = widgets.threshold_explorer(probs, targets, flops, thresholds=[0.0, 0.5, float("-inf")], show=False)
     assert [(s.min, s.max) for s in low.children[1:3]] == [(0.25, widgets.NEVER)] * 2 and low.children[1].value == 0.25
     assert "run the cell to move them" in box.children[0].value  # a reopened notebook's sliders need the kernel
+    # 3 classes: 1/3 is off the 0.01 grid, which would shift every position (0.3433, ..., 1.0033: 1.00 unreachable);
+    # the sliders start at 0.33, where every sample still leaves, and 1.00 is a position
+    three = torch.softmax(torch.randn(3, 40, 3, generator=torch.Generator().manual_seed(1)) * 3, 2)
+    box = widgets.threshold_explorer(three, targets % 3, flops, thresholds=[0.0, 1.0, float("-inf")], show=False)
+    slider = box.children[1]
+    positions = [slider.min + k * slider.step for k in range(round((slider.max - slider.min) / slider.step) + 1)]
+    assert slider.min == 0.33 and any(p == pytest.approx(1.0, abs=1e-12) for p in positions)
+    assert positions[-1] == pytest.approx(widgets.NEVER, abs=1e-12) and box.children[2].value == 1.0
+    assert box.thresholds()[0] == float("-inf") and box.result()["exit_fractions"][0] == 1.0
 
 
 def test_the_explorer_evaluates_the_thresholds_it_is_given_at_the_ends_of_its_sliders():
