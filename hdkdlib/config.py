@@ -240,6 +240,8 @@ class TrainConfig:
         if not 0 <= self.meta_warmup < 1:
             raise ValueError(f"meta_warmup must lie in [0, 1) (a fraction of the run's steps), got {self.meta_warmup}")
         bilevel.check_horizon(self.meta_horizon, self.meta_method, self.gradient_equilibrium)
+        if self.method in objectives.LEARNED and not self.freeze_weights_from:  # weights learned by hypergradient
+            bilevel.check_method(self.meta_method, self.gradient_equilibrium)
         if not 0 < self.weight_bound <= 1:
             raise ValueError(f"weight_bound must lie in (0, 1] (the fraction by which a weight may leave its start), "
                              f"got {self.weight_bound}")

@@ -69,12 +69,27 @@ def test_hypergradient_with_gradient_equilibrium_matches_brute_force(momentum, w
     buf = {n: 0.1 * torch.randn_like(p) for n, p in model.named_parameters()} if momentum else None
     reference = _brute_force(model, obj, train, val, lr, momentum, weight_decay, buf)
     assert reference.abs().max() > 1e-4
-    for method, tol in (("exact", 1e-4), ("finite_difference", 1e-2)):
-        hg = bilevel.hypergradient(model, obj, train, val, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                                   momentum_buffer=buf, method=method)
-        rel = ((hg - reference).norm() / reference.norm()).item()
-        assert rel < tol, (method, rel)
+    hg = bilevel.hypergradient(model, obj, train, val, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               momentum_buffer=buf, method="exact")
+    assert ((hg - reference).norm() / reference.norm()).item() < 1e-4
     assert model.gradient_equilibrium  # switched back on after the held-out pass
+
+
+def test_finite_differences_are_refused_with_gradient_equilibrium():
+    """The probes measure each term's own gradient, the step follows IMTA's rescaled one: on MSDNet (scales on
+    some stages only) the finite-difference hypergradient is 12% off brute force. Refused wherever weights are
+    learned; CE with gradient equilibrium (no hypergradient) keeps the default meta_method."""
+    model, obj, train, val = _setup("hdkd", gradient_equilibrium=True)
+    refused = r"meta_method 'finite_difference' cannot follow gradient_equilibrium's rescaled gradient.*" \
+              r"add meta_method='exact'"
+    with pytest.raises(ValueError, match=refused):
+        bilevel.hypergradient(model, obj, train, val, lr=0.1, method="finite_difference")
+    with pytest.raises(ValueError, match=refused):
+        bilevel.MetaStep(model, obj, method="finite_difference")
+    with pytest.raises(ValueError, match=refused):
+        config.TrainConfig(method="hdkd", gradient_equilibrium=True).validate()
+    config.TrainConfig(method="hdkd", gradient_equilibrium=True, meta_method="exact").validate()
+    config.TrainConfig(method="ce", gradient_equilibrium=True).validate()
 
 
 def test_the_finite_difference_probes_are_not_drowned_by_bf16_autocast():
