@@ -33,7 +33,7 @@ from torch import nn
 from torch.func import functional_call
 
 from .distributed import mean_over_ranks as _mean_over_ranks
-from .models.base import gradient_equilibrium_off, with_gradient_equilibrium
+from .models.base import draws_random_numbers, gradient_equilibrium_off, with_gradient_equilibrium
 from .objectives import LEARNED, Objective, ValidationLoss, ce_terms
 
 METHODS = ("exact", "finite_difference")
@@ -368,10 +368,15 @@ def _check(model, objective, train_batch, val_batch, lr, method, horizon=1):
 
 
 def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_batch, val_batch, *, step: VirtualStep,
-                      val_loss, eps):
+                      val_loss, eps, same_draws: bool = False):
     """Finite-difference hypergradient from an already computed training pass (params and grads: lists aligned
     with step.names; the teachers at theta). Returns (hypergradient, validation logits, (theta', the optimizer's
     state after the step)): the virtual step is the real one, so the caller may apply it.
+
+    same_draws (draws_random_numbers(model), decided outside any compiled region): the two probes replay the same
+    random numbers. With dropout or stochastic depth each probe would draw its own masks, and their loss difference,
+    divided by the probes' tiny distance, would swamp the hypergradient (swin_t_exits: two seeds' hypergradients
+    3.7 times their norm apart).
 
     Under DDP every rank holds the same theta' (gradients are all-reduced); v and the finite differences
     are averaged across ranks, which gives exactly the single-process result for the global batches."""
@@ -380,11 +385,11 @@ def _fd_hypergradient(model, objective, params, grads, teacher_logits, train_bat
     # in float32.
     with torch.autocast(params[0].device.type, enabled=False):
         return _fd_hypergradient_float32(model, objective, params, grads, teacher_logits, train_batch, val_batch,
-                                         step=step, val_loss=val_loss, eps=eps)
+                                         step=step, val_loss=val_loss, eps=eps, same_draws=same_draws)
 
 
 def _fd_hypergradient_float32(model, objective, params, grads, teacher_logits, train_batch, val_batch, *, step,
-                              val_loss, eps):
+                              val_loss, eps, same_draws):
     teacher_logits = [z.to(params[0].dtype) for z in teacher_logits]  # bf16 from an autocast training pass
     buffers, names = functional_buffers(model), step.names
     with torch.no_grad():
@@ -401,10 +406,17 @@ def _fd_hypergradient_float32(model, objective, params, grads, teacher_logits, t
         r = eps / norm.clamp_min(1e-12)
         delta = torch._foreach_mul(v, r.to(v[0].dtype))
         x, y = train_batch
-        l_plus = objective.term_losses(functional_pass(model, names, torch._foreach_add(params, delta), buffers, x), y,
-                                       teacher_logits)
-        l_minus = objective.term_losses(functional_pass(model, names, torch._foreach_sub(params, delta), buffers, x), y,
-                                        teacher_logits)
+
+        def probe(theta):
+            return objective.term_losses(functional_pass(model, names, theta, buffers, x), y, teacher_logits)
+        if same_draws:  # both probes draw the same masks: see _fd_hypergradient
+            device = params[0].device
+            with torch.random.fork_rng(devices=[torch.cuda.current_device() if device.index is None else device.index]
+                                       if device.type == "cuda" else []):
+                l_plus = probe(torch._foreach_add(params, delta))
+        else:
+            l_plus = probe(torch._foreach_add(params, delta))
+        l_minus = probe(torch._foreach_sub(params, delta))
         d_w = _mean_over_ranks([-step.lr * objective.scale * (l_plus - l_minus) / (2 * r)])[0]
     hyper = torch.autograd.grad((objective.weights() * d_w.to(objective.weights().dtype)).sum(),
                                 list(objective.parameters()))
@@ -442,7 +454,8 @@ def _hypergradient(model, objective, train_batch, val_batch, *, step: VirtualSte
         return hyper, [z.detach() for z in val_logits]
     grads = torch.autograd.grad(loss, params)
     return _fd_hypergradient(model, objective, [p.detach() for p in params], list(grads), [z.detach() for z in logits],
-                             train_batch, val_batch, step=step, val_loss=val_loss, eps=eps)[:2]
+                             train_batch, val_batch, step=step, val_loss=val_loss, eps=eps,
+                             same_draws=draws_random_numbers(model))[:2]
 
 
 def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, val_batch: Batch, *, lr: float,
@@ -505,6 +518,7 @@ class MetaStep:
         if method == "exact" and self.module is not model:
             raise ValueError("the exact hypergradient is single-process only; use method='finite_difference' with DDP")
         self.objective, self.method, self.eps, self.check_finite = objective, method, eps, check_finite
+        self.same_draws = draws_random_numbers(self.module)  # the network's dropout is fixed when it is built
         self.val_loss = val_loss if isinstance(val_loss, nn.Module) else ValidationLoss(
             objective.num_exits, kind=val_loss, alpha=alpha)
         if device is not None:
@@ -554,7 +568,7 @@ class MetaStep:
             grads = [grads[n] for n in step.names] if isinstance(grads, Mapping) else list(grads)
             hyper, val_logits, after = _fd_hypergradient(
                 self.module, self.objective, params, grads, [z.detach() for z in logits], train_batch, val_batch,
-                step=step, val_loss=self.val_loss, eps=self.eps)
+                step=step, val_loss=self.val_loss, eps=self.eps, same_draws=self.same_draws)
         else:  # the reference path: a second, differentiable training pass (slow, for checks and ablations)
             hyper, val_logits = _hypergradient(self.module, self.objective, train_batch, val_batch, step=step,
                                                val_loss=self.val_loss, method="exact", eps=self.eps,

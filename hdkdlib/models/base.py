@@ -64,6 +64,13 @@ def with_gradient_equilibrium(model: nn.Module) -> bool:
     return bool(_equilibrium_nets(model))
 
 
+def draws_random_numbers(model: nn.Module) -> bool:
+    """Whether a training-mode forward pass of `model` draws random numbers (dropout, stochastic depth, such as
+    swin_t's): passes that are compared with each other must then see the same draws."""
+    from torchvision.ops import StochasticDepth
+    return any(m.p > 0 for m in model.modules() if isinstance(m, (nn.modules.dropout._DropoutNd, StochasticDepth)))
+
+
 @contextmanager
 def gradient_equilibrium_off(model: nn.Module):
     """Passes made inside differentiate the network's loss itself, not IMTA's rescaled gradient (which is no loss's
