@@ -30,7 +30,9 @@ class TrainStep:
                              "parameters: build it over all of them")
         self.distributed = self.module is not net  # DDP all-reduces gradients in backward(), not autograd.grad
         prepare_state(optimizer, self.params)
-        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=self.params[0].device)
+        # in the parameters' precision (at least float32): a float64 run steps by 0.3, not by float32's 0.30000001
+        self.lr = torch.tensor(float(optimizer.param_groups[0]["lr"]), device=self.params[0].device,
+                               dtype=torch.promote_types(self.params[0].dtype, torch.float32))
         self.update = VirtualStep.of(optimizer, names, lr=self.lr)  # its state lists alias the optimizer's state
         self.state_keys = ("momentum_buffer",) if self.update.kind == "SGD" else ADAM_STATE
         self.state = [self.update.state[k] for k in self.state_keys]

@@ -137,6 +137,11 @@ def test_the_learning_rate_is_a_tensor_the_schedule_fills():
         _assert_rel(p.detach() - s, q.detach() - s, "update at lr 0.01", rel=1e-5)
     with pytest.raises(ValueError, match="lr must be > 0"):
         step.set_lr(0.0)
+    # a float64 network steps by the lr itself, not by its float32 rounding (0.3 -> 0.30000001192...)
+    model64 = _pair("ce", "sgd", bilevel.MetaStep)[0].double()
+    opt64 = torch.optim.SGD(model64.parameters(), lr=0.3)
+    step64 = TrainStep(model64, objective.double(), opt64)
+    assert step64.lr.dtype == torch.float64 and step64.lr.item() == 0.3
 
 
 @pytest.mark.parametrize("method", ["ce", "dbt", "hdkd"])
