@@ -34,7 +34,7 @@ from torch.func import functional_call
 
 from .distributed import mean_over_ranks as _mean_over_ranks
 from .models.base import draws_random_numbers, gradient_equilibrium_off, with_gradient_equilibrium
-from .objectives import LEARNED, Objective, ValidationLoss, ce_terms
+from .objectives import LEARNED, Objective, ValidationLoss, ce_terms, is_tracing
 
 METHODS = ("exact", "finite_difference")
 HYPERGRAD_NORMS = ("lr", "none")
@@ -317,10 +317,16 @@ class VirtualStep:
         return torch._foreach_mul(list(v), torch._foreach_sub(dm, torch._foreach_mul(ratio, droot)))
 
 
-def _val_loss_fn(val_loss, num_exits) -> nn.Module:
+def _val_loss_fn(val_loss, objective: Objective) -> nn.Module:
+    """A held-out loss module: the one given, or a new one of that kind on the objective's device (a balanced
+    loss's running average lives beside the logits it weighs)."""
     if isinstance(val_loss, nn.Module):
         return val_loss
-    return ValidationLoss(num_exits, kind=val_loss)
+    return ValidationLoss(objective.num_exits, kind=val_loss).to(_device_of(objective))
+
+
+def _device_of(objective: Objective) -> torch.device:
+    return next(iter(objective.parameters()), torch.empty(0)).device
 
 
 def check_horizon(horizon: int, method: str, gradient_equilibrium: bool = False) -> None:
@@ -474,7 +480,7 @@ def hypergradient(model: nn.Module, objective: Objective, train_batch: Batch, va
     step = VirtualStep("SGD", lr, names=list(_trainable(model)), momentum=momentum, nesterov=nesterov,
                        weight_decay=weight_decay, momentum_buffer=_momentum_buffers(model, momentum_buffer))
     hyper, _ = _hypergradient(model, objective, train_batch, val_batch, step=step,
-                              val_loss=_val_loss_fn(val_loss, objective.num_exits), method=method, eps=eps,
+                              val_loss=_val_loss_fn(val_loss, objective), method=method, eps=eps,
                               horizon=horizon)
     return hyper[0] if len(hyper) == 1 else tuple(hyper)
 
@@ -521,8 +527,7 @@ class MetaStep:
         self.same_draws = draws_random_numbers(self.module)  # the network's dropout is fixed when it is built
         self.val_loss = val_loss if isinstance(val_loss, nn.Module) else ValidationLoss(
             objective.num_exits, kind=val_loss, alpha=alpha)
-        if device is not None:
-            self.val_loss.to(device)
+        self.val_loss.to(device if device is not None else _device_of(objective))
         self.optimizer = torch.optim.Adam(objective.parameters(), lr=lr, betas=betas)
 
     @property
@@ -575,7 +580,8 @@ class MetaStep:
                                                horizon=self.horizon)
         if self.hypergrad_norm == "lr":
             hyper = [h / step.lr for h in hyper]
-        if self.check_finite and not all(torch.isfinite(h).all() for h in hyper):
+        # the check reads the device (a host sync, a branch on data): left out where the step is compiled or captured
+        if self.check_finite and not is_tracing() and not all(torch.isfinite(h).all() for h in hyper):
             raise FloatingPointError("non-finite hypergradient: the loss weights were not updated; "
                                      "lower the weight learning rate or the network learning rate")
         self._adam_step(hyper)

@@ -36,7 +36,7 @@ WEIGHT_MAPS = ("softmax", "softplus", "softplus_total", "bounded")
 INITS = ("dbt", "ds", "uniform", "random")
 
 
-def _is_tracing() -> bool:
+def is_tracing() -> bool:
     """Checks that need the host (NaN, label range) are skipped while compiling or capturing."""
     compiling = getattr(torch.compiler, "is_compiling", lambda: False)()
     capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
@@ -52,7 +52,7 @@ def check_logits(logits: Sequence[torch.Tensor], targets: torch.Tensor, num_exit
         raise ValueError("empty batch: the objective needs at least one sample")
     if any(z.shape[0] != n for z in logits):
         raise ValueError(f"logits batch sizes {[z.shape[0] for z in logits]} differ from the {n} targets")
-    if not _is_tracing():
+    if not is_tracing():
         c = logits[0].shape[1]
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= c:
@@ -89,7 +89,7 @@ class Objective(nn.Module):
             check_logits(logits, targets, self.num_exits)
         terms = self.term_losses(logits, targets, teacher_logits)
         loss = self.scale * (self.weights() * terms).sum()
-        if self.check_inputs and not _is_tracing() and not torch.isfinite(loss):
+        if self.check_inputs and not is_tracing() and not torch.isfinite(loss):
             bad = [n for n, t in zip(self.term_names, terms.detach().tolist()) if not math.isfinite(t)]
             raise FloatingPointError(f"non-finite loss ({loss.item()}); non-finite terms: {bad or 'none (weights?)'}; "
                                      "lower the learning rate or check the inputs")

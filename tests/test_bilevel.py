@@ -237,6 +237,25 @@ def test_bad_inputs():
     assert torch.isfinite(obj.gamma).all()  # the weights never turn NaN silently
 
 
+def test_the_meta_step_checks_finiteness_only_outside_compiling_and_its_loss_on_the_objectives_device(monkeypatch):
+    """The finiteness check reads the device (a sync, a data-dependent branch that torch.compile(fullgraph=True)
+    refuses): skipped while tracing, as the objective's own checks are. A balanced held-out loss made for the
+    weights lives on their device (its running average meets the logits there)."""
+    model, obj, train, val = _setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    meta = bilevel.MetaStep(model, obj, lr=1e3)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    monkeypatch.setattr(bilevel, "is_tracing", lambda: True)
+    monkeypatch.setattr(O, "is_tracing", lambda: True)  # the objective's own checks too
+    meta.step(train, val, opt)  # no host read: nothing raised
+    assert not torch.isfinite(obj.gamma).all()
+    on_meta = O.build("hdkd", 3).to("meta")
+    assert bilevel.MetaStep(model.to("meta"), on_meta).val_loss.ema.device.type == "meta"
+    assert bilevel._val_loss_fn("balanced", on_meta).ema.device.type == "meta"
+
+
 # --- the virtual step mirrors Adam and AdamW (issue 26) ---------------------------------------------------------
 def _real_and_virtual(kind, with_state, weight_decay=0.05):
     torch.manual_seed(0)
