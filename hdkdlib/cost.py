@@ -64,8 +64,8 @@ def _msdnet_ops(module: nn.Module, inp: torch.Tensor, out: torch.Tensor) -> floa
     if isinstance(module, (nn.ReLU, nn.ReLU6)):
         return out.numel() / out.shape[0]
     if isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
-        k = module.kernel_size if isinstance(module.kernel_size, int) else module.kernel_size[0]
-        return out.shape[1] * out.shape[2] * out.shape[3] * k * k
+        kh, kw = (module.kernel_size,) * 2 if isinstance(module.kernel_size, int) else module.kernel_size
+        return out.shape[1] * out.shape[2] * out.shape[3] * kh * kw
     if isinstance(module, nn.AdaptiveAvgPool2d):
         return inp.numel() / inp.shape[0]  # every input element is added once
     if isinstance(module, nn.Linear):

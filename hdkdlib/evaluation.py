@@ -202,6 +202,8 @@ def early_exit_predict(model, x: torch.Tensor, thresholds: Sequence[float], batc
     flops spent (sum over samples of the cumulative cost of their exit) if exit_flops is given."""
     K = model.num_exits
     check_thresholds(thresholds, K)
+    if exit_flops is not None and len(exit_flops) != K:  # before the model runs, not after
+        raise ValueError(f"{K} exits but {len(exit_flops)} exit_flops")
     model.check_input(x)  # as model(x) would
     preds = torch.empty(len(x), dtype=torch.long, device=x.device)
     exits = torch.empty(len(x), dtype=torch.long, device=x.device)

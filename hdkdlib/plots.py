@@ -99,7 +99,8 @@ def anytime_curves(table: pd.DataFrame, ax=None, metric: str = "top1", title: st
 
 def budgeted_curves(curves: Dict[str, List[Dict]], ax=None, title: str = "Budgeted batch classification"):
     """Test accuracy against the mean cost per image, one curve per method: {method: evaluation.budgeted(...)}.
-    Rows with "ms" (budgets in measured time, results.json's budgeted_ms) are drawn in ms per image."""
+    Rows with "ms" (results.json's budgeted_ms: exit shares times each exit's measured full-batch time) are drawn
+    in ms per image."""
     ax = ax or plt.gca()
     in_ms = any("ms" in rows[0] for rows in curves.values() if rows)
     divisor, prefix = (1.0, "") if in_ms else si_scale(max(r["flops"] for rows in curves.values() for r in rows))
@@ -107,7 +108,7 @@ def budgeted_curves(curves: Dict[str, List[Dict]], ax=None, title: str = "Budget
         x = [r["ms"] for r in rows] if in_ms else [r["flops"] / divisor for r in rows]
         ax.plot(x, [100 * r["accuracy"] for r in rows], marker=".", label=name)
     ax.xaxis.set_major_locator(plt.MaxNLocator(6))
-    ax.set_xlabel("average ms per test image (measured)" if in_ms else f"average {prefix}FLOPs per test image")
+    ax.set_xlabel("expected ms per test image (from per-exit times)" if in_ms else f"average {prefix}FLOPs per test image")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.legend()

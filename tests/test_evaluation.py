@@ -173,6 +173,8 @@ def test_bad_inputs():
     model = models.build("toy_mlp", 4, in_features=2, num_exits=3).eval()
     with pytest.raises(ValueError, match="hold a NaN"):
         E.early_exit_predict(model, torch.randn(5, 2), nan)
+    with pytest.raises(ValueError, match="3 exits but 2 exit_flops"):  # said before the model runs
+        E.early_exit_predict(model, torch.randn(5, 2), [0.5, 0.5, -math.inf], exit_flops=[1.0, 2.0])
     assert E.apply_thresholds(probs, y, [float("inf")] * 2 + [0.0], [1, 2, 3])["exit_fractions"] == [0, 0, 1]
 
 

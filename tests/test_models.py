@@ -79,6 +79,14 @@ def test_macs_convention_uses_flop_counter_and_is_close_to_msdnet_rules():
     assert macs[-1] == pytest.approx(counter.get_total_flops() / 2)
 
 
+def test_msdnet_rules_count_a_pooling_window_by_its_height_and_width():
+    """A window given as (kh, kw) costs kh * kw additions per output element, not kh^2 (hand count below)."""
+    x = torch.zeros(1, 4, 12, 12)
+    for pool, per_output in ((torch.nn.AvgPool2d((2, 3)), 6), (torch.nn.MaxPool2d(2), 4), (torch.nn.AvgPool2d(3), 9)):
+        out = pool(x)
+        assert cost._msdnet_ops(pool, x, out) == out[0].numel() * per_output
+
+
 @pytest.mark.parametrize("name,shape", [("msdnet_cifar_anytime", (3, 3, 32, 32)), ("msdnet_cifar_budget", (2, 3, 32, 32)),
                                         ("msdnet_cifar_dbt11", (2, 3, 32, 32)),
                                         ("resnet18_exits", (2, 3, 64, 64)), ("toy_mlp", (5, 2))])
