@@ -249,6 +249,8 @@ def network_results(model, val, test, exit_flops: Sequence[float], input_shape, 
     exit_ms = [1000 * t for t in cost.latency(model, input_shape, batch_size=latency_batch, device=device)]
     return {"anytime": anytime(*test, exit_flops), "budgeted": budgeted(*val, *test, exit_flops),
             "budgeted_ms": budgeted(*val, *test, exit_ms, cost_key="ms"), "exit_flops": list(exit_flops),
+            # what "flops" counts here: MSDNet's op rules (MSDNets) or multiply-accumulates (torchvision backbones)
+            "cost_convention": getattr(model, "cost_convention", "msdnet"),
             "exit_ms": exit_ms, "exit_ms_measured_on": {"device": runinfo.device_name(torch.device(device)),
                                                         "batch_size": latency_batch, "threads": torch.get_num_threads(),
                                                         "unit": "ms per image, eager"}}

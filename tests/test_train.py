@@ -160,6 +160,7 @@ def test_results_and_config_record(fake_root, tmp_path):
     res = trainer.evaluate()
     saved = json.loads((out / "results.json").read_text())
     assert [r["exit"] for r in saved["anytime"]] == [1, 2, 3, 4] and len(saved["budgeted"]) == 39
+    assert saved["cost_convention"] == "msdnet"  # what its "flops" count (a backbone's: multiply-accumulates)
     assert saved["config"]["method"] == "hdkd" and saved["git_commit"] and saved["packages"]["torch"]
     assert len(saved["weights_history"]) == 1 and res["split"]["checksum"]
     cfg = json.loads((out / "config.json").read_text())
