@@ -108,7 +108,8 @@ def budgeted_curves(curves: Dict[str, List[Dict]], ax=None, title: str = "Budget
         x = [r["ms"] for r in rows] if in_ms else [r["flops"] / divisor for r in rows]
         ax.plot(x, [100 * r["accuracy"] for r in rows], marker=".", label=name)
     ax.xaxis.set_major_locator(plt.MaxNLocator(6))
-    ax.set_xlabel("expected ms per test image (from per-exit times)" if in_ms else f"average {prefix}FLOPs per test image")
+    ax.set_xlabel("expected ms per test image (from per-exit times)" if in_ms
+                  else f"average {prefix}FLOPs per test image")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.legend()
