@@ -82,6 +82,10 @@ class Trainer:
                                          method=cfg.meta_method, val_loss=cfg.val_loss, alpha=cfg.alpha,
                                          check_finite=False, hypergrad_norm=cfg.hypergrad_norm, device=self.device,
                                          horizon=cfg.meta_horizon)
+            if cfg.compile == "step" and self.meta.same_draws and cfg.meta_method == "finite_difference":
+                raise ValueError(f"compile 'step' cannot give the finite-difference probes the same dropout or "
+                                 f"stochastic-depth masks ({cfg.arch} draws them; torch.compile traces no random "
+                                 "state): use compile 'network' (--compile network), or no compile")
         self._step = None  # the TrainStep, built when training begins (it refers to the optimizer's loaded state)
         self.exit_flops = cost.exit_flops(self.model, self.data.input_shape)
         self.warmup_steps = cfg.warmup_steps(len(self.data.train))  # the weights keep their start until then

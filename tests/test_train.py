@@ -1151,3 +1151,15 @@ def test_out_or_hdkd_runs_naming_a_file_is_one_line_naming_the_setting(tmp_path,
     assert _one_line_error(capsys) == (f"hdkdlib.train: error: HDKD_RUNS {mine} is a file (or lies under one), not a "
                                        "folder: set HDKD_RUNS to a folder")
     assert mine.read_text() == "mine\n" and sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_a_compiled_step_of_a_stochastic_network_with_finite_differences_is_refused(fake_root, tmp_path, monkeypatch):
+    """The probes replay one random state (torch.random.fork_rng), which torch.compile(fullgraph=True) cannot
+    trace: with dropout or stochastic depth, compile 'step' is refused before anything is written; compile
+    'network' and the exact hypergradient keep working."""
+    monkeypatch.setattr("hdkdlib.bilevel.draws_random_numbers", lambda model: True)
+    with pytest.raises(ValueError, match="compile 'step' cannot give the finite-difference probes the same dropout"):
+        train.prepare(_cfg(fake_root, tmp_path / "refused", compile="step"))
+    assert not (tmp_path / "refused").exists()
+    assert train.prepare(_cfg(fake_root, tmp_path / "exact", compile="step", meta_method="exact")).meta.same_draws
+    assert train.prepare(_cfg(fake_root, tmp_path / "network", compile="network")).meta.same_draws
