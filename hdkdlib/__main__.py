@@ -46,6 +46,9 @@ def info(argv=None) -> int:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-h"], ["--help"]):  # asked for: the usage on stdout, success
+        print(__doc__.strip())
+        return 0
     if not argv or argv[0] not in ("info",):
         print(__doc__.strip(), file=sys.stderr)
         return 2

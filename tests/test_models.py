@@ -239,6 +239,11 @@ def test_bad_input_messages():
     bad = subprocess.run([sys.executable, "-m", "hdkdlib", "info", "toy_mlp", "--num-classes", "0"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--num-classes must be >= 1, got 0" in bad.stderr
+    # --help is a question, not a mistake: the usage on stdout and exit 0; no command at all is one (exit 2)
+    asked = subprocess.run([sys.executable, "-m", "hdkdlib", "--help"], capture_output=True, text=True)
+    assert asked.returncode == 0 and "python -m hdkdlib info NAME" in asked.stdout and not asked.stderr
+    bare = subprocess.run([sys.executable, "-m", "hdkdlib"], capture_output=True, text=True)
+    assert bare.returncode == 2 and "python -m hdkdlib info NAME" in bare.stderr
 
 
 def test_input_sizes_are_checked_at_every_entry_point():
