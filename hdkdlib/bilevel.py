@@ -358,8 +358,9 @@ def check_method(method: str, gradient_equilibrium: bool) -> None:
 def _check(model, objective, train_batch, val_batch, lr, method, horizon=1):
     if method not in METHODS:
         raise ValueError(f"unknown hypergradient method {method!r}; valid: {', '.join(METHODS)}")
-    check_horizon(horizon, method, with_gradient_equilibrium(model))
-    check_method(method, with_gradient_equilibrium(model))
+    equilibrium = with_gradient_equilibrium(model)  # a walk over the model's modules, at every weight update
+    check_horizon(horizon, method, equilibrium)
+    check_method(method, equilibrium)
     if not list(objective.parameters()):
         raise ValueError(f"{type(objective).__name__} has fixed weights: nothing to learn "
                          f"(objectives with learned weights: {', '.join(LEARNED)})")
@@ -507,8 +508,9 @@ class MetaStep:
                  hypergrad_norm: str = "lr", device=None, horizon: int = 1):
         if method not in METHODS:
             raise ValueError(f"unknown hypergradient method {method!r}; valid: {', '.join(METHODS)}")
-        check_horizon(horizon, method, with_gradient_equilibrium(model))
-        check_method(method, with_gradient_equilibrium(model))
+        equilibrium = with_gradient_equilibrium(model)
+        check_horizon(horizon, method, equilibrium)
+        check_method(method, equilibrium)
         self.horizon = horizon
         if hypergrad_norm not in HYPERGRAD_NORMS:
             raise ValueError(f"unknown hypergrad_norm {hypergrad_norm!r}; valid: {', '.join(HYPERGRAD_NORMS)}")

@@ -83,7 +83,7 @@ class Trainer:
                                          check_finite=False, hypergrad_norm=cfg.hypergrad_norm, device=self.device,
                                          horizon=cfg.meta_horizon)
             if cfg.compile == "step" and self.meta.same_draws and cfg.meta_method == "finite_difference":
-                raise ValueError(f"compile 'step' cannot give the finite-difference probes the same dropout or "
+                raise ValueError("compile 'step' cannot give the finite-difference probes the same dropout or "
                                  f"stochastic-depth masks ({cfg.arch} draws them; torch.compile traces no random "
                                  "state): use compile 'network' (--compile network), or no compile")
         self._step = None  # the TrainStep, built when training begins (it refers to the optimizer's loaded state)
