@@ -113,7 +113,12 @@ def anytime(probs: torch.Tensor, targets: torch.Tensor, exit_flops: Optional[Seq
 # --- budgeted batch classification ----------------------------------------------------------------------
 def exit_shares(p: float, num_exits: int) -> torch.Tensor:
     """Target share of samples leaving at exit k, proportional to p^k (k = 1..K), normalised."""
-    share = torch.tensor([p ** k for k in range(1, num_exits + 1)], dtype=torch.float64)
+    try:  # MSDNet's arithmetic, so thresholds match its code to the last bit wherever p^K is a float
+        share = torch.tensor([p ** k for k in range(1, num_exits + 1)], dtype=torch.float64)
+        if not torch.isfinite(share.sum()):
+            raise OverflowError
+    except OverflowError:  # a huge p: the same ratios as p^(k-K), which cannot overflow when p > 1
+        share = torch.tensor([p ** (k - num_exits) for k in range(1, num_exits + 1)], dtype=torch.float64)
     return share / share.sum()
 
 

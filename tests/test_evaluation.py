@@ -65,6 +65,17 @@ def test_budgeted_equals_the_reference_loop(seed):
         assert sum(r["exit_fractions"]) == pytest.approx(1.0)
 
 
+def test_a_huge_p_sends_everyone_to_the_last_exit_instead_of_overflowing():
+    # p^k overflows a float for p = 1e120 and k >= 3; the shares are the same ratios p^(k-K): 1e-360
+    # underflows to 0, and 1e-240 and 1e-120 are below any count, so every sample goes on to the last exit.
+    assert E.exit_shares(1e120, 4).tolist() == pytest.approx([0.0, 1e-240, 1e-120, 1.0], rel=1e-12, abs=0)
+    total = 1e3 + 1e6 + 1e9
+    assert E.exit_shares(1e3, 3).tolist() == pytest.approx([1e3 / total, 1e6 / total, 1e9 / total], rel=1e-12)
+    vp, vy = _random_probs(4, 120, 5, 0, False)
+    (row,) = E.budgeted(vp, vy, vp, vy, [10.0, 25.0, 45.0, 70.0], ps=[1e120])
+    assert row["exit_fractions"] == [0.0, 0.0, 0.0, 1.0] and row["flops"] == 70.0
+
+
 @pytest.fixture(scope="module")
 def trained_toy():
     torch.manual_seed(0)
