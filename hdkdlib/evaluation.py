@@ -40,6 +40,20 @@ def predict(model, batches: Iterable, *, dtype=torch.float32):
     return probs, targets
 
 
+def leading_inputs(batches: Iterable, n: int) -> torch.Tensor:
+    """The inputs of a split's first n samples (n <= 0: all), reading only the batches that hold them: ImageNet's
+    50,000 test images as one float tensor would take 30 GB."""
+    parts, count = [], 0
+    for x, _ in batches:
+        parts.append(x)
+        count += len(x)
+        if 0 < n <= count:  # before the loader decodes another batch
+            break
+    if not parts:
+        raise ValueError("empty split: no batches to take inputs from")
+    return torch.cat(parts)[:n] if n > 0 else torch.cat(parts)
+
+
 def top5_hits(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """[K, N, 5] booleans: whether each exit's i-th ranked class (by logits or probabilities [K, N, C]) is the
     target; column 0 gives top-1, any over the columns top-5 (top-C when there are fewer than 5 classes)."""

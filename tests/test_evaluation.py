@@ -97,6 +97,23 @@ def test_budgeted_on_a_trained_model_matches_the_loop_and_trades_cost_for_accura
     assert rows[0]["flops"] < rows[-1]["flops"]  # small p: most samples leave early
 
 
+def test_leading_inputs_reads_only_the_batches_that_hold_them():
+    x = torch.arange(50.0).view(25, 2)
+    read = []
+
+    def batches():
+        for b in range(0, 25, 4):
+            read.append(b)
+            yield x[b:b + 4], torch.zeros(len(x[b:b + 4]))
+
+    assert torch.equal(E.leading_inputs(batches(), 10), x[:10]) and read == [0, 4, 8]
+    read.clear()
+    assert torch.equal(E.leading_inputs(batches(), 8), x[:8]) and read == [0, 4]
+    assert torch.equal(E.leading_inputs(batches(), 0), x) and torch.equal(E.leading_inputs(batches(), 99), x)
+    with pytest.raises(ValueError, match="empty split"):
+        E.leading_inputs([], 5)
+
+
 def test_real_early_exit_matches_simulation_and_spends_the_predicted_flops(trained_toy):
     model, x, y, (vp, vy), (tp, ty) = trained_toy
     macs = cost.exit_flops(model, model.input_shape, "macs")

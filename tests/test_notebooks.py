@@ -88,13 +88,13 @@ def test_bad_parameters_stop_at_the_check_cell(tmp_path, name, parameter, value,
 @pytest.fixture(scope="module")
 def executed(tmp_path_factory):
     """Notebooks 01, 03 and 06 executed by papermill as `make run` does (quick parameters where they exist;
-    notebook 01 with three given, as a user would)."""
+    notebook 01 with three given, as a user would; 06's real early exit on 700 of its 1,500 test points)."""
     tmp = tmp_path_factory.mktemp("executed")
     env = {**os.environ, "HDKD_RUNS": str(tmp / "runs"), "HDKD_FIGURES": str(tmp / "figures")}
     out = {}
     for name, params in (("01_toy_dense_kd.ipynb", ["-p", "seed", "3", "-p", "steps", "60", "-p", "n_points", "900"]),
                          ("03_cifar100.ipynb", []),
-                         ("06_exit_thresholds.ipynb", ["-p", "steps", "200"])):
+                         ("06_exit_thresholds.ipynb", ["-p", "steps", "200", "-p", "early_exit_images", "700"])):
         out[name] = tmp / name
         result = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / name), str(out[name]),
                                  "--cwd", str(ROOT / "notebooks"), *params], capture_output=True, text=True, env=env)
@@ -122,6 +122,18 @@ def test_executed_notebooks_hold_no_machine_paths_or_echoed_values(executed):
                 assert "PosixPath(" not in text, f"{name} cell {i} echoes a path: {text[:200]}"
                 for folder in machine:
                     assert folder not in text, f"{name} cell {i} names the machine folder {folder}: {text[:300]}"
+
+
+def test_notebook_06_real_early_exit_on_the_leading_test_images_matches_the_simulation(executed):
+    """The real early exit runs on the first early_exit_images test points, compared with the simulated protocol
+    on the same ones: a slice that missed its predictions would show "False" or another cost."""
+    notebook = json.loads(executed["06_exit_thresholds.ipynb"].read_text())
+    (cell,) = [c for c in notebook["cells"] if "leading_inputs(" in "".join(c["source"])]
+    table = "".join(cell["outputs"][-1]["data"]["text/html"])  # the text form wraps at the display width
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in re.findall(r"<tr>\s*<th>\d+</th>(.*?)</tr>", table, re.S)]
+    assert len(rows) == 5 and all(len(r) == 5 for r in rows), table
+    for p, expected, spent, same, _ in rows:
+        assert same == "True" and float(spent) == pytest.approx(float(expected), abs=0.011), table
 
 
 def _explorer_outputs(notebook: dict) -> list:
