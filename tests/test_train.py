@@ -319,6 +319,7 @@ def test_image_folder_batches_are_seeded_sharded_and_resumable(tmp_path):
     stepped = loader(batch=4)
     assert all(torch.equal(stepped.batch_at(0, b)[1], whole[b]) for b in range(len(whole)))
     assert torch.equal(stepped.batch_at(0, 2)[1], whole[2])  # jumping back (a resumed run) is fine too
+    assert list(loader().batches(0, start=len(whole))) == []  # resumed after the last step: the epoch is done
     halves = [loader(rank=r, world=2, batch=2) for r in (0, 1)]
     for b, y in enumerate(whole):
         assert torch.equal(torch.cat([h.batch_at(0, b)[1] for h in halves]), y)  # two ranks = one global batch

@@ -181,6 +181,8 @@ class HostLoader:
     def batches(self, epoch, start=0):
         order = self._order(epoch)
         slices = [rank_slice(b, self.batch_size, self.rank, self.world_size) for b in range(start, len(self))]
+        if not slices:  # resumed after the epoch's last step (a stop before its metrics line): nothing left
+            return
         items = torch.cat([order[s] for s in slices]).tolist()
         positions = [p for s in slices for p in range(s.start, min(s.stop, len(order)))]
         samples = _PlacedSamples(self.dataset, items, positions, self.seed, epoch) if self.train else \
