@@ -89,7 +89,7 @@ def resolve_data(dataset: str, data_root: str, epochs: int, n_per_class: int = -
     root = runs_dir() / "fake-data" / dataset
     if dataset in ("cifar10", "cifar100"):
         manifest = data.cifar.folder(root, dataset) / data.cifar.FAKE_MANIFEST
-        if not manifest.is_file():  # written last (older fake copies had none: written again)
+        if not manifest.is_file() or manifest.read_text().strip() == "{}":  # none yet, or a write stopped half-way
             k = data.CIFAR_SPECS[dataset]["num_classes"]
             data.write_fake_cifar(root, dataset, n_train=6 * k, n_test=2 * k, seed=0)
         per_class, val = 3, 1

@@ -12,6 +12,7 @@ from PIL import Image
 from hdkdlib import data as D, models
 from hdkdlib.data import splits
 from hdkdlib.data.folder import read_image
+from hdkdlib.paths import atomic_write_text
 
 
 def _arrays(n, k, seed):
@@ -51,6 +52,39 @@ def test_fake_cifar_is_never_written_over_a_real_copy(tmp_path):
     with pytest.raises(FileExistsError, match=r"cifar-10-batches-py holds cifar10 files that no fake writer wrote"):
         D.write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
+def test_a_fake_cifar_write_stopped_half_way_is_refused_by_the_loader_and_written_again(tmp_path, monkeypatch):
+    """Stopped after its batch files but before its manifest: no loader takes the half-written copy, and the
+    quick notebooks' resolve_data writes it again instead of refusing its folder for good."""
+    from hdkdlib import notebook
+    monkeypatch.setenv("HDKD_RUNS", str(tmp_path / "runs"))
+    calls = []
+
+    def stop_at_the_manifest(path, text):
+        calls.append(path.name)
+        if len(calls) == 2:  # the first call writes the empty manifest, the second the one listing the files
+            raise KeyboardInterrupt
+        return atomic_write_text(path, text)
+
+    monkeypatch.setattr(D.fake, "atomic_write_text", stop_at_the_manifest)
+    with pytest.raises(KeyboardInterrupt):
+        notebook.resolve_data("cifar10", "auto", epochs=1)
+    base = D.cifar.folder(tmp_path / "runs" / "fake-data" / "cifar10", "cifar10")
+    assert (base / "test_batch").is_file() and (base / D.cifar.FAKE_MANIFEST).read_text() == "{}"
+    with pytest.raises(D.DatasetError, match="is not the official CIFAR file"):
+        D.load_cifar(base.parent, "cifar10")
+    monkeypatch.setattr(D.fake, "atomic_write_text", atomic_write_text)
+    quick = notebook.resolve_data("cifar10", "auto", epochs=1)
+    assert len(D.load_cifar(quick["data_root"], "cifar10")[1]) == 60
+
+
+@pytest.mark.parametrize("manifest", ["[]", '"x"', "3", '{"data_batch_1": 3}'])
+def test_a_fake_manifest_of_another_shape_is_refused_in_one_line(tmp_path, manifest):
+    base = D.write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    (base / D.cifar.FAKE_MANIFEST).write_text(manifest)
+    with pytest.raises(D.DatasetError, match=r"hdkdlib-fake-manifest.json is not a \{file name: MD5\} object: delete"):
+        D.load_cifar(tmp_path, "cifar10")
 
 
 def test_missing_dataset_names_the_path_and_the_fix(tmp_path, monkeypatch):

@@ -183,6 +183,9 @@ def load(root, name: str = "cifar100", train: bool = True, download_if_missing: 
     except Unreadable as e:
         raise DatasetError(f"{e}: delete {base} and download again (download=True), or write the fake data "
                            "again") from None
+    if not (isinstance(manifest, dict) and all(isinstance(v, str) for v in manifest.values())):
+        raise DatasetError(f"{manifest_path} is not a {{file name: MD5}} object: delete {base} and download again "
+                           "(download=True), or write the fake data again")
     expected = _expected_md5(root, name)
     for f in files + [cls.meta["filename"]]:  # every file checked before any is unpickled
         _check_file(base / f, expected[f], manifest)

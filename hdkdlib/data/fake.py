@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..paths import atomic_write_text
 from .cifar import FAKE_MANIFEST, SPECS, _md5, folder
 
 
@@ -36,6 +37,9 @@ def write_fake_cifar(root, name: str = "cifar100", n_train: int = 500, n_test: i
         raise FileExistsError(f"{base} holds {name} files that no fake writer wrote (no {FAKE_MANIFEST}): write the "
                               "fake data into another folder")
     base.mkdir(parents=True, exist_ok=True)
+    # An empty manifest first: a write stopped half-way leaves the folder marked as ours (written again by the
+    # next call) and accepted by no loader (its files are listed nowhere).
+    atomic_write_text(base / FAKE_MANIFEST, "{}")
     k = spec["num_classes"]
     x_train, y_train = (np.asarray(a) for a in train) if train is not None else _random_images(n_train, k, seed)
     x_test, y_test = (np.asarray(a) for a in test) if test is not None else _random_images(n_test, k, seed + 1)
@@ -59,7 +63,7 @@ def write_fake_cifar(root, name: str = "cifar100", n_train: int = 500, n_test: i
     # The loader accepts files that are not the official release only when listed here with their MD5
     # (and reads them with its restricted unpickler all the same).
     names = [f for f, _, _ in batches] + [cls.meta["filename"]]
-    (base / FAKE_MANIFEST).write_text(json.dumps({f: _md5(base / f) for f in names}, indent=1))
+    atomic_write_text(base / FAKE_MANIFEST, json.dumps({f: _md5(base / f) for f in names}, indent=1))
     return base
 
 
