@@ -42,6 +42,24 @@ def test_fake_cifar_has_the_real_file_layout(tmp_path):
     assert entry["data"].dtype == np.uint8 and entry["data"].shape[1] == 3072 and isinstance(entry["labels"], list)
 
 
+@pytest.mark.parametrize("name", ["cifar10", "cifar100"])
+def test_fake_data_carries_its_classes_into_the_test_split(tmp_path, name):
+    """What a quick run learns on the fake training images holds on the fake test images: a nearest-class-mean
+    rule fitted on the training split classifies the test split (image folders: the val split)."""
+    def nearest_mean_accuracy(x, y, xt, yt):
+        x, xt = x.float().mean((2, 3)), xt.float().mean((2, 3))  # each image's mean colour
+        means = torch.stack([x[y == c].mean(0) for c in range(int(y.max()) + 1)])
+        return (torch.cdist(xt, means).argmin(1) == yt).float().mean().item()
+
+    k = D.CIFAR_SPECS[name]["num_classes"]
+    D.write_fake_cifar(tmp_path, name, n_train=6 * k, n_test=2 * k)
+    (x, y, _), (xt, yt, _) = D.load_cifar(tmp_path, name), D.load_cifar(tmp_path, name, train=False)
+    assert nearest_mean_accuracy(x, y, xt, yt) > 0.9
+    root = D.write_fake_image_folder(tmp_path / "folder", classes=[f"n{i}" for i in range(10)], n_per_class=(6, 2))
+    (x, y, _), (xt, yt, _) = D.folder_to_tensor(root, "train"), D.folder_to_tensor(root, "val")
+    assert nearest_mean_accuracy(x, y, xt, yt) > 0.9
+
+
 def test_fake_cifar_is_never_written_over_a_real_copy(tmp_path):
     """Over real files its manifest would make the loader accept the fakes as the real data: refused, untouched;
     over its own fakes it writes again."""

@@ -14,13 +14,18 @@ from ..paths import atomic_write_text
 from .cifar import FAKE_MANIFEST, SPECS, _md5, folder
 
 
-def _random_images(n: int, num_classes: int, seed: int) -> Tuple[np.ndarray, np.ndarray]:
-    """Images that carry their class (a per-class mean colour plus noise), so quick runs can learn."""
+def _class_colours(num_classes: int, pattern_seed: int) -> np.ndarray:
+    """Each class's mean colour, [num_classes, 3, 1, 1]: one draw that a training and a test set share."""
+    return np.random.default_rng(pattern_seed).integers(40, 216, size=(num_classes, 3, 1, 1))
+
+
+def _random_images(n: int, num_classes: int, seed: int, pattern_seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Images that carry their class (its colour, fixed by `pattern_seed`, plus noise drawn from `seed`), so quick
+    runs can learn, and what they learn holds on a test set drawn with the same pattern_seed."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % num_classes
     rng.shuffle(labels)
-    colours = rng.integers(40, 216, size=(num_classes, 3, 1, 1))
-    images = colours[labels] + rng.normal(0, 40, size=(n, 3, 32, 32))
+    images = _class_colours(num_classes, pattern_seed)[labels] + rng.normal(0, 40, size=(n, 3, 32, 32))
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.int64)
 
 
@@ -41,8 +46,8 @@ def write_fake_cifar(root, name: str = "cifar100", n_train: int = 500, n_test: i
     # next call) and accepted by no loader (its files are listed nowhere).
     atomic_write_text(base / FAKE_MANIFEST, "{}")
     k = spec["num_classes"]
-    x_train, y_train = (np.asarray(a) for a in train) if train is not None else _random_images(n_train, k, seed)
-    x_test, y_test = (np.asarray(a) for a in test) if test is not None else _random_images(n_test, k, seed + 1)
+    x_train, y_train = (np.asarray(a) for a in train) if train is not None else _random_images(n_train, k, seed, seed)
+    x_test, y_test = (np.asarray(a) for a in test) if test is not None else _random_images(n_test, k, seed + 1, seed)
     n_train = len(x_train)
     train_files = [f for f, _ in cls.train_list]
     parts = np.array_split(np.arange(n_train), len(train_files))
@@ -73,11 +78,11 @@ def write_fake_image_folder(root, classes: Sequence[str] = ("cat", "dog", "ship"
     (exact round trips); '.jpg' matches the ImageNet layout."""
     root = Path(root)
     rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, size=(len(classes), 3))  # a class's colour is the same in both splits
     for split, n in zip(("train", "val"), n_per_class):
-        for c, cls_name in enumerate(classes):
+        for cls_name, base in zip(classes, colours):
             d = root / split / cls_name
             d.mkdir(parents=True, exist_ok=True)
-            base = rng.integers(0, 256, size=3)
             for i in range(n):
                 img = np.clip(base + rng.normal(0, 30, size=(size, size, 3)), 0, 255).astype(np.uint8)
                 Image.fromarray(img).save(d / f"{i:05d}{ext}")
