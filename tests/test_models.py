@@ -232,6 +232,12 @@ def test_bad_input_messages():
                        (dict(growth=0), "{'growth': 0}")):
         with pytest.raises(ValueError, match=f"MSDNet needs n_blocks, .* >= 1, got {re.escape(shown)}"):
             models.build("msdnet_cifar_anytime", 10, **bad)
+    # half of a coarser scale's new channels come from the finer scale: an odd count would lose one there
+    with pytest.raises(ValueError, match=r"growth x gr_factor\[s\] must be even .* growth 3 and gr_factor \[1, 3, 3\] "
+                                         r"at scale 1: choose an even growth"):
+        models.build("msdnet_cifar_anytime", 10, growth=3, gr_factor=(1, 3, 3), bn_factor=(1, 3, 3))
+    odd_but_fine = models.build("msdnet_cifar_anytime", 10, growth=3, gr_factor=(1, 2, 4), bn_factor=(1, 2, 4))
+    assert len(odd_but_fine(torch.randn(2, 3, 32, 32))) == odd_but_fine.num_exits  # odd only at scale 0: it runs
     with pytest.raises(ValueError, match="available nodes: .*layer1.0.conv1"):
         models.BackboneExits(torchvision.models.resnet18(), ["layer9"], 10)
     out = subprocess.run([sys.executable, "-m", "hdkdlib", "info", "nope"], capture_output=True, text=True)

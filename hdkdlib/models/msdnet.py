@@ -170,6 +170,11 @@ class MSDNet(MultiExitNet):
                                        scales=len(gr_factor)).items() if v < 1}
         if small:  # a block of no layers would add an exit on the same features; growth 0 divides by zero
             raise ValueError(f"MSDNet needs n_blocks, step, base, channels, growth and scales >= 1, got {small}")
+        odd = [s for s in range(1, len(gr_factor)) if growth * gr_factor[s] % 2]
+        if odd:  # a coarser scale's new channels come half from the finer scale, half from its own: n // 2 each
+            raise ValueError(f"growth x gr_factor[s] must be even at every scale s >= 1 (half its new channels come "
+                             f"from the finer scale), got growth {growth} and gr_factor {list(gr_factor)} at scale "
+                             f"{odd[0]}: choose an even growth or even factors")
         n_scales = len(gr_factor)
         steps = block_steps(n_blocks, step_mode, step, base)
         n_layers = sum(steps)
