@@ -117,6 +117,9 @@ class TrainConfig:
                                          "bounded (each weight within weight_bound of its start)")
     weight_bound: float = _opt(0.8, "weight_map bounded: the fraction in (0, 1] by which a weight may leave its start")
     gradient_equilibrium: bool = _opt(False, "IMTA's gradient equilibrium")
+    msdnet_init: str = _opt("rule", "MSDNets' initial weights: rule (conv N(0, sqrt(2/(k*k*out))), BN 1/0, Linear "
+                                    "bias 0: the rule MSDNet's PyTorch code writes down) or torch (PyTorch's "
+                                    "defaults: what that code runs, its loop reaching no layer)")
     # optimisation
     epochs: Optional[int] = _opt(None, "training epochs (recipe)")
     batch_size: Optional[int] = _opt(None, "images per step and process (recipe)")
@@ -278,6 +281,10 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be >= 0 and lr_gamma > 0, got {self.weight_decay} and {self.lr_gamma}")
         if self.workers < 0:
             raise ValueError(f"workers must be >= 0 (0: load in the main process), got {self.workers}")
+        if self.msdnet_init not in models.msdnet.INITS:
+            raise ValueError(f"unknown msdnet_init {self.msdnet_init!r}; valid: {', '.join(models.msdnet.INITS)}")
+        if self.msdnet_init != TrainConfig.msdnet_init and self.arch and self.arch not in models.MSDNET_CONFIGS:
+            raise ValueError(f"msdnet_init sets an MSDNet's initial weights, and {self.arch} is not one: drop it")
         if self.heads_reset not in HEADS_RESET:
             raise ValueError(f"unknown heads_reset {self.heads_reset!r}; valid: {', '.join(HEADS_RESET)}")
         if self.train_heads_only and not self.init_from:
@@ -447,7 +454,8 @@ def config_from_dict(values: Dict) -> TrainConfig:
 OPTION_GROUPS: Dict[str, Tuple[str, ...]] = {
     "data": ("dataset", "data_root", "download", "val_per_class", "n_per_class", "split_seed", "split_dir",
              "workers"),
-    "network": ("arch", "weights", "gradient_equilibrium", "init_from", "train_heads_only", "heads_reset"),
+    "network": ("arch", "weights", "gradient_equilibrium", "msdnet_init", "init_from", "train_heads_only",
+                "heads_reset"),
     "optimisation": ("recipe", "epochs", "batch_size", "optimizer", "lr", "momentum", "nesterov", "beta1", "beta2",
                      "weight_decay", "lr_schedule", "warmup_epochs", "lr_milestones", "lr_gamma"),
     "loss weights and bilevel update": (

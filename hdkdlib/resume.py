@@ -18,7 +18,7 @@ import dataclasses
 import json
 from typing import Dict, NamedTuple, Union
 
-from . import objectives
+from . import models, objectives
 from .cli import say
 from .config import TrainConfig, config_from_dict, config_to_dict
 from .runfolder import RunFolder
@@ -61,6 +61,7 @@ def unused_settings(values: Dict) -> set:
     bound = set() if values.get("weight_map") == "bounded" and values.get("method") in objectives.LEARNED \
         else {"weight_bound"}
     bound |= set() if values.get("train_heads_only") else {"heads_reset"}  # only a second stage resets heads
+    bound |= set() if values.get("arch") in models.MSDNET_CONFIGS else {"msdnet_init"}
     if values.get("method") not in objectives.LEARNED or values.get("freeze_weights_from"):
         return set(WEIGHT_UPDATE_SETTINGS) | bound
     return bound | ({"meta_lr"} if values.get("meta_schedule") == "per_run" else {"meta_traverse"})

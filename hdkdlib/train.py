@@ -48,6 +48,7 @@ class Trainer:
         self.data = data_bundle or build_data(cfg, self.device, self.rank, self.world_size)
         self.model = models.build(cfg.arch, self.data.num_classes, input_shape=self.data.input_shape,
                                   gradient_equilibrium=cfg.gradient_equilibrium,
+                                  **({"init": cfg.msdnet_init} if cfg.arch in models.MSDNET_CONFIGS else {}),
                                   **({"weights": cfg.weights} if cfg.weights else {})).to(self.device)
         if cfg.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)

@@ -172,6 +172,27 @@ def test_msdnet_initialisation():
     assert big.weight.std().item() == pytest.approx((2.0 / n) ** 0.5, rel=0.05)
 
 
+def test_msdnet_torch_init_keeps_pytorchs_defaults_in_every_layer_and_head_reset():
+    """init="torch": what MSDNet's PyTorch code runs (its init loop reaches no layer): every convolution keeps
+    PyTorch's kaiming-uniform draw, |w| <= 1/sqrt(fan_in) with sd bound/sqrt(3), Linear biases their uniform draw;
+    a second stage's new classifiers are drawn the same way."""
+    torch.manual_seed(0)
+    model = models.build("msdnet_cifar_anytime", 100, init="torch")
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            bound = 1 / (m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]) ** 0.5
+            assert m.weight.abs().max().item() <= bound
+    big = max((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda m: m.weight.numel())
+    bound = 1 / (big.in_channels * big.kernel_size[0] * big.kernel_size[1]) ** 0.5
+    assert big.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+    model.freeze_stages_and_reset_heads("classifiers")
+    for head in model.heads:
+        linear = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+        assert linear.bias.abs().min().item() > 0 and linear.bias.abs().max().item() <= 1 / linear.in_features ** 0.5
+    with pytest.raises(ValueError, match="unknown MSDNet init 'kaiming'; valid: rule, torch"):
+        models.build("msdnet_cifar_anytime", 10, init="kaiming")
+
+
 def test_gradient_equilibrium_divides_stage_gradients_by_exits_depending_on_them():
     torch.manual_seed(1)
     plain = models.build("toy_mlp", 3, num_exits=4)

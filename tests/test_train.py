@@ -14,7 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from hdkdlib import data, objectives, train
+from hdkdlib import data, objectives, resume, train
+from hdkdlib.config import config_to_dict
 from hdkdlib.paths import DiskFull
 from hdkdlib.runfolder import RunFolder, RunFolderDamaged, RunFolderMismatch
 from hdkdlib.resume import resolve
@@ -304,6 +305,16 @@ def test_quick_mode_resolution(tmp_path, monkeypatch):
     paper = resolve_data("cifar100", "auto", epochs=300)
     assert not paper["quick"] and paper["data_root"] == str(tmp_path / "data") and paper["n_per_class"] == 0
     assert resolve_data("cifar10", "/elsewhere", epochs=1) == {"quick": False, "data_root": "/elsewhere", "n_per_class": 0}
+
+
+def test_msdnet_init_reaches_the_network_and_is_refused_for_other_networks(fake_root):
+    rule, torch_init = (train.prepare(_cfg(fake_root, "", arch="msdnet_cifar_anytime", msdnet_init=init).validate())
+                        for init in ("rule", "torch"))
+    linears = [[m for m in t.model.modules() if isinstance(m, torch.nn.Linear)] for t in (rule, torch_init)]
+    assert all(m.bias.abs().max() == 0 for m in linears[0]) and all(m.bias.abs().min() > 0 for m in linears[1])
+    with pytest.raises(ValueError, match="msdnet_init sets an MSDNet's initial weights, and toy_mlp is not one: drop it"):
+        _cfg(fake_root, "", msdnet_init="torch").validate()
+    assert "msdnet_init" in resume.unused_settings(config_to_dict(_cfg(fake_root, "")))  # a toy run ignores it
 
 
 def test_image_folder_batches_are_seeded_sharded_and_resumable(tmp_path):

@@ -163,7 +163,10 @@ class MSDNet(MultiExitNet):
     def __init__(self, num_classes: int, *, n_blocks: int, step_mode: str, step: int, base: int,
                  channels: int, growth: int, gr_factor: Sequence[int], bn_factor: Sequence[int],
                  imagenet: bool = False, bottleneck: bool = True, prune: str = "max", reduction: float = 0.5,
-                 input_size: int | None = None, gradient_equilibrium: bool = False, conv_bias: bool = False):
+                 input_size: int | None = None, gradient_equilibrium: bool = False, conv_bias: bool = False,
+                 init: str = "rule"):
+        if init not in INITS:
+            raise ValueError(f"unknown MSDNet init {init!r}; valid: {', '.join(INITS)}")
         if len(gr_factor) != len(bn_factor):
             raise ValueError(f"gr_factor {list(gr_factor)} and bn_factor {list(bn_factor)} must have one entry per scale")
         small = {k: v for k, v in dict(n_blocks=n_blocks, step=step, base=base, channels=channels, growth=growth,
@@ -205,11 +208,15 @@ class MSDNet(MultiExitNet):
                              f"{self.input_size}: its heads pool the coarsest scale to 1x1 only in that range. Resize "
                              "the images, or use a network made for the size (msdnet_imagenet_* for 224 px)")
         self.input_shape = (3, self.input_size, self.input_size)
+        self.init = init
         self.reset_parameters()
 
     def reset_parameters(self, root: nn.Module | None = None) -> None:
-        """docs/method.md, "Networks": conv N(0, sqrt(2 / (k*k*out))), BN 1/0, Linear bias 0 (weights: PyTorch default),
-        for every module under `root` (default: the whole network)."""
+        """docs/method.md, "Networks": init "rule": conv N(0, sqrt(2 / (k*k*out))), BN 1/0, Linear bias 0 (weights:
+        PyTorch default), for every module under `root` (default: the whole network); "torch": PyTorch's defaults,
+        as the modules were built (or reset) with them."""
+        if self.init == "torch":
+            return
         for m in (root or self).modules():
             if isinstance(m, nn.Conv2d):
                 n = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -253,6 +260,11 @@ class MSDNet(MultiExitNet):
             raise ValueError(f"this MSDNet takes images shaped [N, 3, {s}, {s}], got {list(x.shape)}: "
                              f"resize or crop the input to {s}x{s} (or build it with input_size=...)")
 
+
+# "rule": the initialisation MSDNet's PyTorch code writes down (conv N(0, sqrt(2/(k*k*out))), BN 1/0, Linear bias 0);
+# "torch": PyTorch's defaults, what that code runs, as its loop applies the rule to each block's and head's direct
+# children, none of which is a convolution, BatchNorm or Linear.
+INITS = ("rule", "torch")
 
 CONFIGS = {
     "msdnet_cifar_anytime": dict(n_blocks=7, step_mode="even", step=2, base=4, channels=16, growth=6,
