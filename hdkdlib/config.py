@@ -507,9 +507,36 @@ def argparser_for(argv: List[str], **kwargs) -> argparse.ArgumentParser:
                      known.recipe if known.recipe in RECIPES else "", **kwargs)
 
 
+# The weight update's settings: they change nothing in a run whose loss weights are fixed (a fixed-weight method,
+# or learned weights frozen from another run), so a changed default of theirs must not stop such a run resuming.
+WEIGHT_UPDATE_SETTINGS = ("meta_interval", "meta_warmup", "meta_schedule", "meta_traverse", "meta_lr", "hypergrad_norm",
+                          "meta_method", "meta_horizon", "val_loss", "alpha")
+
+
+def unused_settings(values: Dict) -> Dict[str, str]:
+    """The settings that cannot change what a run with these (completed) settings computes, each with what it
+    would need to count."""
+    learned = values.get("method") in objectives.LEARNED
+    unused = {} if values.get("weight_map") == "bounded" and learned else {
+        "weight_bound": "it bounds learned weights under --weight-map bounded"}
+    if not values.get("train_heads_only"):  # only a second stage resets heads
+        unused["heads_reset"] = "it applies with --train-heads-only"
+    if values.get("arch") not in models.MSDNET_CONFIGS:
+        unused["msdnet_init"] = "it applies to the msdnet_* networks"
+    if not learned or values.get("freeze_weights_from"):
+        why = ("the loss weights are kept from --freeze-weights-from" if learned else
+               f"{values.get('method')}'s loss weights are not learned")
+        return {**{k: why for k in WEIGHT_UPDATE_SETTINGS}, **unused}
+    if values.get("meta_schedule") == "per_run":
+        return {**unused, "meta_lr": "--meta-schedule per_run sets the weights' step from --meta-traverse"}
+    return {**unused, "meta_traverse": "it applies with --meta-schedule per_run"}
+
+
 def to_argv(cfg: TrainConfig) -> List[str]:
-    """The command-line flags that rebuild cfg (every setting that differs from a bare TrainConfig's)."""
+    """The command-line flags that rebuild cfg: every setting that differs from a bare TrainConfig's, but those
+    that change nothing in this run (unused_settings; a record's former default, say), which the CLI refuses."""
     bare = TrainConfig(dataset=cfg.dataset, recipe=cfg.recipe)
+    unused = unused_settings(config_to_dict(cfg))
     args = []
     for f in dataclasses.fields(TrainConfig):
         value, flag = getattr(cfg, f.name), "--" + f.name.replace("_", "-")
@@ -517,7 +544,7 @@ def to_argv(cfg: TrainConfig) -> List[str]:
             continue
         if f.name in ("dataset", "recipe") and value == f.default:
             continue
-        if f.name == "heads_reset" and not cfg.train_heads_only:  # it changes nothing then (a record's legacy value)
+        if f.name in unused:
             continue
         if isinstance(value, bool):
             args.append(flag if value else "--no-" + f.name.replace("_", "-"))

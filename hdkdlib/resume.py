@@ -18,9 +18,8 @@ import dataclasses
 import json
 from typing import Dict, NamedTuple, Union
 
-from . import models, objectives
 from .cli import say
-from .config import TrainConfig, config_from_dict, config_to_dict
+from .config import TrainConfig, config_from_dict, config_to_dict, unused_settings
 from .runfolder import RunFolder
 
 MODES = ("new", "continue", "auto")
@@ -33,11 +32,6 @@ LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none", "nesterov":
 # Defaults changed after runs were made under the former value: a run folder that began under it (and has
 # something to continue) keeps it when the new settings hold today's default.
 FORMER_DEFAULTS = {"meta_traverse": 0.25, "heads_reset": "all"}
-
-# The weight update's settings: they change nothing in a run whose loss weights are fixed (a fixed-weight method,
-# or learned weights frozen from another run), so a changed default of theirs must not stop such a run resuming.
-WEIGHT_UPDATE_SETTINGS = ("meta_interval", "meta_warmup", "meta_schedule", "meta_traverse", "meta_lr", "hypergrad_norm",
-                          "meta_method", "meta_horizon", "val_loss", "alpha")
 
 # Settings that may differ when a run is resumed: where things are and how fast they run, not what is computed.
 # Places are compared by what they hold: the split by its checksum, not its path (a moved clone resumes).
@@ -54,17 +48,6 @@ def check_mode(mode) -> str:
     if mode not in MODES:
         raise ValueError(f"resume must be one of {', '.join(MODES)}, got {mode!r}")
     return mode
-
-
-def unused_settings(values: Dict) -> set:
-    """The settings that cannot change what a run with these (completed) settings computes."""
-    bound = set() if values.get("weight_map") == "bounded" and values.get("method") in objectives.LEARNED \
-        else {"weight_bound"}
-    bound |= set() if values.get("train_heads_only") else {"heads_reset"}  # only a second stage resets heads
-    bound |= set() if values.get("arch") in models.MSDNET_CONFIGS else {"msdnet_init"}
-    if values.get("method") not in objectives.LEARNED or values.get("freeze_weights_from"):
-        return set(WEIGHT_UPDATE_SETTINGS) | bound
-    return bound | ({"meta_lr"} if values.get("meta_schedule") == "per_run" else {"meta_traverse"})
 
 
 def stored_config(values: Dict) -> Dict:
@@ -106,7 +89,7 @@ def comparable(value) -> str:
 def settings_differ(recorded: Dict, new: Dict) -> list:
     """The settings that change what is computed in which a run folder's record and new settings differ."""
     old = stored_config(recorded)
-    free = RESUMABLE_CHANGES | (unused_settings(old) & unused_settings(new))
+    free = RESUMABLE_CHANGES | (unused_settings(old).keys() & unused_settings(new).keys())
     return sorted(k for k in set(old) | set(new) if k not in free and comparable(old.get(k)) != comparable(new.get(k)))
 
 

@@ -304,7 +304,7 @@ class Study:
                     "data is never mixed into a study; nothing was written. Record it in another study (--name)")
         given = stored_config(json.loads(row["config"]))
         for other in (stored_config(json.loads(r["config"])) for r in rows if r["variant"] == row["variant"]):
-            skip = NOT_PROTOCOL | (unused_settings(given) & unused_settings(other))
+            skip = NOT_PROTOCOL | (unused_settings(given).keys() & unused_settings(other).keys())
             differ = [k for k in sorted(set(given) | set(other)) if k not in skip
                       and comparable(given.get(k)) != comparable(other.get(k))]
             if differ:

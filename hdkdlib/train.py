@@ -22,7 +22,7 @@ import torch
 from . import bilevel, cli, config, cost, data, distributed, evaluation, models, objectives, runfolder, runinfo
 # Settings live in hdkdlib.config, data in hdkdlib.data.bundle; these names stay importable from here.
 from .cli import say
-from .config import TrainConfig, argparser_for, config_from_dict, config_to_dict
+from .config import TrainConfig, argparser_for, config_from_dict, config_to_dict, unused_settings
 from .config import to_argv as cli_args
 from .data.bundle import DataBundle, build_data
 from .runfolder import RunFolder, RunFolderBusy, RunFolderDamaged, RunFolderMismatch
@@ -419,6 +419,11 @@ def main(argv=None) -> int:
     trainer, finished = None, False
     try:
         plan = resolve(given, "continue" if resume else "new")  # --resume: the recorded settings; given ones agree
+        unused = unused_settings(config_to_dict(plan.cfg))
+        pointless = [k for k in given if k in unused]
+        if pointless:  # a setting that cannot count is a mistake (a missing flag beside it), not a choice
+            raise ValueError(f"--{pointless[0].replace('_', '-')} changes nothing in this run: "
+                             f"{unused[pointless[0]]}; drop it")
         trainer = prepare(plan.cfg)
         trainer.fit(plan.action)
         if plan.action == "load":  # finished: its results stay those it recorded (not evaluated again here)

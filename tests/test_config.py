@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from hdkdlib.config import RECIPES, TrainConfig, argparser, config_from_dict, to_argv
+from hdkdlib.config import RECIPES, TrainConfig, argparser, config_from_dict, config_to_dict, to_argv
 from hdkdlib.resume import LEGACY_VALUES, stored_config
 
 
@@ -151,6 +151,41 @@ def test_cli_refuses_nan_before_writing_the_run_folder(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "hdkdlib.train: error: lr must be a finite number, got nan"]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flags, line", [
+    (["--method", "hdkd", "--weight-bound", "0.3"],
+     "--weight-bound changes nothing in this run: it bounds learned weights under --weight-map bounded; drop it"),
+    (["--method", "ce", "--meta-interval", "3"],
+     "--meta-interval changes nothing in this run: ce's loss weights are not learned; drop it"),
+    (["--method", "hdkd", "--meta-schedule", "fixed", "--meta-traverse", "0.5"],
+     "--meta-traverse changes nothing in this run: it applies with --meta-schedule per_run; drop it"),
+    (["--heads-reset", "all"], "--heads-reset changes nothing in this run: it applies with --train-heads-only; drop it"),
+])
+def test_cli_refuses_a_setting_that_changes_nothing_before_writing_the_run_folder(tmp_path, capsys, flags, line):
+    """A flag that cannot count means a missing one beside it (--weight-map bounded, a learned method): taking it
+    silently would record a run that did not do what was asked."""
+    from hdkdlib import train
+    out = tmp_path / "run"
+    code = train.main(["--dataset", "synthetic", "--arch", "toy_mlp", *flags, "--out", str(out), "--device", "cpu"])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines() == [f"hdkdlib.train: error: {line}"]
+    assert not out.exists()
+
+
+def test_to_argv_leaves_out_the_settings_that_change_nothing_and_the_cli_takes_it():
+    """A record's former default (meta_traverse 0.25 under the fixed schedule, heads_reset "all" without a second
+    stage) changes nothing in its run: the flags that rebuild it leave them out, so the CLI does not refuse them."""
+    from hdkdlib import train
+    cfg = TrainConfig(dataset="synthetic", arch="toy_mlp", method="hdkd", meta_schedule="fixed", meta_lr=0.01,
+                      meta_traverse=0.25, heads_reset="all", weight_bound=0.5).validate()
+    argv = to_argv(cfg)
+    assert "--meta-traverse" not in argv and "--heads-reset" not in argv and "--weight-bound" not in argv
+    assert argv[argv.index("--meta-lr") + 1] == "0.01"
+    args = {k: v for k, v in vars(train._parser(argv).parse_args(argv)).items()
+            if v is not None and k not in ("resume", "no_eval", "debug")}
+    rebuilt = config_from_dict(args)
+    assert {k for k in config_to_dict(cfg) if getattr(rebuilt, k) != getattr(cfg, k)} == {
+        "meta_traverse", "heads_reset", "weight_bound"}
 
 
 def test_info_is_quiet_on_a_closed_pipe_and_bounds_the_classes():
