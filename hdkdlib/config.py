@@ -29,9 +29,9 @@ from . import bilevel, models, objectives
 DATASETS = ("cifar10", "cifar100", "folder32", "folder", "synthetic")
 CUDA_GRAPHS = ("auto", "on", "off")
 FROZEN_AT_START = "init"  # freeze_weights_from: keep the learned weights at their start
-# Each epoch's batch order is drawn from a generator seeded with (seed + 1) * 1_000_003 + epoch (data.order, the
-# held-out stream's seed + 1): a seed within this bound keeps that inside torch's 64-bit seeds.
-MAX_SEED = 2 ** 40 - 1
+# torch's CPU generator keeps 32 bits of a seed (mt19937), so seeds 2^32 apart would draw the same network and,
+# through data.order's (seed + 1) * 1_000_003 + epoch, the same batches; that product stays inside 64 bits.
+MAX_SEED = 2 ** 32 - 1
 HEADS_RESET = models.base.HEADS_RESET
 MAX_THREADS = 1024  # above any machine's cores: more asks the OS for threads it refuses, after the data has loaded
 
@@ -211,8 +211,8 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"{f.name} must be a finite number, got {value}")
-        if not -MAX_SEED <= self.seed <= MAX_SEED:
-            raise ValueError(f"seed must lie in [-{MAX_SEED}, {MAX_SEED}], got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed must lie in [0, {MAX_SEED}] (torch's generator keeps 32 bits of it), got {self.seed}")
         if not 0 <= self.threads <= MAX_THREADS:
             raise ValueError(f"threads must lie in [0, {MAX_THREADS}] (0: torch's default), got {self.threads}")
         for name in ("epochs", "batch_size", "meta_interval", "eval_batch_size", "check_every"):

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from hdkdlib.config import RECIPES, TrainConfig, argparser, config_from_dict, config_to_dict, to_argv
 from hdkdlib.resume import LEGACY_VALUES, stored_config
@@ -263,19 +264,22 @@ def test_run_folders_from_before_the_optimizer_settings_resume_as_sgd():
 
 
 def test_a_seed_beyond_the_batch_order_generator_is_one_line_naming_it(tmp_path, capsys):
-    """Each epoch's order is drawn from a generator seeded with (seed + 1) * 1_000_003 + epoch: a larger seed
-    overflowed torch's 64-bit seed in the first epoch, after the run folder was begun."""
+    """torch's CPU generator keeps 32 bits of a seed: seeds 2^32 apart drew the same network and batches, and a
+    seed past 64 bits overflowed the epoch generator ((seed + 1) * 1_000_003 + epoch) after the run folder began."""
     from hdkdlib.config import MAX_SEED
     from hdkdlib.data.order import epoch_generator
     from hdkdlib.train import main
     out = tmp_path / "run"
-    for seed in (10 ** 20, 10 ** 16, MAX_SEED + 1, -MAX_SEED - 1):
+    same = [torch.randn(3, generator=torch.Generator().manual_seed(s)) for s in (7, 7 + 2 ** 32)]
+    assert torch.equal(*same)  # why the bound: 32 bits of a seed count
+    for seed in (10 ** 20, 2 ** 32, MAX_SEED + 1, -1):
         assert main(["--dataset", "synthetic", "--arch", "toy_mlp", "--epochs", "1", "--device", "cpu",
                      "--no-progress", "--seed", str(seed), "--out", str(out)]) == 2
         assert capsys.readouterr().err.strip().splitlines() == [
-            f"hdkdlib.train: error: seed must lie in [-{MAX_SEED}, {MAX_SEED}], got {seed}"]
+            f"hdkdlib.train: error: seed must lie in [0, 4294967295] (torch's generator keeps 32 bits of it), "
+            f"got {seed}"]
     assert not out.exists()
-    for seed in (MAX_SEED, -MAX_SEED):  # the bound itself: validated, and its generators drawn
+    for seed in (0, MAX_SEED):  # the bounds themselves: validated, and their generators drawn
         TrainConfig(seed=seed).validate()
         for s in (seed, seed + 1):
             epoch_generator(s, 10 ** 9)
