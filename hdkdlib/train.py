@@ -154,7 +154,11 @@ class Trainer:
             torch.set_rng_state(state["rng"].cpu())
         if "cuda_rng" in state and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
-        self._acc = {k: v.to(self.device) for k, v in state["accumulators"].items()}
+        # The epoch's training sums so far: rank 0's, the only ones a checkpoint holds (no collective at a stop, which
+        # ranks may meet a step apart). The other ranks count from here, so a mid-epoch resume's epoch row averages
+        # over the images counted instead of counting rank 0's W times.
+        self._acc = ({k: v.to(self.device) for k, v in state["accumulators"].items()} if self.rank == 0
+                     else self._zero_accumulators())
 
     def _other_run(self, state: Dict) -> Optional[str]:
         """Why a checkpoint is not this run's (copied from another run folder), or None."""
@@ -254,7 +258,7 @@ class Trainer:
                                      "Lower lr (or meta_lr), or try bf16 off.")
 
     def _epoch_metrics(self, seconds: float, images: int) -> Dict:
-        # the global batch's: summed over ranks (copies: each rank's checkpoint keeps its own sums)
+        # the global batch's: summed over ranks (copies: the sums stay this rank's for the next step)
         acc = dict(zip(self._acc, distributed.sum_over_ranks([t.clone() for t in self._acc.values()])))
         seen, val = max(int(acc["seen"]), 1), evaluation.per_exit_metrics(self.model, self.data.val)
         row = {"epoch": self.epoch + 1, "lr": self.cfg.lr_at(self.epoch), "train_loss": float(acc["loss"]) / seen,

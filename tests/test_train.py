@@ -171,6 +171,19 @@ def test_results_and_config_record(fake_root, tmp_path):
     assert torch.get_num_threads() == 2  # an explicit count is kept
 
 
+def test_a_resumed_rank_other_than_0_counts_its_epoch_sums_from_zero(fake_root, tmp_path):
+    """A checkpoint holds rank 0's training sums of the epoch so far; every rank taking them would count rank 0's
+    images W times in the epoch's training loss and top-1, and the other ranks' would still be missing."""
+    trainer = train.prepare(_cfg(fake_root, tmp_path / "run", epochs=1))
+    trainer._acc = {k: v + 3 for k, v in trainer._acc.items()}
+    state = trainer.state_dict()
+    trainer.load_checkpoint(state)
+    assert all(bool((v == 3).all()) for v in trainer._acc.values())
+    trainer.rank = 1  # what another process of the run restores
+    trainer.load_checkpoint(state)
+    assert all(bool((v == 0).all()) for v in trainer._acc.values())
+
+
 def test_two_process_ddp_equals_one_process_with_the_global_batch(fake_root, tmp_path):
     common = ["--dataset", "cifar10", "--data-root", str(fake_root), "--split-dir", str(fake_root / "splits"),
               "--arch", "toy_mlp", "--method", "hdkd", "--n-per-class", "24", "--val-per-class", "6", "--epochs", "2",
