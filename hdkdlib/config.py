@@ -233,6 +233,11 @@ class TrainConfig:
                              f"got {self.meta_traverse}")
         if self.meta_schedule not in bilevel.META_SCHEDULES:
             raise ValueError(f"unknown meta_schedule {self.meta_schedule!r}; valid: {', '.join(bilevel.META_SCHEDULES)}")
+        # names are checked whatever the method: a misspelt one is a mistake even where the setting is unused
+        for name, valid in (("init", ("",) + objectives.INITS), ("weight_map", objectives.WEIGHT_MAPS),
+                            ("val_loss", objectives.VALIDATION_LOSSES), ("meta_method", bilevel.METHODS)):
+            if getattr(self, name) not in valid:
+                raise ValueError(f"unknown {name} {getattr(self, name)!r}; valid: {', '.join(v for v in valid if v)}")
         if self.hypergrad_norm not in bilevel.HYPERGRAD_NORMS:
             raise ValueError(f"unknown hypergrad_norm {self.hypergrad_norm!r}; valid: "
                              f"{', '.join(bilevel.HYPERGRAD_NORMS)}")

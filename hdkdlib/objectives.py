@@ -34,6 +34,7 @@ from . import distributed
 
 WEIGHT_MAPS = ("softmax", "softplus", "softplus_total", "bounded")
 INITS = ("dbt", "ds", "uniform", "random")
+VALIDATION_LOSSES = ("ce", "balanced")
 
 
 def is_tracing() -> bool:
@@ -428,8 +429,8 @@ class ValidationLoss(nn.Module):
 
     def __init__(self, num_exits: int, kind: str = "ce", alpha: float = 0.5, ema_momentum: float = 0.9):
         super().__init__()
-        if kind not in ("ce", "balanced"):
-            raise ValueError(f"unknown validation loss {kind!r}; valid: ce, balanced")
+        if kind not in VALIDATION_LOSSES:
+            raise ValueError(f"unknown validation loss {kind!r}; valid: {', '.join(VALIDATION_LOSSES)}")
         self.kind, self.alpha, self.ema_momentum = kind, alpha, ema_momentum
         self.register_buffer("ema", torch.zeros(num_exits))
         self.register_buffer("initialised", torch.tensor(False))

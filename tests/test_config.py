@@ -229,6 +229,11 @@ def test_optimizer_schedule_and_weights_options():
                                                    r"imta_kd, dkd, hdbt, hdkd\), not ce: drop it"),
              (dict(method="hmsdnet", temperature=3.0), "temperature applies .* not hmsdnet"),
              (dict(optimizer="adam"), "unknown optimizer 'adam'; valid: sgd, adamw"),
+             # misspelt names, whatever the method (before: found when the Trainer was built, or never for ce)
+             (dict(method="ce", val_loss="balance"), "unknown val_loss 'balance'; valid: ce, balanced"),
+             (dict(init="dtb"), "unknown init 'dtb'; valid: dbt, ds, uniform, random"),
+             (dict(method="dbt", weight_map="softmx"), "unknown weight_map 'softmx'; valid: softmax, softplus"),
+             (dict(method="ce", meta_method="fd"), "unknown meta_method 'fd'; valid: exact, finite_difference"),
              (dict(method="ce", kd_share=0.3), "kd_share applies to dbt, hdbt, hdkd, imta_kd, not ce: drop it"),
              (dict(method="dbt", kd_share=1.0), r"kd_share must lie in \(0, 1\)"),
              (dict(method="hdkd", temperature_growth=1.1), r"are DBT's annealing \(dbt, hdbt\), not hdkd's"),
