@@ -516,22 +516,25 @@ def argparser_for(argv: List[str], **kwargs) -> argparse.ArgumentParser:
 # or learned weights frozen from another run), so a changed default of theirs must not stop such a run resuming.
 WEIGHT_UPDATE_SETTINGS = ("meta_interval", "meta_warmup", "meta_schedule", "meta_traverse", "meta_lr", "hypergrad_norm",
                           "meta_method", "meta_horizon", "val_loss", "alpha")
+# How learned weights start and are mapped: nothing to a fixed-weight method.
+LEARNED_WEIGHT_SETTINGS = ("init", "weight_map", "weight_bound", "min_init_weight")
 
 
 def unused_settings(values: Dict) -> Dict[str, str]:
     """The settings that cannot change what a run with these (completed) settings computes, each with what it
     would need to count."""
     learned = values.get("method") in objectives.LEARNED
-    unused = {} if values.get("weight_map") == "bounded" and learned else {
+    unused = {} if values.get("weight_map") == "bounded" else {
         "weight_bound": "it bounds learned weights under --weight-map bounded"}
     if not values.get("train_heads_only"):  # only a second stage resets heads
         unused["heads_reset"] = "it applies with --train-heads-only"
     if values.get("arch") not in models.MSDNET_CONFIGS:
         unused["msdnet_init"] = "it applies to the msdnet_* networks"
-    if not learned or values.get("freeze_weights_from"):
-        why = ("the loss weights are kept from --freeze-weights-from" if learned else
-               f"{values.get('method')}'s loss weights are not learned")
-        return {**{k: why for k in WEIGHT_UPDATE_SETTINGS}, **unused}
+    if not learned:  # the learned weights' own settings too (objective_options passes them to learned methods only)
+        why = f"{values.get('method')}'s loss weights are not learned"
+        return {**unused, **{k: why for k in WEIGHT_UPDATE_SETTINGS + LEARNED_WEIGHT_SETTINGS}}
+    if values.get("freeze_weights_from"):
+        return {**unused, **{k: "the loss weights are kept from --freeze-weights-from" for k in WEIGHT_UPDATE_SETTINGS}}
     if values.get("meta_schedule") == "per_run":
         return {**unused, "meta_lr": "--meta-schedule per_run sets the weights' step from --meta-traverse"}
     return {**unused, "meta_traverse": "it applies with --meta-schedule per_run"}

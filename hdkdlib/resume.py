@@ -27,7 +27,8 @@ MODES = ("new", "continue", "auto")
 # Settings added after runs were already made, with the value that reproduces how those runs trained: a run
 # folder whose config.json lacks one resumes with this value, not with today's default.
 LEGACY_VALUES = {"meta_schedule": "fixed", "hypergrad_norm": "none", "nesterov": False, "recipe": "",
-                 "optimizer": "sgd", "lr_schedule": "step", "warmup_epochs": 0, "heads_reset": "all"}
+                 "optimizer": "sgd", "lr_schedule": "step", "warmup_epochs": 0, "heads_reset": "all",
+                 "msdnet_init": "rule"}
 
 # Defaults changed after runs were made under the former value: a run folder that began under it (and has
 # something to continue) keeps it when the new settings hold today's default.
