@@ -185,10 +185,12 @@ def test_msdnet_torch_init_keeps_pytorchs_defaults_in_every_layer_and_head_reset
     big = max((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda m: m.weight.numel())
     bound = 1 / (big.in_channels * big.kernel_size[0] * big.kernel_size[1]) ** 0.5
     assert big.weight.std().item() == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+    classifiers = [[m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1] for head in model.heads]
+    before = [c.bias.detach().clone() for c in classifiers]
     model.freeze_stages_and_reset_heads("classifiers")
-    for head in model.heads:
-        linear = [m for m in head.modules() if isinstance(m, torch.nn.Linear)][-1]
+    for k, (linear, old) in enumerate(zip(classifiers, before)):
         assert linear.bias.abs().min().item() > 0 and linear.bias.abs().max().item() <= 1 / linear.in_features ** 0.5
+        assert torch.equal(linear.bias, old) == (k == model.num_exits - 1)  # drawn anew, the teacher's kept
     with pytest.raises(ValueError, match="unknown MSDNet init 'kaiming'; valid: rule, torch"):
         models.build("msdnet_cifar_anytime", 10, init="kaiming")
 
