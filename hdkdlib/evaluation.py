@@ -41,8 +41,10 @@ def predict(model, batches: Iterable, *, dtype=torch.float32):
 
 
 def leading_inputs(batches: Iterable, n: int) -> torch.Tensor:
-    """The inputs of a split's first n samples (n <= 0: all), reading only the batches that hold them: ImageNet's
+    """The inputs of a split's first n samples (0: all), reading only the batches that hold them: ImageNet's
     50,000 test images as one float tensor would take 30 GB."""
+    if n < 0:
+        raise ValueError(f"the number of samples to take must be >= 0 (0: all of the split), got {n}")
     parts, count = [], 0
     for x, _ in batches:
         parts.append(x)

@@ -112,6 +112,8 @@ def test_leading_inputs_reads_only_the_batches_that_hold_them():
     assert torch.equal(E.leading_inputs(batches(), 0), x) and torch.equal(E.leading_inputs(batches(), 99), x)
     with pytest.raises(ValueError, match="empty split"):
         E.leading_inputs([], 5)
+    with pytest.raises(ValueError, match=r"must be >= 0 \(0: all of the split\), got -1"):
+        E.leading_inputs(batches(), -1)
 
 
 def test_real_early_exit_matches_simulation_and_spends_the_predicted_flops(trained_toy):
