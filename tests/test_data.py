@@ -72,6 +72,18 @@ def test_fake_cifar_is_never_written_over_a_real_copy(tmp_path):
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before
 
 
+def test_fake_cifar_is_never_written_over_an_official_file_beside_a_manifest(tmp_path, monkeypatch):
+    """A stopped write leaves a manifest; official files copied in beside it are still never written over (here
+    the test batch stands in for an official one: the release's MD5s are made its own)."""
+    base = D.write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10)
+    official = {**D.cifar._expected_md5(tmp_path, "cifar10"), "test_batch": D.cifar._md5(base / "test_batch")}
+    monkeypatch.setattr(D.fake, "_expected_md5", lambda root, name: official)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    with pytest.raises(FileExistsError, match=r"test_batch is the official cifar10 file: fake data is never written"):
+        D.write_fake_cifar(tmp_path, "cifar10", n_train=50, n_test=10, seed=1)
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before
+
+
 def test_a_fake_cifar_write_stopped_half_way_is_refused_by_the_loader_and_written_again(tmp_path, monkeypatch):
     """Stopped after its batch files but before its manifest: no loader takes the half-written copy, and the
     quick notebooks' resolve_data writes it again instead of refusing its folder for good."""

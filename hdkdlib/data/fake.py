@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from ..paths import atomic_write_text
-from .cifar import FAKE_MANIFEST, SPECS, _md5, folder
+from .cifar import FAKE_MANIFEST, SPECS, _expected_md5, _md5, folder
 
 
 def _class_colours(num_classes: int, pattern_seed: int) -> np.ndarray:
@@ -41,6 +41,11 @@ def write_fake_cifar(root, name: str = "cifar100", n_train: int = 500, n_test: i
         # the manifest written below would make the loader take fake files for the real ones in their place
         raise FileExistsError(f"{base} holds {name} files that no fake writer wrote (no {FAKE_MANIFEST}): write the "
                               "fake data into another folder")
+    official = _expected_md5(root, name)  # real files copied in beside a manifest (after a stopped write, say)
+    real = [f for f in ours if (base / f).is_file() and _md5(base / f) == official[f]]
+    if real:
+        raise FileExistsError(f"{base / real[0]} is the official {name} file: fake data is never written over it; "
+                              "write the fake data into another folder")
     base.mkdir(parents=True, exist_ok=True)
     # An empty manifest first: a write stopped half-way leaves the folder marked as ours (written again by the
     # next call) and accepted by no loader (its files are listed nowhere).
