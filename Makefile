@@ -37,8 +37,10 @@ run: env
 	@echo "executed notebooks: $(NOTEBOOK_OUT)/   figures: figures/"
 
 # Tests: the unit tests and every notebook under nbval (stored outputs compared where kept).
+# Two worker processes (pytest-xdist), a file each at a time: a notebook's cells share one kernel, and a test
+# file's module fixtures are built once.
 test: env
-	$(PY) -m pytest --nbval --nbval-current-env tests notebooks --ignore=tests/browser
+	$(PY) -m pytest -n 2 --dist loadfile --nbval --nbval-current-env tests notebooks --ignore=tests/browser
 
 # Notebook 06 in JupyterLab and headless Chromium (needs `apt-get install chromium chromium-driver`);
 # screenshots in runs/browser/. Not part of `make test`: CI machines have no browser.
