@@ -540,6 +540,19 @@ def unused_settings(values: Dict) -> Dict[str, str]:
     return {**unused, "meta_traverse": "it applies with --meta-schedule per_run"}
 
 
+def unused_flags_line(unused: Dict[str, str]) -> str:
+    """One line naming the given flags that change nothing ({setting: why}, as unused_settings says), grouped by
+    why, and the fix."""
+    by_reason: Dict[str, List[str]] = {}
+    for name, why in unused.items():
+        by_reason.setdefault(why, []).append("--" + name.replace("_", "-"))
+    parts = []
+    for why, flags in by_reason.items():
+        named = flags[0] if len(flags) == 1 else f"{', '.join(flags[:-1])} and {flags[-1]}"
+        parts.append(f"{named} change{'s' if len(flags) == 1 else ''} nothing in this run ({why})")
+    return "; ".join(parts) + (": drop it" if len(unused) == 1 else ": drop them")
+
+
 def to_argv(cfg: TrainConfig) -> List[str]:
     """The command-line flags that rebuild cfg: every setting that differs from a bare TrainConfig's, but those
     that change nothing in this run (unused_settings; a record's former default, say), which the CLI refuses."""

@@ -424,14 +424,9 @@ def main(argv=None) -> int:
     try:
         plan = resolve(given, "continue" if resume else "new")  # --resume: the recorded settings; given ones agree
         unused = unused_settings(config_to_dict(plan.cfg))
-        pointless = [k for k in given if k in unused]
+        pointless = {k: unused[k] for k in given if k in unused}
         if pointless:  # a setting that cannot count is a mistake (a missing flag beside it), not a choice
-            flags: Dict[str, List[str]] = {}
-            for k in pointless:
-                flags.setdefault(unused[k], []).append("--" + k.replace("_", "-"))
-            raise ValueError("; ".join(
-                f"{' and '.join([', '.join(f[:-1]), f[-1]] if len(f) > 1 else f)} change{'s' * (len(f) == 1)} nothing "
-                f"in this run ({why})" for why, f in flags.items()) + (": drop it" if len(pointless) == 1 else ": drop them"))
+            raise ValueError(config.unused_flags_line(pointless))
         trainer = prepare(plan.cfg)
         trainer.fit(plan.action)
         if plan.action == "load":  # finished: its results stay those it recorded (not evaluated again here)
