@@ -310,7 +310,7 @@ class Study:
             if differ:
                 raise StudyRecordError(
                     f"run {row['run']} has other settings than the {row['variant']} runs in {self.path / RUNS} ("
-                    + ", ".join(f"{k}: {given[k]!r}, not {other[k]!r}" for k in differ[:4])
+                    + ", ".join(f"{k}: {given.get(k)!r}, not {other.get(k)!r}" for k in differ[:4])
                     + "): a run of another protocol is never mixed into a study; nothing was written. Give it "
                       "another --tag or --name")
 

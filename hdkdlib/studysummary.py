@@ -126,8 +126,13 @@ def paired_test_row(name: str, differences: pd.Series) -> dict:
     except ImportError as e:  # a lent GPU without scipy: the summary is rebuilt on the CPU machine
         return {"difference": name, "seeds": len(differences), "mean": f"{differences.mean():+.2f}", "SE": str(e)}
     return {"difference": name, "seeds": r["n"], "mean": f"{r['mean']:+.2f}", "SE": f"{r['se']:.2f}",
-            "95% interval": f"[{r['low']:+.2f}, {r['high']:+.2f}]", "p (one-sided, > 0)": f"{r['p_greater']:.3f}",
-            "p (two-sided)": f"{r['p_two_sided']:.3f}", "p (sign-flip, > 0)": f"{r['p_sign_flip']:.3f}"}
+            "95% interval": f"[{r['low']:+.2f}, {r['high']:+.2f}]", "p (one-sided, > 0)": p_value(r["p_greater"]),
+            "p (two-sided)": p_value(r["p_two_sided"]), "p (sign-flip, > 0)": p_value(r["p_sign_flip"])}
+
+
+def p_value(p: float) -> str:
+    """A p value to three decimals; one that would print as 0.000 prints as < 0.001 (it is not zero)."""
+    return "< 0.001" if p < 0.0005 else f"{p:.3f}"
 
 
 def per_seed_rows(table: pd.DataFrame) -> list:

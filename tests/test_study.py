@@ -609,6 +609,23 @@ def test_a_run_of_another_protocol_is_never_mixed_into_a_variant(tmp_path):
         (share / name).write_text(json.dumps(text))
     with pytest.raises(StudyRecordError, match=r"run dbt-seed1 has other settings .*\(kd_share: 0.3, not 0.0\)"):
         target.add([studyrecords.record_from_run_folder(share)])
+    # a setting only one of them knows (a record from a newer library) is named, not a KeyError
+    newer = _run_copy(tmp_path / "runs", "dbt-seed2", [0.3, 0.4])
+    for name in ("config.json", "results.json"):
+        text = json.loads((newer / name).read_text())
+        text["config"].update(future_setting=3)
+        (newer / name).write_text(json.dumps(text))
+    with pytest.raises(StudyRecordError, match=r"run dbt-seed2 has other settings .*\(future_setting: 3, not None\)"):
+        target.add([studyrecords.record_from_run_folder(newer)])
+
+
+def test_paired_test_rows_print_p_values_a_reader_can_quote():
+    """p to three decimals; one under 0.0005 prints as < 0.001, never as 0.000 (a p of zero is impossible):
+    d = 1, 1.01, ..., 1.05 has t = 40 on 5 df (one-sided p about 1e-7); d = 1, 2, 3, 4 has p 0.0152 (by hand)."""
+    tight = studysummary.paired_test_row("a − b", pd.Series([1.0, 1.01, 1.02, 1.03, 1.04, 1.05]))
+    assert tight["p (one-sided, > 0)"] == tight["p (two-sided)"] == "< 0.001"
+    assert tight["p (sign-flip, > 0)"] == "0.016"  # 1/64: the smallest six seeds can give
+    assert studysummary.paired_test_row("a − b", pd.Series([1.0, 2, 3, 4]))["p (one-sided, > 0)"] == "0.015"
 
 
 def _with_data(folder: Path, sha256: str) -> Path:
