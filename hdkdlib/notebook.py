@@ -156,6 +156,24 @@ def set_up(namespace: Dict[str, Any], choices: Dict[str, tuple] | None = None, d
     return Setup(params, data, data.pop("quick"))
 
 
+def run_folder(notebook: str, name: str, epochs: int, seed: int, quick: bool) -> str:
+    """A notebook's default run folder, runs/<notebook>/<name>-e<epochs>-seed<seed>[-quick]: another number of
+    epochs is another run, so `-p epochs 300` after a 30-epoch run starts its own folder instead of meeting the
+    other run's settings. A run begun in the former default folder (named without its epochs) with these epochs
+    goes on there, so it stays resumable."""
+    from .paths import runs_dir
+    from .runfolder import RunFolder
+    suffix = "-quick" if quick else ""
+    former = runs_dir() / notebook / f"{name}-seed{seed}{suffix}"
+    try:
+        recorded = (RunFolder(former).config() or {}).get("config", {}).get("epochs")
+    except (OSError, ValueError):  # a damaged former folder is left alone: the run goes to the new name
+        recorded = None
+    if isinstance(recorded, int) and not isinstance(recorded, bool) and recorded == epochs:
+        return str(former)
+    return str(runs_dir() / notebook / f"{name}-e{epochs}-seed{seed}{suffix}")
+
+
 # -- tables: accuracy in percent, labelled, with the exits numbered as the library numbers them (1..K)
 
 def percent(fraction: float) -> float:

@@ -43,6 +43,28 @@ def test_set_up_takes_relative_path_parameters_from_the_project_root(tmp_path, m
                                           "run_dir": "", "seed": 0}
 
 
+def test_notebook_run_folders_are_named_by_their_epochs(tmp_path, monkeypatch):
+    """03/04's default run folder carries the epochs: `-p epochs 300` after a 30-epoch run gets its own folder, not
+    the other run's settings refused. A run begun in the former default folder (no epochs in its name) with these
+    epochs goes on there (it stays resumable); one with other epochs, or a damaged one, is left alone."""
+    import json
+    monkeypatch.setenv("HDKD_RUNS", str(tmp_path / "runs"))
+    nb = tmp_path / "runs" / "03_cifar100"
+
+    def folder(epochs, seed=0, quick=False):
+        return notebook.run_folder("03_cifar100", "cifar100-msdnet-hdkd", epochs, seed, quick)
+    assert folder(30) == str(nb / "cifar100-msdnet-hdkd-e30-seed0")
+    assert folder(300, 1, True) == str(nb / "cifar100-msdnet-hdkd-e300-seed1-quick")
+    former = nb / "cifar100-msdnet-hdkd-seed0"
+    former.mkdir(parents=True)
+    (former / "config.json").write_text(json.dumps({"config": {"epochs": 30, "seed": 0}}))
+    assert folder(30) == str(former)
+    assert folder(300) == str(nb / "cifar100-msdnet-hdkd-e300-seed0")
+    (former / "config.json").write_text("{not json")
+    assert folder(30) == str(nb / "cifar100-msdnet-hdkd-e30-seed0")
+    assert (former / "config.json").read_text() == "{not json"
+
+
 def test_set_up_can_run_again_in_a_live_kernel(monkeypatch):
     """Running the set-up cell a second time (after an edit of the parameters cell) must not take the names the
     cells after it made (a loop variable, params) for misspelt papermill parameters; the first check still does."""
