@@ -2,8 +2,8 @@
 
   (a) device and versions                                      -> device.json
   (b) kernels, host-to-device copies and syncs per step        -> profile.json
-      (torch profiler; CE and HDKD, eager and captured, batch 64)
-  (c) training throughput, images/s, in float32 (as (e)      -> train_throughput.json (row by row)
+      (torch profiler; CE and HDKD, eager and captured, batch 64, in float32 as (e) trains)
+  (c) training throughput, images/s, in float32 (as (e)        -> train_throughput.json (row by row)
       trains): CE and HDKD (weight update every step / every
       10), batch 64 and 256, captured,
       eager, and bf16 + channels-last captured; then the whole  -> train_compiled.json
@@ -28,12 +28,13 @@ machine, once (both folders are git-ignored):
     mkdir -p .carry && cp ../shared/data/tinyimagenet100-32.tar.gz .carry/
     # device command (carry [".carry"]):  python3 benchmarks/gpu_check.py
     # back here: tar -xzf <files_at>/results.tgz -C <dir>;
-    #   python -m hdkdlib.study --name tin100-cpu-control --merge-from <dir>;
+    #   python -m hdkdlib.study --name tin100-cpu-control --merge-from <dir>; commit the merged records
+    #   before reading the SUMMARY.md it rewrites (PROTOCOL.md, Amendment 3);
     # copy the tables into benchmarks/RESULTS.md
 
 `--dry-run` runs every part on the CPU with tiny settings (tests/test_benchmarks.py does, on fake images).
-Without CUDA and without --dry-run it says so and exits 2. It needs only torch, torchvision, numpy, pandas,
-matplotlib, seaborn and tqdm, which the GPU machine has (../shared/device-wheels/README.md).
+Without CUDA and without --dry-run it says so and exits 2. It needs only torch, torchvision, pillow, numpy,
+pandas, scipy, tabulate, matplotlib, seaborn and tqdm, which the GPU machine has; nothing of Jupyter.
 """
 from __future__ import annotations
 
@@ -189,15 +190,21 @@ def captured_steps_that_differ(profile: dict, tolerance: float = 0.01) -> list:
             and not r["distance_from_eager"] <= tolerance]
 
 
+# Part (c) times training steps on batches already on the GPU; a run also starts (imports, decodes the data,
+# captures its step) and, every epoch, evaluates the held-out split and writes a checkpoint. Sized short, a round's
+# runs, which finish together, would all be killed at the deadline with nothing recorded.
+RUN_STEPS_SLACK, RUN_START_S = 1.3, 30.0
+
+
 def seconds_alone(members, throughput: dict, images_per_run: int):
-    """Each run's seconds alone on the GPU at the captured batch-64 speed part (c) measured for its method (DBT:
-    CE's); None where (c) has no number for one of them."""
+    """Each run's seconds alone on the GPU: its training images at the captured batch-64 speed part (c) measured
+    for its method (DBT: CE's), times RUN_STEPS_SLACK, plus RUN_START_S; None where (c) has no number for one."""
     rates = {(r["method"], r.get("meta_interval")): r["images_per_s"] for r in throughput.get("rows", [])
              if r.get("mode") == "cap" and r.get("batch_size") == 64}
     cases = [("hdkd", 1) if method == "hdkd" else ("ce", None) for _, method, _, _ in members]
     if not cases or not all(c in rates for c in cases):
         return None
-    return [images_per_run / rates[c] for c in cases]
+    return [RUN_STEPS_SLACK * images_per_run / rates[c] + RUN_START_S for c in cases]
 
 
 def runs_that_fit(members, throughput: dict, images_per_run: int, seconds: float, margin: float = 30) -> int:
@@ -249,7 +256,8 @@ def run_parallel_parts(log, name, cmds, seconds, env, on_finish=lambda: None) ->
 
 def log_provenance(log, runs: Path, members) -> None:
     """What each run's config.json says it trained on (the run folders stay on the GPU machine): the split's
-    checksum and the data's, and how its steps ran, so that pooling with the CPU runs can be checked here."""
+    checksum and the data's, how its steps ran and the commit, so that pooling with the CPU runs can be checked
+    here."""
     for seed, method, tag, _ in members:
         try:
             record = json.loads((runs / run_name(method, tag, seed) / "config.json").read_text())
@@ -257,7 +265,7 @@ def log_provenance(log, runs: Path, members) -> None:
             continue
         log(f"== (e) {run_name(method, tag, seed)}: split {(record.get('split') or {}).get('checksum')}, data "
             f"{(record.get('data') or {}).get('sha256')}, step_mode {record.get('step_mode')}, tf32 "
-            f"{record.get('tf32')}, device {record.get('device')}")
+            f"{record.get('tf32')}, device {record.get('device')}, commit {record.get('git_commit')}")
 
 
 def merge_early_exit(out: Path) -> None:
@@ -306,11 +314,16 @@ def main(argv=None) -> int:
     (out / "device.json").write_text(json.dumps(info, indent=1))
     log("== (a) " + json.dumps(info))
 
+    # in float32, as part (e) trains: (b)'s captured-against-eager check gates (e), and (c)'s speeds size its
+    # rounds (TF32 convolutions would be faster, and their rounding, magnified by the finite-difference
+    # hypergradient, is no check of float32 training)
+    float32 = {**env, "NVIDIA_TF32_OVERRIDE": "0"}
+
     # (b) kernels, copies and syncs per step
     prof = (["--device", "cpu", "--arch", "toy_mlp", "--batch-size", "4", "--num-classes", "10"] if args.dry_run
             else ["--device", "cuda", "--batch-size", "64"])
     run_part(log, "b", [py, "benchmarks/profile_step.py", *prof, "--json", str(out / "profile.json")],
-             min(left(), args.budget * 0.1), 5 if args.dry_run else 20, env)
+             min(left(), args.budget * 0.1), 5 if args.dry_run else 20, float32)
 
     # (c) training throughput: captured and eager first, the compiled step (minutes of compilation) last
     if args.dry_run:
@@ -323,8 +336,6 @@ def main(argv=None) -> int:
               "--steps", "50", "--warmup", "10"]
         compiled = ["--device", "cuda", "--batch-sizes", "64", "--modes", "step+graph", "--methods", "ce", "hdkd/1",
                     "--steps", "50", "--warmup", "5"]
-    # in float32, as part (e) trains: its rounds are sized by these speeds (TF32 convolutions would be faster)
-    float32 = {**env, "NVIDIA_TF32_OVERRIDE": "0"}
     run_part(log, "c", [py, "benchmarks/train_throughput.py", *tp, "--json", str(out / "train_throughput.json")],
              min(left(), args.budget * 0.3), 5 if args.dry_run else 60, float32)
 
@@ -394,7 +405,7 @@ def main(argv=None) -> int:
         finally:
             archive()
     run_part(log, "c compiled", [py, "benchmarks/train_throughput.py", *compiled, "--json",
-                                 str(out / "train_compiled.json")], left(), 5 if args.dry_run else 120, env)
+                                 str(out / "train_compiled.json")], left(), 5 if args.dry_run else 120, float32)
     log(f"== done in {time.monotonic() - t0:.0f} s of {args.budget:.0f}; files: "
         + ", ".join(sorted(f.name for f in out.iterdir())))
     if failed:

@@ -201,9 +201,10 @@ def _running(pid: int) -> bool:
 
 
 def test_a_round_that_cannot_finish_is_known_before_it_starts():
-    """Part (e) cuts a round to its first runs whose times alone, at part (c)'s captured batch-64 speed, add up
-    to the time left (runs sharing a GPU take turns), and skips it when none fits: killed at the deadline it would
-    record nothing. DBT trains at CE's speed; without a number: unknown."""
+    """Part (e) cuts a round to its first runs whose times alone add up to the time left (runs sharing a GPU take
+    turns), and skips it when none fits: killed at the deadline it would record nothing. A run's time alone is
+    its training images at part (c)'s captured batch-64 speed, x 1.3 for the epochs' evaluations and checkpoints,
+    plus 30 s to start. DBT trains at CE's speed; without a number: unknown."""
     gpu_check = _gpu_check()
     rows = [{"method": "ce", "meta_interval": None, "batch_size": 64, "mode": "cap", "images_per_s": 1000.0},
             {"method": "hdkd", "meta_interval": 1, "batch_size": 64, "mode": "cap", "images_per_s": 250.0},
@@ -211,15 +212,16 @@ def test_a_round_that_cannot_finish_is_known_before_it_starts():
             {"method": "hdkd", "meta_interval": 10, "batch_size": 64, "mode": "cap", "images_per_s": 900.0},
             {"method": "ce", "meta_interval": None, "batch_size": 256, "mode": "cap", "images_per_s": 9000.0}]
     control = [(5, "ce", "n20-lr01", []), (5, "dbt", "n20-lr02-s100", ["--loss-scale", "1", "--lr", "0.2"])]
-    assert gpu_check.seconds_alone(control, {"rows": rows}, 200_000) == [200.0, 200.0]
+    # 200,000 images: 200 s at 1,000/s -> 1.3 x 200 + 30 = 290 s; 800 s at 250/s -> 1,070 s
+    assert gpu_check.seconds_alone(control, {"rows": rows}, 200_000) == pytest.approx([290.0, 290.0])
     hdkd = [*control, (4, "hdkd", "n20-lr01-s100-t1", ["--loss-scale", "1"])]
-    assert gpu_check.seconds_alone(hdkd, {"rows": rows}, 200_000) == [200.0, 200.0, 800.0]
+    assert gpu_check.seconds_alone(hdkd, {"rows": rows}, 200_000) == pytest.approx([290.0, 290.0, 1070.0])
     assert gpu_check.seconds_alone(hdkd, {"rows": rows[:1]}, 200_000) is None  # no HDKD number: unknown
     assert gpu_check.seconds_alone(control, {}, 200_000) is None  # part (c) wrote nothing
     # runs sharing the GPU take turns: k of them fit when the sum of their times alone (and 30 s) does
-    assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 1000) == 2  # 30 + 200 + 200, then 800 more
-    assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 1230) == 3
-    assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 229) == 0
+    assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 1679) == 2  # 30 + 290 + 290, then 1,070 more
+    assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 1681) == 3
+    assert gpu_check.runs_that_fit(hdkd, {"rows": rows}, 200_000, 319) == 0
     assert gpu_check.runs_that_fit(hdkd, {}, 200_000, 10) == 3  # no number: the round is not cut
 
 
