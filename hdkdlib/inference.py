@@ -83,12 +83,14 @@ class StageGraphs:
         return state, conf, pred
 
     def _build(self, x):
-        self.static_input = x.clone()
-        state = self.static_input
+        """Every stage captured, or nothing kept: a capture that fails (out of memory, an op a graph cannot hold)
+        leaves no half-built object whose last built stage would then act as the last exit."""
+        static_input, stages = x.clone(), []
+        state = static_input
         pool = torch.cuda.graph_pool_handle() if self.capture else None
         for k in range(self.model.num_exits):
             if not self.capture:
-                self.stages.append((None, None))
+                stages.append((None, None))
                 continue
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
@@ -98,8 +100,9 @@ class StageGraphs:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
                 out = self._stage(k, state)
-            self.stages.append((graph, out))
+            stages.append((graph, out))
             state = out[0]
+        self.static_input, self.stages = static_input, stages
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor, thresholds) -> tuple:
@@ -109,6 +112,8 @@ class StageGraphs:
             raise ValueError(f"StageGraphs runs one input at a time; got a batch of {x.shape[0]}: use "
                              "evaluation.early_exit_predict for batches")
         check_thresholds(thresholds, self.model.num_exits)
+        if self.model.training:  # train mode would use batch statistics and move BatchNorm's running ones
+            raise ValueError("StageGraphs needs a model in eval mode (inference only): call model.eval()")
         if self.static_input is None:
             self.model.check_input(x)
             self._build(x)

@@ -412,3 +412,45 @@ def test_stage_graphs_predict_as_batched_early_exit_one_input_at_a_time():
         graphs.predict(x[:1], [float("nan")] + thresholds[1:])
     with pytest.raises(ValueError, match="eval mode"):
         inference.StageGraphs(model.train())
+    with pytest.raises(ValueError, match="eval mode"):  # put in train mode after it was built: BatchNorm would move
+        graphs.predict(x[:1], thresholds)
+    model.eval()
+
+
+def test_stage_graphs_keep_nothing_of_a_capture_that_failed():
+    """A stage whose capture fails (out of memory, an op a graph cannot hold) leaves no half-built StageGraphs: the
+    next predict builds every stage again, and thresholds above 1 send the input to the last exit, not to the last
+    stage built. CUDA's graph calls are stood in for (capture runs the stage eagerly), so this runs on a CPU."""
+    import contextlib
+    from unittest import mock
+
+    from hdkdlib import inference
+    torch.manual_seed(0)
+    model = models.build("toy_mlp", 3).eval()
+    x = torch.randn(1, *model.input_shape)
+    graphs = inference.StageGraphs(model, capture=True)
+    stage = graphs._stage
+
+    def failing(k, state):
+        if k == 2:
+            raise RuntimeError("CUDA out of memory (simulated) while capturing stage 2")
+        return stage(k, state)
+
+    class Stand:  # a stream, or a graph whose replay keeps the outputs its capture computed (same input here)
+        def wait_stream(self, other):
+            pass
+
+        def replay(self):
+            pass
+
+    cuda = dict(graph_pool_handle=lambda: None, Stream=Stand, current_stream=Stand, CUDAGraph=Stand,
+                stream=lambda s: contextlib.nullcontext(), graph=lambda *a, **k: contextlib.nullcontext())
+    thresholds = [1.1] * (model.num_exits - 1) + [0.0]  # no confidence reaches 1.1: only the last exit takes it
+    with mock.patch.multiple(torch.cuda, **cuda):
+        graphs._stage = failing
+        with pytest.raises(RuntimeError, match="simulated"):
+            graphs.predict(x, thresholds)
+        assert graphs.static_input is None and graphs.stages == []
+        graphs._stage = stage
+        assert graphs.predict(x, thresholds)[1] == model.num_exits - 1
+        assert len(graphs.stages) == model.num_exits
