@@ -34,11 +34,15 @@ def per_exit_accuracy(table: pd.DataFrame, ax=None, title: str = "Accuracy per e
 
 
 def decision_boundaries(axes_row, axis, preds, x, y, title_prefix: str = ""):
-    """One panel per exit: predicted class over the plane, with the data on top."""
+    """One panel per exit: predicted class over the plane (class c in pastel colour c, whichever classes a panel
+    predicts), with the data on top (class c in deep colour c)."""
     extent = [axis[0].item(), axis[-1].item(), axis[0].item(), axis[-1].item()]
-    cmap = sns.color_palette("pastel", as_cmap=False)
+    classes = max(int(y.max()), *(int(p.max()) for p in preds)) + 1
+    cmap = plt.matplotlib.colors.ListedColormap(sns.color_palette("pastel", classes))
     for k, (ax, pred) in enumerate(zip(axes_row, preds), start=1):
-        ax.imshow(pred.numpy(), origin="lower", extent=extent, cmap=plt.matplotlib.colors.ListedColormap(cmap[:int(y.max()) + 1]),
+        # the colour scale spans every class, not the panel's own: an exit that never predicts class 0 would
+        # otherwise paint class 1 in class 0's colour
+        ax.imshow(pred.numpy(), origin="lower", extent=extent, cmap=cmap, vmin=-0.5, vmax=classes - 0.5,
                   interpolation="nearest", alpha=0.9)
         ax.scatter(x[:, 0], x[:, 1], c=[sns.color_palette("deep")[int(c)] for c in y], s=3, linewidths=0)
         ax.set_title(f"{title_prefix}exit {k}", fontsize=9)

@@ -19,6 +19,24 @@ def _extent(artist, fig):
     return artist.get_window_extent(fig.canvas.get_renderer())
 
 
+def test_decision_boundaries_paint_each_class_in_its_own_colour():
+    """Class c is pastel colour c in every panel, also in one whose exit never predicts class 0 (each panel's own
+    colour scale would paint class 1 there in class 0's colour)."""
+    import numpy as np
+    import seaborn as sns
+    import torch
+    axis = torch.linspace(-1, 1, 4)
+    y = torch.tensor([0, 1, 2])
+    preds = [torch.tensor([[0, 1, 2, 2]] * 4), torch.tensor([[1, 1, 2, 2]] * 4)]  # exit 2 never predicts class 0
+    fig, axes = plt.subplots(1, 2)
+    plots.decision_boundaries(axes, axis, preds, torch.zeros(3, 2), y)
+    pastel = np.array(sns.color_palette("pastel", 3))
+    for ax, pred in zip(axes, preds):
+        image = ax.images[0]
+        rgb = image.to_rgba(image.get_array())[..., :3]
+        assert np.allclose(rgb, pastel[pred.numpy()], atol=1 / 255)
+
+
 def test_weight_trajectories_legend_sits_beside_the_curves():
     names = ["ce1", "ce2", "ce3", "ce4", "kd1<-2", "kd1<-3", "kd1<-4", "kd2<-3", "kd2<-4", "kd3<-4"]
     history = {"step": [10, 20, 30], "weights": [{n: 0.1 * (i + 1) * s for i, n in enumerate(names)} for s in (1, 2, 3)]}
