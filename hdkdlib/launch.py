@@ -1,6 +1,7 @@
 """Launching a run in several processes from Python (a notebook): torchrun, one process per GPU."""
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 
@@ -23,14 +24,34 @@ def torchrun(cfg: TrainConfig, nproc: int) -> bool:
     CalledProcessError when the run fails (its ranks' errors are on the notebook's stderr)."""
     if not cfg.out:
         raise ValueError("a torchrun launch needs cfg.out: the run folder the processes train into")
-    if RunFolder(cfg.out).finished():
+    # a folder begun (or finished) with other settings is refused here, before the processes start: resumed, they
+    # would fill every setting the command leaves at its default from the folder's record and train with those
+    plan = resolve(cfg)
+    if plan.action == "load":
         return False
-    # a folder begun with other settings is refused here, before the processes start: resumed, they would fill
-    # every setting the command leaves at its default from the folder's record and train with those
-    command = torchrun_command(resolve(cfg).cfg, nproc)
+    command = torchrun_command(plan.cfg, nproc)
     print(" ".join(command))
-    subprocess.run(command, check=True)
+    run_to_end(command)
     return True
+
+
+def run_to_end(command: list, grace: float = 60.0) -> None:
+    """Run command; CalledProcessError if it fails. Interrupted (the notebook's stop button), it is asked to stop
+    with SIGTERM, which torchrun passes on to its ranks (they save a checkpoint and exit), and killed only after
+    `grace` seconds: killed at once, torchrun would leave its ranks, in sessions of their own, training on."""
+    process = subprocess.Popen(command)
+    try:
+        code = process.wait()
+    except BaseException:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        raise
+    if code:
+        raise subprocess.CalledProcessError(code, command)
 
 
 def batch_per_process(batch_size: int, nproc: int) -> int:

@@ -95,11 +95,13 @@ def test_the_torchrun_command_rebuilds_the_settings_and_resumes_what_is_there(tm
         launch.torchrun_command(cfg, 0)
 
     launched = []
-    monkeypatch.setattr(subprocess, "run", lambda command, check: launched.append(command))
+    monkeypatch.setattr(launch, "run_to_end", launched.append)
     assert launch.torchrun(cfg, 2) and len(launched) == 1
     RunFolder(cfg.out).save_model({})
     RunFolder(cfg.out).write_results({})
     assert not launch.torchrun(cfg, 2) and len(launched) == 1  # finished: not launched again
+    with pytest.raises(RunFolderMismatch, match="epochs"):  # finished with other settings: said, not passed over
+        launch.torchrun(dataclasses.replace(cfg, epochs=4), 2)
     # a folder begun with other settings: refused before launching (resumed, the processes would take the folder's
     # lr for the one the command leaves at its default)
     other = dataclasses.replace(cfg, lr=0.1, out=str(tmp_path / "other"))
@@ -109,6 +111,42 @@ def test_the_torchrun_command_rebuilds_the_settings_and_resumes_what_is_there(tm
     assert len(launched) == 1
     with pytest.raises(ValueError, match="needs cfg.out"):
         launch.torchrun(TrainConfig(dataset="synthetic", arch="toy_mlp"), 2)
+
+
+def test_an_interrupted_launch_stops_its_processes_with_sigterm(tmp_path):
+    """Stopping the notebook while torchrun trains asks it to stop with SIGTERM (passed on to the ranks, which
+    save a checkpoint), not SIGKILL (which left the ranks training on); the interrupt still reaches the notebook.
+    A process that ignores SIGTERM is killed after the grace period; a failed one is a CalledProcessError."""
+    import signal
+    import sys
+    import time
+    script = ("import signal, sys, time, pathlib\n"
+              "def stop(*_):\n    pathlib.Path(sys.argv[1]).write_text('terminated')\n    sys.exit(0)\n"
+              "signal.signal(signal.SIGTERM, stop if sys.argv[2] == 'obey' else signal.SIG_IGN)\n"
+              "pathlib.Path(sys.argv[1] + '.started').write_text('')\ntime.sleep(60)\n")
+
+    def interrupted(mark, mode, grace):
+        def interrupt(*_):  # once the process listens for SIGTERM (a busy machine may take seconds to start it)
+            if not Path(f"{mark}.started").exists():
+                return signal.setitimer(signal.ITIMER_REAL, 0.2)
+            raise KeyboardInterrupt
+        previous = signal.signal(signal.SIGALRM, interrupt)
+        signal.setitimer(signal.ITIMER_REAL, 0.2)
+        start = time.monotonic()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                launch.run_to_end([sys.executable, "-c", script, str(mark), mode], grace=grace)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+        return time.monotonic() - start
+
+    assert interrupted(tmp_path / "obeys", "obey", grace=30) < 30
+    assert (tmp_path / "obeys").read_text() == "terminated"
+    assert interrupted(tmp_path / "ignores", "ignore", grace=1) < 30  # killed after the grace period, not 60 s
+    assert not (tmp_path / "ignores").exists()
+    with pytest.raises(subprocess.CalledProcessError):
+        launch.run_to_end([sys.executable, "-c", "raise SystemExit(3)"])
 
 
 def test_the_grids_validation_objectives_are_different_losses():
