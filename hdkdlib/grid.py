@@ -2,6 +2,7 @@
 or picked up in its own folder, in an order where a run that starts from another's result comes after it."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -11,7 +12,17 @@ DEPENDS_ON = ("init_from", "freeze_weights_from")  # settings naming another run
 
 
 def folder_name(name: str) -> str:
-    return name.replace(" ", "_").replace("=", "-")
+    """A run's folder under the grid's root: "hdkd init=ds" -> hdkd_init-ds. A name that would leave the root or
+    name no folder is refused."""
+    folder = name.replace(" ", "_").replace("=", "-")
+    if folder in ("", ".", "..") or "/" in folder or "\\" in folder:
+        raise ValueError(f"grid run name {name!r} makes no folder of its own under the grid's root: use letters, "
+                         "digits, spaces and = + - . in run names")
+    return folder
+
+
+def _where(path) -> str:  # a folder as compared: absolute, so a relative and an absolute root name one folder
+    return os.path.abspath(path)
 
 
 def ablation_grid(methods: List[str], root, variants: bool = True) -> Dict[str, Dict]:
@@ -43,8 +54,14 @@ def ablation_grid(methods: List[str], root, variants: bool = True) -> Dict[str, 
 def run_order(grid: Dict[str, Dict], root) -> List[str]:
     """The grid's names, each after the runs whose folders its settings name (init_from, freeze_weights_from)."""
     root = Path(root)
-    by_folder = {str(root / folder_name(n)): n for n in grid}
-    named = {n: [str(Path(s[k])) for k in DEPENDS_ON if s.get(k)] for n, s in grid.items()}  # folders it names
+    by_folder: Dict[str, str] = {}
+    for n in grid:  # two runs in one folder would train into each other (and one would be dropped from the result)
+        folder = _where(root / folder_name(n))
+        if folder in by_folder:
+            raise ValueError(f"grid runs {by_folder[folder]!r} and {n!r} would share the folder {folder_name(n)}: "
+                             "rename one")
+        by_folder[folder] = n
+    named = {n: [_where(s[k]) for k in DEPENDS_ON if s.get(k)] for n, s in grid.items()}  # folders it names
     needs = {n: [by_folder[f] for f in folders if f in by_folder] for n, folders in named.items()}
     order: List[str] = []
 

@@ -180,7 +180,7 @@ def test_a_batch_given_in_all_is_split_evenly_over_the_processes():
         launch.batch_per_process(256, 0)
 
 
-def test_a_run_that_starts_from_another_comes_after_it(tmp_path):
+def test_a_run_that_starts_from_another_comes_after_it(tmp_path, monkeypatch):
     runs = grid.ablation_grid(["ce", "imta_kd"], tmp_path, variants=True)
     assert "hdkd" in runs  # the frozen variant's source, added when the methods lack it
     order = grid.run_order(runs, tmp_path)
@@ -193,3 +193,13 @@ def test_a_run_that_starts_from_another_comes_after_it(tmp_path):
     with pytest.raises(ValueError, match="in a circle: a -> b -> a"):
         grid.run_order(circle, tmp_path)
     assert grid.folder_name("hdkd init=ds") == "hdkd_init-ds" and Path(tmp_path / grid.folder_name("x y")).name == "x_y"
+    # a relative root and absolute settings (or the other way round) name the same folders
+    monkeypatch.chdir(tmp_path)
+    relative = {"frozen": dict(method="hdkd", freeze_weights_from=str(tmp_path / "runs" / "source")),
+                "source": dict(method="hdkd")}
+    assert grid.run_order(relative, "runs") == ["source", "frozen"]
+    with pytest.raises(ValueError, match="grid runs 'hdkd T=3' and 'hdkd_T-3' would share the folder hdkd_T-3"):
+        grid.run_order({"hdkd T=3": {}, "hdkd_T-3": {}}, tmp_path)
+    for bad in ("a/b", "..", ""):
+        with pytest.raises(ValueError, match="makes no folder of its own"):
+            grid.folder_name(bad)
