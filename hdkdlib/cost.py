@@ -29,6 +29,14 @@ from torch.utils.flop_counter import FlopCounterMode
 from .models.base import evaluating
 
 CONVENTIONS = ("msdnet", "macs")
+UNITS = {"msdnet": "FLOPs", "macs": "MACs"}  # what a convention's numbers count, as tables and axes name it
+
+
+def unit(convention: str | None) -> str:
+    """The unit of a cost counted under `convention` (results.json's cost_convention; None: the reference's)."""
+    if convention is not None and convention not in UNITS:
+        raise ValueError(f"unknown cost convention {convention!r}; valid: {', '.join(CONVENTIONS)}")
+    return UNITS[convention or "msdnet"]
 
 
 def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:

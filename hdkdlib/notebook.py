@@ -181,30 +181,32 @@ def percent(fraction: float) -> float:
     return 100.0 * fraction
 
 
-def _flops_unit(largest: float):
+def _flops_unit(largest: float, unit: str = "FLOPs"):
     """The cost column's unit: MFLOPs for networks, kFLOPs for toys whose cost would round to 0.00 MFLOPs."""
-    return ("MFLOPs", 1e6) if largest >= 1e6 else ("kFLOPs", 1e3)
+    return (f"M{unit}", 1e6) if largest >= 1e6 else (f"k{unit}", 1e3)
 
 
-def anytime_table(rows, digits: int = 2):
-    """evaluation.anytime's rows as a table: index "exit" 1..K, cost in MFLOPs, "top-1 (%)" and "top-5 (%)"."""
+def anytime_table(rows, digits: int = 2, unit: str = "FLOPs"):
+    """evaluation.anytime's rows as a table: index "exit" 1..K, cost in MFLOPs (`unit`: what the cost counts,
+    cost.unit of results.json's cost_convention), "top-1 (%)" and "top-5 (%)"."""
     import pandas as pd
     t = pd.DataFrame(rows).set_index("exit")
     table = pd.DataFrame(index=t.index)
     if "flops" in t:
-        unit, scale = _flops_unit(t.flops.max())
-        table[unit] = t.flops / scale
+        column, scale = _flops_unit(t.flops.max(), unit)
+        table[column] = t.flops / scale
     table["top-1 (%)"], table["top-5 (%)"] = percent(t.top1), percent(t.top5)
     return table.round(digits)
 
 
-def budget_table(rows, every: int = 1, ms: list | None = None, digits: int = 2):
+def budget_table(rows, every: int = 1, ms: list | None = None, digits: int = 2, unit: str = "FLOPs"):
     """evaluation.budgeted's rows (every `every`-th) as a table: the exit-rate parameter p, cost in MFLOPs per
-    image, "accuracy (%)" and, given `ms` (milliseconds per image, one per row), the measured time."""
+    image (`unit` as anytime_table's), "accuracy (%)" and, given `ms` (milliseconds per image, one per row), the
+    measured time."""
     import pandas as pd
     t = pd.DataFrame(rows)
-    unit, scale = _flops_unit(t.flops.max())
-    table = pd.DataFrame({"p": t.p, f"{unit}/img": t.flops / scale, "accuracy (%)": percent(t.accuracy)})
+    column, scale = _flops_unit(t.flops.max(), unit)
+    table = pd.DataFrame({"p": t.p, f"{column}/img": t.flops / scale, "accuracy (%)": percent(t.accuracy)})
     if ms is not None:
         table["ms/img"] = ms
     return table.iloc[::every].round(digits).set_index("p")

@@ -87,33 +87,40 @@ def weight_heatmap(weights: Dict[str, float], num_exits: int, ax=None, title: st
     return ax
 
 
-def anytime_curves(table: pd.DataFrame, ax=None, metric: str = "top1", title: str = "Anytime prediction"):
+def anytime_curves(table: pd.DataFrame, ax=None, metric: str = "top1", title: str = "Anytime prediction",
+                   unit: str = "FLOPs"):
     """Accuracy of every exit against its cumulative cost, one line per method (or run).
-    `table`: columns method, exit, flops and `metric` (fractions), e.g. from runfolder.load_results."""
+    `table`: columns method, exit, flops and `metric` (fractions), e.g. from runfolder.load_results; `unit`: what
+    the flops column counts (cost.unit of results.json's cost_convention: MACs for exits on torchvision backbones)."""
     ax = ax or plt.gca()
     divisor, prefix = si_scale(table["flops"].max())
     frame = table.assign(cost=table["flops"] / divisor, accuracy=100 * table[metric])
     sns.lineplot(data=frame, x="cost", y="accuracy", hue="method", marker="o", ax=ax, errorbar="sd")
-    ax.set_xlabel(f"cumulative {prefix}FLOPs of the exit")
+    ax.set_xlabel(f"cumulative {prefix}{unit} of the exit")
     ax.xaxis.set_major_locator(plt.MaxNLocator(6))
     ax.set_ylabel(f"{metric} accuracy (%)")
     ax.set_title(title)
     return ax
 
 
-def budgeted_curves(curves: Dict[str, List[Dict]], ax=None, title: str = "Budgeted batch classification"):
+def budgeted_curves(curves: Dict[str, List[Dict]], ax=None, title: str = "Budgeted batch classification",
+                    unit: str = "FLOPs"):
     """Test accuracy against the mean cost per image, one curve per method: {method: evaluation.budgeted(...)}.
     Rows with "ms" (results.json's budgeted_ms: exit shares times each exit's measured full-batch time) are drawn
-    in ms per image."""
+    in ms per image; the others in `unit` (as anytime_curves). Curves in time and in counts share no axis."""
     ax = ax or plt.gca()
-    in_ms = any("ms" in rows[0] for rows in curves.values() if rows)
+    timed = {name: "ms" in rows[0] for name, rows in curves.items() if rows}
+    if len(set(timed.values())) > 1:
+        raise ValueError(f"budgeted_curves: {', '.join(n for n, t in timed.items() if t)} in ms per image, "
+                         f"{', '.join(n for n, t in timed.items() if not t)} in {unit}: draw them on separate axes")
+    in_ms = any(timed.values())
     divisor, prefix = (1.0, "") if in_ms else si_scale(max(r["flops"] for rows in curves.values() for r in rows))
     for name, rows in curves.items():
         x = [r["ms"] for r in rows] if in_ms else [r["flops"] / divisor for r in rows]
         ax.plot(x, [100 * r["accuracy"] for r in rows], marker=".", label=name)
     ax.xaxis.set_major_locator(plt.MaxNLocator(6))
     ax.set_xlabel("expected ms per test image (from per-exit times)" if in_ms
-                  else f"average {prefix}FLOPs per test image")
+                  else f"average {prefix}{unit} per test image")
     ax.set_ylabel("accuracy (%)")
     ax.set_title(title)
     ax.legend()

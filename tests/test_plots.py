@@ -3,6 +3,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 
 from hdkdlib import cost, plots  # noqa: E402
@@ -78,6 +79,26 @@ def test_budgeted_curve_ticks_are_few_and_in_the_unit_of_the_cost(flops):
     low, high = ax.get_xlim()
     labels = [t.get_text() for t, x in zip(ax.get_xticklabels(), ax.get_xticks()) if low <= x <= high]
     assert 2 <= len(labels) <= 7 and all(len(label) <= 5 for label in labels)  # readable, not 0.00050.0010...
+
+
+def test_costs_are_named_by_what_they_count():
+    """Exits on torchvision backbones count MACs (cost_convention "macs"), MSDNets the reference's FLOPs: axes
+    and tables say which. Curves in ms and in counts share no axis: refused, naming them."""
+    from hdkdlib import notebook
+    assert cost.unit("macs") == "MACs" and cost.unit("msdnet") == cost.unit(None) == "FLOPs"
+    with pytest.raises(ValueError, match="unknown cost convention 'gmacs'"):
+        cost.unit("gmacs")
+    rows = [{"p": 0.1, "accuracy": 0.5, "flops": 2e9}, {"p": 1.0, "accuracy": 0.6, "flops": 4e9}]
+    fig, axes = plt.subplots(1, 3)
+    plots.budgeted_curves({"resnet": rows}, ax=axes[0], unit="MACs")
+    assert axes[0].get_xlabel() == "average GMACs per test image"
+    table = [{"exit": 1, "flops": 2e9, "top1": 0.5, "top5": 0.7}, {"exit": 2, "flops": 4e9, "top1": 0.6, "top5": 0.8}]
+    plots.anytime_curves(pd.DataFrame(table).assign(method="hdkd"), ax=axes[1], unit="MACs")
+    assert axes[1].get_xlabel() == "cumulative GMACs of the exit"
+    assert list(notebook.anytime_table(table, unit="MACs").columns)[0] == "MMACs"
+    assert list(notebook.budget_table(rows, unit="MACs").columns)[0] == "MMACs/img"
+    with pytest.raises(ValueError, match="in ms per image, b in FLOPs: draw them on separate axes"):
+        plots.budgeted_curves({"a": [{**r, "ms": 1.0} for r in rows], "b": rows}, ax=axes[2])
 
 
 def test_weights_by_student_draws_each_exits_training_accuracy_beside_its_weights():
