@@ -51,6 +51,15 @@ def _run_copy(root: Path, run: str, top1, epochs: int = 3, weights=None) -> Path
     return folder
 
 
+def _set_config(folder: Path, **values) -> Path:
+    """The run copy as trained with other settings: config.json's and results.json's config both say so."""
+    for name in ("config.json", "results.json"):
+        text = json.loads((folder / name).read_text())
+        text["config"].update(values)
+        (folder / name).write_text(json.dumps(text))
+    return folder
+
+
 # --- records ---------------------------------------------------------------------------------------------------
 def test_records_round_trip_the_run_folders_numbers_exactly(tmp_path):
     """Every metrics field of every epoch, the test accuracy per exit, the final weights and the config read back
@@ -588,33 +597,21 @@ def test_a_run_of_another_protocol_is_never_mixed_into_a_variant(tmp_path):
         target.add([studyrecords.record_from_run_folder(other)])
     assert {p.name: p.read_bytes() for p in target.path.iterdir()} == before
     gpu = _run_copy(tmp_path / "runs", "ce-seed2", [0.3, 0.4])
-    for name in ("config.json", "results.json"):
-        text = json.loads((gpu / name).read_text())
-        text["config"].update(device="cuda", threads=8, bf16=False)
-        (gpu / name).write_text(json.dumps(text))
+    _set_config(gpu, device="cuda", threads=8, bf16=False)
     assert target.add([studyrecords.record_from_run_folder(gpu)]) == ["ce-seed2"]
     bf16 = _run_copy(tmp_path / "runs", "ce-seed3", [0.3, 0.4])  # bf16 changes the numbers: another protocol
-    for name in ("config.json", "results.json"):
-        text = json.loads((bf16 / name).read_text())
-        text["config"].update(device="cuda", bf16=True)
-        (bf16 / name).write_text(json.dumps(text))
+    _set_config(bf16, device="cuda", bf16=True)
     with pytest.raises(StudyRecordError, match=r"run ce-seed3 has other settings .*\(bf16: True, not False\)"):
         target.add([studyrecords.record_from_run_folder(bf16)])
     # a setting added to the library since the variant's first runs counts at the value that reproduces those runs
     target.add([studyrecords.record_from_run_folder(_run_copy(tmp_path / "runs", "dbt-seed0", [0.1, 0.2]))])
     share = _run_copy(tmp_path / "runs", "dbt-seed1", [0.3, 0.4])
-    for name in ("config.json", "results.json"):
-        text = json.loads((share / name).read_text())
-        text["config"].update(kd_share=0.3)
-        (share / name).write_text(json.dumps(text))
+    _set_config(share, kd_share=0.3)
     with pytest.raises(StudyRecordError, match=r"run dbt-seed1 has other settings .*\(kd_share: 0.3, not 0.0\)"):
         target.add([studyrecords.record_from_run_folder(share)])
     # a setting only one of them knows (a record from a newer library) is named, not a KeyError
     newer = _run_copy(tmp_path / "runs", "dbt-seed2", [0.3, 0.4])
-    for name in ("config.json", "results.json"):
-        text = json.loads((newer / name).read_text())
-        text["config"].update(future_setting=3)
-        (newer / name).write_text(json.dumps(text))
+    _set_config(newer, future_setting=3)
     with pytest.raises(StudyRecordError, match=r"run dbt-seed2 has other settings .*\(future_setting: 3, not None\)"):
         target.add([studyrecords.record_from_run_folder(newer)])
 
