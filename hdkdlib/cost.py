@@ -28,8 +28,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .models.base import evaluating
 
-CONVENTIONS = ("msdnet", "macs")
-UNITS = {"msdnet": "FLOPs", "macs": "MACs"}  # what a convention's numbers count, as tables and axes name it
+UNITS = {"msdnet": "FLOPs", "macs": "MACs"}  # each convention and what its numbers count, as tables and axes say
+CONVENTIONS = tuple(UNITS)
 
 
 def unit(convention: str | None) -> str:
